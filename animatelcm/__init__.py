@@ -1,0 +1,48 @@
+"""animatelcm: few-step video generation with AnimateLCM.
+
+Public API (imported lazily so ``import animatelcm`` stays cheap):
+    LCMScheduler, animatelcm_scheduler        fused, sync-free LCM scheduler (drop-in for diffusers')
+    AnimateLCMPipeline                        AnimateDiff pipeline with AnimateLCM defaults
+    load_motion_adapter, load_pipeline        offline loaders for the checkpoints people download
+    export_to_gif, export_to_mp4, export_video
+    ops                                       fused kernels and their dispatcher
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {
+    "LCMScheduler": "animatelcm.schedulers",
+    "animatelcm_scheduler": "animatelcm.schedulers",
+    "AnimateLCMPipeline": "animatelcm.pipelines",
+    "load_motion_adapter": "animatelcm.loading",
+    "load_pipeline": "animatelcm.loading",
+    "load_lora": "animatelcm.loading",
+    "export_to_gif": "animatelcm.export",
+    "export_to_mp4": "animatelcm.export",
+    "export_video": "animatelcm.export",
+}
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("animatelcm")
+    except PackageNotFoundError:
+        return "0.1.0+unknown"
+
+
+__version__ = _package_version()
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "ops":
+        return importlib.import_module("animatelcm.ops")
+    raise AttributeError(f"module 'animatelcm' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "ops", *_LAZY]

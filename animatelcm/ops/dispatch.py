@@ -1,0 +1,77 @@
+"""Backend selection shared by every op family.
+
+Each op family keeps an ordered list of :class:`Implementation` s (fastest first, the eager reference last). An
+implementation declares what it supports through ``reject(*args) -> str | None``: None means "I can run this", a
+string says why not. The dispatcher picks the first that accepts, unless ``ANIMATELCM_BACKEND`` forces one, and can
+report the reasons for every rejection (``explain``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+BACKENDS = ("eager", "cpp", "cuda", "triton")
+BACKEND_ENV = "ANIMATELCM_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op on the given inputs."""
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """One backend's implementation of one op.
+
+    ``available()`` says whether the backend exists in this process (returns a reason string when not);
+    ``reject(*args, **kwargs)`` says whether it can handle these particular inputs.
+    """
+
+    backend: str
+    run: Callable
+    available: Callable[[], str | None]
+    reject: Callable[..., str | None]
+
+
+def forced_backend() -> str | None:
+    """The backend named by ``ANIMATELCM_BACKEND`` (None for unset or ``auto``); raises on an unknown name."""
+    value = os.environ.get(BACKEND_ENV, "auto").strip().lower()
+    if value in ("", "auto"):
+        return None
+    if value not in BACKENDS:
+        raise ValueError(f"{BACKEND_ENV}={value!r} is not a backend; use one of auto, {', '.join(BACKENDS)}")
+    return value
+
+
+def explain(implementations: list[Implementation], *args, **kwargs) -> list[tuple[str, str | None]]:
+    """For each implementation in order: (backend, None if it accepts these inputs else the reason it does not)."""
+    report = []
+    for impl in implementations:
+        reason = impl.available() or impl.reject(*args, **kwargs)
+        report.append((impl.backend, reason))
+    return report
+
+
+def select(op_name: str, implementations: list[Implementation], *args, **kwargs) -> Implementation:
+    """The implementation to run: the forced backend if set (error if it cannot run these inputs), else the first
+    one that accepts."""
+    forced = forced_backend()
+    if forced is not None:
+        for impl in implementations:
+            if impl.backend == forced:
+                reason = impl.available() or impl.reject(*args, **kwargs)
+                if reason:
+                    raise BackendUnavailableError(
+                        f"{op_name}: {BACKEND_ENV}={forced} cannot run these inputs: {reason}. "
+                        f"Unset {BACKEND_ENV} (or set it to auto) to fall back automatically."
+                    )
+                return impl
+        raise BackendUnavailableError(
+            f"{op_name} has no {forced} implementation (it has: "
+            f"{', '.join(i.backend for i in implementations)}); unset {BACKEND_ENV} or pick one of those"
+        )
+    for impl in implementations:
+        if not (impl.available() or impl.reject(*args, **kwargs)):
+            return impl
+    raise RuntimeError(f"{op_name}: no implementation accepted the inputs, not even the eager reference")

@@ -1,0 +1,57 @@
+"""Lazy access to the compiled module ``animatelcm._C`` and the raw-pointer calling convention.
+
+_C holds no torch headers: it takes data pointers, element counts and a scalar-type code. This file owns the
+translation from tensors to those arguments, so no other module touches pointers.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+
+# Same codes as csrc/scalar_types.h.
+SCALAR_TYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    try:
+        return importlib.import_module("animatelcm._C"), None
+    except ImportError as error:  # not built (pure-Python install) or built for another platform
+        return None, f"animatelcm._C could not be imported ({error}); reinstall with `pip install .` to build it"
+
+
+def native_module():
+    """The compiled module, or None when it is not available (see :func:`native_unavailable_reason`)."""
+    return _load()[0]
+
+
+def native_unavailable_reason() -> str | None:
+    """Why ``animatelcm._C`` is missing, or None when it loaded."""
+    return _load()[1]
+
+
+def build_info() -> dict:
+    """How _C was built (version, compiler, OpenMP, CUDA version and archs); ``{"native": False, ...}`` if absent."""
+    module = native_module()
+    if module is None:
+        return {"native": False, "reason": native_unavailable_reason()}
+    return {"native": True, **module.build_info()}
+
+
+def has_cuda_kernels() -> bool:
+    """Whether _C was compiled with its CUDA part."""
+    module = native_module()
+    return module is not None and bool(module.build_info()["cuda"])
+
+
+def pointer(tensor: torch.Tensor | None) -> int:
+    """Data pointer of a tensor as an int for _C; 0 for None (an optional input left out)."""
+    return 0 if tensor is None else tensor.data_ptr()
+
+
+def cuda_stream_handle(device: torch.device) -> int:
+    """The cudaStream_t of torch's current stream on ``device``, as an int for _C's CUDA launchers."""
+    return torch.cuda.current_stream(device).cuda_stream

@@ -1,0 +1,167 @@
+"""``animatelcm.LCMScheduler``: diffusers' LCMScheduler with a fused, synchronisation-free ``step``."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+from diffusers import LCMScheduler as DiffusersLCMScheduler
+from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from .ops import consistency_step
+
+SIGMA_DATA = 0.5  # diffusers' LCMScheduler boundary-condition constant
+
+
+class LCMScheduler(DiffusersLCMScheduler):
+    """Drop-in for :class:`diffusers.LCMScheduler` (same config, timesteps, noise draws and results).
+
+    ``set_timesteps`` precomputes one row of coefficients per step (c_skip, c_out, sqrt(ab_t), sqrt(1-ab_t),
+    sqrt(ab_prev), sqrt(1-ab_prev)) in float32 on the target device, with the same float32 arithmetic diffusers uses;
+    ``step`` then runs :func:`animatelcm.ops.consistency_step` (one fused pass) reading its row from device memory.
+    ``step`` does not synchronise with the device when the timestep is a Python number, a CPU tensor, or an element
+    of ``self.timesteps`` (what pipelines pass); for any other device tensor the coefficients are gathered on the
+    device, still without a sync, except that the very first call without ``set_begin_index`` must look the
+    timestep up once, exactly as diffusers does.
+    """
+
+    def set_timesteps(self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None,
+                      strength: float = 1.0) -> None:
+        """As :meth:`diffusers.LCMScheduler.set_timesteps`, plus the per-step coefficient table on ``device``."""
+        super().set_timesteps(num_inference_steps=num_inference_steps, device=None,
+                              original_inference_steps=original_inference_steps, timesteps=timesteps,
+                              strength=strength)
+        host_timesteps = self.timesteps  # int64 [n] on the CPU
+        self._host_timesteps = host_timesteps.tolist()
+        self._coefficient_tables = {}
+        table = self._coefficient_rows(host_timesteps, self._previous_timesteps(host_timesteps))
+        self._coefficient_tables[torch.device("cpu")] = table
+        if device is not None:
+            self.timesteps = host_timesteps.to(device)
+            self._coefficient_table_on(torch.device(device))
+
+    @staticmethod
+    def _previous_timesteps(timesteps):
+        # diffusers: the previous timestep is the next entry of the schedule; the last step reuses its own timestep.
+        return torch.cat([timesteps[1:], timesteps[-1:]])
+
+    def _coefficient_rows(self, timesteps, previous):
+        """[n, 6] float32 coefficients for timesteps ``[n]`` (int64, any device) and their previous timesteps
+        ``[n]``, computed with the same float32 operations as diffusers' ``step``."""
+        alphas_cumprod = self.alphas_cumprod.to(timesteps.device)
+        alpha = alphas_cumprod[timesteps]
+        alpha_prev = torch.where(previous >= 0, alphas_cumprod[previous.clamp(min=0)],
+                                 self.final_alpha_cumprod.to(timesteps.device))
+        scaled = timesteps * self.config.timestep_scaling
+        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+        c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+        rows = [c_skip, c_out, alpha.sqrt(), (1 - alpha).sqrt(), alpha_prev.sqrt(), (1 - alpha_prev).sqrt()]
+        return torch.stack([r.to(torch.float32) for r in rows], dim=-1)
+
+    def _coefficient_table_on(self, device: torch.device) -> torch.Tensor:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        table = self._coefficient_tables.get(device)
+        if table is None:
+            table = self._coefficient_tables[torch.device("cpu")].to(device)
+            self._coefficient_tables[device] = table
+        return table
+
+    def _schedule_position(self, timestep) -> int | None:
+        """Index of ``timestep`` in the schedule, found without a device sync, or None if that needs one."""
+        if isinstance(timestep, torch.Tensor) and timestep.dim() == 0 and timestep.device.type != "cpu":
+            schedule = self.timesteps
+            same_storage = (schedule.device == timestep.device and timestep.dtype == schedule.dtype
+                            and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr())
+            if same_storage:
+                return timestep.storage_offset() - schedule.storage_offset()
+            return None
+        value = int(timestep.item() if isinstance(timestep, torch.Tensor) else timestep)
+        matches = [i for i, t in enumerate(self._host_timesteps) if t == value]
+        if not matches:
+            return None
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    def _init_step_index(self, timestep) -> None:
+        if self.begin_index is not None:
+            self._step_index = self._begin_index
+            return
+        position = self._schedule_position(timestep)
+        if position is None:
+            super()._init_step_index(timestep)  # one lookup with a sync, as in diffusers
+        else:
+            self._step_index = position
+
+    def _coefficients(self, timestep, device: torch.device) -> torch.Tensor:
+        """[6] float32 on ``device`` for the current step: a row of the table when ``timestep`` is the scheduled
+        one, otherwise computed from ``timestep`` on the device (diffusers' semantics: alphas of the given
+        timestep, previous alphas of the next scheduled one)."""
+        index = self._step_index
+        table = self._coefficient_table_on(device)
+        position = self._schedule_position(timestep)
+        if position == index and index < len(self._host_timesteps):
+            return table[index]
+        schedule = self.timesteps.to(device)
+        current = torch.as_tensor(timestep, device=device).to(torch.int64).reshape(1)
+        previous = schedule[index + 1].reshape(1) if index + 1 < len(schedule) else current
+        return self._coefficient_rows(current, previous)[0]
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: torch.Generator | None = None, return_dict: bool = True):
+        """One consistency step, as :meth:`diffusers.LCMScheduler.step` but fused and sync-free.
+
+        Args:
+            model_output: ``[B, C, F, H, W]`` (any shape) network output at ``timestep``.
+            timestep: the current timestep (int, or a 0-dim tensor, typically an element of ``self.timesteps``).
+            sample: the current sample x_t, same shape as ``model_output``.
+            generator: random generator for the noise injected before the next step (not used at the last step).
+        Returns:
+            :class:`LCMSchedulerOutput` ``(prev_sample, denoised)`` or the tuple when ``return_dict=False``.
+        """
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps' after creating "
+                             "the scheduler")
+        if not isinstance(timestep, (numbers.Integral, torch.Tensor)):
+            raise TypeError(f"LCMScheduler.step: timestep must be an int or a 0-dim tensor, got {type(timestep).__name__}")
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        dtype = torch.promote_types(model_output.dtype, sample.dtype)
+        model_output, sample = model_output.to(dtype), sample.to(dtype)
+        coefficients = self._coefficients(timestep, sample.device)
+        prediction_type = self.config.prediction_type
+        if prediction_type not in ("epsilon", "sample", "v_prediction"):
+            raise ValueError(f"prediction_type given as {prediction_type} must be one of `epsilon`, `sample` or"
+                             " `v_prediction` for `LCMScheduler`.")
+        if self.config.thresholding:
+            # Dynamic thresholding needs a per-sample quantile of x0 first; the fused op then mixes the result.
+            c_skip, c_out, sqrt_alpha, sqrt_one_minus = coefficients[:4].unbind()
+            if prediction_type == "epsilon":
+                x0 = (sample - sqrt_one_minus * model_output) / sqrt_alpha
+            elif prediction_type == "v_prediction":
+                x0 = sqrt_alpha * sample - sqrt_one_minus * model_output
+            else:
+                x0 = model_output
+            model_output, prediction_type, clip_range = self._threshold_sample(x0), "sample", None
+        else:
+            clip_range = self.config.clip_sample_range if self.config.clip_sample else None
+
+        noise = None
+        if self.step_index != self.num_inference_steps - 1:
+            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=dtype)
+        prev_sample, denoised = consistency_step(model_output, sample, coefficients, noise=noise,
+                                                 prediction_type=prediction_type, clip_range=clip_range)
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
+
+
+def animatelcm_scheduler(**overrides) -> LCMScheduler:
+    """The scheduler AnimateLCM's text-to-video models were distilled with: linear betas 0.00085..0.012 over 1000
+    steps, ``original_inference_steps=100`` (use 200 for image-to-video). ``overrides`` replace config entries."""
+    config = dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
+                  original_inference_steps=100, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
+                  timestep_spacing="leading", prediction_type="epsilon")
+    config.update(overrides)
+    return LCMScheduler(**config)

@@ -1,0 +1,208 @@
+"""Command line: ``animatelcm generate`` (prompt -> GIF/MP4) and ``animatelcm info``.
+
+User errors (a bad value, a missing or unreadable file) print one line ``animatelcm: error: ...`` and exit with
+status 2; set ``ANIMATELCM_DEBUG=1`` to see the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+class UserError(Exception):
+    """A problem with what the user asked for; printed as one line, exit status 2."""
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
+    return value
+
+
+def _non_negative_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value < 0 or value != value:
+        raise argparse.ArgumentTypeError(f"{value} must be a non-negative number")
+    return value
+
+
+def _lora_spec(text):
+    """PATH or PATH:SCALE."""
+    path, sep, scale = text.rpartition(":")
+    if sep and path and not scale.startswith(("/", "\\")):
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return text, 1.0
+
+
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one line (no usage dump) with exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"animatelcm: error: {message} (see `{self.prog} --help`)\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="animatelcm", description="Few-step video generation with AnimateLCM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+
+    gen = sub.add_parser("generate", help="turn a prompt into a GIF or MP4",
+                         description="Generate a clip. With no model arguments the embedded default model is used.")
+    gen.add_argument("--prompt", required=True, help="what the clip should show")
+    gen.add_argument("--negative-prompt", default=None, help="what to avoid (only used with --guidance > 1)")
+    models = gen.add_argument_group("model (all local paths; none given = embedded default)")
+    models.add_argument("--model", help="a saved AnimateLCM/AnimateDiff pipeline folder (model_index.json)")
+    models.add_argument("--base", help="Stable Diffusion 1.5: diffusers folder or single-file checkpoint")
+    models.add_argument("--base-config", help="diffusers SD1.5 folder with the configs for a single-file --base")
+    models.add_argument("--motion-module", help="motion module: .safetensors (original or diffusers layout) or folder")
+    models.add_argument("--motion-max-frames", type=_positive_int, default=None,
+                        help="override the motion module's positional table length (inferred from the file)")
+    models.add_argument("--lcm-lora", help="AnimateLCM spatial LoRA (.safetensors, kohya or diffusers keys)")
+    models.add_argument("--lcm-lora-scale", type=float, default=0.8, help="scale of the LCM LoRA (default 0.8)")
+    models.add_argument("--lora", action="append", default=[], type=_lora_spec, metavar="PATH[:SCALE]",
+                        help="personalised LoRA stacked on top (repeatable)")
+    models.add_argument("--allow-pickle", action="store_true",
+                        help="allow .ckpt/.pt checkpoints (pickles can run code: only for files you trust)")
+    gen.add_argument("--steps", type=_positive_int, default=4, help="sampling steps (default 4)")
+    gen.add_argument("--frames", type=_positive_int, default=16, help="frames (default 16)")
+    gen.add_argument("--height", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
+    gen.add_argument("--width", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
+    gen.add_argument("--guidance", type=_non_negative_float, default=1.0,
+                     help="classifier-free guidance; 1.0 = off (AnimateLCM's default), up to ~2")
+    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--fps", type=float, default=None, help="frames per second of the file (default 8)")
+    gen.add_argument("--out", default="outputs/animatelcm.gif", help="output file, .gif or .mp4")
+    gen.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    gen.add_argument("--decode-chunk-size", type=_positive_int, default=16, help="frames per VAE decode call")
+
+    sub.add_parser("info", help="version, native build and usable backends")
+    return parser
+
+
+def _resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as error:
+        raise UserError(f"--device {name!r} is not a device name ({error})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+    return device
+
+
+def _resolve_dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+def _check_paths(args) -> None:
+    for flag in ("model", "base", "base_config", "motion_module", "lcm_lora"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).exists():
+            raise UserError(f"--{flag.replace('_', '-')} {value}: no such file or folder")
+    for path, _ in args.lora:
+        if not Path(path).exists():
+            raise UserError(f"--lora {path}: no such file or folder")
+    if Path(args.out).suffix.lower() not in (".gif", ".mp4"):
+        raise UserError(f"--out {args.out}: the file name must end in .gif or .mp4")
+    if args.model and (args.base or args.motion_module):
+        raise UserError("give either --model or --base with --motion-module, not both")
+    if bool(args.base) != bool(args.motion_module):
+        raise UserError("--base and --motion-module go together (or give --model, or neither for the default)")
+    for flag in ("height", "width"):
+        value = getattr(args, flag)
+        if value is not None and value % 8:
+            raise UserError(f"--{flag} {value} must be a multiple of 8")
+
+
+def generate(args) -> Path:
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from .default_model import load_default_model
+    from .export import export_video
+    from .loading import load_lora, load_pipeline
+
+    _check_paths(args)
+    diffusers_logging.set_verbosity_error()  # dtype-cast notices are not actionable here; errors still show
+    transformers_logging.set_verbosity_error()
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    height, width, fps = args.height, args.width, args.fps
+    started = time.perf_counter()
+    if args.model or args.base:
+        print(f"loading model from {args.model or args.base} ...", file=sys.stderr)
+        motion_config = {"motion_max_seq_length": args.motion_max_frames} if args.motion_max_frames else None
+        pipe = load_pipeline(args.model, base=args.base, base_config=args.base_config,
+                             motion_module=args.motion_module, motion_config=motion_config, lcm_lora=args.lcm_lora,
+                             lcm_lora_scale=args.lcm_lora_scale, loras=args.lora, allow_pickle=args.allow_pickle,
+                             torch_dtype=dtype, device=device)
+    else:
+        default = load_default_model(torch_dtype=dtype, device=device)
+        pipe = default.pipe
+        if not default.trained:
+            print("NOTE: using the embedded default model, which is RANDOMLY INITIALISED (no trained weights are "
+                  "shipped yet): expect noise-like frames. Pass --model or --base/--motion-module for real output.",
+                  file=sys.stderr)
+        height, width = height or default.height, width or default.width
+        fps = fps or default.fps
+        if args.lcm_lora:
+            load_lora(pipe, args.lcm_lora, adapter_name="animatelcm", scale=args.lcm_lora_scale)
+        for index, (path, scale) in enumerate(args.lora):
+            load_lora(pipe, path, adapter_name=f"lora_{index}", scale=scale)
+    generator = torch.Generator("cpu").manual_seed(args.seed)
+    result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=height,
+                  width=width, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
+                  decode_chunk_size=args.decode_chunk_size, output_type="np")
+    out = export_video(result.frames[0], args.out, fps=fps or 8.0)
+    print(f"wrote {out} ({args.frames} frames, {args.steps} steps, {time.perf_counter() - started:.1f} s)")
+    return out
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "info":
+        from .info import main as info_main
+
+        info_main()
+        return 0
+    from .loading import CheckpointError
+    from .ops import BackendUnavailableError
+
+    try:
+        generate(args)
+    except (UserError, CheckpointError, BackendUnavailableError, ValueError, FileNotFoundError) as error:
+        if os.environ.get("ANIMATELCM_DEBUG"):
+            raise
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        print(f"animatelcm: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,359 @@
+"""Offline loaders for the checkpoints people download: motion modules (original AnimateDiff/AnimateLCM layout or
+diffusers), LCM and personalised LoRAs (kohya or diffusers), base SD1.5 as a diffusers folder or a single file.
+
+Nothing here touches a model hub: every path is local and every ``from_pretrained`` runs with
+``local_files_only=True``. Bad files raise :class:`CheckpointError` naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+SAFE_SUFFIXES = (".safetensors",)
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+# Original AnimateDiff/AnimateLCM names -> diffusers names (SPEC.md section 1).
+ORIGINAL_MARKERS = (".temporal_transformer.", ".attention_blocks.", ".norms.", ".ff_norm.")
+LORA_SCALES_ATTRIBUTE = "_animatelcm_lora_scales"  # {adapter name: scale} set by load_lora
+MOTION_DEFAULTS = dict(motion_num_attention_heads=8, motion_norm_num_groups=32, motion_max_seq_length=32)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or folder that cannot be used; the message names the path and the problem."""
+
+
+def _require_path(path, what: str) -> Path:
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"{what} not found: {path}")
+    return path
+
+
+def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file, or of a pickled ``.ckpt``/``.pt``/``.pth``/``.bin`` when
+    ``allow_pickle=True`` (a ``state_dict`` wrapper and ``module.`` prefixes are removed)."""
+    path = _require_path(path, "checkpoint")
+    suffix = path.suffix.lower()
+    if suffix in SAFE_SUFFIXES:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+    elif suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: {suffix} files are Python pickles, which can run arbitrary code when loaded. Convert it "
+                "to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source.")
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - old checkpoints pickle non-tensor objects; the user opted in
+            try:
+                state = torch.load(str(path), map_location="cpu", weights_only=False)
+            except Exception as error:  # noqa: BLE001
+                raise CheckpointError(f"{path}: could not unpickle the checkpoint (truncated or corrupt?): {error}") from error
+    else:
+        raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r}; expected .safetensors "
+                              f"(or {', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+
+
+def is_original_motion_layout(state: dict) -> bool:
+    """Whether keys use the original AnimateDiff/AnimateLCM motion-module names."""
+    return any(marker in key for key in state for marker in ORIGINAL_MARKERS) or any("pos_encoder" in k for k in state)
+
+
+def original_to_diffusers_motion_keys(state: dict) -> tuple[dict, int | None]:
+    """Rename original-layout motion-module keys to diffusers' (diffusers' own converter) and return them with the
+    positional table length found in ``pos_encoder.pe`` keys (None when the file has none, as AnimateLCM's)."""
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    lengths = {v.shape[1] for k, v in state.items() if k.endswith("pos_encoder.pe") and v.dim() == 3}
+    if len(lengths) > 1:
+        raise CheckpointError(f"positional tables of different lengths {sorted(lengths)} in one motion module")
+    return convert_animatediff_checkpoint_to_diffusers(state), (lengths.pop() if lengths else None)
+
+
+def _counts(state: dict, pattern: str) -> dict[int, set[int]]:
+    found = defaultdict(set)
+    for key in state:
+        match = re.match(pattern, key)
+        if match:
+            found[int(match.group(1))].add(int(match.group(2)))
+    return found
+
+
+def infer_motion_adapter_config(state: dict, source: str = "motion module") -> dict:
+    """MotionAdapter config from diffusers-layout motion-module tensors: block widths, motion layers per block,
+    transformer layers, mid block, conv_in and (from ``pos_embed.pe``) the sequence length. Head count and norm
+    groups cannot be read from tensors: SD1.5 defaults (8 heads, 32 groups) are used unless overridden."""
+    down_layers = _counts(state, r"down_blocks\.(\d+)\.motion_modules\.(\d+)\.")
+    up_layers = _counts(state, r"up_blocks\.(\d+)\.motion_modules\.(\d+)\.")
+    if not down_layers:
+        raise CheckpointError(f"{source}: no down_blocks.*.motion_modules.* tensors; this is not a motion module")
+    blocks = sorted(down_layers)
+    if blocks != list(range(len(blocks))):
+        raise CheckpointError(f"{source}: down block indices {blocks} are not contiguous")
+    widths = []
+    for i in blocks:
+        key = f"down_blocks.{i}.motion_modules.0.norm.weight"
+        if key not in state:
+            raise CheckpointError(f"{source}: missing {key}")
+        widths.append(int(state[key].shape[0]))
+    layers = [len(down_layers[i]) for i in blocks]
+    up_expected = {len(blocks) - 1 - i: layers[i] + 1 for i in blocks}
+    up_found = {i: len(v) for i, v in up_layers.items()}
+    if up_found != up_expected:
+        raise CheckpointError(f"{source}: up blocks hold {up_found} motion layers; a MotionAdapter with down-block "
+                              f"layers {layers} needs {up_expected}")
+    transformer_layers = [len(_counts(state, rf"down_blocks\.({i})\.motion_modules\.0\.transformer_blocks\.(\d+)\.")[i])
+                          for i in blocks]
+    config = dict(block_out_channels=tuple(widths), motion_layers_per_block=tuple(layers),
+                  motion_transformer_layers_per_block=tuple(transformer_layers))
+    mid = _counts(state, r"mid_block\.motion_modules\.(\d+)\.transformer_blocks\.(\d+)\.")
+    config["use_motion_mid_block"] = bool(mid)
+    if mid:
+        config["motion_mid_block_layers_per_block"] = len(mid)
+        config["motion_transformer_layers_per_mid_block"] = tuple(len(mid[j]) for j in sorted(mid))
+    if "conv_in.weight" in state:
+        config["conv_in_channels"] = int(state["conv_in.weight"].shape[1])
+    pe_lengths = {v.shape[1] for k, v in state.items() if k.endswith("pos_embed.pe")}
+    if len(pe_lengths) == 1:
+        config["motion_max_seq_length"] = pe_lengths.pop()
+    return config
+
+
+def _config_overrides(config, source) -> dict:
+    if config is None:
+        return {}
+    if isinstance(config, dict):
+        return dict(config)
+    path = _require_path(config, "motion adapter config")
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        loaded = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{path}: not a readable JSON config for {source}: {error}") from error
+    return {k: v for k, v in loaded.items() if not k.startswith("_")}
+
+
+def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
+    """Load a :class:`diffusers.MotionAdapter` from a local path.
+
+    Args:
+        path: a diffusers ``MotionAdapter`` folder (``config.json`` + weights), or one ``.safetensors`` file (or
+            ``.ckpt``/``.pt`` with ``allow_pickle=True``) in the original AnimateDiff/AnimateLCM key layout
+            (``...temporal_transformer.transformer_blocks.0.attention_blocks.0...``, with or without
+            ``pos_encoder`` keys) or in diffusers' layout.
+        config: entries that override what is inferred from the tensors (dict, a ``config.json``, or a folder
+            holding one), e.g. ``{"motion_max_seq_length": 64}`` or ``{"motion_num_attention_heads": 8}``.
+        allow_pickle: permit pickled checkpoints (they can execute code when loaded).
+        torch_dtype: cast the weights (default: as stored).
+
+    Returns:
+        The adapter, with ``config`` describing the inferred block layout.
+    """
+    from accelerate import init_empty_weights
+    from diffusers import MotionAdapter
+
+    path = _require_path(path, "motion adapter")
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise CheckpointError(f"{path}: a motion adapter folder needs config.json (a diffusers MotionAdapter "
+                                  "folder); for a single checkpoint pass the file itself")
+        try:
+            adapter = MotionAdapter.from_pretrained(str(path), local_files_only=True, torch_dtype=torch_dtype,
+                                                    **_config_overrides(config, str(path)))
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{path}: could not load the MotionAdapter folder: {error}") from error
+        return adapter
+
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    pe_length = None
+    if is_original_motion_layout(state):
+        state, pe_length = original_to_diffusers_motion_keys(state)
+    inferred = {**MOTION_DEFAULTS, **infer_motion_adapter_config(state, str(path))}
+    if pe_length is not None:
+        inferred["motion_max_seq_length"] = pe_length
+    inferred.update(_config_overrides(config, str(path)))
+    try:
+        with init_empty_weights():
+            adapter = MotionAdapter(**inferred)
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"{path}: cannot build a MotionAdapter from config {inferred}: {error}") from error
+    expected = adapter.state_dict()
+    # Positional tables are deterministic sinusoids (a buffer, never trained): files may omit them (AnimateLCM's
+    # do) and their length was read above, so the model's own tables are kept.
+    state = {k: v for k, v in state.items() if not k.endswith("pos_embed.pe")}
+    missing = sorted(k for k in expected if k not in state and not k.endswith("pos_embed.pe"))
+    unexpected = sorted(k for k in state if k not in expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        raise CheckpointError(f"{path}: tensors do not match a MotionAdapter with config {inferred}: "
+                              + "; ".join(parts))
+    mismatched = [f"{k}: file {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+                  for k, v in state.items() if v.shape != expected[k].shape]
+    if mismatched:
+        raise CheckpointError(f"{path}: {len(mismatched)} tensors have the wrong shape, e.g. {mismatched[0]} "
+                              "(override the config if the layout was inferred wrongly)")
+    adapter.load_state_dict(state, strict=False, assign=True)
+    if torch_dtype is not None:
+        adapter.to(torch_dtype)
+    adapter.eval()
+    return adapter
+
+
+def load_lora(pipe, path, adapter_name: str, scale: float = 1.0, fuse: bool = False):
+    """Load a LoRA (kohya ``lora_unet_*`` or diffusers/peft format, ``.safetensors`` file or folder) into
+    ``pipe``'s UNet (and text encoder, if the file has such keys) under ``adapter_name``, and activate it with
+    ``scale`` stacked on top of the adapters already active. ``fuse=True`` merges it into the weights."""
+    path = _require_path(path, "LoRA")
+    if path.is_file() and path.suffix.lower() not in SAFE_SUFFIXES:
+        raise CheckpointError(f"{path}: LoRAs are read from .safetensors files (or diffusers folders)")
+    try:
+        if path.is_dir():
+            pipe.load_lora_weights(str(path), adapter_name=adapter_name, local_files_only=True)
+        else:
+            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
+                                   local_files_only=True)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{path}: could not load as a LoRA: {error}") from error
+    scales = getattr(pipe, LORA_SCALES_ATTRIBUTE, {})
+    scales = {name: value for name, value in scales.items() if name in pipe.get_active_adapters()}
+    scales[adapter_name] = scale
+    pipe.set_adapters(list(scales), list(scales.values()))
+    setattr(pipe, LORA_SCALES_ATTRIBUTE, scales)
+    if fuse:
+        pipe.fuse_lora(adapter_names=[adapter_name], lora_scale=1.0)
+    return pipe
+
+
+def diffusers_to_original_motion_keys(state: dict) -> dict:
+    """Inverse of :func:`original_to_diffusers_motion_keys`: diffusers MotionAdapter keys -> the original
+    AnimateDiff/AnimateLCM layout (positional tables dropped, as in AnimateLCM's files)."""
+    renames = ((".norm1.", ".norms.0."), (".norm2.", ".norms.1."), (".norm3.", ".ff_norm."),
+               (".attn1.", ".attention_blocks.0."), (".attn2.", ".attention_blocks.1."))
+    converted = {}
+    for key, value in state.items():
+        if key.endswith("pos_embed.pe"):
+            continue
+        key = re.sub(r"motion_modules\.(\d+)\.", r"motion_modules.\1.temporal_transformer.", key)
+        for old, new in renames:
+            key = key.replace(old, new)
+        converted[key] = value
+    return converted
+
+
+def save_motion_adapter(adapter, path, layout: str = "original") -> Path:
+    """Save a MotionAdapter as one ``.safetensors`` in the ``"original"`` AnimateDiff/AnimateLCM layout or in
+    ``"diffusers"`` key layout, or (``path`` without a suffix) as a diffusers folder. All three load back with
+    :func:`load_motion_adapter`. The write goes to a temporary name first, then is renamed."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.suffix == "":
+        adapter.save_pretrained(str(path))
+        return path
+    if path.suffix.lower() != ".safetensors":
+        raise ValueError(f"save_motion_adapter: {path} must end in .safetensors (or name a folder)")
+    if layout not in ("original", "diffusers"):
+        raise ValueError(f"save_motion_adapter: layout must be 'original' or 'diffusers', got {layout!r}")
+    state = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
+    if layout == "original":
+        state = diffusers_to_original_motion_keys(state)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    save_file(state, str(temporary))
+    temporary.replace(path)
+    return path
+
+
+def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
+    """vae, text_encoder, tokenizer, unet of SD1.5 from a diffusers folder or a single-file checkpoint."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    base = _require_path(base, "base model")
+    if base.is_dir():
+        missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer") if not (base / sub).is_dir()]
+        if missing:
+            raise CheckpointError(f"{base}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/)")
+        try:
+            return dict(
+                unet=UNet2DConditionModel.from_pretrained(str(base), subfolder="unet", local_files_only=True, torch_dtype=torch_dtype),
+                vae=AutoencoderKL.from_pretrained(str(base), subfolder="vae", local_files_only=True, torch_dtype=torch_dtype),
+                text_encoder=CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder", local_files_only=True, torch_dtype=torch_dtype),
+                tokenizer=CLIPTokenizer.from_pretrained(str(base), subfolder="tokenizer", local_files_only=True),
+            )
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{base}: could not load the Stable Diffusion folder: {error}") from error
+    if base.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        read_state_dict(base, allow_pickle=False)  # raises the explanatory error
+    if base_config is None:
+        raise CheckpointError(
+            f"{base}: a single-file checkpoint needs a local config: pass base_config (CLI: --base-config) naming a "
+            "diffusers Stable Diffusion 1.5 folder; its model_index.json, */config.json and tokenizer files suffice")
+    base_config = _require_path(base_config, "base config folder")
+    try:
+        pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(base_config), local_files_only=True,
+                                                        torch_dtype=torch_dtype, safety_checker=None,
+                                                        requires_safety_checker=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as error:
+        raise CheckpointError(f"{base}: could not load as a single-file Stable Diffusion checkpoint with config "
+                              f"{base_config}: {error}") from error
+    return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+
+
+def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None, motion_config=None,
+                  lcm_lora=None, lcm_lora_scale: float = 0.8, loras=(), allow_pickle: bool = False,
+                  torch_dtype: torch.dtype | None = None, device=None):
+    """Build an :class:`animatelcm.AnimateLCMPipeline` from local files.
+
+    Either ``model``, a saved pipeline folder (``model_index.json`` + components, e.g. written by
+    ``save_pretrained``), or the parts: ``base`` (SD1.5 diffusers folder or single file + ``base_config``) and
+    ``motion_module`` (see :func:`load_motion_adapter`; ``motion_config`` overrides). Then ``lcm_lora`` (the
+    AnimateLCM spatial LoRA, applied at ``lcm_lora_scale``; AnimateLCM uses 0.8) and ``loras``, a sequence of
+    ``(path, scale)`` personalised LoRAs stacked on top. The scheduler is AnimateLCM's
+    (:func:`animatelcm.animatelcm_scheduler`) unless the model folder brings an LCM scheduler.
+    """
+    from .pipelines import AnimateLCMPipeline
+
+    if model is not None and (base is not None or motion_module is not None):
+        raise ValueError("give either a model folder or base + motion_module, not both")
+    if model is not None:
+        model = _require_path(model, "model folder")
+        if not (model / "model_index.json").exists():
+            raise CheckpointError(f"{model}: not a saved pipeline folder (no model_index.json)")
+        try:
+            pipe = AnimateLCMPipeline.from_pretrained(str(model), local_files_only=True, torch_dtype=torch_dtype)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"{model}: could not load the pipeline folder: {error}") from error
+    else:
+        if base is None or motion_module is None:
+            raise ValueError("building a pipeline from parts needs both base (SD1.5) and motion_module")
+        parts = _load_base_components(base, base_config, allow_pickle, torch_dtype)
+        adapter = load_motion_adapter(motion_module, config=motion_config, allow_pickle=allow_pickle,
+                                      torch_dtype=torch_dtype)
+        pipe = AnimateLCMPipeline(motion_adapter=adapter, **parts)
+    if lcm_lora is not None:
+        load_lora(pipe, lcm_lora, adapter_name="animatelcm", scale=lcm_lora_scale)
+    for index, (path, scale) in enumerate(loras):
+        load_lora(pipe, path, adapter_name=f"lora_{index}", scale=scale)
+    if device is not None:
+        pipe.to(device)
+    return pipe

@@ -1,0 +1,122 @@
+import pytest
+import torch
+
+from animatelcm import ops
+from animatelcm.ops.consistency import IMPLEMENTATIONS
+
+# Per-dtype tolerance against the float64 reference: |fast - ref| <= atol + rtol * |ref|.
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+USABLE_HERE = [impl.backend for impl in IMPLEMENTATIONS if impl.available() is None and impl.backend != "cuda"]
+
+
+def coefficients(generator):
+    c = torch.rand(6, generator=generator, dtype=torch.float64) * 0.9 + 0.05
+    return c.float()
+
+
+def inputs(shape, dtype, generator, noise=True, contiguous=True):
+    make = lambda: torch.randn(shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    tensors = [make(), make(), make() if noise else None]
+    if not contiguous:  # same values seen through a transposed view
+        tensors = [None if t is None else t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in tensors]
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def run_backend(backend, monkeypatch, *args, **kwargs):
+    monkeypatch.setenv("ANIMATELCM_BACKEND", backend)
+    return ops.consistency_step(*args, **kwargs)
+
+
+@pytest.mark.parametrize("backend", USABLE_HERE)
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("shape", [(1, 4, 1, 3, 5), (2, 4, 7, 13, 9), (3, 4, 16, 8, 8), (1, 1, 1, 1, 1), (257,)])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_matches_float64_reference(backend, dtype, shape, prediction_type, monkeypatch):
+    generator = torch.Generator().manual_seed(hash((shape, str(dtype), prediction_type)) % 2**31)
+    model_output, sample, noise = inputs(shape, dtype, generator, contiguous=len(shape) < 2 or shape[-1] % 2 == 1)
+    coefs = coefficients(generator)
+    for noise_arg, clip in ((noise, None), (None, 0.8)):
+        prev, denoised = run_backend(backend, monkeypatch, model_output, sample, coefs, noise=noise_arg,
+                                     prediction_type=prediction_type, clip_range=clip)
+        ref_prev, ref_denoised = ops.consistency_step_reference(
+            model_output.double(), sample.double(), coefs, None if noise_arg is None else noise_arg.double(),
+            prediction_type, clip)
+        atol, rtol = TOLERANCE[dtype]
+        for got, want in ((prev, ref_prev), (denoised, ref_denoised)):
+            assert got.dtype == dtype and got.shape == sample.shape
+            assert torch.isfinite(got).all()
+            torch.testing.assert_close(got.double(), want, atol=atol * max(1.0, want.abs().max().item()), rtol=rtol)
+
+
+def test_cpp_is_bitwise_equal_to_reference_in_float32(monkeypatch):
+    if "cpp" not in USABLE_HERE:
+        pytest.skip("native module not built")
+    generator = torch.Generator().manual_seed(7)
+    model_output, sample, noise = inputs((2, 4, 16, 9, 9), torch.float32, generator)
+    coefs = coefficients(generator)
+    fast = run_backend("cpp", monkeypatch, model_output, sample, coefs, noise=noise)
+    slow = ops.consistency_step_reference(model_output, sample, coefs, noise)
+    assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_nan_propagates_elementwise(monkeypatch):
+    for backend in USABLE_HERE:
+        sample = torch.randn(4, 5)
+        sample[1, 2] = float("nan")
+        prev, denoised = run_backend(backend, monkeypatch, torch.randn(4, 5), sample, coefficients(torch.Generator().manual_seed(0)))
+        assert torch.isnan(denoised[1, 2]) and torch.isfinite(denoised).sum() == 19
+
+
+def test_bad_inputs_raise_clear_errors():
+    c = torch.rand(6)
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="does not match"):
+        ops.consistency_step(x, torch.randn(3, 2), c)
+    with pytest.raises(TypeError, match="floating dtype"):
+        ops.consistency_step(x.long(), x.long(), c)
+    with pytest.raises(TypeError, match="floating dtype"):
+        ops.consistency_step(x, x.half(), c)
+    with pytest.raises(ValueError, match="coefficients"):
+        ops.consistency_step(x, x, torch.rand(5))
+    with pytest.raises(ValueError, match="coefficients"):
+        ops.consistency_step(x, x, torch.rand(6, dtype=torch.float64))
+    with pytest.raises(ValueError, match="different devices"):
+        ops.consistency_step(x, x.to("meta"), c)
+    with pytest.raises(ValueError, match="noise"):
+        ops.consistency_step(x, x, c, noise=torch.randn(2, 4))
+    with pytest.raises(ValueError, match="prediction_type"):
+        ops.consistency_step(x, x, c, prediction_type="flow")
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.consistency_step([1.0], x, c)
+
+
+def test_forced_backend_that_cannot_run_says_why(monkeypatch):
+    monkeypatch.setenv("ANIMATELCM_BACKEND", "cuda")
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.consistency_step(torch.randn(3), torch.randn(3), torch.rand(6))
+    monkeypatch.setenv("ANIMATELCM_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="not a backend"):
+        ops.consistency_step(torch.randn(3), torch.randn(3), torch.rand(6))
+
+
+def test_explain_and_available_backends():
+    report = dict(ops.explain_consistency_step(torch.randn(3), torch.randn(3), torch.rand(6)))
+    assert report["eager"] is None
+    assert "cuda" in report["cuda"] or "CUDA" in report["cuda"]
+    backends = ops.available_backends()
+    assert set(backends) == {"eager", "cpp", "cuda", "triton"} and backends["eager"] is None
+    assert report["cpp"] is None or "float64" not in report["cpp"]
+    assert "float64" in dict(ops.explain_consistency_step(torch.randn(3).double(), torch.randn(3).double(),
+                                                          torch.rand(6)))["cpp"] or backends["cpp"] is not None
+
+
+def test_native_build_info():
+    info = ops.build_info()
+    if not info["native"]:
+        pytest.skip(info["reason"])
+    import animatelcm
+
+    assert info["version"] == animatelcm.__version__
+    assert info["version"].endswith("+cpu") == (not info["cuda"])
+    if info["cuda"]:
+        assert info["version"].split("+")[1].startswith("cu")

@@ -1,0 +1,132 @@
+import diffusers
+import pytest
+import torch
+
+from animatelcm import LCMScheduler, animatelcm_scheduler
+
+CONFIGS = [
+    dict(prediction_type="epsilon"),
+    dict(prediction_type="v_prediction"),
+    dict(prediction_type="sample"),
+    dict(prediction_type="epsilon", clip_sample=True, clip_sample_range=0.7),
+    dict(prediction_type="epsilon", thresholding=True, sample_max_value=1.3, dynamic_thresholding_ratio=0.9),
+    dict(prediction_type="v_prediction", thresholding=True),
+    dict(prediction_type="epsilon", beta_schedule="scaled_linear", set_alpha_to_one=False),
+    dict(prediction_type="epsilon", timestep_scaling=7.0, rescale_betas_zero_snr=True),
+]
+
+
+def run_both(config, steps, shape, set_kwargs=None, seed=0, dtype=torch.float32):
+    """Run diffusers' and our scheduler side by side on the same model outputs and generators."""
+    set_kwargs = set_kwargs or {}
+    reference = diffusers.LCMScheduler(**config)
+    ours = LCMScheduler.from_config(reference.config)
+    reference.set_timesteps(steps, **set_kwargs)
+    ours.set_timesteps(steps, **set_kwargs)
+    assert torch.equal(reference.timesteps, ours.timesteps)
+    data = torch.Generator().manual_seed(seed)
+    x_ref = x_ours = torch.randn(shape, generator=data).to(dtype)
+    g_ref, g_ours = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 1)
+    worst = 0.0
+    for t in reference.timesteps:
+        model_output = torch.randn(shape, generator=data).to(dtype)
+        a = reference.step(model_output, t, x_ref, generator=g_ref)
+        b = ours.step(model_output, t, x_ours, generator=g_ours)
+        for u, v in ((a.prev_sample, b.prev_sample), (a.denoised, b.denoised)):
+            assert u.dtype == v.dtype and u.shape == v.shape
+            worst = max(worst, (u.float() - v.float()).abs().max().item())
+        x_ref, x_ours = a.prev_sample, b.prev_sample
+    assert torch.equal(g_ref.get_state(), g_ours.get_state()), "noise draws diverged"
+    return worst
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("original_steps", [50, 100, 200])
+def test_matches_diffusers(config, original_steps):
+    worst = run_both(dict(beta_schedule="linear", original_inference_steps=original_steps) | config, 4, (2, 4, 3, 5, 7))
+    assert worst <= 1e-6
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 6, 8])
+def test_step_counts_and_odd_shapes(steps):
+    assert run_both(dict(beta_schedule="linear", original_inference_steps=100), steps, (1, 4, 13, 9, 11)) <= 1e-6
+
+
+@pytest.mark.parametrize("strength", [0.3, 0.75])
+def test_strength(strength):
+    assert run_both(dict(beta_schedule="linear"), 4, (1, 4, 2, 8, 8), {"strength": strength}) <= 1e-6
+
+
+def test_custom_timesteps_and_original_steps_argument():
+    assert run_both(dict(), None, (1, 4, 2, 4, 4), {"timesteps": [999, 759, 499, 259]}) <= 1e-6
+    assert run_both(dict(), 4, (1, 4, 2, 4, 4), {"original_inference_steps": 200}) <= 1e-6
+
+
+def test_low_precision_close_to_float32_reference():
+    config = dict(beta_schedule="linear", original_inference_steps=100)
+    for dtype, tolerance in ((torch.bfloat16, 5e-2), (torch.float16, 5e-3)):
+        reference = LCMScheduler(**config)
+        reference.set_timesteps(4)
+        ours = LCMScheduler(**config)
+        ours.set_timesteps(4)
+        x = torch.randn(1, 4, 2, 6, 6)
+        eps = torch.randn_like(x)
+        t = reference.timesteps[-1]
+        reference._step_index = ours._step_index = 3
+        exact = reference.step(eps, t, x).prev_sample
+        low = ours.step(eps.to(dtype), t, x.to(dtype)).prev_sample
+        assert low.dtype == dtype
+        assert (low.float() - exact).abs().max().item() <= tolerance * exact.abs().max().item()
+
+
+def test_step_reads_no_device_values():
+    """On the meta device any host read of tensor data (a device sync on CUDA) raises: step must not do one,
+    neither for schedule timesteps nor for other device timesteps once the begin index is known."""
+    scheduler = animatelcm_scheduler()
+    scheduler.set_timesteps(4, device="meta")
+    x = torch.empty(1, 4, 16, 8, 8, device="meta")
+    for t in scheduler.timesteps:
+        x = scheduler.step(torch.empty_like(x), t, x).prev_sample
+    assert x.device.type == "meta" and scheduler.step_index == 4
+
+    scheduler.set_timesteps(4, device="meta")
+    scheduler.set_begin_index(0)
+    foreign = torch.tensor(999, device="meta")  # not a view of scheduler.timesteps: coefficients built on device
+    out = scheduler.step(torch.empty_like(x), foreign, x).prev_sample
+    assert out.device.type == "meta"
+
+
+def test_timestep_not_in_schedule_uses_its_own_alphas_like_diffusers():
+    reference = diffusers.LCMScheduler(beta_schedule="linear")
+    ours = LCMScheduler.from_config(reference.config)
+    for s in (reference, ours):
+        s.set_timesteps(4)
+        s.set_begin_index(1)
+    x, eps = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 4, 2, 4, 4)
+    a = reference.step(eps, 600, x, generator=torch.Generator().manual_seed(0))
+    b = ours.step(eps, 600, x, generator=torch.Generator().manual_seed(0))
+    assert (a.prev_sample - b.prev_sample).abs().max() <= 1e-5
+    assert (a.denoised - b.denoised).abs().max() <= 1e-5
+
+
+def test_from_config_of_other_schedulers_and_defaults():
+    ddim = diffusers.DDIMScheduler(beta_schedule="linear", steps_offset=1)
+    lcm = LCMScheduler.from_config(ddim.config)
+    assert isinstance(lcm, diffusers.LCMScheduler)
+    assert lcm.config.beta_schedule == "linear"
+    default = animatelcm_scheduler()
+    assert default.config.original_inference_steps == 100 and default.config.beta_schedule == "linear"
+    default.set_timesteps(4)
+    assert default.timesteps.tolist() == [999, 749, 499, 249]
+
+
+def test_errors():
+    scheduler = animatelcm_scheduler()
+    x = torch.randn(1, 4, 2, 4, 4)
+    with pytest.raises(ValueError, match="set_timesteps"):
+        scheduler.step(x, 999, x)
+    scheduler.set_timesteps(4)
+    with pytest.raises(TypeError, match="timestep"):
+        scheduler.step(x, "999", x)
+    with pytest.raises(ValueError, match="shape"):
+        scheduler.step(x, scheduler.timesteps[0], x[:, :2])

@@ -93,6 +93,11 @@ def _counts(state: dict, pattern: str) -> dict[int, set[int]]:
     return found
 
 
+def _collapse(values: list[int]) -> int | tuple[int, ...]:
+    """One int when every block has the same count (the form diffusers' own configs and LoRA code expect)."""
+    return values[0] if len(set(values)) == 1 else tuple(values)
+
+
 def infer_motion_adapter_config(state: dict, source: str = "motion module") -> dict:
     """MotionAdapter config from diffusers-layout motion-module tensors: block widths, motion layers per block,
     transformer layers, mid block, conv_in and (from ``pos_embed.pe``) the sequence length. Head count and norm
@@ -118,13 +123,13 @@ def infer_motion_adapter_config(state: dict, source: str = "motion module") -> d
                               f"layers {layers} needs {up_expected}")
     transformer_layers = [len(_counts(state, rf"down_blocks\.({i})\.motion_modules\.0\.transformer_blocks\.(\d+)\.")[i])
                           for i in blocks]
-    config = dict(block_out_channels=tuple(widths), motion_layers_per_block=tuple(layers),
-                  motion_transformer_layers_per_block=tuple(transformer_layers))
+    config = dict(block_out_channels=tuple(widths), motion_layers_per_block=_collapse(layers),
+                  motion_transformer_layers_per_block=_collapse(transformer_layers))
     mid = _counts(state, r"mid_block\.motion_modules\.(\d+)\.transformer_blocks\.(\d+)\.")
     config["use_motion_mid_block"] = bool(mid)
     if mid:
         config["motion_mid_block_layers_per_block"] = len(mid)
-        config["motion_transformer_layers_per_mid_block"] = tuple(len(mid[j]) for j in sorted(mid))
+        config["motion_transformer_layers_per_mid_block"] = _collapse([len(mid[j]) for j in sorted(mid)])
     if "conv_in.weight" in state:
         config["conv_in_channels"] = int(state["conv_in.weight"].shape[1])
     pe_lengths = {v.shape[1] for k, v in state.items() if k.endswith("pos_embed.pe")}

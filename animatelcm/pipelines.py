@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import numbers
+from pathlib import Path
 
 from diffusers import AnimateDiffPipeline
 from diffusers import LCMScheduler as DiffusersLCMScheduler
@@ -29,6 +31,9 @@ class AnimateLCMPipeline(AnimateDiffPipeline):
     ``[B, 4, F, H/8, W/8]`` (``"latent"``).
     """
 
+    # scheduler has a default here, so diffusers' from_pretrained must be told it is a component.
+    _optional_components = [*AnimateDiffPipeline._optional_components, "scheduler"]
+
     def __init__(self, vae, text_encoder, tokenizer, unet, motion_adapter, scheduler=None, feature_extractor=None,
                  image_encoder=None):
         if scheduler is None:
@@ -38,6 +43,16 @@ class AnimateLCMPipeline(AnimateDiffPipeline):
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                          motion_adapter=motion_adapter, scheduler=scheduler, feature_extractor=feature_extractor,
                          image_encoder=image_encoder)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As diffusers' ``save_pretrained``; the scheduler is recorded as ``diffusers.LCMScheduler`` (same config)
+        so the folder loads in plain diffusers too (this class upgrades it again when loading)."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        index_path = Path(save_directory) / "model_index.json"
+        index = json.loads(index_path.read_text())
+        if isinstance(self.scheduler, LCMScheduler):
+            index["scheduler"] = ["diffusers", "LCMScheduler"]
+            index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
     def max_frames(self) -> int | None:
         """Longest clip the motion modules' positional table allows (None when it cannot be read)."""

@@ -1,0 +1,304 @@
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from animatelcm import AnimateLCMPipeline, load_motion_adapter, load_pipeline
+from animatelcm.loading import (
+    CheckpointError,
+    diffusers_to_original_motion_keys,
+    infer_motion_adapter_config,
+    load_lora,
+    save_motion_adapter,
+)
+
+TINY_OVERRIDES = {"motion_num_attention_heads": 2, "motion_norm_num_groups": 8}
+
+
+def assert_same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def original_layout_file(adapter, path, with_pos_encoder=False):
+    state = diffusers_to_original_motion_keys(adapter.state_dict())
+    if with_pos_encoder:
+        for key, value in adapter.state_dict().items():
+            if key.endswith("pos_embed.pe"):
+                stem = key.replace("motion_modules.", "motion_modules.").rsplit(".transformer_blocks.", 1)
+                block = stem[1].split(".")[0]
+                prefix = stem[0].replace("motion_modules.", "motion_modules.", 1)
+                for attention in (0, 1):
+                    original = (f"{prefix}.temporal_transformer.transformer_blocks.{block}."
+                                f"attention_blocks.{attention}.pos_encoder.pe")
+                    state[original] = value.clone()
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    return path
+
+
+def test_original_layout_without_pos_encoder(components, tmp_path):
+    adapter = components["motion_adapter"]
+    path = original_layout_file(adapter, tmp_path / "mm.safetensors")
+    assert any(".temporal_transformer." in k for k in load_file(str(path)))
+    loaded = load_motion_adapter(path, config=TINY_OVERRIDES)
+    assert loaded.config.block_out_channels == (16, 32, 32, 32)
+    assert loaded.config.motion_max_seq_length == 32
+    assert_same_weights(adapter, loaded)
+
+
+def test_original_layout_with_pos_encoder_infers_sequence_length(tmp_path):
+    from diffusers import MotionAdapter
+
+    adapter = MotionAdapter(block_out_channels=(16, 24), motion_layers_per_block=1, motion_num_attention_heads=2,
+                            motion_norm_num_groups=4, motion_max_seq_length=24, use_motion_mid_block=False)
+    path = original_layout_file(adapter, tmp_path / "mm.safetensors", with_pos_encoder=True)
+    assert any("pos_encoder" in k for k in load_file(str(path)))
+    loaded = load_motion_adapter(path, config={"motion_num_attention_heads": 2, "motion_norm_num_groups": 4})
+    assert loaded.config.motion_max_seq_length == 24
+    assert loaded.config.use_motion_mid_block is False
+    assert loaded.config.motion_layers_per_block == 1
+    assert_same_weights(adapter, loaded)
+    longer = load_motion_adapter(path, config={"motion_num_attention_heads": 2, "motion_norm_num_groups": 4,
+                                               "motion_max_seq_length": 64})
+    assert longer.config.motion_max_seq_length == 64
+
+
+def test_save_and_load_all_layouts(components, tmp_path):
+    adapter = components["motion_adapter"]
+    for target, layout in ((tmp_path / "a.safetensors", "original"), (tmp_path / "b.safetensors", "diffusers"),
+                           (tmp_path / "folder", None)):
+        save_motion_adapter(adapter, target, layout=layout or "original")
+        loaded = load_motion_adapter(target, config=None if layout is None else TINY_OVERRIDES)
+        assert_same_weights(adapter, loaded)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_inferred_config_runs_in_a_pipeline(components, tmp_path):
+    path = save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors")
+    loaded = load_motion_adapter(path, config=TINY_OVERRIDES)
+    pipe = AnimateLCMPipeline(**{**components, "motion_adapter": loaded})
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red circle", num_frames=4, height=32, width=32, num_inference_steps=2, output_type="latent")
+    assert out.frames.shape == (1, 4, 4, 4, 4)
+
+
+def test_bad_files(components, tmp_path):
+    adapter = components["motion_adapter"]
+    good = save_motion_adapter(adapter, tmp_path / "good.safetensors")
+    state = load_file(str(good))
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match="truncated.safetensors"):
+        load_motion_adapter(truncated, config=TINY_OVERRIDES)
+
+    missing = dict(state)
+    missing.pop(next(k for k in missing if k.endswith("proj_out.weight") and k.startswith("up_blocks.1")))
+    save_file(missing, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(CheckpointError, match="missing"):
+        load_motion_adapter(tmp_path / "missing.safetensors", config=TINY_OVERRIDES)
+
+    extra = dict(state, **{"down_blocks.0.motion_modules.0.surprise.weight": torch.zeros(2)})
+    save_file(extra, str(tmp_path / "extra.safetensors"))
+    with pytest.raises(CheckpointError, match="unexpected"):
+        load_motion_adapter(tmp_path / "extra.safetensors", config=TINY_OVERRIDES)
+
+    wrong = dict(state)
+    key = next(k for k in wrong if k.endswith("attention_blocks.0.to_q.weight"))
+    wrong[key] = torch.randn(3, 3)
+    save_file(wrong, str(tmp_path / "wrong.safetensors"))
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_motion_adapter(tmp_path / "wrong.safetensors", config=TINY_OVERRIDES)
+
+    save_file({"weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a motion module"):
+        load_motion_adapter(tmp_path / "other.safetensors")
+
+    with pytest.raises(CheckpointError, match="not found"):
+        load_motion_adapter(tmp_path / "absent.safetensors")
+    (tmp_path / "notes.txt").write_text("hi")
+    with pytest.raises(CheckpointError, match="unknown checkpoint type"):
+        load_motion_adapter(tmp_path / "notes.txt")
+
+
+def test_pickle_needs_consent(components, tmp_path):
+    state = diffusers_to_original_motion_keys(components["motion_adapter"].state_dict())
+    path = tmp_path / "mm.ckpt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_motion_adapter(path)
+    loaded = load_motion_adapter(path, config=TINY_OVERRIDES, allow_pickle=True)
+    assert_same_weights(components["motion_adapter"], loaded)
+
+
+def test_full_size_sd15_original_layout(tmp_path):
+    """A motion module at AnimateLCM's real size (SD1.5 widths, 2/3 layers, mid block, 8 heads), in the original
+    key layout without pos_encoder keys, fp16: ~450M parameters."""
+    from accelerate import init_empty_weights
+    from diffusers import MotionAdapter
+
+    with init_empty_weights():
+        shapes = {k: v.shape for k, v in MotionAdapter().state_dict().items() if not k.endswith("pos_embed.pe")}
+    generator = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(s, generator=generator, dtype=torch.float32).to(torch.float16) * 0.02
+             for k, s in shapes.items()}
+    del shapes
+    path = tmp_path / "AnimateLCM_sd15_t2v.safetensors"
+    save_file(diffusers_to_original_motion_keys(state), str(path))
+    adapter = load_motion_adapter(path)
+    config = adapter.config
+    assert tuple(config.block_out_channels) == (320, 640, 1280, 1280)
+    assert config.motion_layers_per_block == 2
+    assert config.use_motion_mid_block and config.motion_max_seq_length == 32
+    assert config.motion_num_attention_heads == 8
+    loaded = adapter.state_dict()
+    for key in ("down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q.weight",
+                "up_blocks.3.motion_modules.2.proj_out.weight", "mid_block.motion_modules.0.norm.bias"):
+        assert torch.equal(loaded[key], state[key])
+    assert sum(v.numel() for v in loaded.values() if v.dtype == torch.float16) > 400_000_000
+
+
+def test_infer_rejects_inconsistent_up_blocks(components):
+    state = dict(components["motion_adapter"].state_dict())
+    for key in [k for k in state if k.startswith("up_blocks.0.motion_modules.2.")]:
+        del state[key]
+    with pytest.raises(CheckpointError, match="up blocks"):
+        infer_motion_adapter_config(state)
+
+
+# --- LoRA -----------------------------------------------------------------------------------------------------
+
+LORA_TARGETS = ["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q",
+                "up_blocks.1.attentions.2.proj_out",
+                "mid_block.attentions.0.transformer_blocks.0.ff.net.2"]
+
+
+def module_weight(unet, name):
+    module = unet.get_submodule(name)
+    return getattr(module, "base_layer", module).weight
+
+
+def lora_deltas(unet, rank, generator):
+    deltas = {}
+    for name in LORA_TARGETS:
+        weight = module_weight(unet, name)
+        kernel = tuple(weight.shape[2:])  # 1x1 convs (SD1.5's proj_in/out) keep their kernel dims in LoRA files
+        deltas[name] = (torch.randn(weight.shape[0], rank, *kernel, generator=generator) * 0.1,
+                        torch.randn(rank, weight.shape[1], *kernel, generator=generator) * 0.1)
+    return deltas
+
+
+def delta(up, down, like):
+    return (up.flatten(1) @ down.flatten(1)).view_as(like)
+
+
+def write_kohya(path, deltas, alpha):
+    state = {}
+    for name, (up, down) in deltas.items():
+        stem = "lora_unet_" + name.replace(".", "_")
+        state[f"{stem}.lora_up.weight"] = up
+        state[f"{stem}.lora_down.weight"] = down
+        state[f"{stem}.alpha"] = torch.tensor(float(alpha))
+    save_file(state, str(path))
+
+
+def write_diffusers_lora(path, deltas):
+    state = {}
+    for name, (up, down) in deltas.items():
+        state[f"unet.{name}.lora_A.weight"] = down
+        state[f"unet.{name}.lora_B.weight"] = up
+    save_file(state, str(path))
+
+
+def test_kohya_and_diffusers_loras_stack_with_scales(components, tmp_path):
+    pipe = AnimateLCMPipeline(**components)
+    base = {name: module_weight(pipe.unet, name).detach().clone() for name in LORA_TARGETS}
+    generator = torch.Generator().manual_seed(0)
+    rank, alpha = 4, 2.0
+    kohya = lora_deltas(pipe.unet, rank, generator)
+    plain = lora_deltas(pipe.unet, rank, generator)
+    write_kohya(tmp_path / "lcm_lora.safetensors", kohya, alpha)
+    write_diffusers_lora(tmp_path / "style.safetensors", plain)
+    load_lora(pipe, tmp_path / "lcm_lora.safetensors", "animatelcm", scale=0.8)
+    load_lora(pipe, tmp_path / "style.safetensors", "style", scale=0.5)
+    pipe.fuse_lora(adapter_names=["animatelcm", "style"])
+    for name in LORA_TARGETS:
+        expected = (base[name] + 0.8 * (alpha / rank) * delta(*kohya[name], base[name])
+                    + 0.5 * delta(*plain[name], base[name]))
+        torch.testing.assert_close(module_weight(pipe.unet, name), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_lora_errors(components, tmp_path):
+    pipe = AnimateLCMPipeline(**components)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_lora(pipe, tmp_path / "nope.safetensors", "x")
+    (tmp_path / "lora.ckpt").write_bytes(b"0")
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_lora(pipe, tmp_path / "lora.ckpt", "x")
+
+
+# --- whole pipelines ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def sd_folder(components, tmp_path):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    folder = tmp_path / "sd15"
+    StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                            tokenizer=components["tokenizer"], unet=components["unet"], scheduler=DDIMScheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+    return folder
+
+
+def generate(pipe, seed=0):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe("a red circle moving right", num_frames=4, height=32, width=32, num_inference_steps=2,
+                generator=torch.Generator().manual_seed(seed), latents=torch.randn(1, 4, 4, 4, 4,
+                generator=torch.Generator().manual_seed(seed)), output_type="np").frames
+
+
+def test_load_pipeline_from_parts_and_saved_folder(components, sd_folder, tmp_path):
+    motion = save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    write_kohya(tmp_path / "lcm.safetensors", lora_deltas(components["unet"], 4, generator), 4.0)
+    pipe = load_pipeline(base=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES,
+                         lcm_lora=tmp_path / "lcm.safetensors", lcm_lora_scale=0.8)
+    assert pipe.scheduler.config.original_inference_steps == 100
+    direct = AnimateLCMPipeline(**components)
+    load_lora(direct, tmp_path / "lcm.safetensors", "animatelcm", scale=0.8)
+    assert abs(generate(pipe) - generate(direct)).max() <= 1e-5
+
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+    pipe.save_pretrained(tmp_path / "saved")
+    reloaded = load_pipeline(tmp_path / "saved")
+    assert abs(generate(reloaded) - generate(pipe)).max() <= 1e-5
+
+
+def test_single_file_base(components, sd_folder, tmp_path):
+    from ldm_layout import write_ldm_checkpoint
+
+    single = write_ldm_checkpoint(tmp_path / "personalized.safetensors", components["unet"], components["vae"],
+                                  components["text_encoder"])
+    motion = save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors")
+    pipe = load_pipeline(base=single, base_config=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES)
+    direct = AnimateLCMPipeline(**components)
+    assert abs(generate(pipe) - generate(direct)).max() <= 1e-5
+    with pytest.raises(CheckpointError, match="base_config"):
+        load_pipeline(base=single, motion_module=motion, motion_config=TINY_OVERRIDES)
+
+
+def test_load_pipeline_argument_errors(sd_folder, tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        load_pipeline(sd_folder, base=sd_folder, motion_module=sd_folder)
+    with pytest.raises(ValueError, match="base"):
+        load_pipeline(motion_module=sd_folder)
+    with pytest.raises(CheckpointError, match="model_index.json"):
+        load_pipeline(tmp_path)
+    os.makedirs(tmp_path / "half")
+    with pytest.raises(CheckpointError, match="missing"):
+        load_pipeline(base=tmp_path / "half", motion_module=sd_folder)

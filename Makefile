@@ -1,0 +1,40 @@
+# `make demo` and `make test` both (re)create the local virtualenv, install the package with its native module,
+# then run. Idempotent: the install step reruns only when the build inputs change.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# CPU setup pin (installs from local disk here). A torch already in the venv (e.g. a CUDA build) is kept.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.animatelcm-installed
+BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
+DEMO_OUT ?= outputs/demo.gif
+
+.PHONY: setup demo test test-slow bench wheel clean
+
+setup: $(STAMP)
+
+$(STAMP): $(BUILD_INPUTS)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
+	$(PY) -m pip install -q "setuptools>=69" wheel "pybind11>=2.12" "cmake>=3.18" ninja "pytest>=8" "pytest-benchmark>=4"
+	$(PY) -m pip install -q --no-build-isolation -e .
+	@touch $@
+
+demo: setup
+	$(VENV)/bin/animatelcm generate --prompt "a red circle moving right" --out $(DEMO_OUT)
+	@echo "demo clip: $(abspath $(DEMO_OUT))"
+
+test: setup
+	$(PY) -m pytest -q
+
+test-slow: setup
+	$(PY) -m pytest -q -m slow
+
+bench: setup
+	$(PY) -m pytest -q benchmarks
+
+wheel: setup
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info animatelcm/_C*.so $(VENV)

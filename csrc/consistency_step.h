@@ -9,6 +9,8 @@
 #endif
 
 namespace animatelcm {
+// Internal linkage: every per-ISA build of the CPU kernels keeps its own copy (no cross-ISA ODR merging).
+namespace {
 
 // How the model output is read (diffusers' `prediction_type`).
 enum PredictionType : int { kEpsilon = 0, kSample = 1, kVPrediction = 2 };
@@ -43,4 +45,5 @@ ALCM_HD void consistency_update(float model_output, float sample, float noise, b
   *prev_sample = has_noise ? c.sqrt_alpha_prev * d + c.sqrt_one_minus_prev * noise : d;
 }
 
+}  // namespace
 }  // namespace animatelcm

@@ -2,7 +2,9 @@
 // with pybind11 + CMake alone and one wheel serves every torch release. Python (animatelcm/ops/native.py)
 // validates shapes, dtypes, devices and contiguity before calling in.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 
 #include "consistency_step.h"
@@ -25,6 +27,48 @@ ConsistencyStepArgs make_step_args(std::uintptr_t prev, std::uintptr_t denoised,
                              numel, scalar_type, prediction_type, clip, clip_range};
 }
 
+using Strides = std::array<int64_t, 3>;
+
+AttentionArgs make_attention_args(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
+                                  int64_t batch0, int64_t batch1, int64_t frames, int64_t head_dim,
+                                  const Strides& q_stride, const Strides& k_stride, const Strides& v_stride,
+                                  const Strides& out_stride, float scale, int scalar_type) {
+  AttentionArgs a{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k), reinterpret_cast<const void*>(v),
+                  reinterpret_cast<void*>(out), batch0, batch1, frames, head_dim, {}, {}, {}, {}, scale, scalar_type};
+  for (int i = 0; i < 3; ++i) {
+    a.q_stride[i] = q_stride[i];
+    a.k_stride[i] = k_stride[i];
+    a.v_stride[i] = v_stride[i];
+    a.out_stride[i] = out_stride[i];
+  }
+  return a;
+}
+
+GroupNormArgs make_group_norm_args(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias,
+                                   int64_t batch, int64_t frames, int64_t channels, int64_t spatial, int64_t groups,
+                                   float eps, bool silu, bool permute_output, int scalar_type) {
+  return GroupNormArgs{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y),
+                       reinterpret_cast<const float*>(weight), reinterpret_cast<const float*>(bias),
+                       batch, frames, channels, spatial, groups, eps, silu, permute_output, scalar_type};
+}
+
+UnpermuteResidualArgs make_unpermute_args(std::uintptr_t y, std::uintptr_t residual, std::uintptr_t out,
+                                          int64_t batch, int64_t frames, int64_t channels, int64_t spatial,
+                                          int scalar_type) {
+  return UnpermuteResidualArgs{reinterpret_cast<const void*>(y), reinterpret_cast<const void*>(residual),
+                               reinterpret_cast<void*>(out), batch, frames, channels, spatial, scalar_type};
+}
+
+// Binds `kernel(make_args(args...))` with the GIL released while it runs.
+template <typename Args, typename... Params>
+auto released(void (*kernel)(const Args&), Args (*make)(Params...)) {
+  return [kernel, make](Params... params) {
+    const Args args = make(params...);
+    py::gil_scoped_release release;
+    kernel(args);
+  };
+}
+
 py::dict build_info() {
   py::dict info;
   info["version"] = ANIMATELCM_VERSION;
@@ -34,6 +78,7 @@ py::dict build_info() {
   info["cuda_version"] = ANIMATELCM_CUDA_VERSION;
   info["cuda_archs"] = ANIMATELCM_CUDA_ARCHS;
   info["step_coefficients"] = kNumStepCoefficients;
+  info["cpu_isas"] = compiled_cpu_isas();
   return info;
 }
 
@@ -41,6 +86,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "animatelcm native kernels (C++ CPU and, when built with CUDA, CUDA)";
+  m.def("cpu_isa", &cpu_isa, "Instruction set the CPU kernels use now (ANIMATELCM_CPU_ISA can lower it).");
   m.def("build_info", &build_info, "How this module was built: version, compiler, OpenMP, CUDA version and archs.");
   m.def(
       "consistency_step_cpu",
@@ -53,6 +99,13 @@ PYBIND11_MODULE(_C, m) {
         consistency_step_cpu(args);
       },
       "Consistency step over contiguous host buffers (pointers as ints; noise 0 for the final step).");
+  m.def("temporal_attention_cpu", released(&temporal_attention_cpu, &make_attention_args),
+        "softmax(q k^T scale) v over host buffers: pointers, batch0, batch1, frames, head_dim, four (b0, b1, frame) "
+        "stride triples, scale, scalar type.");
+  m.def("group_norm_cpu", released(&group_norm_cpu, &make_group_norm_args),
+        "GroupNorm(+SiLU) over host x [batch*frames, C, S]; statistics span frames; optional [B, S, F, C] output.");
+  m.def("unpermute_residual_cpu", released(&unpermute_residual_cpu, &make_unpermute_args),
+        "out [B*F, C, S] = permute(y [B*S, F, C]) + residual over host buffers.");
 #if ANIMATELCM_WITH_CUDA
   m.def(
       "consistency_step_cuda",

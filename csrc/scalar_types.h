@@ -4,6 +4,8 @@
 #include <cstring>
 
 namespace animatelcm {
+// Internal linkage: every per-ISA build of the CPU kernels keeps its own copy (no cross-ISA ODR merging).
+namespace {
 
 // Scalar type codes passed from Python (animatelcm/ops/native.py keeps the same table).
 enum ScalarType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -77,8 +79,14 @@ template <> struct Storage<kFloat32> {
 };
 template <> struct Storage<kFloat16> {
   using type = uint16_t;
+#if defined(__FLT16_MAX__) && (defined(__GNUC__) || defined(__clang__))
+  // The compiler's binary16 type: hardware conversions (vectorisable) where the target has them.
+  static float load(const type* p, int64_t i) { return static_cast<float>(__builtin_bit_cast(_Float16, p[i])); }
+  static void store(type* p, int64_t i, float v) { p[i] = __builtin_bit_cast(uint16_t, static_cast<_Float16>(v)); }
+#else
   static float load(const type* p, int64_t i) { return fp16_to_float(p[i]); }
   static void store(type* p, int64_t i, float v) { p[i] = float_to_fp16(v); }
+#endif
 };
 template <> struct Storage<kBFloat16> {
   using type = uint16_t;
@@ -86,4 +94,5 @@ template <> struct Storage<kBFloat16> {
   static void store(type* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
 };
 
+}  // namespace
 }  // namespace animatelcm

@@ -1,6 +1,9 @@
-"""Fused ops with an eager reference, C++ and CUDA kernels behind one dispatcher (``ANIMATELCM_BACKEND`` forces
-one). See :mod:`animatelcm.ops.dispatch` for how a backend is chosen."""
+"""Fused ops with an eager reference, C++ (CPU), CUDA and Triton kernels behind one dispatcher
+(``ANIMATELCM_BACKEND=auto|eager|cpp|cuda|triton`` forces one). Each op is a ``torch.library`` custom op
+(``torch.ops.animatelcm.*``) with a fake implementation, so ``torch.compile`` traces through it.
+See :mod:`animatelcm.ops.dispatch` for how a backend is chosen."""
 
+from .attention import explain_temporal_attention, temporal_attention, temporal_attention_reference
 from .consistency import (
     COEFFICIENT_NAMES,
     PREDICTION_TYPES,
@@ -9,16 +12,49 @@ from .consistency import (
     explain_consistency_step,
 )
 from .dispatch import BACKENDS, BackendUnavailableError
+from .group_norm import (
+    explain_group_norm_silu,
+    group_norm_silu,
+    group_norm_silu_reference,
+    temporal_group_norm,
+    temporal_group_norm_reference,
+    temporal_unpermute_residual,
+    temporal_unpermute_residual_reference,
+)
 from .native import build_info
 
 
-def available_backends() -> dict[str, str | None]:
-    """{backend: None if usable in this process, else the reason it is not}."""
-    from .consistency import IMPLEMENTATIONS
+def _implementations():
+    from . import attention, consistency, group_norm
 
-    report = {impl.backend: impl.available() for impl in IMPLEMENTATIONS}
-    report.setdefault("triton", "no Triton kernels are registered yet")
-    return {name: report.get(name) for name in BACKENDS}
+    return {
+        "temporal_attention": attention.IMPLEMENTATIONS,
+        "group_norm_silu": group_norm.GROUP_NORM_SILU,
+        "temporal_group_norm": group_norm.TEMPORAL_GROUP_NORM,
+        "temporal_unpermute_residual": group_norm.UNPERMUTE_RESIDUAL,
+        "consistency_step": consistency.IMPLEMENTATIONS,
+    }
+
+
+def available_backends() -> dict[str, str | None]:
+    """{backend: None if usable in this process, else why not}; a backend is usable when it exists here, whatever
+    inputs it would accept (see ``ops_by_backend`` for which ops each one implements)."""
+    report = {name: "no op implements it" for name in BACKENDS}
+    for implementations in _implementations().values():
+        for impl in implementations:
+            reason = impl.available()
+            if report[impl.backend] is not None:
+                report[impl.backend] = reason
+    return report
+
+
+def ops_by_backend() -> dict[str, list[str]]:
+    """{backend: [ops it implements]}."""
+    table = {name: [] for name in BACKENDS}
+    for op, implementations in _implementations().items():
+        for impl in implementations:
+            table[impl.backend].append(op)
+    return table
 
 
 __all__ = [
@@ -31,4 +67,15 @@ __all__ = [
     "consistency_step",
     "consistency_step_reference",
     "explain_consistency_step",
+    "explain_group_norm_silu",
+    "explain_temporal_attention",
+    "group_norm_silu",
+    "group_norm_silu_reference",
+    "ops_by_backend",
+    "temporal_attention",
+    "temporal_attention_reference",
+    "temporal_group_norm",
+    "temporal_group_norm_reference",
+    "temporal_unpermute_residual",
+    "temporal_unpermute_residual_reference",
 ]

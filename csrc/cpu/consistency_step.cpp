@@ -7,6 +7,7 @@
 #include "../scalar_types.h"
 
 namespace animatelcm {
+namespace ALCM_CPU_ISA {
 namespace {
 
 template <int kType>
@@ -41,4 +42,5 @@ void consistency_step_cpu(const ConsistencyStepArgs& args) {
   }
 }
 
+}  // namespace ALCM_CPU_ISA
 }  // namespace animatelcm

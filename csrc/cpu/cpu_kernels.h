@@ -20,6 +20,62 @@ struct ConsistencyStepArgs {
   float clip_range;
 };
 
-void consistency_step_cpu(const ConsistencyStepArgs& args);
+}  // namespace animatelcm
+
+namespace animatelcm {
+
+// softmax(q k^T * scale) v for batch0 x batch1 sequences of `frames` rows of `head_dim` (stride 1) elements;
+// strides (in elements) of (batch0, batch1, frame) for each tensor.
+struct AttentionArgs {
+  const void* q;
+  const void* k;
+  const void* v;
+  void* out;
+  int64_t batch0, batch1, frames, head_dim;
+  int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
+  float scale;
+  int scalar_type;
+};
+
+// GroupNorm over x [batch*frames, channels, spatial] (contiguous); statistics per (batch, group) span the frames.
+// weight/bias: fp32 [channels] or null. permute_output writes y as [batch, spatial, frames, channels].
+struct GroupNormArgs {
+  const void* x;
+  void* y;
+  const float* weight;
+  const float* bias;
+  int64_t batch, frames, channels, spatial, groups;
+  float eps;
+  bool silu;
+  bool permute_output;
+  int scalar_type;
+};
+
+// out [batch*frames, channels, spatial] = permute(y [batch*spatial, frames, channels]) + residual (same as out).
+struct UnpermuteResidualArgs {
+  const void* y;
+  const void* residual;
+  void* out;
+  int64_t batch, frames, channels, spatial;
+  int scalar_type;
+};
+
+// Each CPU kernel source is compiled once per instruction set (CMakeLists.txt) into its own namespace; the
+// functions directly in `animatelcm` dispatch to the best one this CPU supports (csrc/cpu/dispatch.cpp).
+#define ALCM_CPU_KERNEL_DECLARATIONS                          \
+  void consistency_step_cpu(const ConsistencyStepArgs& args); \
+  void temporal_attention_cpu(const AttentionArgs& args);     \
+  void group_norm_cpu(const GroupNormArgs& args);             \
+  void unpermute_residual_cpu(const UnpermuteResidualArgs& args);
+
+ALCM_CPU_KERNEL_DECLARATIONS
+namespace baseline { ALCM_CPU_KERNEL_DECLARATIONS }
+namespace avx2 { ALCM_CPU_KERNEL_DECLARATIONS }
+namespace avx512 { ALCM_CPU_KERNEL_DECLARATIONS }
+
+// Instruction set the dispatching entry points use now: "avx512", "avx2" or "baseline" (the best compiled in and
+// supported by this CPU, lowered by ANIMATELCM_CPU_ISA when set), and the list compiled in.
+const char* cpu_isa();
+const char* compiled_cpu_isas();
 
 }  // namespace animatelcm

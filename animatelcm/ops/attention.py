@@ -1,0 +1,149 @@
+"""Temporal attention: ``softmax(q k^T * scale) v`` over short sequences (the frames of a clip).
+
+Same semantics as ``torch.nn.functional.scaled_dot_product_attention`` without mask or dropout, for q, k, v of one
+shape ``[..., F, D]`` (e.g. ``[N, heads, F, D]``), specialised for F = 1..64 and D <= 160. Strided views (the
+``[N, F, heads, D]`` projection layout seen through a transpose) are read in place; the output has q's layout.
+NaN policy: a NaN in q, k or v reaches every output row that attends to it; nothing is checked or replaced.
+Autograd: the backward uses the reference math (recomputes the softmax in float32).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .dispatch import Implementation, explain, select
+from .layout import merged_batch_strides, unit_stride_last
+from .native import SCALAR_TYPE_CODES, native_module, native_unavailable_reason, pointer
+from .triton_backend import triton_attention, triton_unavailable_reason
+
+MAX_FRAMES = 64
+MAX_HEAD_DIM = 160
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_attention_inputs(q, k, v, scale) -> None:
+    """Raise TypeError/ValueError naming the problem when q, k, v do not fit together."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"temporal_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"temporal_attention: {name} must be [..., frames, head_dim], got shape {tuple(t.shape)}")
+    if not (q.shape == k.shape == v.shape):
+        raise ValueError(f"temporal_attention: q, k, v must share one shape [..., frames, head_dim]; got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if q.dtype not in FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"temporal_attention: q, k, v must share one floating dtype (float32/float16/bfloat16/"
+                        f"float64); got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"temporal_attention: q, k, v are on different devices ({q.device}, {k.device}, "
+                         f"{v.device}); move them to one device")
+    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
+        raise ValueError(f"temporal_attention: scale must be a finite number or None, got {scale!r}")
+
+
+def temporal_attention_reference(q, k, v, scale=None):
+    """Eager attention: q, k, v ``[..., F, D]`` -> ``[..., F, D]`` in q's dtype (float32 math; float64 stays)."""
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
+    return (scores.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
+
+
+def _eager(q, k, v, scale):
+    out = torch.empty_like(q)
+    out.copy_(temporal_attention_reference(q, k, v, scale))
+    return out
+
+
+def _cpp(q, k, v, scale):
+    q, k, v = unit_stride_last(q), unit_stride_last(k), unit_stride_last(v)
+    out = torch.empty_like(q)
+    if out.stride(-1) != 1:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    plan = merged_batch_strides([q, k, v, out])
+    if plan is None:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.empty_like(q)
+        plan = merged_batch_strides([q, k, v, out])
+    (batch0, batch1), strides = plan
+    native_module().temporal_attention_cpu(
+        pointer(q), pointer(k), pointer(v), pointer(out), batch0, batch1, q.shape[-2], q.shape[-1], *strides,
+        float(scale), SCALAR_TYPE_CODES[q.dtype])
+    return out
+
+
+def _reject_native(device_types):
+    def reject(q, k, v, scale):
+        if q.device.type not in device_types:
+            return f"needs {' or '.join(device_types)} tensors, got {q.device.type}"
+        if q.dtype not in SCALAR_TYPE_CODES:
+            return f"supports float32/float16/bfloat16, got {q.dtype}"
+        if q.shape[-2] > MAX_FRAMES or q.shape[-1] > MAX_HEAD_DIM:
+            return f"supports frames <= {MAX_FRAMES} and head_dim <= {MAX_HEAD_DIM}, got {q.shape[-2]}, {q.shape[-1]}"
+        return None
+    return reject
+
+
+def _triton_device_types():
+    import os
+
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def _reject_triton(q, k, v, scale):
+    return _reject_native(_triton_device_types())(q, k, v, scale)
+
+
+IMPLEMENTATIONS = [
+    Implementation("triton", triton_attention, triton_unavailable_reason, _reject_triton),
+    Implementation("cpp", _cpp, native_unavailable_reason, _reject_native(("cpu",))),
+    Implementation("eager", _eager, lambda: None, lambda *a: None),
+]
+
+
+@torch.library.custom_op("animatelcm::temporal_attention", mutates_args=())
+def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    return select("temporal_attention", IMPLEMENTATIONS, q, k, v, scale).run(q, k, v, scale)
+
+
+@_temporal_attention_op.register_fake
+def _(q, k, v, scale):
+    return torch.empty_like(q)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    ctx.save_for_backward(q, k, v)
+    ctx.scale = scale
+
+
+def _backward(ctx, grad):
+    q, k, v = ctx.saved_tensors
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf, kf, vf, g = q.to(compute), k.to(compute), v.to(compute), grad.to(compute)
+    probabilities = ((qf @ kf.transpose(-1, -2)) * ctx.scale).softmax(dim=-1)
+    grad_v = probabilities.transpose(-1, -2) @ g
+    grad_p = g @ vf.transpose(-1, -2)
+    grad_s = probabilities * (grad_p - (grad_p * probabilities).sum(dim=-1, keepdim=True))
+    grad_q = (grad_s @ kf) * ctx.scale
+    grad_k = (grad_s.transpose(-1, -2) @ qf) * ctx.scale
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
+
+
+_temporal_attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def temporal_attention(q, k, v, scale=None):
+    """Attention over frames on the best backend: q, k, v ``[..., F, D]`` (one shape) -> ``[..., F, D]`` with q's
+    layout; ``scale`` defaults to ``D ** -0.5``."""
+    check_attention_inputs(q, k, v, scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _temporal_attention_op(q, k, v, scale)
+
+
+def explain_temporal_attention(q, k, v, scale=None):
+    """[(backend, reason or None)] for these inputs."""
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return explain(IMPLEMENTATIONS, q, k, v, scale)

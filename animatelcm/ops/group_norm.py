@@ -1,0 +1,349 @@
+"""GroupNorm family for the inflated UNet:
+
+- ``group_norm_silu(x, num_groups, weight, bias, eps, silu=True)``: ``x [N, C, *]`` -> same shape,
+  ``F.silu(F.group_norm(x, ...))`` (or plain GroupNorm with ``silu=False``) in one pass per group.
+- ``temporal_group_norm(x, num_frames, num_groups, weight, bias, eps)``: the motion module's frame-spanning norm:
+  ``x [B*F, C, H, W]`` -> ``[B*H*W, F, C]``, statistics per (batch, group) over (C/G, F, H, W), fused with the
+  permute diffusers does after it.
+- ``temporal_unpermute_residual(y, residual, num_frames)``: ``y [B*H*W, F, C]`` -> ``[B*F, C, H, W]`` plus
+  ``residual [B*F, C, H, W]``: the layout change back fused with the residual add.
+
+Arithmetic in float32 (float64 stays float64); weight and bias may be None. NaN propagates through the statistics
+of its group. Autograd works (backward by the reference formulas).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .dispatch import Implementation, explain, select
+from .native import SCALAR_TYPE_CODES, cuda_stream_handle, has_cuda_kernels, native_module, native_unavailable_reason, pointer
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _compute_dtype(x):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+# ---- checks ----------------------------------------------------------------------------------------------------
+
+def _check_tensor(name, x, min_dim):
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: x must be float32/float16/bfloat16/float64, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{name}: x must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+
+
+def _check_affine(name, x, channels, weight, bias):
+    for label, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        if not isinstance(p, torch.Tensor) or p.shape != (channels,):
+            raise ValueError(f"{name}: {label} must be a tensor of shape ({channels},), got "
+                             f"{tuple(p.shape) if isinstance(p, torch.Tensor) else type(p).__name__}")
+        if p.device != x.device:
+            raise ValueError(f"{name}: {label} is on {p.device} but x is on {x.device}; move them to one device")
+        if not p.is_floating_point():
+            raise TypeError(f"{name}: {label} must be floating point, got {p.dtype}")
+
+
+def _check_groups(name, channels, num_groups, eps):
+    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        raise ValueError(f"{name}: num_groups={num_groups!r} must be a positive divisor of the {channels} channels")
+    if not isinstance(eps, (int, float)) or eps < 0:
+        raise ValueError(f"{name}: eps must be a non-negative number, got {eps!r}")
+
+
+def _check_frames(name, batch_frames, num_frames):
+    if not isinstance(num_frames, int) or num_frames < 1 or batch_frames % num_frames:
+        raise ValueError(f"{name}: num_frames={num_frames!r} must be a positive divisor of the leading dimension "
+                         f"{batch_frames} (batch * frames)")
+
+
+# ---- references ------------------------------------------------------------------------------------------------
+
+def group_norm_silu_reference(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
+    """Eager ``F.silu(F.group_norm(x))``: ``x [N, C, *]`` -> same shape and dtype."""
+    compute = _compute_dtype(x)
+    y = F.group_norm(x.to(compute), num_groups, None if weight is None else weight.to(compute),
+                     None if bias is None else bias.to(compute), eps)
+    return (F.silu(y) if silu else y).to(x.dtype)
+
+
+def temporal_group_norm_reference(x, num_frames, num_groups, weight=None, bias=None, eps=1e-6):
+    """Eager motion-module norm as diffusers writes it: ``x [B*F, C, H, W]`` -> ``[B*H*W, F, C]``."""
+    batch_frames, channels, height, width = x.shape
+    batch = batch_frames // num_frames
+    compute = _compute_dtype(x)
+    h = x.to(compute).reshape(batch, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
+    h = F.group_norm(h, num_groups, None if weight is None else weight.to(compute),
+                     None if bias is None else bias.to(compute), eps)
+    return h.permute(0, 3, 4, 2, 1).reshape(batch * height * width, num_frames, channels).to(x.dtype)
+
+
+def temporal_unpermute_residual_reference(y, residual, num_frames):
+    """Eager layout change back plus residual: ``y [B*H*W, F, C]``, ``residual [B*F, C, H, W]`` -> like residual."""
+    batch_frames, channels, height, width = residual.shape
+    batch = batch_frames // num_frames
+    back = y.reshape(batch, height, width, num_frames, channels).permute(0, 3, 4, 1, 2)
+    return (back.reshape(batch_frames, channels, height, width) + residual).to(residual.dtype)
+
+
+def _group_norm_backward(x, weight, num_groups, eps, silu, grad, bias):
+    """Gradients (x, weight, bias) of silu?(group_norm(x)) for ``x [N, C, S]`` (float32 math)."""
+    compute = _compute_dtype(x)
+    n, c = x.shape[:2]
+    xg = x.to(compute).reshape(n, num_groups, -1)
+    mean = xg.mean(dim=-1, keepdim=True)
+    rstd = (xg.var(dim=-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    x_hat = ((xg - mean) * rstd).reshape(n, c, -1)
+    w = torch.ones(c, dtype=compute, device=x.device) if weight is None else weight.to(compute)
+    b = torch.zeros(c, dtype=compute, device=x.device) if bias is None else bias.to(compute)
+    g = grad.to(compute).reshape(n, c, -1)
+    if silu:
+        y = x_hat * w[None, :, None] + b[None, :, None]
+        sig = torch.sigmoid(y)
+        g = g * sig * (1 + y * (1 - sig))
+    grad_weight = None if weight is None else (g * x_hat).sum(dim=(0, 2)).to(weight.dtype)
+    grad_bias = None if bias is None else g.sum(dim=(0, 2)).to(bias.dtype)
+    d_hat = (g * w[None, :, None]).reshape(n, num_groups, -1)
+    x_hat_g = x_hat.reshape(n, num_groups, -1)
+    grad_x = rstd * (d_hat - d_hat.mean(dim=-1, keepdim=True)
+                     - x_hat_g * (d_hat * x_hat_g).mean(dim=-1, keepdim=True))
+    return grad_x.reshape(x.shape).to(x.dtype), grad_weight, grad_bias
+
+
+# ---- native launches -------------------------------------------------------------------------------------------
+
+def _affine_fp32(p):
+    return None if p is None else p.detach().to(torch.float32).contiguous()
+
+
+def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight, bias, eps, silu, permute):
+    x = x.contiguous()
+    channels = x.shape[1]
+    spatial = x[0, 0].numel()
+    if permute:
+        out = torch.empty((batch * spatial, frames, channels), dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty_like(x)
+    weight, bias = _affine_fp32(weight), _affine_fp32(bias)
+    if out.numel():
+        getattr(native_module(), kernel_name)(
+            pointer(x), pointer(out), pointer(weight), pointer(bias), batch, frames, channels, spatial, num_groups,
+            float(eps), bool(silu), bool(permute), SCALAR_TYPE_CODES[x.dtype], *extra(x))
+    return out
+
+
+def _native_unpermute(kernel_name, extra, y, residual, num_frames):
+    y, residual = y.contiguous(), residual.contiguous()
+    batch_frames, channels = residual.shape[:2]
+    out = torch.empty_like(residual)
+    if out.numel():
+        getattr(native_module(), kernel_name)(
+            pointer(y), pointer(residual), pointer(out), batch_frames // num_frames, num_frames, channels,
+            residual[0, 0].numel(), SCALAR_TYPE_CODES[residual.dtype], *extra(residual))
+    return out
+
+
+def _no_extra(x):
+    return ()
+
+
+def _cuda_extra(x):
+    return (cuda_stream_handle(x.device),)
+
+
+def _cuda_available():
+    if native_module() is None:
+        return native_unavailable_reason()
+    if not has_cuda_kernels():
+        return "animatelcm._C was built without CUDA (no nvcc at build time, or ANIMATELCM_CUDA=0)"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def _reject_unless(device_type):
+    def reject(x, *rest):
+        if x.device.type != device_type:
+            return f"needs {device_type} tensors, got {x.device.type}"
+        if x.dtype not in SCALAR_TYPE_CODES:
+            return f"supports float32/float16/bfloat16, got {x.dtype}"
+        return None
+    return reject
+
+
+def _gn_impls(reference, run_native):
+    return [
+        Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), _cuda_available,
+                       _reject_unless("cuda")),
+        Implementation("cpp", lambda *a: run_native("group_norm_cpu", _no_extra, *a), native_unavailable_reason,
+                       _reject_unless("cpu")),
+        Implementation("eager", reference, lambda: None, lambda *a: None),
+    ]
+
+
+GROUP_NORM_SILU = _gn_impls(
+    lambda x, g, w, b, eps, silu: group_norm_silu_reference(x, g, w, b, eps, silu),
+    lambda kernel, extra, x, g, w, b, eps, silu: _native_group_norm(kernel, extra, x, x.shape[0], 1, g, w, b, eps,
+                                                                    silu, False))
+TEMPORAL_GROUP_NORM = _gn_impls(
+    lambda x, f, g, w, b, eps: temporal_group_norm_reference(x, f, g, w, b, eps),
+    lambda kernel, extra, x, f, g, w, b, eps: _native_group_norm(kernel, extra, x, x.shape[0] // f, f, g, w, b, eps,
+                                                                 False, True))
+UNPERMUTE_RESIDUAL = [
+    Implementation("cuda", lambda *a: _native_unpermute("unpermute_residual_cuda", _cuda_extra, *a),
+                   _cuda_available, _reject_unless("cuda")),
+    Implementation("cpp", lambda *a: _native_unpermute("unpermute_residual_cpu", _no_extra, *a),
+                   native_unavailable_reason, _reject_unless("cpu")),
+    Implementation("eager", temporal_unpermute_residual_reference, lambda: None, lambda *a: None),
+]
+
+
+# ---- custom ops ------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("animatelcm::group_norm_silu", mutates_args=())
+def _group_norm_silu_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                        eps: float, silu: bool) -> torch.Tensor:
+    args = (x, num_groups, weight, bias, eps, silu)
+    return select("group_norm_silu", GROUP_NORM_SILU, *args).run(*args)
+
+
+@_group_norm_silu_op.register_fake
+def _(x, num_groups, weight, bias, eps, silu):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _gn_setup(ctx, inputs, output):
+    x, num_groups, weight, bias, eps, silu = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
+
+
+def _gn_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    grad_x, grad_w, grad_b = _group_norm_backward(x.reshape(x.shape[0], x.shape[1], -1), weight, ctx.num_groups,
+                                                  ctx.eps, ctx.silu, grad, bias)
+    return grad_x.reshape(x.shape), None, grad_w, grad_b, None, None
+
+
+_group_norm_silu_op.register_autograd(_gn_backward, setup_context=_gn_setup)
+
+
+def _to_channel_groups(t, batch, frames):
+    """[B*F, C, H, W] -> [B, C, F*H*W] (frame-spanning groups become ordinary groups)."""
+    channels = t.shape[1]
+    return t.reshape(batch, frames, channels, -1).transpose(1, 2).reshape(batch, channels, -1)
+
+
+@torch.library.custom_op("animatelcm::temporal_group_norm", mutates_args=())
+def _temporal_group_norm_op(x: torch.Tensor, num_frames: int, num_groups: int, weight: torch.Tensor | None,
+                            bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    args = (x, num_frames, num_groups, weight, bias, eps)
+    return select("temporal_group_norm", TEMPORAL_GROUP_NORM, *args).run(*args)
+
+
+@_temporal_group_norm_op.register_fake
+def _(x, num_frames, num_groups, weight, bias, eps):
+    batch_frames, channels = x.shape[:2]
+    spatial = x.shape[2] * x.shape[3]
+    return x.new_empty((batch_frames // num_frames * spatial, num_frames, channels))
+
+
+def _tgn_setup(ctx, inputs, output):
+    x, num_frames, num_groups, weight, bias, eps = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.num_frames, ctx.num_groups, ctx.eps = num_frames, num_groups, eps
+
+
+def _tgn_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    frames = ctx.num_frames
+    batch_frames, channels, height, width = x.shape
+    batch = batch_frames // frames
+    # grad [B*H*W, F, C] -> [B*F, C, H, W], then both to [B, C, F*H*W]
+    grad_x_layout = grad.reshape(batch, height, width, frames, channels).permute(0, 3, 4, 1, 2)
+    grad_x_layout = grad_x_layout.reshape(batch_frames, channels, height, width)
+    grad_x, grad_w, grad_b = _group_norm_backward(_to_channel_groups(x, batch, frames), weight, ctx.num_groups,
+                                                  ctx.eps, False, _to_channel_groups(grad_x_layout, batch, frames),
+                                                  bias)
+    grad_x = grad_x.reshape(batch, channels, frames, height * width).transpose(1, 2).reshape(x.shape)
+    return grad_x, None, None, grad_w, grad_b, None
+
+
+_temporal_group_norm_op.register_autograd(_tgn_backward, setup_context=_tgn_setup)
+
+
+@torch.library.custom_op("animatelcm::temporal_unpermute_residual", mutates_args=())
+def _unpermute_residual_op(y: torch.Tensor, residual: torch.Tensor, num_frames: int) -> torch.Tensor:
+    args = (y, residual, num_frames)
+    return select("temporal_unpermute_residual", UNPERMUTE_RESIDUAL, *args).run(*args)
+
+
+@_unpermute_residual_op.register_fake
+def _(y, residual, num_frames):
+    return torch.empty_like(residual, memory_format=torch.contiguous_format)
+
+
+def _unpermute_setup(ctx, inputs, output):
+    y, residual, num_frames = inputs
+    ctx.residual_shape, ctx.num_frames = residual.shape, num_frames
+
+
+def _unpermute_backward(ctx, grad):
+    batch_frames, channels, height, width = ctx.residual_shape
+    frames = ctx.num_frames
+    grad_y = grad.reshape(batch_frames // frames, frames, channels, height, width).permute(0, 3, 4, 1, 2)
+    return grad_y.reshape(-1, frames, channels), grad, None
+
+
+_unpermute_residual_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
+
+
+# ---- public API ------------------------------------------------------------------------------------------------
+
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
+    """GroupNorm (+ SiLU) of ``x [N, C, *]`` -> same shape; see the module docstring."""
+    _check_tensor("group_norm_silu", x, 2)
+    _check_groups("group_norm_silu", x.shape[1], num_groups, eps)
+    _check_affine("group_norm_silu", x, x.shape[1], weight, bias)
+    return _group_norm_silu_op(x, num_groups, weight, bias, float(eps), bool(silu))
+
+
+def temporal_group_norm(x, num_frames, num_groups, weight=None, bias=None, eps=1e-6):
+    """Frame-spanning GroupNorm of ``x [B*F, C, H, W]`` written as ``[B*H*W, F, C]``."""
+    _check_tensor("temporal_group_norm", x, 4)
+    if x.dim() != 4:
+        raise ValueError(f"temporal_group_norm: x must be [B*F, C, H, W], got shape {tuple(x.shape)}")
+    _check_frames("temporal_group_norm", x.shape[0], num_frames)
+    _check_groups("temporal_group_norm", x.shape[1], num_groups, eps)
+    _check_affine("temporal_group_norm", x, x.shape[1], weight, bias)
+    return _temporal_group_norm_op(x, num_frames, num_groups, weight, bias, float(eps))
+
+
+def temporal_unpermute_residual(y, residual, num_frames):
+    """``y [B*H*W, F, C]`` back to ``[B*F, C, H, W]`` plus ``residual`` (that shape)."""
+    _check_tensor("temporal_unpermute_residual", residual, 4)
+    _check_tensor("temporal_unpermute_residual", y, 3)
+    if residual.dim() != 4:
+        raise ValueError(f"temporal_unpermute_residual: residual must be [B*F, C, H, W], got {tuple(residual.shape)}")
+    _check_frames("temporal_unpermute_residual", residual.shape[0], num_frames)
+    batch_frames, channels, height, width = residual.shape
+    expected = (batch_frames // num_frames * height * width, num_frames, channels)
+    if tuple(y.shape) != expected:
+        raise ValueError(f"temporal_unpermute_residual: y must be {expected} for residual {tuple(residual.shape)} "
+                         f"and num_frames={num_frames}, got {tuple(y.shape)}")
+    if y.dtype != residual.dtype or y.device != residual.device:
+        raise ValueError(f"temporal_unpermute_residual: y ({y.dtype}, {y.device}) and residual ({residual.dtype}, "
+                         f"{residual.device}) must share dtype and device")
+    return _unpermute_residual_op(y, residual, num_frames)
+
+
+def explain_group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
+    """[(backend, reason or None)] for these inputs."""
+    return explain(GROUP_NORM_SILU, x, num_groups, weight, bias, eps, silu)

@@ -1,0 +1,183 @@
+// CPU GroupNorm family:
+//   group_norm_cpu            x [N, C, S] -> y [N, C, S]; statistics per (n, group) over (C/G, S) (frames = 1), or
+//                             per (b, group) over (C/G, F, S) for x [B*F, C, S] when frames > 1; optional SiLU.
+//                             With permute_output the result is written as [B, S, F, C] (the motion module's
+//                             (B*H*W, F, C) layout) instead.
+//   unpermute_residual_cpu    y [B*S, F, C] -> out [B*F, C, S] = y^T + residual.
+// Statistics are two-pass (mean, then centred sum of squares) in fp32 over data the pass just brought into cache.
+#include <algorithm>
+#include <cmath>
+#include <stdexcept>
+#include <vector>
+
+#include "../fast_math.h"
+#include "../scalar_types.h"
+#include "cpu_kernels.h"
+
+namespace animatelcm {
+namespace ALCM_CPU_ISA {
+namespace {
+
+constexpr int64_t kTile = 16;  // spatial positions per tile of the transposing passes
+
+template <typename S>
+void group_stats(const typename S::type* x, int64_t blocks, int64_t block_len, int64_t block_stride, float eps,
+                 float* mean_out, float* rstd_out) {
+  double total = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const auto* p = x + b * block_stride;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < block_len; ++i) sum += S::load(p, i);
+    total += sum;
+  }
+  const float mean = static_cast<float>(total / static_cast<double>(blocks * block_len));
+  double squares = 0.0;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const auto* p = x + b * block_stride;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t i = 0; i < block_len; ++i) {
+      const float centred = S::load(p, i) - mean;
+      sum += centred * centred;
+    }
+    squares += sum;
+  }
+  *mean_out = mean;
+  *rstd_out = 1.0f / std::sqrt(static_cast<float>(squares / static_cast<double>(blocks * block_len)) + eps);
+}
+
+// Per (batch, channel) affine coefficients: y = x * scale + shift.
+void channel_affine(const GroupNormArgs& a, const float* mean, const float* rstd, int64_t batch_index, float* scale,
+                    float* shift) {
+  const int64_t per_group = a.channels / a.groups;
+  for (int64_t c = 0; c < a.channels; ++c) {
+    const int64_t g = batch_index * a.groups + c / per_group;
+    const float w = a.weight ? a.weight[c] : 1.0f;
+    const float b = a.bias ? a.bias[c] : 0.0f;
+    scale[c] = rstd[g] * w;
+    shift[c] = b - mean[g] * scale[c];
+  }
+}
+
+template <bool kSilu>
+inline float activate(float v) {
+  return kSilu ? silu(v) : v;
+}
+
+template <int kType, bool kSilu>
+void group_norm_typed(const GroupNormArgs& a) {
+  using S = Storage<kType>;
+  using T = typename S::type;
+  const auto* x = static_cast<const T*>(a.x);
+  auto* y = static_cast<T*>(a.y);
+  const int64_t C = a.channels, G = a.groups, F = a.frames, HW = a.spatial, per_group = C / G;
+  std::vector<float> mean(a.batch * G), rstd(a.batch * G);
+
+  if (!a.permute_output) {
+#pragma omp parallel for schedule(static)
+    for (int64_t index = 0; index < a.batch * G; ++index) {
+      const int64_t b = index / G, g = index % G;
+      const T* base = x + ((b * F) * C + g * per_group) * HW;
+      group_stats<S>(base, F, per_group * HW, C * HW, a.eps, &mean[index], &rstd[index]);
+      for (int64_t f = 0; f < F; ++f) {
+        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+          const float w = a.weight ? a.weight[c] : 1.0f, bias = a.bias ? a.bias[c] : 0.0f;
+          const float scale = rstd[index] * w, shift = bias - mean[index] * scale;
+          const int64_t offset = ((b * F + f) * C + c) * HW;
+          const T* xi = x + offset;
+          T* yi = y + offset;
+          for (int64_t s = 0; s < HW; ++s) {
+            const float v = S::load(xi, s) * scale + shift;
+            S::store(yi, s, activate<kSilu>(v));
+          }
+        }
+      }
+    }
+    return;
+  }
+
+#pragma omp parallel for schedule(static)
+  for (int64_t index = 0; index < a.batch * G; ++index) {
+    const int64_t b = index / G, g = index % G;
+    group_stats<S>(x + ((b * F) * C + g * per_group) * HW, F, per_group * HW, C * HW, a.eps, &mean[index], &rstd[index]);
+  }
+  const int64_t tiles = (HW + kTile - 1) / kTile;
+#pragma omp parallel
+  {
+    std::vector<float> scale(C), shift(C), tile(kTile * C);
+    int64_t current_batch = -1;
+#pragma omp for schedule(static)
+    for (int64_t index = 0; index < a.batch * tiles * F; ++index) {
+      const int64_t b = index / (tiles * F), t = (index / F) % tiles, f = index % F;
+      if (b != current_batch) {
+        channel_affine(a, mean.data(), rstd.data(), b, scale.data(), shift.data());
+        current_batch = b;
+      }
+      const int64_t s0 = t * kTile, count = std::min(kTile, HW - s0);
+      for (int64_t c = 0; c < C; ++c) {
+        const T* xi = x + ((b * F + f) * C + c) * HW + s0;
+        for (int64_t s = 0; s < count; ++s) {
+          const float v = S::load(xi, s) * scale[c] + shift[c];
+          tile[s * C + c] = activate<kSilu>(v);
+        }
+      }
+      for (int64_t s = 0; s < count; ++s) {
+        T* yi = y + ((b * HW + s0 + s) * F + f) * C;
+        for (int64_t c = 0; c < C; ++c) S::store(yi, c, tile[s * C + c]);
+      }
+    }
+  }
+}
+
+template <int kType>
+void unpermute_residual_typed(const UnpermuteResidualArgs& a) {
+  using S = Storage<kType>;
+  using T = typename S::type;
+  const auto* y = static_cast<const T*>(a.y);
+  const auto* residual = static_cast<const T*>(a.residual);
+  auto* out = static_cast<T*>(a.out);
+  const int64_t C = a.channels, F = a.frames, HW = a.spatial, tiles = (HW + kTile - 1) / kTile;
+#pragma omp parallel
+  {
+    std::vector<float> tile(kTile * C);
+#pragma omp for schedule(static)
+    for (int64_t index = 0; index < a.batch * tiles * F; ++index) {
+      const int64_t b = index / (tiles * F), t = (index / F) % tiles, f = index % F;
+      const int64_t s0 = t * kTile, count = std::min(kTile, HW - s0);
+      for (int64_t s = 0; s < count; ++s) {
+        const T* yi = y + ((b * HW + s0 + s) * F + f) * C;
+        for (int64_t c = 0; c < C; ++c) tile[s * C + c] = S::load(yi, c);
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const int64_t offset = ((b * F + f) * C + c) * HW + s0;
+        for (int64_t s = 0; s < count; ++s) S::store(out + offset, s, tile[s * C + c] + S::load(residual + offset, s));
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void group_norm_cpu(const GroupNormArgs& args) {
+  if (args.groups <= 0 || args.channels % args.groups) throw std::invalid_argument("group_norm: bad group count");
+  const bool s = args.silu;
+  switch (args.scalar_type) {
+    case kFloat32: return s ? group_norm_typed<kFloat32, true>(args) : group_norm_typed<kFloat32, false>(args);
+    case kFloat16: return s ? group_norm_typed<kFloat16, true>(args) : group_norm_typed<kFloat16, false>(args);
+    case kBFloat16: return s ? group_norm_typed<kBFloat16, true>(args) : group_norm_typed<kBFloat16, false>(args);
+    default: throw std::invalid_argument("group_norm: unsupported scalar type code");
+  }
+}
+
+void unpermute_residual_cpu(const UnpermuteResidualArgs& args) {
+  switch (args.scalar_type) {
+    case kFloat32: return unpermute_residual_typed<kFloat32>(args);
+    case kFloat16: return unpermute_residual_typed<kFloat16>(args);
+    case kBFloat16: return unpermute_residual_typed<kBFloat16>(args);
+    default: throw std::invalid_argument("unpermute_residual: unsupported scalar type code");
+  }
+}
+
+}  // namespace ALCM_CPU_ISA
+}  // namespace animatelcm

@@ -1,0 +1,195 @@
+// CPU temporal attention: softmax(q k^T * scale) v over short sequences (frames), one (batch0, batch1) sequence per
+// OpenMP iteration, written with native-width vectors (VecF, fast_math.h) so each per-ISA build gets full-width code.
+//
+// Per sequence, K^T is staged as [head_dim][frame blocks] vectors (frames zero-padded to 16/32/64) and V as
+// [frames][head_dim chunks] vectors (head_dim zero-padded to whole vectors). Query rows are
+// taken two at a time so every staged K^T / V vector loaded feeds two FMAs, a row of scores lives in registers
+// (padded lanes masked to -inf before the softmax), and each block of output chunks accumulates in registers.
+// The softmax scale multiplies the scores, not q.
+#include <limits>
+#include <stdexcept>
+#include <vector>
+
+#include "../fast_math.h"
+#include "../scalar_types.h"
+#include "cpu_kernels.h"
+
+namespace animatelcm {
+namespace ALCM_CPU_ISA {
+namespace {
+
+constexpr int kMaxFrames = 64;
+constexpr int kChunkBlock = 4;  // output vectors accumulated together per query row
+
+VecF* align_to_vector(std::vector<float>& buffer) {
+  auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
+  address = (address + sizeof(VecF) - 1) / sizeof(VecF) * sizeof(VecF);
+  return reinterpret_cast<VecF*>(address);
+}
+
+// Softmax of one row of scores (kBlocks vectors, `frames` valid lanes) into `probabilities`.
+template <int kBlocks>
+inline void softmax_row(VecF* scores, int64_t frames, float scale, const VecF& lane_index, float* probabilities) {
+  const float neg_inf = -std::numeric_limits<float>::infinity();
+  float row_max = neg_inf;
+  for (int b = 0; b < kBlocks; ++b) {
+    scores[b] = lane_index + static_cast<float>(kLanes * b) < static_cast<float>(frames) ? scores[b] * scale
+                                                                                         : splat(neg_inf);
+    const float m = lane_max(scores[b]);
+    row_max = m > row_max ? m : row_max;
+  }
+  float sum = 0.0f;
+  for (int b = 0; b < kBlocks; ++b) {
+    scores[b] = fast_exp(scores[b] - row_max);
+    sum += lane_sum(scores[b]);
+  }
+  const float inv = 1.0f / sum;
+  for (int b = 0; b < kBlocks; ++b) {
+    const VecF p = scores[b] * inv;
+    __builtin_memcpy(probabilities + b * kLanes, &p, sizeof p);
+  }
+}
+
+// Lanes [first, min(first + kLanes, dim)) of `row` <- `values`, converted to the storage type a whole vector at a
+// time (one vector store for a full fp32 chunk).
+template <typename S>
+inline void store_lanes(typename S::type* row, int64_t first, int64_t dim, const VecF& values) {
+  using T = typename S::type;
+  T converted[kLanes];
+  float lanes[kLanes];
+  __builtin_memcpy(lanes, &values, sizeof lanes);
+  for (int l = 0; l < kLanes; ++l) S::store(converted, l, lanes[l]);
+  if (dim - first >= kLanes) {
+    __builtin_memcpy(row + first, converted, sizeof converted);
+  } else {
+    for (int64_t l = 0; l < dim - first; ++l) row[first + l] = converted[l];
+  }
+}
+
+// Output chunks [c0, c0 + kCount) of two query rows: sum_j p[j] * V[j], accumulated in registers.
+template <typename S, int kCount>
+inline void output_block(const VecF* value, int64_t chunks, int64_t c0, int64_t frames, int64_t dim,
+                         const float* probabilities0, const float* probabilities1, typename S::type* out0,
+                         typename S::type* out1) {
+  VecF acc0[kCount] = {}, acc1[kCount] = {};
+  for (int64_t j = 0; j < frames; ++j) {
+    const VecF* vrow = value + j * chunks + c0;
+    const float p0 = probabilities0[j], p1 = probabilities1[j];
+    for (int u = 0; u < kCount; ++u) {
+      acc0[u] += p0 * vrow[u];
+      acc1[u] += p1 * vrow[u];
+    }
+  }
+  for (int u = 0; u < kCount; ++u) {
+    store_lanes<S>(out0, (c0 + u) * kLanes, dim, acc0[u]);
+    if (out1 != nullptr) store_lanes<S>(out1, (c0 + u) * kLanes, dim, acc1[u]);
+  }
+}
+
+template <int kType, int kPaddedFrames>
+void attention_padded(const AttentionArgs& a) {
+  using S = Storage<kType>;
+  using T = typename S::type;
+  constexpr int kBlocks = kPaddedFrames / kLanes;
+  const int64_t frames = a.frames, dim = a.head_dim, total = a.batch0 * a.batch1;
+  const int64_t chunks = (dim + kLanes - 1) / kLanes;
+    const auto* q = static_cast<const T*>(a.q);
+  const auto* k = static_cast<const T*>(a.k);
+  const auto* v = static_cast<const T*>(a.v);
+  auto* out = static_cast<T*>(a.out);
+#pragma omp parallel
+  {
+    std::vector<float> key_t_storage((dim * kBlocks + 1) * kLanes), value_storage((frames * chunks + 1) * kLanes);
+    std::vector<float> query_storage(2 * dim);
+    VecF* key_t = align_to_vector(key_t_storage);
+    VecF* value = align_to_vector(value_storage);
+    VecF lane_index;
+    for (int i = 0; i < kLanes; ++i) lane_index[i] = static_cast<float>(i);
+#pragma omp for schedule(static)
+    for (int64_t index = 0; index < total; ++index) {
+      const int64_t b0 = index / a.batch1, b1 = index % a.batch1;
+      const T* qb = q + b0 * a.q_stride[0] + b1 * a.q_stride[1];
+      const T* kb = k + b0 * a.k_stride[0] + b1 * a.k_stride[1];
+      const T* vb = v + b0 * a.v_stride[0] + b1 * a.v_stride[1];
+      T* ob = out + b0 * a.out_stride[0] + b1 * a.out_stride[1];
+
+      float* key_t_lanes = reinterpret_cast<float*>(key_t);
+      for (int64_t j = 0; j < frames; ++j) {
+        const T* kj = kb + j * a.k_stride[2];
+        for (int64_t d = 0; d < dim; ++d) key_t_lanes[d * kPaddedFrames + j] = S::load(kj, d);
+      }
+      for (int64_t j = frames; j < kPaddedFrames; ++j)
+        for (int64_t d = 0; d < dim; ++d) key_t_lanes[d * kPaddedFrames + j] = 0.0f;
+      for (int64_t j = 0; j < frames; ++j) {
+        const T* vj = vb + j * a.v_stride[2];
+        float* vrow = reinterpret_cast<float*>(value + j * chunks);
+        for (int64_t d = 0; d < dim; ++d) vrow[d] = S::load(vj, d);
+        for (int64_t d = dim; d < chunks * kLanes; ++d) vrow[d] = 0.0f;
+      }
+
+      for (int64_t i = 0; i < frames; i += 2) {
+        const int64_t i2 = i + 1 < frames ? i + 1 : i;  // an odd last row is computed twice, stored once
+        const float* rows[2];
+        const int64_t row_index[2] = {i, i2};
+        for (int r = 0; r < 2; ++r) {
+          const T* qi = qb + row_index[r] * a.q_stride[2];
+          if (kType == kFloat32) {
+            rows[r] = reinterpret_cast<const float*>(qi);
+          } else {
+            float* staged = query_storage.data() + r * dim;
+            for (int64_t d = 0; d < dim; ++d) staged[d] = S::load(qi, d);
+            rows[r] = staged;
+          }
+        }
+        VecF scores0[kBlocks] = {}, scores1[kBlocks] = {};
+#pragma GCC unroll 4
+        for (int64_t d = 0; d < dim; ++d) {
+          const VecF* kt = key_t + d * kBlocks;
+          const float q0 = rows[0][d], q1 = rows[1][d];
+          for (int b = 0; b < kBlocks; ++b) {
+            scores0[b] += q0 * kt[b];
+            scores1[b] += q1 * kt[b];
+          }
+        }
+        float probabilities0[kPaddedFrames], probabilities1[kPaddedFrames];
+        softmax_row<kBlocks>(scores0, frames, a.scale, lane_index, probabilities0);
+        softmax_row<kBlocks>(scores1, frames, a.scale, lane_index, probabilities1);
+
+        T* out0 = ob + i * a.out_stride[2];
+        T* out1 = i2 != i ? ob + i2 * a.out_stride[2] : nullptr;
+        int64_t c0 = 0;
+        for (; c0 + kChunkBlock <= chunks; c0 += kChunkBlock)
+          output_block<S, kChunkBlock>(value, chunks, c0, frames, dim, probabilities0, probabilities1, out0, out1);
+        switch (chunks - c0) {
+          case 3: output_block<S, 3>(value, chunks, c0, frames, dim, probabilities0, probabilities1, out0, out1); break;
+          case 2: output_block<S, 2>(value, chunks, c0, frames, dim, probabilities0, probabilities1, out0, out1); break;
+          case 1: output_block<S, 1>(value, chunks, c0, frames, dim, probabilities0, probabilities1, out0, out1); break;
+          default: break;
+        }
+      }
+    }
+  }
+}
+
+template <int kType>
+void attention_typed(const AttentionArgs& a) {
+  static_assert(kMaxFrames % 16 == 0 && 16 % kLanes == 0, "frame paddings must be whole vectors");
+  if (a.frames <= 16) return attention_padded<kType, 16>(a);
+  if (a.frames <= 32) return attention_padded<kType, 32>(a);
+  if (a.frames <= kMaxFrames) return attention_padded<kType, kMaxFrames>(a);
+  throw std::invalid_argument("temporal_attention: at most 64 frames");
+}
+
+}  // namespace
+
+void temporal_attention_cpu(const AttentionArgs& args) {
+  switch (args.scalar_type) {
+    case kFloat32: return attention_typed<kFloat32>(args);
+    case kFloat16: return attention_typed<kFloat16>(args);
+    case kBFloat16: return attention_typed<kBFloat16>(args);
+    default: throw std::invalid_argument("temporal_attention: unsupported scalar type code");
+  }
+}
+
+}  // namespace ALCM_CPU_ISA
+}  // namespace animatelcm

@@ -9,7 +9,7 @@ import triton.language as tl
 def temporal_attention_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, batch1, frames, head_dim, scale,
     q_s0, q_s1, q_sf, k_s0, k_s1, k_sf, v_s0, v_s1, v_sf, o_s0, o_s1, o_sf,
-    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, IEEE_FP32: tl.constexpr,
+    BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, FP32_DOT: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b0 = pid // batch1
@@ -20,7 +20,10 @@ def temporal_attention_kernel(
     q = tl.load(q_ptr + b0 * q_s0 + b1 * q_s1 + rows[:, None] * q_sf + cols[None, :], mask=mask, other=0.0)
     k = tl.load(k_ptr + b0 * k_s0 + b1 * k_s1 + rows[:, None] * k_sf + cols[None, :], mask=mask, other=0.0)
     v = tl.load(v_ptr + b0 * v_s0 + b1 * v_s1 + rows[:, None] * v_sf + cols[None, :], mask=mask, other=0.0)
-    if IEEE_FP32:
+    if FP32_DOT:  # exact float32 products (fp32 inputs, and bf16 in the interpreter, whose bf16 dot is wrong)
+        q = q.to(tl.float32)
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
         scores = tl.dot(q, tl.trans(k), input_precision="ieee")
     else:
         scores = tl.dot(q, tl.trans(k))
@@ -29,7 +32,7 @@ def temporal_attention_kernel(
     row_max = tl.max(scores, axis=1)
     p = tl.exp(scores - row_max[:, None])
     denominator = tl.sum(p, axis=1)
-    if IEEE_FP32:
+    if FP32_DOT:
         out = tl.dot(p, v, input_precision="ieee")
     else:
         out = tl.dot(p.to(v.dtype), v)

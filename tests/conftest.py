@@ -1,9 +1,15 @@
 import copy
+import os
 
-import pytest
 import torch
 
-from animatelcm.testing import TinyConfig, tiny_components
+# No GPU here: run the Triton kernels in the interpreter (must be set before triton is first imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from animatelcm.testing import TinyConfig, tiny_components  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +26,38 @@ def components(_tiny_components_cache):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+# Per-dtype tolerance of a fast kernel against the float64 reference: |fast - ref| <= atol + rtol * |ref|.
+TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
+
+
+def assert_close_to_reference(got, want, dtype):
+    """Compare a kernel output with a float64 reference under the per-dtype tolerance table."""
+    atol, rtol = TOLERANCE[dtype]
+    assert got.dtype == dtype, (got.dtype, dtype)
+    assert torch.isfinite(got).all(), "non-finite values (unwritten output?)"
+    torch.testing.assert_close(got.double(), want.double(), atol=atol * max(1.0, want.abs().max().item()), rtol=rtol)
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """Make every fresh float tensor from torch.empty/empty_like NaN-filled, so elements a kernel fails to write
+    show up as NaN."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        if t.is_floating_point() and t.device.type != "meta":
+            t.fill_(float("nan"))
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(real_empty_like(*a, **k)))
+
+
+def backends_usable_here(implementations):
+    """Backends of an op that can run in this process (the eager reference excluded: it is the baseline)."""
+    return [impl.backend for impl in implementations if impl.backend != "eager" and impl.available() is None]
+
+
+CPU_ISAS = ["baseline", "avx2", "avx512"]

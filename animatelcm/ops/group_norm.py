@@ -29,13 +29,14 @@ def _compute_dtype(x):
 
 # ---- checks ----------------------------------------------------------------------------------------------------
 
-def _check_tensor(name, x, min_dim):
+def _check_tensor(name, label, x, layout, exact_dim=None, min_dim=2):
+    """x must be a float tensor shaped like `layout` (exactly `exact_dim` dims, or at least `min_dim`)."""
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: x must be a torch.Tensor, got {type(x).__name__}")
+        raise TypeError(f"{name}: {label} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: x must be float32/float16/bfloat16/float64, got {x.dtype}")
-    if x.dim() < min_dim:
-        raise ValueError(f"{name}: x must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+        raise TypeError(f"{name}: {label} must be float32/float16/bfloat16/float64, got {x.dtype}")
+    if (x.dim() != exact_dim) if exact_dim is not None else (x.dim() < min_dim):
+        raise ValueError(f"{name}: {label} must be {layout}, got shape {tuple(x.shape)}")
 
 
 def _check_affine(name, x, channels, weight, bias):
@@ -309,7 +310,7 @@ _unpermute_residual_op.register_autograd(_unpermute_backward, setup_context=_unp
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
     """GroupNorm (+ SiLU) of ``x [N, C, *]`` -> same shape; see the module docstring."""
-    _check_tensor("group_norm_silu", x, 2)
+    _check_tensor("group_norm_silu", "x", x, "[N, C, *]")
     _check_groups("group_norm_silu", x.shape[1], num_groups, eps)
     _check_affine("group_norm_silu", x, x.shape[1], weight, bias)
     return _group_norm_silu_op(x, num_groups, weight, bias, float(eps), bool(silu))
@@ -317,9 +318,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
 
 def temporal_group_norm(x, num_frames, num_groups, weight=None, bias=None, eps=1e-6):
     """Frame-spanning GroupNorm of ``x [B*F, C, H, W]`` written as ``[B*H*W, F, C]``."""
-    _check_tensor("temporal_group_norm", x, 4)
-    if x.dim() != 4:
-        raise ValueError(f"temporal_group_norm: x must be [B*F, C, H, W], got shape {tuple(x.shape)}")
+    _check_tensor("temporal_group_norm", "x", x, "[B*F, C, H, W]", exact_dim=4)
     _check_frames("temporal_group_norm", x.shape[0], num_frames)
     _check_groups("temporal_group_norm", x.shape[1], num_groups, eps)
     _check_affine("temporal_group_norm", x, x.shape[1], weight, bias)
@@ -328,10 +327,8 @@ def temporal_group_norm(x, num_frames, num_groups, weight=None, bias=None, eps=1
 
 def temporal_unpermute_residual(y, residual, num_frames):
     """``y [B*H*W, F, C]`` back to ``[B*F, C, H, W]`` plus ``residual`` (that shape)."""
-    _check_tensor("temporal_unpermute_residual", residual, 4)
-    _check_tensor("temporal_unpermute_residual", y, 3)
-    if residual.dim() != 4:
-        raise ValueError(f"temporal_unpermute_residual: residual must be [B*F, C, H, W], got {tuple(residual.shape)}")
+    _check_tensor("temporal_unpermute_residual", "residual", residual, "[B*F, C, H, W]", exact_dim=4)
+    _check_tensor("temporal_unpermute_residual", "y", y, "[B*H*W, F, C]", exact_dim=3)
     _check_frames("temporal_unpermute_residual", residual.shape[0], num_frames)
     batch_frames, channels, height, width = residual.shape
     expected = (batch_frames // num_frames * height * width, num_frames, channels)

@@ -31,6 +31,12 @@ def _attention_kernel():
     return temporal_attention_kernel
 
 
+def _fp32_dot(dtype) -> bool:
+    """Whether the kernel's dots run on float32 operands: for float32 inputs (IEEE, no TF32), and for bfloat16 under
+    the interpreter, whose tl.dot gives wrong results on bfloat16 operands (numpy has no bfloat16)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1")
+
+
 def _block(n: int) -> int:
     return max(16, 1 << (max(n, 1) - 1).bit_length())
 
@@ -52,7 +58,7 @@ def triton_attention(q, k, v, scale):
         return out
     _attention_kernel()[(batch0 * batch1,)](
         q, k, v, out, batch1, frames, head_dim, float(scale), *strides[0], *strides[1], *strides[2], *strides[3],
-        BLOCK_F=_block(frames), BLOCK_D=_block(head_dim), IEEE_FP32=q.dtype == torch.float32,
+        BLOCK_F=_block(frames), BLOCK_D=_block(head_dim), FP32_DOT=_fp32_dot(q.dtype),
         num_warps=4 if head_dim > 64 else 2,
     )
     return out

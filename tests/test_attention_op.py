@@ -1,0 +1,154 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from animatelcm import ops
+from animatelcm.ops.attention import IMPLEMENTATIONS
+from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
+
+BACKENDS = backends_usable_here(IMPLEMENTATIONS)
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+FRAMES = [1, 7, 13, 16, 24, 32]
+HEAD_DIMS = [8, 40, 72, 80, 160]
+
+
+def make(shape, dtype, seed, layout="contiguous"):
+    """q, k, v of `shape` [N, heads, F, D]; layout 'projection' gives the [N, F, heads, D] tensor seen through a
+    transpose (what attention processors produce), without a copy."""
+    generator = torch.Generator().manual_seed(seed)
+    n, heads, frames, dim = shape
+    tensors = []
+    for _ in range(3):
+        if layout == "projection":
+            t = torch.randn(n, frames, heads, dim, generator=generator).to(dtype).transpose(1, 2)
+        else:
+            t = torch.randn(shape, generator=generator).to(dtype)
+        tensors.append(t)
+    return tensors
+
+
+def run(backend, monkeypatch, *args, **kwargs):
+    monkeypatch.setenv("ANIMATELCM_BACKEND", backend)
+    return ops.temporal_attention(*args, **kwargs)
+
+
+def shapes_for(backend):
+    # The Triton interpreter is slow: a diagonal of the matrix; the C++ kernel gets the full product.
+    if backend == "triton":
+        return [(3, 2, f, d) for f, d in zip(FRAMES, HEAD_DIMS + [40])]
+    return [(3, 5, f, d) for f in FRAMES for d in HEAD_DIMS]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "projection"])
+def test_matches_float64_reference(backend, dtype, layout, monkeypatch, poisoned_outputs):
+    for index, shape in enumerate(shapes_for(backend)):
+        q, k, v = make(shape, dtype, seed=index, layout=layout)
+        out = run(backend, monkeypatch, q, k, v)
+        assert out.shape == q.shape
+        assert_close_to_reference(out, ops.temporal_attention_reference(q.double(), k.double(), v.double()), dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_cpu_isa_build(isa, monkeypatch, poisoned_outputs):
+    if "cpp" not in BACKENDS:
+        pytest.skip("native module not built")
+    monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
+    for frames, dim in [(16, 40), (7, 72), (33, 8), (64, 160)]:
+        for dtype in DTYPES:
+            q, k, v = make((2, 3, frames, dim), dtype, seed=frames + dim)
+            out = run("cpp", monkeypatch, q, k, v, scale=0.3)
+            assert_close_to_reference(out, ops.temporal_attention_reference(q.double(), k.double(), v.double(), 0.3), dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_keeps_projection_layout_and_odd_leading_dims(backend, monkeypatch):
+    q, k, v = make((5, 3, 16, 40), torch.float32, seed=3, layout="projection")
+    out = run(backend, monkeypatch, q, k, v)
+    assert out.stride() == q.stride()  # written straight into [N, F, heads, D] memory
+    five_d = torch.randn(2, 3, 4, 9, 8)  # three leading dims, a sliced (non-mergeable) view
+    sliced = five_d[:, 1:]
+    out = run(backend, monkeypatch, sliced, sliced, sliced)
+    assert_close_to_reference(out, ops.temporal_attention_reference(*(sliced.double(),) * 3), torch.float32)
+    two_d = torch.randn(6, 8)
+    assert_close_to_reference(run(backend, monkeypatch, two_d, two_d, two_d),
+                              ops.temporal_attention_reference(*(two_d.double(),) * 3), torch.float32)
+
+
+def test_batch_beyond_the_65535_grid_limit(monkeypatch):
+    q, k, v = make((9000, 8, 2, 8), torch.float32, seed=0)  # 72,000 sequences
+    backend = "cpp" if "cpp" in BACKENDS else "eager"
+    out = run(backend, monkeypatch, q, k, v)
+    assert_close_to_reference(out, ops.temporal_attention_reference(q.double(), k.double(), v.double()), torch.float32)
+
+
+def test_matches_sdpa_semantics():
+    q, k, v = make((4, 2, 16, 40), torch.float32, seed=1)
+    torch.testing.assert_close(ops.temporal_attention(q, k, v), F.scaled_dot_product_attention(q, k, v),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ops.temporal_attention(q, k, v, scale=0.5),
+                               F.scaled_dot_product_attention(q, k, v, scale=0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_large_head_dim_and_frames_fall_back_to_eager():
+    report = dict(ops.explain_temporal_attention(*make((1, 1, 65, 8), torch.float32, 0)))
+    assert report["eager"] is None and "frames <= 64" in report["cpp"]
+    q = torch.randn(1, 1, 4, 200)
+    assert "head_dim" in dict(ops.explain_temporal_attention(q, q, q))["cpp"]
+    torch.testing.assert_close(ops.temporal_attention(q, q, q), ops.temporal_attention_reference(q, q, q))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["eager"])
+def test_gradients_match_autograd_of_reference(backend, monkeypatch):
+    q, k, v = (t.requires_grad_() for t in make((2, 3, 13, 40), torch.float32, seed=5, layout="projection"))
+    grad = torch.randn(q.shape)
+    out = run(backend, monkeypatch, q, k, v)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(F.scaled_dot_product_attention(qr, kr, vr), (qr, kr, vr), grad.double())
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_float64():
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    assert torch.autograd.gradcheck(lambda a, b, c: ops.temporal_attention(a, b, c, scale=0.7), (q, k, v))
+
+
+def test_opcheck():
+    q, k, v = make((2, 3, 16, 8), torch.float32, seed=2, layout="projection")
+    for args in ((q, k, v, 0.35), tuple(t.requires_grad_() for t in make((1, 2, 7, 8), torch.float32, 3)) + (0.5,)):
+        torch.library.opcheck(torch.ops.animatelcm.temporal_attention.default, args)
+
+
+def test_traces_under_torch_compile_without_graph_breaks():
+    q, k, v = make((2, 2, 16, 8), torch.float32, seed=4)
+    compiled = torch.compile(lambda a, b, c: ops.temporal_attention(a, b, c) * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), ops.temporal_attention(q, k, v) * 2)
+
+
+def test_nan_reaches_rows_that_attend_to_it(monkeypatch):
+    for backend in BACKENDS:
+        q, k, v = make((1, 1, 6, 8), torch.float32, seed=6)
+        v[0, 0, 2, 3] = float("nan")
+        out = run(backend, monkeypatch, q, k, v)
+        assert torch.isnan(out[..., 3]).all() and torch.isfinite(out[..., [0, 1, 2, 4, 5, 6, 7]]).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    q = torch.randn(2, 3, 4, 8)
+    with pytest.raises(ValueError, match="one shape"):
+        ops.temporal_attention(q, q, q[:, :, :3])
+    with pytest.raises(TypeError, match="floating dtype"):
+        ops.temporal_attention(q.long(), q.long(), q.long())
+    with pytest.raises(TypeError, match="floating dtype"):
+        ops.temporal_attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="different devices"):
+        ops.temporal_attention(q, q.to("meta"), q)
+    with pytest.raises(ValueError, match="frames, head_dim"):
+        ops.temporal_attention(q[0, 0, 0], q[0, 0, 0], q[0, 0, 0])
+    with pytest.raises(ValueError, match="scale"):
+        ops.temporal_attention(q, q, q, scale=float("nan"))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.temporal_attention(q.numpy(), q, q)

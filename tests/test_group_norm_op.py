@@ -1,0 +1,187 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from animatelcm import ops
+from animatelcm.ops.group_norm import GROUP_NORM_SILU, TEMPORAL_GROUP_NORM, UNPERMUTE_RESIDUAL
+from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# (N, C, spatial dims, groups): odd sizes on purpose, SD1.5-like ones too.
+PLAIN_SHAPES = [((3, 12, 5, 7), 4), ((2, 32, 9), 8), ((1, 64, 8, 8), 32), ((5, 6, 1, 1), 3), ((2, 40, 3, 3, 3), 2)]
+# (B, F, C, H, W, groups)
+TEMPORAL_SHAPES = [(1, 16, 32, 4, 4, 8), (2, 7, 24, 3, 5, 4), (3, 13, 16, 1, 1, 16), (1, 1, 8, 17, 3, 2)]
+
+
+def run(backend, monkeypatch, fn, *args, **kwargs):
+    monkeypatch.setenv("ANIMATELCM_BACKEND", backend)
+    return fn(*args, **kwargs)
+
+
+def affine(channels, generator, dtype=torch.float32):
+    return (torch.randn(channels, generator=generator).to(dtype), torch.randn(channels, generator=generator).to(dtype))
+
+
+@pytest.mark.parametrize("backend", backends_usable_here(GROUP_NORM_SILU))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("silu", [True, False])
+def test_group_norm_silu_matches_reference(backend, dtype, silu, monkeypatch, poisoned_outputs):
+    for index, (shape, groups) in enumerate(PLAIN_SHAPES):
+        generator = torch.Generator().manual_seed(index)
+        x = (torch.randn(shape, generator=generator) * 3 + 1).to(dtype)
+        weight, bias = affine(shape[1], generator)
+        for w, b in ((weight, bias), (None, None)):
+            out = run(backend, monkeypatch, ops.group_norm_silu, x, groups, w, b, 1e-5, silu)
+            want = ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu)
+            assert out.shape == x.shape
+            assert_close_to_reference(out, want, dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_cpu_isa_build(isa, monkeypatch, poisoned_outputs):
+    if "cpp" not in backends_usable_here(GROUP_NORM_SILU):
+        pytest.skip("native module not built")
+    monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
+    generator = torch.Generator().manual_seed(1)
+    for dtype in DTYPES:
+        x = torch.randn(2, 64, 11, 13, generator=generator).to(dtype)
+        w, b = affine(64, generator)
+        out = run("cpp", monkeypatch, ops.group_norm_silu, x, 32, w, b)
+        assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), 32, w, b), dtype)
+        xt = torch.randn(2 * 5, 64, 3, 7, generator=generator).to(dtype)
+        out = run("cpp", monkeypatch, ops.temporal_group_norm, xt, 5, 32, w, b)
+        assert_close_to_reference(out, ops.temporal_group_norm_reference(xt.double(), 5, 32, w, b), dtype)
+
+
+def test_matches_torch_functional_and_accepts_views(monkeypatch):
+    x = torch.randn(4, 16, 6, 6)
+    w, b = torch.randn(16), torch.randn(16)
+    torch.testing.assert_close(ops.group_norm_silu(x, 4, w, b), F.silu(F.group_norm(x, 4, w, b, 1e-5)),
+                               atol=1e-5, rtol=1e-5)
+    view = torch.randn(16, 4, 6, 6).transpose(0, 1)  # non-contiguous
+    torch.testing.assert_close(ops.group_norm_silu(view, 4, w, b, silu=False), F.group_norm(view, 4, w, b, 1e-5),
+                               atol=1e-5, rtol=1e-5)
+    bf16_affine = ops.group_norm_silu(x.bfloat16(), 4, w.bfloat16(), b.bfloat16())
+    assert bf16_affine.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("backend", backends_usable_here(TEMPORAL_GROUP_NORM))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_temporal_group_norm_matches_diffusers_layout(backend, dtype, monkeypatch, poisoned_outputs):
+    for index, (batch, frames, channels, h, w_, groups) in enumerate(TEMPORAL_SHAPES):
+        generator = torch.Generator().manual_seed(10 + index)
+        x = torch.randn(batch * frames, channels, h, w_, generator=generator).to(dtype)
+        weight, bias = affine(channels, generator)
+        out = run(backend, monkeypatch, ops.temporal_group_norm, x, frames, groups, weight, bias, 1e-6)
+        assert out.shape == (batch * h * w_, frames, channels)
+        assert_close_to_reference(out, ops.temporal_group_norm_reference(x.double(), frames, groups, weight, bias, 1e-6), dtype)
+
+
+@pytest.mark.parametrize("backend", backends_usable_here(UNPERMUTE_RESIDUAL))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_unpermute_residual(backend, dtype, monkeypatch, poisoned_outputs):
+    for index, (batch, frames, channels, h, w_, _) in enumerate(TEMPORAL_SHAPES):
+        generator = torch.Generator().manual_seed(20 + index)
+        residual = torch.randn(batch * frames, channels, h, w_, generator=generator).to(dtype)
+        y = torch.randn(batch * h * w_, frames, channels, generator=generator).to(dtype)
+        out = run(backend, monkeypatch, ops.temporal_unpermute_residual, y, residual, frames)
+        want = ops.temporal_unpermute_residual_reference(y.double(), residual.double(), frames)
+        assert_close_to_reference(out, want, dtype)
+
+
+def test_reference_equals_diffusers_motion_module_norm():
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    block = AnimateDiffTransformer3D(num_attention_heads=2, attention_head_dim=8, in_channels=16, norm_num_groups=4,
+                                     positional_embeddings="sinusoidal", num_positional_embeddings=32).eval()
+    with torch.no_grad():
+        block.proj_out.weight.normal_()
+    captured = {}
+    def capture(module, args, kwargs):  # diffusers calls proj_in(input=...) by keyword
+        captured["normed"] = kwargs.get("input", args[0] if args else None)
+
+    block.proj_in.register_forward_pre_hook(capture, with_kwargs=True)
+    x = torch.randn(2 * 5, 16, 3, 4)
+    with torch.no_grad():
+        expected = block(x, num_frames=5)
+        normed = ops.temporal_group_norm(x, 5, 4, block.norm.weight, block.norm.bias, block.norm.eps)
+        torch.testing.assert_close(normed, captured["normed"], atol=1e-5, rtol=1e-5)
+        hidden = block.proj_in(normed)
+        for transformer in block.transformer_blocks:
+            hidden = transformer(hidden)
+        out = ops.temporal_unpermute_residual(block.proj_out(hidden), x, 5)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", backends_usable_here(GROUP_NORM_SILU) + ["eager"])
+def test_gradients(backend, monkeypatch):
+    monkeypatch.setenv("ANIMATELCM_BACKEND", backend)
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(3, 8, 5, 5, generator=generator, requires_grad=True)
+    w, b = (t.requires_grad_() for t in affine(8, generator))
+    grad = torch.randn(x.shape, generator=generator)
+    got = torch.autograd.grad(ops.group_norm_silu(x, 2, w, b), (x, w, b), grad)
+    want = torch.autograd.grad(F.silu(F.group_norm(x, 2, w, b, 1e-5)), (x, w, b), grad)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+    xt = torch.randn(2 * 3, 8, 2, 3, generator=generator, requires_grad=True)
+    grad_t = torch.randn(2 * 2 * 3, 3, 8, generator=generator)
+    got = torch.autograd.grad(ops.temporal_group_norm(xt, 3, 2, w, b), (xt, w, b), grad_t)
+    want = torch.autograd.grad(ops.temporal_group_norm_reference(xt, 3, 2, w, b), (xt, w, b), grad_t)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(2, 6, 3, 2, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.group_norm_silu(t[0], 3, t[1], t[2]), (x, w, b))
+    assert torch.autograd.gradcheck(lambda *t: ops.group_norm_silu(t[0], 3, t[1], t[2], silu=False), (x, w, b))
+    xt = torch.randn(2 * 2, 6, 2, 1, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: ops.temporal_group_norm(t[0], 2, 3, t[1], t[2]), (xt, w, b))
+    y = torch.randn(2 * 2, 2, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, r: ops.temporal_unpermute_residual(a, r, 2), (y, xt))
+
+
+def test_opcheck():
+    x = torch.randn(2, 8, 3, 3)
+    w, b = torch.randn(8), torch.randn(8)
+    torch.library.opcheck(torch.ops.animatelcm.group_norm_silu.default, (x, 4, w, b, 1e-5, True))
+    torch.library.opcheck(torch.ops.animatelcm.group_norm_silu.default,
+                          (x.requires_grad_(), 2, w.requires_grad_(), None, 1e-5, False))
+    xt = torch.randn(2 * 4, 8, 2, 3)
+    torch.library.opcheck(torch.ops.animatelcm.temporal_group_norm.default, (xt, 4, 2, w, b, 1e-6))
+    y = torch.randn(2 * 6, 4, 8)
+    torch.library.opcheck(torch.ops.animatelcm.temporal_unpermute_residual.default, (y, xt, 4))
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match="divisor of the 6 channels"):
+        ops.group_norm_silu(x, 4)
+    with pytest.raises(TypeError, match="float32"):
+        ops.group_norm_silu(x.long(), 2)
+    with pytest.raises(ValueError, match="weight must be a tensor of shape"):
+        ops.group_norm_silu(x, 2, torch.randn(5))
+    with pytest.raises(ValueError, match="eps"):
+        ops.group_norm_silu(x, 2, eps=-1)
+    with pytest.raises(ValueError, match="move them"):
+        ops.group_norm_silu(x, 2, torch.randn(6, device="meta"))
+    with pytest.raises(ValueError, match="num_frames"):
+        ops.temporal_group_norm(x, 3, 2)
+    with pytest.raises(ValueError, match=r"must be \[B\*F, C, H, W\]"):
+        ops.temporal_group_norm(x[0], 1, 2)
+    with pytest.raises(ValueError, match="y must be"):
+        ops.temporal_unpermute_residual(torch.randn(3, 2, 6), x, 2)
+    with pytest.raises(ValueError, match="share dtype"):
+        ops.temporal_unpermute_residual(torch.randn(16, 2, 6).double(), x, 2)
+
+
+def test_nan_stays_in_its_group(monkeypatch):
+    for backend in backends_usable_here(GROUP_NORM_SILU):
+        x = torch.randn(2, 4, 3, 3)
+        x[1, 2, 1, 1] = float("nan")
+        out = run(backend, monkeypatch, ops.group_norm_silu, x, 2)
+        assert torch.isnan(out[1, 2:]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, :2]).all()

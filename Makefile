@@ -16,7 +16,7 @@ setup: $(STAMP)
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja "pytest>=8" "pytest-benchmark>=4"
+	$(PY) -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja "pytest>=8" "pytest-benchmark>=4" triton
 	$(PY) -m pip install -q --no-build-isolation -e .
 	@touch $@
 
@@ -30,8 +30,11 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
+# Kernel benchmarks (appends to benchmarks/results/kernels.csv, rewrites kernels.md); glibc's allocator pinned so
+# fresh large allocations do not make timings bimodal.
 bench: setup
-	$(PY) -m pytest -q benchmarks
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) -m pytest -q \
+		benchmarks/test_kernels.py --benchmark-disable-gc --benchmark-columns=median,iqr,rounds
 
 wheel: setup
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

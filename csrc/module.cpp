@@ -117,5 +117,23 @@ PYBIND11_MODULE(_C, m) {
                               stream);
       },
       "Consistency step over contiguous device buffers, launched on the given cudaStream_t handle.");
+  m.def(
+      "group_norm_cuda",
+      [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias, int64_t batch, int64_t frames,
+         int64_t channels, int64_t spatial, int64_t groups, float eps, bool silu, bool permute_output, int scalar_type,
+         std::uintptr_t stats, std::uintptr_t stream) {
+        group_norm_cuda(make_group_norm_args(x, y, weight, bias, batch, frames, channels, spatial, groups, eps, silu,
+                                             permute_output, scalar_type),
+                        reinterpret_cast<float*>(stats), stream);
+      },
+      "GroupNorm(+SiLU) over device buffers (as group_norm_cpu) plus a 2*batch*groups float stats buffer and stream.");
+  m.def(
+      "unpermute_residual_cuda",
+      [](std::uintptr_t y, std::uintptr_t residual, std::uintptr_t out, int64_t batch, int64_t frames,
+         int64_t channels, int64_t spatial, int scalar_type, std::uintptr_t stream) {
+        unpermute_residual_cuda(make_unpermute_args(y, residual, out, batch, frames, channels, spatial, scalar_type),
+                                stream);
+      },
+      "out [B*F, C, S] = permute(y [B*S, F, C]) + residual over device buffers, on the given stream.");
 #endif
 }

@@ -3,10 +3,9 @@ import torch
 
 from animatelcm import ops
 from animatelcm.ops.consistency import IMPLEMENTATIONS
+from conftest import CPU_ISAS, TOLERANCE, assert_close_to_reference, backends_usable_here
 
-# Per-dtype tolerance against the float64 reference: |fast - ref| <= atol + rtol * |ref|.
-
-USABLE_HERE = [impl.backend for impl in IMPLEMENTATIONS if impl.available() is None and impl.backend != "cuda"]
+USABLE_HERE = backends_usable_here(IMPLEMENTATIONS)
 
 
 def coefficients(generator):
@@ -27,11 +26,11 @@ def run_backend(backend, monkeypatch, *args, **kwargs):
     return ops.consistency_step(*args, **kwargs)
 
 
-@pytest.mark.parametrize("backend", USABLE_HERE)
+@pytest.mark.parametrize("backend", USABLE_HERE + ["eager"])
 @pytest.mark.parametrize("dtype", list(TOLERANCE))
 @pytest.mark.parametrize("shape", [(1, 4, 1, 3, 5), (2, 4, 7, 13, 9), (3, 4, 16, 8, 8), (1, 1, 1, 1, 1), (257,)])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
-def test_matches_float64_reference(backend, dtype, shape, prediction_type, monkeypatch):
+def test_matches_float64_reference(backend, dtype, shape, prediction_type, monkeypatch, poisoned_outputs):
     generator = torch.Generator().manual_seed(hash((shape, str(dtype), prediction_type)) % 2**31)
     model_output, sample, noise = inputs(shape, dtype, generator, contiguous=len(shape) < 2 or shape[-1] % 2 == 1)
     coefs = coefficients(generator)
@@ -41,16 +40,16 @@ def test_matches_float64_reference(backend, dtype, shape, prediction_type, monke
         ref_prev, ref_denoised = ops.consistency_step_reference(
             model_output.double(), sample.double(), coefs, None if noise_arg is None else noise_arg.double(),
             prediction_type, clip)
-        atol, rtol = TOLERANCE[dtype]
         for got, want in ((prev, ref_prev), (denoised, ref_denoised)):
-            assert got.dtype == dtype and got.shape == sample.shape
-            assert torch.isfinite(got).all()
-            torch.testing.assert_close(got.double(), want, atol=atol * max(1.0, want.abs().max().item()), rtol=rtol)
+            assert got.shape == sample.shape
+            assert_close_to_reference(got, want, dtype)
 
 
-def test_cpp_is_bitwise_equal_to_reference_in_float32(monkeypatch):
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_cpp_is_bitwise_equal_to_reference_in_float32(isa, monkeypatch):
     if "cpp" not in USABLE_HERE:
         pytest.skip("native module not built")
+    monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
     generator = torch.Generator().manual_seed(7)
     model_output, sample, noise = inputs((2, 4, 16, 9, 9), torch.float32, generator)
     coefs = coefficients(generator)

@@ -4,7 +4,7 @@
 //                             With permute_output the result is written as [B, S, F, C] (the motion module's
 //                             (B*H*W, F, C) layout) instead.
 //   unpermute_residual_cpu    y [B*S, F, C] -> out [B*F, C, S] = y^T + residual.
-// Statistics are two-pass (mean, then centred sum of squares) in fp32 over data the pass just brought into cache.
+// Statistics: one pass of shifted sums per group (see group_stats).
 #include <algorithm>
 #include <cmath>
 #include <stdexcept>
@@ -20,31 +20,30 @@ namespace {
 
 constexpr int64_t kTile = 16;  // spatial positions per tile of the transposing passes
 
+// Mean and 1/sqrt(var + eps) over `blocks` runs of `block_len` elements, `block_stride` apart, in one pass: sums of
+// x - x[0] and of its square (shifting by a sample keeps the variance from cancelling), fp32 per run, fp64 across.
 template <typename S>
 void group_stats(const typename S::type* x, int64_t blocks, int64_t block_len, int64_t block_stride, float eps,
                  float* mean_out, float* rstd_out) {
-  double total = 0.0;
+  const float shift = S::load(x, 0);
+  double total = 0.0, total_squares = 0.0;
   for (int64_t b = 0; b < blocks; ++b) {
     const auto* p = x + b * block_stride;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t i = 0; i < block_len; ++i) sum += S::load(p, i);
-    total += sum;
-  }
-  const float mean = static_cast<float>(total / static_cast<double>(blocks * block_len));
-  double squares = 0.0;
-  for (int64_t b = 0; b < blocks; ++b) {
-    const auto* p = x + b * block_stride;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
+    float sum = 0.0f, squares = 0.0f;
+#pragma omp simd reduction(+ : sum, squares)
     for (int64_t i = 0; i < block_len; ++i) {
-      const float centred = S::load(p, i) - mean;
-      sum += centred * centred;
+      const float centred = S::load(p, i) - shift;
+      sum += centred;
+      squares += centred * centred;
     }
-    squares += sum;
+    total += sum;
+    total_squares += squares;
   }
-  *mean_out = mean;
-  *rstd_out = 1.0f / std::sqrt(static_cast<float>(squares / static_cast<double>(blocks * block_len)) + eps);
+  const double count = static_cast<double>(blocks * block_len);
+  const double mean_shifted = total / count;
+  const double variance = total_squares / count - mean_shifted * mean_shifted;
+  *mean_out = static_cast<float>(mean_shifted + shift);
+  *rstd_out = 1.0f / std::sqrt(static_cast<float>(variance > 0.0 ? variance : 0.0) + eps);
 }
 
 // Per (batch, channel) affine coefficients: y = x * scale + shift.

@@ -1,0 +1,186 @@
+"""Kernel benchmarks: each op against what diffusers / PyTorch users run today, torch.compile, and our backends,
+with a plain copy of the same tensor as the memory floor. CPU always; CUDA shapes and providers when a GPU is
+present. Run: `make bench` (writes benchmarks/results/kernels.{csv,md})."""
+
+import functools
+
+import diffusers
+import pytest
+import torch
+import torch.nn.functional as F
+
+from animatelcm import LCMScheduler, ops
+from benchmarks.harness import make_row, time_with_pytest_benchmark
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+SETS = 4  # rotating input sets per measurement
+
+
+def configs(device):
+    """Shapes, dtype and rounds per device: the issue's CPU goals, SD1.5 AnimateLCM shapes on a GPU."""
+    if device == "cpu":
+        return dict(attention=(1024, 8, 16, 40), group_norm=(16, 320, 32, 32), temporal=(2, 16, 320, 16, 16),
+                    step=(1, 4, 16, 64, 64), dtype=torch.float32, rounds=40)
+    return dict(attention=(8192, 8, 16, 40), group_norm=(32, 320, 64, 64), temporal=(2, 16, 320, 64, 64),
+                step=(1, 4, 16, 64, 64), dtype=torch.float16, rounds=100)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(fn):
+    return torch.compile(fn)
+
+
+def run(benchmark, record, op, provider, baseline, shape, device, input_sets, fn, bytes_moved):
+    samples = time_with_pytest_benchmark(benchmark, fn, input_sets, torch.device(device), configs(device)["rounds"])
+    record(make_row(op, provider, shape, configs(device)["dtype"], torch.device(device), samples, bytes_moved, None),
+           baseline)
+
+
+def forced(backend, fn):
+    """fn with ANIMATELCM_BACKEND forced for the duration of each call."""
+    import os
+
+    def call(*args):
+        previous = os.environ.get("ANIMATELCM_BACKEND")
+        os.environ["ANIMATELCM_BACKEND"] = backend
+        try:
+            return fn(*args)
+        finally:
+            if previous is None:
+                del os.environ["ANIMATELCM_BACKEND"]
+            else:
+                os.environ["ANIMATELCM_BACKEND"] = previous
+    return call
+
+
+# ---- temporal attention ----------------------------------------------------------------------------------------
+
+def attention_providers(device):
+    providers = {
+        "sdpa (torch)": F.scaled_dot_product_attention,
+        "eager reference": ops.temporal_attention_reference,
+        "torch.compile(reference)": compiled(ops.temporal_attention_reference),
+        "copy (floor)": lambda q, k, v: q.clone(),
+    }
+    if device == "cpu":
+        providers["cpp"] = forced("cpp", ops.temporal_attention)
+    else:
+        providers["triton"] = forced("triton", ops.temporal_attention)
+    return providers
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("provider", ["sdpa (torch)", "eager reference", "torch.compile(reference)", "cpp", "triton",
+                                      "copy (floor)"])
+def test_temporal_attention(benchmark, record, device, provider):
+    providers = attention_providers(device)
+    if provider not in providers:
+        pytest.skip(f"{provider} does not run on {device}")
+    cfg = configs(device)
+    shape = cfg["attention"]
+    sets = [tuple(torch.randn(shape, device=device, dtype=cfg["dtype"]) for _ in range(3)) for _ in range(SETS)]
+    numel = sets[0][0].numel() * sets[0][0].element_size()
+    run(benchmark, record, "temporal_attention", provider, "sdpa (torch)", shape, device, sets, providers[provider],
+        2 * numel if provider == "copy (floor)" else 4 * numel)
+
+
+# ---- GroupNorm + SiLU ------------------------------------------------------------------------------------------
+
+def diffusers_group_norm_silu(x, w, b):
+    return F.silu(F.group_norm(x, 32, w, b, 1e-5))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("provider", ["F.group_norm + F.silu", "torch.compile", "cpp", "cuda", "copy (floor)"])
+def test_group_norm_silu(benchmark, record, device, provider):
+    providers = {
+        "F.group_norm + F.silu": diffusers_group_norm_silu,
+        "torch.compile": compiled(diffusers_group_norm_silu),
+        "copy (floor)": lambda x, w, b: x.clone(),
+        ("cpp" if device == "cpu" else "cuda"): forced("cpp" if device == "cpu" else "cuda",
+                                                       lambda x, w, b: ops.group_norm_silu(x, 32, w, b)),
+    }
+    if provider not in providers:
+        pytest.skip(f"{provider} does not run on {device}")
+    cfg = configs(device)
+    shape = cfg["group_norm"]
+    sets = [(torch.randn(shape, device=device, dtype=cfg["dtype"]), torch.randn(shape[1], device=device, dtype=cfg["dtype"]),
+             torch.randn(shape[1], device=device, dtype=cfg["dtype"])) for _ in range(SETS)]
+    run(benchmark, record, "group_norm_silu", provider, "F.group_norm + F.silu", shape, device, sets,
+        providers[provider], 2 * sets[0][0].numel() * sets[0][0].element_size())
+
+
+# ---- motion-module norm with the permute, and the permute back with the residual -------------------------------
+
+def diffusers_temporal_norm(x, w, b, frames=16):
+    return ops.temporal_group_norm_reference(x, frames, 32, w, b, 1e-6)
+
+
+def diffusers_unpermute(y, residual, frames=16):
+    return ops.temporal_unpermute_residual_reference(y, residual, frames)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "cpp", "cuda", "copy (floor)"])
+def test_temporal_group_norm(benchmark, record, device, provider):
+    backend = "cpp" if device == "cpu" else "cuda"
+    providers = {"diffusers ops": diffusers_temporal_norm, "torch.compile": compiled(diffusers_temporal_norm),
+                 "copy (floor)": lambda x, w, b: x.clone(),
+                 backend: forced(backend, lambda x, w, b: ops.temporal_group_norm(x, 16, 32, w, b))}
+    if provider not in providers:
+        pytest.skip(f"{provider} does not run on {device}")
+    cfg = configs(device)
+    batch, frames, channels, h, w_ = cfg["temporal"]
+    shape = (batch * frames, channels, h, w_)
+    sets = [(torch.randn(shape, device=device, dtype=cfg["dtype"]), torch.randn(channels, device=device),
+             torch.randn(channels, device=device)) for _ in range(SETS)]
+    run(benchmark, record, "temporal_group_norm (+permute)", provider, "diffusers ops", shape, device, sets,
+        providers[provider], 2 * sets[0][0].numel() * sets[0][0].element_size())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "cpp", "cuda", "copy (floor)"])
+def test_unpermute_residual(benchmark, record, device, provider):
+    backend = "cpp" if device == "cpu" else "cuda"
+    providers = {"diffusers ops": diffusers_unpermute, "torch.compile": compiled(diffusers_unpermute),
+                 "copy (floor)": lambda y, r: y.clone(),
+                 backend: forced(backend, lambda y, r: ops.temporal_unpermute_residual(y, r, 16))}
+    if provider not in providers:
+        pytest.skip(f"{provider} does not run on {device}")
+    cfg = configs(device)
+    batch, frames, channels, h, w_ = cfg["temporal"]
+    sets = [(torch.randn(batch * h * w_, frames, channels, device=device, dtype=cfg["dtype"]),
+             torch.randn(batch * frames, channels, h, w_, device=device, dtype=cfg["dtype"])) for _ in range(SETS)]
+    numel = sets[0][0].numel() * sets[0][0].element_size()
+    run(benchmark, record, "unpermute_residual", provider, "diffusers ops", (batch * frames, channels, h, w_), device,
+        sets, providers[provider], 2 * numel if provider == "copy (floor)" else 3 * numel)
+
+
+# ---- LCM scheduler step ----------------------------------------------------------------------------------------
+
+def scheduler_at(cls, index, device):
+    scheduler = cls(beta_schedule="linear", original_inference_steps=100)
+    scheduler.set_timesteps(4, device=device)
+
+    def step(model_output, sample):
+        scheduler._step_index = index
+        return scheduler.step(model_output, scheduler.timesteps[index], sample).prev_sample
+    return step
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("which", ["final", "middle"])
+@pytest.mark.parametrize("provider", ["diffusers.LCMScheduler.step", "animatelcm.LCMScheduler.step", "copy (floor)"])
+def test_scheduler_step(benchmark, record, device, which, provider):
+    index = 3 if which == "final" else 1
+    providers = {"diffusers.LCMScheduler.step": scheduler_at(diffusers.LCMScheduler, index, device),
+                 "animatelcm.LCMScheduler.step": scheduler_at(LCMScheduler, index, device),
+                 "copy (floor)": lambda m, s: s.clone()}
+    cfg = configs(device)
+    shape = cfg["step"]
+    sets = [(torch.randn(shape, device=device, dtype=cfg["dtype"]), torch.randn(shape, device=device, dtype=cfg["dtype"]))
+            for _ in range(SETS)]
+    numel = sets[0][0].numel() * sets[0][0].element_size()
+    moved = {"final": 4, "middle": 6}[which] * numel if provider != "copy (floor)" else 2 * numel
+    run(benchmark, record, f"LCMScheduler.step ({which} step)", provider, "diffusers.LCMScheduler.step", shape, device,
+        sets, providers[provider], moved)

@@ -1,0 +1,66 @@
+import importlib.util
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from animatelcm import ops
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def built_module() -> Path:
+    spec = importlib.util.find_spec("animatelcm._C")
+    if spec is None or spec.origin is None:
+        pytest.skip("animatelcm._C is not built")
+    return Path(spec.origin)
+
+
+def elf_archs(path: Path) -> set[str]:
+    listing = subprocess.run(["cuobjdump", "--list-elf", str(path)], capture_output=True, text=True, check=True).stdout
+    return set(re.findall(r"sm_(\d+)", listing))
+
+
+def test_cuda_build_has_device_code_for_every_listed_arch():
+    info = ops.build_info()
+    if not info.get("cuda"):
+        pytest.skip("built without CUDA")
+    if shutil.which("cuobjdump") is None:
+        pytest.skip("cuobjdump not on PATH")
+    archs = set(info["cuda_archs"].split(","))
+    assert archs and archs <= elf_archs(built_module())
+    assert info["version"].split("+")[1] == "cu" + "".join(info["cuda_version"].split(".")[:2])
+
+
+def test_cpu_isa_builds_are_compiled_in():
+    info = ops.build_info()
+    if not info.get("native"):
+        pytest.skip(info.get("reason"))
+    assert info["cpu_isas"].split(",")[0] == "baseline"
+    from animatelcm import _C
+
+    assert _C.cpu_isa() in info["cpu_isas"].split(",")
+
+
+@pytest.mark.slow
+def test_wheel_names_its_cuda_version(tmp_path):
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc")
+    env = {"ANIMATELCM_CUDA": "1", "ANIMATELCM_CUDA_ARCHS": "80;90", "PATH": __import__("os").environ["PATH"]}
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-w", str(tmp_path),
+                    str(ROOT)], check=True, env=env, capture_output=True)
+    wheel = next(tmp_path.glob("animatelcm-*.whl"))
+    version = subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout
+    major, minor = re.search(r"release (\d+)\.(\d+)", version).groups()
+    assert f"+cu{major}{minor}-" in wheel.name
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        module = next(n for n in names if re.match(r"animatelcm/_C.*\.so$", n))
+        assert "animatelcm/assets/default_model/default_model.json" in names
+        assert "animatelcm/kernels/temporal_attention.py" in names
+        archive.extract(module, tmp_path)
+    assert {"80", "90"} <= elf_archs(tmp_path / module)

@@ -5,6 +5,7 @@ Public API (imported lazily so ``import animatelcm`` stays cheap):
     AnimateLCMPipeline                        AnimateDiff pipeline with AnimateLCM defaults
     load_motion_adapter, load_pipeline        offline loaders for the checkpoints people download
     export_to_gif, export_to_mp4, export_video
+    patch_pipeline, unpatch_pipeline          run a diffusers AnimateDiff pipeline on the fused kernels
     ops                                       fused kernels and their dispatcher
 """
 
@@ -22,6 +23,8 @@ _LAZY = {
     "export_to_gif": "animatelcm.export",
     "export_to_mp4": "animatelcm.export",
     "export_video": "animatelcm.export",
+    "patch_pipeline": "animatelcm.patching",
+    "unpatch_pipeline": "animatelcm.patching",
 }
 
 

@@ -118,7 +118,8 @@ def test_gradcheck_float64():
 
 def test_opcheck():
     q, k, v = make((2, 3, 16, 8), torch.float32, seed=2, layout="projection")
-    for args in ((q, k, v, 0.35), tuple(t.requires_grad_() for t in make((1, 2, 7, 8), torch.float32, 3)) + (0.5,)):
+    for args in ((q, k, v, 0.35, "auto"),
+                 tuple(t.requires_grad_() for t in make((1, 2, 7, 8), torch.float32, 3)) + (0.5, "cpp")):
         torch.library.opcheck(torch.ops.animatelcm.temporal_attention.default, args)
 
 
@@ -152,3 +153,10 @@ def test_bad_inputs_raise_clear_errors():
         ops.temporal_attention(q, q, q, scale=float("nan"))
     with pytest.raises(TypeError, match="torch.Tensor"):
         ops.temporal_attention(q.numpy(), q, q)
+
+
+def test_auto_prefers_cpp_over_the_triton_interpreter_on_cpu():
+    q = torch.randn(1, 2, 8, 8)
+    report = ops.explain_temporal_attention(q, q, q)
+    first_accepting = next(backend for backend, reason in report if reason is None)
+    assert first_accepting == ("cpp" if "cpp" in BACKENDS else "eager" if "triton" not in BACKENDS else "triton")

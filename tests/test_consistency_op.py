@@ -119,3 +119,26 @@ def test_native_build_info():
     assert info["version"].endswith("+cpu") == (not info["cuda"])
     if info["cuda"]:
         assert info["version"].split("+")[1].startswith("cu")
+
+
+def test_opcheck_and_compile():
+    generator = torch.Generator().manual_seed(11)
+    model_output, sample, noise = inputs((1, 4, 3, 5, 6), torch.float32, generator)
+    coefs = coefficients(generator)
+    op = torch.ops.animatelcm.consistency_step.default
+    torch.library.opcheck(op, (model_output, sample, coefs, noise, "epsilon", None, "auto"))
+    torch.library.opcheck(op, (model_output, sample, coefs, None, "v_prediction", 0.5, "eager"))
+    compiled = torch.compile(lambda m, s, c, z: ops.consistency_step(m, s, c, z)[0] * 1.0, backend="aot_eager",
+                             fullgraph=True)
+    torch.testing.assert_close(compiled(model_output, sample, coefs, noise),
+                               ops.consistency_step(model_output, sample, coefs, noise)[0])
+
+
+def test_backend_argument_forces_and_validates():
+    x = torch.randn(4)
+    c = torch.rand(6)
+    assert torch.equal(ops.consistency_step(x, x, c, backend="eager")[0], ops.consistency_step_reference(x, x, c)[0])
+    with pytest.raises(ValueError, match="backend="):
+        ops.consistency_step(x, x, c, backend="fast")
+    with pytest.raises(ops.BackendUnavailableError, match="cuda"):
+        ops.consistency_step(x, x, c, backend="cuda")

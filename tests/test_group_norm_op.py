@@ -148,13 +148,13 @@ def test_gradcheck_float64():
 def test_opcheck():
     x = torch.randn(2, 8, 3, 3)
     w, b = torch.randn(8), torch.randn(8)
-    torch.library.opcheck(torch.ops.animatelcm.group_norm_silu.default, (x, 4, w, b, 1e-5, True))
+    torch.library.opcheck(torch.ops.animatelcm.group_norm_silu.default, (x, 4, w, b, 1e-5, True, "auto"))
     torch.library.opcheck(torch.ops.animatelcm.group_norm_silu.default,
-                          (x.requires_grad_(), 2, w.requires_grad_(), None, 1e-5, False))
+                          (x.requires_grad_(), 2, w.requires_grad_(), None, 1e-5, False, "eager"))
     xt = torch.randn(2 * 4, 8, 2, 3)
-    torch.library.opcheck(torch.ops.animatelcm.temporal_group_norm.default, (xt, 4, 2, w, b, 1e-6))
+    torch.library.opcheck(torch.ops.animatelcm.temporal_group_norm.default, (xt, 4, 2, w, b, 1e-6, "auto"))
     y = torch.randn(2 * 6, 4, 8)
-    torch.library.opcheck(torch.ops.animatelcm.temporal_unpermute_residual.default, (y, xt, 4))
+    torch.library.opcheck(torch.ops.animatelcm.temporal_unpermute_residual.default, (y, xt, 4, "auto"))
 
 
 def test_bad_inputs_raise_clear_errors():

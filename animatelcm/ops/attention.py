@@ -96,25 +96,28 @@ def _reject_triton(q, k, v, scale):
     return _reject_native(_triton_device_types())(q, k, v, scale)
 
 
+# cpp first: it takes only CPU tensors, so on a GPU the order gives triton, and on a CPU the C++ kernel wins over
+# the Triton interpreter (which accepts CPU tensors when TRITON_INTERPRET=1, for forced testing only).
 IMPLEMENTATIONS = [
-    Implementation("triton", triton_attention, triton_unavailable_reason, _reject_triton),
     Implementation("cpp", _cpp, native_unavailable_reason, _reject_native(("cpu",))),
+    Implementation("triton", triton_attention, triton_unavailable_reason, _reject_triton),
     Implementation("eager", _eager, lambda: None, lambda *a: None),
 ]
 
 
 @torch.library.custom_op("animatelcm::temporal_attention", mutates_args=())
-def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    return select("temporal_attention", IMPLEMENTATIONS, q, k, v, scale).run(q, k, v, scale)
+def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                           backend: str) -> torch.Tensor:
+    return select("temporal_attention", IMPLEMENTATIONS, q, k, v, scale, backend=backend).run(q, k, v, scale)
 
 
 @_temporal_attention_op.register_fake
-def _(q, k, v, scale):
+def _(q, k, v, scale, backend):
     return torch.empty_like(q)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale = inputs
+    q, k, v, scale, _ = inputs
     ctx.save_for_backward(q, k, v)
     ctx.scale = scale
 
@@ -129,18 +132,18 @@ def _backward(ctx, grad):
     grad_s = probabilities * (grad_p - (grad_p * probabilities).sum(dim=-1, keepdim=True))
     grad_q = (grad_s @ kf) * ctx.scale
     grad_k = (grad_s.transpose(-1, -2) @ qf) * ctx.scale
-    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None
+    return grad_q.to(q.dtype), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None
 
 
 _temporal_attention_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def temporal_attention(q, k, v, scale=None):
-    """Attention over frames on the best backend: q, k, v ``[..., F, D]`` (one shape) -> ``[..., F, D]`` with q's
-    layout; ``scale`` defaults to ``D ** -0.5``."""
+def temporal_attention(q, k, v, scale=None, backend="auto"):
+    """Attention over frames: q, k, v ``[..., F, D]`` (one shape) -> ``[..., F, D]`` with q's layout; ``scale``
+    defaults to ``D ** -0.5``; ``backend`` picks one (``"auto"``: the dispatcher's choice)."""
     check_attention_inputs(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return _temporal_attention_op(q, k, v, scale)
+    return _temporal_attention_op(q, k, v, scale, backend)
 
 
 def explain_temporal_attention(q, k, v, scale=None):

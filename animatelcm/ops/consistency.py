@@ -80,7 +80,12 @@ def consistency_step_reference(model_output, sample, coefficients, noise=None, p
         x0 = x0.clamp(-clip_range, clip_range)
     denoised = c_out * x0 + c_skip * x
     prev = denoised if noise is None else sqrt_alpha_prev * denoised + sqrt_one_minus_prev * noise.to(compute)
-    return prev.to(sample.dtype), denoised.to(sample.dtype)
+    return prev.to(sample.dtype).contiguous(), denoised.to(sample.dtype).contiguous()
+
+
+def _eager(model_output, sample, coefficients, noise, prediction_type, clip_range):
+    prev, denoised = consistency_step_reference(model_output, sample, coefficients, noise, prediction_type, clip_range)
+    return (prev.clone() if prev is denoised else prev), denoised  # custom ops may not return aliased outputs
 
 
 def _native_call(kernel_name, extra_args, model_output, sample, coefficients, noise, prediction_type, clip_range):
@@ -110,8 +115,6 @@ def _reject_unless(device_type):
             return f"needs {device_type} tensors, got {sample.device.type}"
         if sample.dtype not in SCALAR_TYPE_CODES:
             return f"supports float32/float16/bfloat16, got {sample.dtype}"
-        if sample.requires_grad or model_output.requires_grad:
-            return "no autograd (inputs require grad)"
         return None
     return reject
 
@@ -133,16 +136,31 @@ def _cuda_available():
 IMPLEMENTATIONS = [
     Implementation("cuda", _cuda, _cuda_available, _reject_unless("cuda")),
     Implementation("cpp", _cpp, _cpp_available, _reject_unless("cpu")),
-    Implementation("eager", consistency_step_reference, lambda: None, lambda *a, **k: None),
+    Implementation("eager", _eager, lambda: None, lambda *a, **k: None),
 ]
 
 
-def consistency_step(model_output, sample, coefficients, noise=None, prediction_type="epsilon", clip_range=None):
-    """Fused consistency step on the best backend for these inputs; same contract as
-    :func:`consistency_step_reference` (shapes ``[*]``, coefficients ``[6]`` float32)."""
-    check_step_inputs(model_output, sample, coefficients, noise, prediction_type)
+@torch.library.custom_op("animatelcm::consistency_step", mutates_args=())
+def _consistency_step_op(model_output: torch.Tensor, sample: torch.Tensor, coefficients: torch.Tensor,
+                         noise: torch.Tensor | None, prediction_type: str, clip_range: float | None,
+                         backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     args = (model_output, sample, coefficients, noise, prediction_type, clip_range)
-    return select("consistency_step", IMPLEMENTATIONS, *args).run(*args)
+    return select("consistency_step", IMPLEMENTATIONS, *args, backend=backend).run(*args)
+
+
+@_consistency_step_op.register_fake
+def _(model_output, sample, coefficients, noise, prediction_type, clip_range, backend):
+    return (torch.empty_like(sample, memory_format=torch.contiguous_format),
+            torch.empty_like(sample, memory_format=torch.contiguous_format))
+
+
+def consistency_step(model_output, sample, coefficients, noise=None, prediction_type="epsilon", clip_range=None,
+                     backend="auto"):
+    """Fused consistency step; same contract as :func:`consistency_step_reference` (shapes ``[*]``, coefficients
+    ``[6]`` float32, outputs contiguous). ``backend`` picks one (``"auto"``: the dispatcher's choice)."""
+    check_step_inputs(model_output, sample, coefficients, noise, prediction_type)
+    return _consistency_step_op(model_output, sample, coefficients, noise, prediction_type,
+                                None if clip_range is None else float(clip_range), backend)
 
 
 def explain_consistency_step(model_output, sample, coefficients, noise=None, prediction_type="epsilon",

@@ -53,18 +53,21 @@ def explain(implementations: list[Implementation], *args, **kwargs) -> list[tupl
     return report
 
 
-def select(op_name: str, implementations: list[Implementation], *args, **kwargs) -> Implementation:
-    """The implementation to run: the forced backend if set (error if it cannot run these inputs), else the first
-    one that accepts."""
-    forced = forced_backend()
+def select(op_name: str, implementations: list[Implementation], *args, backend: str = "auto") -> Implementation:
+    """The implementation to run for ``args``: ``backend`` when not ``"auto"``, else the one ``ANIMATELCM_BACKEND``
+    forces (an error if it cannot run these inputs), else the first that accepts."""
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"{op_name}: backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
+    forced = backend if backend != "auto" else forced_backend()
+    kwargs = {}
     if forced is not None:
         for impl in implementations:
             if impl.backend == forced:
                 reason = impl.available() or impl.reject(*args, **kwargs)
                 if reason:
                     raise BackendUnavailableError(
-                        f"{op_name}: {BACKEND_ENV}={forced} cannot run these inputs: {reason}. "
-                        f"Unset {BACKEND_ENV} (or set it to auto) to fall back automatically."
+                        f"{op_name}: backend {forced} cannot run these inputs: {reason}. "
+                        f"Use backend='auto' (and unset {BACKEND_ENV}) to fall back automatically."
                     )
                 return impl
         raise BackendUnavailableError(

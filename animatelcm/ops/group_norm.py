@@ -213,18 +213,18 @@ UNPERMUTE_RESIDUAL = [
 
 @torch.library.custom_op("animatelcm::group_norm_silu", mutates_args=())
 def _group_norm_silu_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                        eps: float, silu: bool) -> torch.Tensor:
+                        eps: float, silu: bool, backend: str) -> torch.Tensor:
     args = (x, num_groups, weight, bias, eps, silu)
-    return select("group_norm_silu", GROUP_NORM_SILU, *args).run(*args)
+    return select("group_norm_silu", GROUP_NORM_SILU, *args, backend=backend).run(*args)
 
 
 @_group_norm_silu_op.register_fake
-def _(x, num_groups, weight, bias, eps, silu):
+def _(x, num_groups, weight, bias, eps, silu, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def _gn_setup(ctx, inputs, output):
-    x, num_groups, weight, bias, eps, silu = inputs
+    x, num_groups, weight, bias, eps, silu, _ = inputs
     ctx.save_for_backward(x, weight, bias)
     ctx.num_groups, ctx.eps, ctx.silu = num_groups, eps, silu
 
@@ -233,7 +233,7 @@ def _gn_backward(ctx, grad):
     x, weight, bias = ctx.saved_tensors
     grad_x, grad_w, grad_b = _group_norm_backward(x.reshape(x.shape[0], x.shape[1], -1), weight, ctx.num_groups,
                                                   ctx.eps, ctx.silu, grad, bias)
-    return grad_x.reshape(x.shape), None, grad_w, grad_b, None, None
+    return grad_x.reshape(x.shape), None, grad_w, grad_b, None, None, None
 
 
 _group_norm_silu_op.register_autograd(_gn_backward, setup_context=_gn_setup)
@@ -247,20 +247,20 @@ def _to_channel_groups(t, batch, frames):
 
 @torch.library.custom_op("animatelcm::temporal_group_norm", mutates_args=())
 def _temporal_group_norm_op(x: torch.Tensor, num_frames: int, num_groups: int, weight: torch.Tensor | None,
-                            bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+                            bias: torch.Tensor | None, eps: float, backend: str) -> torch.Tensor:
     args = (x, num_frames, num_groups, weight, bias, eps)
-    return select("temporal_group_norm", TEMPORAL_GROUP_NORM, *args).run(*args)
+    return select("temporal_group_norm", TEMPORAL_GROUP_NORM, *args, backend=backend).run(*args)
 
 
 @_temporal_group_norm_op.register_fake
-def _(x, num_frames, num_groups, weight, bias, eps):
+def _(x, num_frames, num_groups, weight, bias, eps, backend):
     batch_frames, channels = x.shape[:2]
     spatial = x.shape[2] * x.shape[3]
     return x.new_empty((batch_frames // num_frames * spatial, num_frames, channels))
 
 
 def _tgn_setup(ctx, inputs, output):
-    x, num_frames, num_groups, weight, bias, eps = inputs
+    x, num_frames, num_groups, weight, bias, eps, _ = inputs
     ctx.save_for_backward(x, weight, bias)
     ctx.num_frames, ctx.num_groups, ctx.eps = num_frames, num_groups, eps
 
@@ -277,25 +277,25 @@ def _tgn_backward(ctx, grad):
                                                   ctx.eps, False, _to_channel_groups(grad_x_layout, batch, frames),
                                                   bias)
     grad_x = grad_x.reshape(batch, channels, frames, height * width).transpose(1, 2).reshape(x.shape)
-    return grad_x, None, None, grad_w, grad_b, None
+    return grad_x, None, None, grad_w, grad_b, None, None
 
 
 _temporal_group_norm_op.register_autograd(_tgn_backward, setup_context=_tgn_setup)
 
 
 @torch.library.custom_op("animatelcm::temporal_unpermute_residual", mutates_args=())
-def _unpermute_residual_op(y: torch.Tensor, residual: torch.Tensor, num_frames: int) -> torch.Tensor:
+def _unpermute_residual_op(y: torch.Tensor, residual: torch.Tensor, num_frames: int, backend: str) -> torch.Tensor:
     args = (y, residual, num_frames)
-    return select("temporal_unpermute_residual", UNPERMUTE_RESIDUAL, *args).run(*args)
+    return select("temporal_unpermute_residual", UNPERMUTE_RESIDUAL, *args, backend=backend).run(*args)
 
 
 @_unpermute_residual_op.register_fake
-def _(y, residual, num_frames):
+def _(y, residual, num_frames, backend):
     return torch.empty_like(residual, memory_format=torch.contiguous_format)
 
 
 def _unpermute_setup(ctx, inputs, output):
-    y, residual, num_frames = inputs
+    y, residual, num_frames, _ = inputs
     ctx.residual_shape, ctx.num_frames = residual.shape, num_frames
 
 
@@ -303,7 +303,7 @@ def _unpermute_backward(ctx, grad):
     batch_frames, channels, height, width = ctx.residual_shape
     frames = ctx.num_frames
     grad_y = grad.reshape(batch_frames // frames, frames, channels, height, width).permute(0, 3, 4, 1, 2)
-    return grad_y.reshape(-1, frames, channels), grad, None
+    return grad_y.reshape(-1, frames, channels), grad, None, None
 
 
 _unpermute_residual_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)
@@ -311,24 +311,24 @@ _unpermute_residual_op.register_autograd(_unpermute_backward, setup_context=_unp
 
 # ---- public API ------------------------------------------------------------------------------------------------
 
-def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
-    """GroupNorm (+ SiLU) of ``x [N, C, *]`` -> same shape; see the module docstring."""
+def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True, backend="auto"):
+    """GroupNorm (+ SiLU) of ``x [N, C, *]`` -> same shape; see the module docstring. ``backend`` picks one."""
     _check_tensor("group_norm_silu", "x", x, "[N, C, *]")
     _check_groups("group_norm_silu", x.shape[1], num_groups, eps)
     _check_affine("group_norm_silu", x, x.shape[1], weight, bias)
-    return _group_norm_silu_op(x, num_groups, weight, bias, float(eps), bool(silu))
+    return _group_norm_silu_op(x, num_groups, weight, bias, float(eps), bool(silu), backend)
 
 
-def temporal_group_norm(x, num_frames, num_groups, weight=None, bias=None, eps=1e-6):
+def temporal_group_norm(x, num_frames, num_groups, weight=None, bias=None, eps=1e-6, backend="auto"):
     """Frame-spanning GroupNorm of ``x [B*F, C, H, W]`` written as ``[B*H*W, F, C]``."""
     _check_tensor("temporal_group_norm", "x", x, "[B*F, C, H, W]", exact_dim=4)
     _check_frames("temporal_group_norm", x.shape[0], num_frames)
     _check_groups("temporal_group_norm", x.shape[1], num_groups, eps)
     _check_affine("temporal_group_norm", x, x.shape[1], weight, bias)
-    return _temporal_group_norm_op(x, num_frames, num_groups, weight, bias, float(eps))
+    return _temporal_group_norm_op(x, num_frames, num_groups, weight, bias, float(eps), backend)
 
 
-def temporal_unpermute_residual(y, residual, num_frames):
+def temporal_unpermute_residual(y, residual, num_frames, backend="auto"):
     """``y [B*H*W, F, C]`` back to ``[B*F, C, H, W]`` plus ``residual`` (that shape)."""
     _check_tensor("temporal_unpermute_residual", "residual", residual, "[B*F, C, H, W]", exact_dim=4)
     _check_tensor("temporal_unpermute_residual", "y", y, "[B*H*W, F, C]", exact_dim=3)
@@ -341,7 +341,7 @@ def temporal_unpermute_residual(y, residual, num_frames):
     if y.dtype != residual.dtype or y.device != residual.device:
         raise ValueError(f"temporal_unpermute_residual: y ({y.dtype}, {y.device}) and residual ({residual.dtype}, "
                          f"{residual.device}) must share dtype and device")
-    return _unpermute_residual_op(y, residual, num_frames)
+    return _unpermute_residual_op(y, residual, num_frames, backend)
 
 
 def explain_group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):

@@ -1,0 +1,215 @@
+"""``patch_pipeline``: make a diffusers AnimateDiff pipeline run on the fused kernels, same outputs.
+
+What is patched, all through diffusers' public hooks (attention processors and module forwards), all recorded so
+``unpatch_pipeline`` restores the original objects exactly:
+
+- motion modules (``AnimateDiffTransformer3D``): the frame-spanning GroupNorm fused with the permute to
+  ``(B*H*W, F, C)`` and the permute back fused with the residual add (module forward);
+- their self-attentions: ``TemporalAttentionProcessor`` runs :func:`animatelcm.ops.temporal_attention` on the q/k/v
+  projections seen as ``[B, heads, F, D]`` views (no copies); the positional embedding stays where diffusers adds it
+  (on the normed input, in the transformer block), the GEGLU feed-forward and output projection are diffusers' own;
+- spatial ResNet blocks: GroupNorm + SiLU fused, twice per block (module forward);
+- a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config.
+Anything the fused paths do not cover (attention masks, cross-attention, other norms or activations) runs the
+original code.
+"""
+
+from __future__ import annotations
+
+import types
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import ops
+from .ops.dispatch import BACKENDS
+
+PATCH_ATTRIBUTE = "_animatelcm_patch"
+
+
+class TemporalAttentionProcessor:
+    """Attention processor for motion-module self-attention over frames on the fused kernel.
+
+    Input ``hidden_states [B*H*W, F, C]``; q/k/v are projected with the module's own (LoRA-aware) layers, viewed as
+    ``[B*H*W, heads, F, C/heads]`` and passed to :func:`animatelcm.ops.temporal_attention`, whose output keeps the
+    projection layout so the head merge is a free reshape. Calls it cannot serve (a mask, cross-attention, a
+    4-D input, extra norms) go to ``fallback``, the processor it replaced.
+    """
+
+    def __init__(self, fallback, backend: str = "auto"):
+        self.fallback = fallback
+        self.backend = backend
+
+    @staticmethod
+    def handles(attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
+        return (attention_mask is None and encoder_hidden_states is None and hidden_states.dim() == 3
+                and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None
+                and attn.norm_k is None and not getattr(attn, "fused_projections", False))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if not self.handles(attn, hidden_states, encoder_hidden_states, attention_mask):
+            return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+        residual = hidden_states
+        batch, frames, _ = hidden_states.shape
+        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        head_dim = key.shape[-1] // attn.heads
+        views = [t.view(batch, frames, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)]
+        out = ops.temporal_attention(*views, backend=self.backend)  # [B, heads, F, D], memory [B, F, heads, D]
+        out = out.transpose(1, 2).reshape(batch, frames, attn.heads * head_dim).to(query.dtype)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+
+def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, class_labels=None,
+                                num_frames: int = 1, cross_attention_kwargs=None):
+    """``AnimateDiffTransformer3D.forward`` with the norm+permute and permute+residual fused:
+    ``hidden_states [B*F, C, H, W]`` -> same shape."""
+    backend = getattr(self, PATCH_ATTRIBUTE)
+    residual = hidden_states
+    hidden_states = ops.temporal_group_norm(hidden_states, num_frames, self.norm.num_groups, self.norm.weight,
+                                            self.norm.bias, self.norm.eps, backend=backend)  # [B*H*W, F, C]
+    hidden_states = self.proj_in(input=hidden_states)
+    for block in self.transformer_blocks:
+        hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
+                              timestep=timestep, cross_attention_kwargs=cross_attention_kwargs,
+                              class_labels=class_labels)
+    hidden_states = self.proj_out(input=hidden_states)
+    return ops.temporal_unpermute_residual(hidden_states, residual, num_frames, backend=backend)
+
+
+def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
+    """``ResnetBlock2D.forward`` (time_embedding_norm "default", SiLU, GroupNorm) with each GroupNorm+SiLU pair
+    fused: ``input_tensor [N, C, H, W]``, ``temb [N, T]`` -> ``[N, C_out, H', W']``."""
+    backend = getattr(self, PATCH_ATTRIBUTE)
+    norm1, norm2 = self.norm1, self.norm2
+    hidden_states = ops.group_norm_silu(input_tensor, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps,
+                                        backend=backend)
+    if self.upsample is not None:
+        if hidden_states.shape[0] >= 64:
+            input_tensor = input_tensor.contiguous()
+            hidden_states = hidden_states.contiguous()
+        input_tensor = self.upsample(input_tensor)
+        hidden_states = self.upsample(hidden_states)
+    elif self.downsample is not None:
+        input_tensor = self.downsample(input_tensor)
+        hidden_states = self.downsample(hidden_states)
+    hidden_states = self.conv1(hidden_states)
+    if self.time_emb_proj is not None:
+        if not self.skip_time_act:
+            temb = self.nonlinearity(temb)
+        temb = self.time_emb_proj(temb)[:, :, None, None]
+    if temb is not None:
+        hidden_states = hidden_states + temb
+    hidden_states = ops.group_norm_silu(hidden_states, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps,
+                                        backend=backend)
+    hidden_states = self.dropout(hidden_states)
+    hidden_states = self.conv2(hidden_states)
+    if self.conv_shortcut is not None:
+        if self.training:
+            input_tensor = input_tensor.contiguous()
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden_states) / self.output_scale_factor
+
+
+def _resnet_is_fusable(module) -> bool:
+    return (isinstance(module.norm1, nn.GroupNorm) and isinstance(module.norm2, nn.GroupNorm)
+            and isinstance(module.nonlinearity, nn.SiLU) and module.time_embedding_norm == "default")
+
+
+@dataclass
+class PatchRecord:
+    """What patch_pipeline changed, to undo it exactly."""
+
+    backend: str
+    options: tuple
+    forwards: list = field(default_factory=list)       # modules given an instance-level forward
+    processors: list = field(default_factory=list)     # (attention module, original processor)
+    scheduler: object = None                           # the original scheduler, when swapped
+
+
+def _override_forward(module, function, backend, record):
+    setattr(module, PATCH_ATTRIBUTE, backend)
+    module.forward = types.MethodType(function, module)
+    record.forwards.append(module)
+
+
+def _check_patchable(pipe):
+    from diffusers.models.unets.unet_motion_model import UNetMotionModel
+
+    unet = getattr(pipe, "unet", None)
+    if not isinstance(unet, UNetMotionModel):
+        raise TypeError(f"patch_pipeline: expected a pipeline whose unet is a diffusers UNetMotionModel (AnimateDiff "
+                        f"pipelines), got {type(unet).__name__}")
+    if any(type(m).__name__ == "SplitInferenceModule" for m in unet.modules()):
+        raise ValueError("patch_pipeline: FreeNoise split inference (enable_free_noise_split_inference) wraps the "
+                         "modules this patch replaces; patch before enabling it is not supported either. Disable "
+                         "split inference (plain FreeNoise works) or leave this pipeline unpatched.")
+
+
+def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: bool = True, scheduler: bool = True):
+    """Run ``pipe`` (``AnimateDiffPipeline``, ``AnimateDiffVideoToVideoPipeline``, ``AnimateDiffControlNetPipeline``,
+    ``AnimateLCMPipeline``, ...) on the fused kernels; returns ``pipe``.
+
+    ``backend`` forces one kernel backend for the patched ops (``"auto"``: the dispatcher picks per call).
+    ``attention``, ``norms`` and ``scheduler`` switch the three parts. Patching again with the same options does
+    nothing; with other options the first patch is undone first. Undo with :func:`unpatch_pipeline`.
+    """
+    from diffusers import LCMScheduler as DiffusersLCMScheduler
+    from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
+
+    from .schedulers import LCMScheduler
+
+    if backend not in ("auto", *BACKENDS):
+        raise ValueError(f"patch_pipeline: backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
+    _check_patchable(pipe)
+    options = (backend, attention, norms, scheduler)
+    existing = getattr(pipe, PATCH_ATTRIBUTE, None)
+    if existing is not None:
+        if existing.options == options:
+            return pipe
+        unpatch_pipeline(pipe)
+    record = PatchRecord(backend=backend, options=options)
+    for module in pipe.unet.modules():
+        if isinstance(module, AnimateDiffTransformer3D):
+            if norms:
+                _override_forward(module, fused_motion_module_forward, backend, record)
+            if attention:
+                for block in module.transformer_blocks:
+                    for attn in (getattr(block, "attn1", None), getattr(block, "attn2", None)):
+                        if attn is not None and not attn.is_cross_attention:
+                            record.processors.append((attn, attn.processor))
+                            attn.set_processor(TemporalAttentionProcessor(attn.processor, backend))
+        elif norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
+            _override_forward(module, fused_resnet_forward, backend, record)
+    if scheduler and type(pipe.scheduler) is DiffusersLCMScheduler:
+        record.scheduler = pipe.scheduler
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    setattr(pipe, PATCH_ATTRIBUTE, record)
+    return pipe
+
+
+def unpatch_pipeline(pipe):
+    """Undo :func:`patch_pipeline`: the original forwards, attention processors and scheduler come back; returns
+    ``pipe`` (unchanged if it was not patched)."""
+    record = getattr(pipe, PATCH_ATTRIBUTE, None)
+    if record is None:
+        return pipe
+    for module in record.forwards:
+        del module.forward
+        delattr(module, PATCH_ATTRIBUTE)
+    for attn, processor in record.processors:
+        attn.set_processor(processor)
+    if record.scheduler is not None:
+        pipe.scheduler = record.scheduler
+    delattr(pipe, PATCH_ATTRIBUTE)
+    return pipe
+
+
+def is_patched(pipe) -> bool:
+    """Whether ``pipe`` currently runs on the patch."""
+    return getattr(pipe, PATCH_ATTRIBUTE, None) is not None

@@ -1,0 +1,151 @@
+import diffusers
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from animatelcm import AnimateLCMPipeline, LCMScheduler, ops, patch_pipeline, unpatch_pipeline
+from animatelcm.patching import TemporalAttentionProcessor, is_patched
+
+FRAMES, SIZE = 8, 64
+
+
+def lcm():
+    return diffusers.LCMScheduler(beta_schedule="linear", original_inference_steps=100)
+
+
+def video(seed):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (SIZE, SIZE, 3), dtype=np.uint8)) for _ in range(FRAMES)]
+
+
+def build(kind, components):
+    """A pipeline of `kind` on the tiny components and the call arguments it needs."""
+    common = dict(vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+                  unet=components["unet"], motion_adapter=components["motion_adapter"])
+    args = dict(prompt="a red circle moving right", num_inference_steps=3, output_type="latent")
+    if kind == "animatediff":
+        pipe = diffusers.AnimateDiffPipeline(**common, scheduler=lcm())
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, latents=torch.randn(1, 4, FRAMES, 8, 8))
+    elif kind == "animatelcm":
+        pipe = AnimateLCMPipeline(**common)
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, latents=torch.randn(1, 4, FRAMES, 8, 8))
+    elif kind == "video2video":
+        pipe = diffusers.AnimateDiffVideoToVideoPipeline(**common, scheduler=lcm())
+        args.update(video=video(0), strength=0.8, num_inference_steps=4)
+    elif kind == "controlnet":
+        controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
+        pipe = diffusers.AnimateDiffControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=video(1),
+                    latents=torch.randn(1, 4, FRAMES, 8, 8))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, args
+
+
+def latents(pipe, args, guidance):
+    return pipe(**args, guidance_scale=guidance, generator=torch.Generator().manual_seed(7)).frames
+
+
+def relative_difference(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+@pytest.mark.parametrize("kind", ["animatediff", "animatelcm", "video2video", "controlnet"])
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, components):
+    pipe, args = build(kind, components)
+    reference = latents(pipe, args, guidance)
+    patch_pipeline(pipe)
+    assert is_patched(pipe) and isinstance(pipe.scheduler, LCMScheduler)
+    patched = latents(pipe, args, guidance)
+    assert relative_difference(patched, reference) <= 1e-3
+    unpatch_pipeline(pipe)
+    assert not is_patched(pipe) and type(pipe.scheduler) is type(build(kind, components)[0].scheduler)
+    assert torch.equal(latents(pipe, args, guidance), reference)
+
+
+def test_fused_paths_really_run(components, monkeypatch):
+    calls = {"temporal_attention": 0, "temporal_group_norm": 0, "group_norm_silu": 0, "consistency_step": 0}
+
+    def counting(name, function):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return function(*a, **k)
+        return wrapper
+
+    for name in calls:
+        monkeypatch.setattr(ops, name, counting(name, getattr(ops, name)))
+    import animatelcm.schedulers as schedulers
+
+    monkeypatch.setattr(schedulers, "consistency_step", counting("consistency_step", schedulers.consistency_step))
+    pipe, args = build("animatediff", components)
+    patch_pipeline(pipe)
+    latents(pipe, args, 1.0)
+    motion_modules = sum(type(m).__name__ == "AnimateDiffTransformer3D" for m in pipe.unet.modules())
+    assert calls["temporal_group_norm"] == 3 * motion_modules
+    assert calls["temporal_attention"] == 3 * 2 * motion_modules
+    assert calls["group_norm_silu"] > 0 and calls["consistency_step"] == 3
+
+
+def test_patch_options_and_repatching(components):
+    pipe, args = build("animatediff", components)
+    reference = latents(pipe, args, 1.0)
+    patch_pipeline(pipe, attention=False, scheduler=False)
+    assert type(pipe.scheduler) is diffusers.LCMScheduler
+    assert not any(isinstance(m.processor, TemporalAttentionProcessor) for m in pipe.unet.modules()
+                   if hasattr(m, "processor"))
+    assert patch_pipeline(pipe, attention=False, scheduler=False) is pipe  # same options: nothing to do
+    patch_pipeline(pipe, backend="eager")  # other options: re-patched
+    assert isinstance(pipe.scheduler, LCMScheduler)
+    assert relative_difference(latents(pipe, args, 1.0), reference) <= 1e-3
+    unpatch_pipeline(pipe)
+    assert torch.equal(latents(pipe, args, 1.0), reference)
+    assert unpatch_pipeline(pipe) is pipe  # unpatching twice is harmless
+
+
+def test_loras_fused_and_unfused(components, tmp_path):
+    from test_loading import LORA_TARGETS, lora_deltas, write_kohya
+
+    pipe, args = build("animatediff", components)
+    write_kohya(tmp_path / "lora.safetensors", lora_deltas(pipe.unet, 4, torch.Generator().manual_seed(0)), 4.0)
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors", adapter_name="style")
+    reference = latents(pipe, args, 1.0)
+    patch_pipeline(pipe)
+    assert relative_difference(latents(pipe, args, 1.0), reference) <= 1e-3
+    pipe.fuse_lora()
+    assert relative_difference(latents(pipe, args, 1.0), reference) <= 1e-3
+    assert LORA_TARGETS
+
+
+def test_free_noise_and_decode_chunks(components):
+    pipe, args = build("animatediff", components)
+    pipe.enable_free_noise(context_length=4, context_stride=2)
+    args.update(num_frames=FRAMES, latents=None, output_type="np", decode_chunk_size=3)
+    reference = latents(pipe, args, 1.0)
+    patch_pipeline(pipe)
+    patched = latents(pipe, args, 1.0)
+    assert np.abs(patched - reference).max() <= 1e-3
+
+
+def test_split_inference_and_wrong_pipelines_are_refused(components):
+    pipe, _ = build("animatediff", components)
+    pipe.enable_free_noise(context_length=4, context_stride=2)
+    pipe.enable_free_noise_split_inference(spatial_split_size=16, temporal_split_size=4)
+    with pytest.raises(ValueError, match="split inference"):
+        patch_pipeline(pipe)
+    sd = diffusers.StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                                           tokenizer=components["tokenizer"], unet=components["unet"],
+                                           scheduler=lcm(), safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+    with pytest.raises(TypeError, match="UNetMotionModel"):
+        patch_pipeline(sd)
+    with pytest.raises(ValueError, match="backend"):
+        patch_pipeline(build("animatediff", components)[0], backend="fastest")
+
+
+def test_other_schedulers_are_left_alone(components):
+    pipe, args = build("animatediff", components)
+    pipe.scheduler = diffusers.DDIMScheduler(beta_schedule="linear")
+    scheduler = pipe.scheduler
+    patch_pipeline(pipe)
+    assert pipe.scheduler is scheduler

@@ -19,7 +19,6 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from . import ops

@@ -14,8 +14,8 @@ import math
 import torch
 
 from .dispatch import Implementation, explain, select
-from .layout import merged_batch_strides, unit_stride_last
-from .native import SCALAR_TYPE_CODES, native_module, native_unavailable_reason, pointer
+from .layout import plan_attention
+from .native import SCALAR_TYPE_CODES, native_module, native_unavailable_reason, pointer, reject_unless_native
 from .triton_backend import triton_attention, triton_unavailable_reason
 
 MAX_FRAMES = 64
@@ -58,16 +58,7 @@ def _eager(q, k, v, scale):
 
 
 def _cpp(q, k, v, scale):
-    q, k, v = unit_stride_last(q), unit_stride_last(k), unit_stride_last(v)
-    out = torch.empty_like(q)
-    if out.stride(-1) != 1:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    plan = merged_batch_strides([q, k, v, out])
-    if plan is None:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = torch.empty_like(q)
-        plan = merged_batch_strides([q, k, v, out])
-    (batch0, batch1), strides = plan
+    q, k, v, out, (batch0, batch1), strides = plan_attention(q, k, v)
     native_module().temporal_attention_cpu(
         pointer(q), pointer(k), pointer(v), pointer(out), batch0, batch1, q.shape[-2], q.shape[-1], *strides,
         float(scale), SCALAR_TYPE_CODES[q.dtype])
@@ -75,14 +66,13 @@ def _cpp(q, k, v, scale):
 
 
 def _reject_native(device_types):
+    device_and_dtype = reject_unless_native(*device_types)
+
     def reject(q, k, v, scale):
-        if q.device.type not in device_types:
-            return f"needs {' or '.join(device_types)} tensors, got {q.device.type}"
-        if q.dtype not in SCALAR_TYPE_CODES:
-            return f"supports float32/float16/bfloat16, got {q.dtype}"
-        if q.shape[-2] > MAX_FRAMES or q.shape[-1] > MAX_HEAD_DIM:
+        reason = device_and_dtype(q)
+        if reason is None and (q.shape[-2] > MAX_FRAMES or q.shape[-1] > MAX_HEAD_DIM):
             return f"supports frames <= {MAX_FRAMES} and head_dim <= {MAX_HEAD_DIM}, got {q.shape[-2]}, {q.shape[-1]}"
-        return None
+        return reason
     return reject
 
 

@@ -16,7 +16,15 @@ from __future__ import annotations
 import torch
 
 from .dispatch import Implementation, explain, select
-from .native import SCALAR_TYPE_CODES, cuda_stream_handle, has_cuda_kernels, native_module, native_unavailable_reason, pointer
+from .native import (
+    SCALAR_TYPE_CODES,
+    cuda_kernels_unavailable_reason,
+    cuda_stream_handle,
+    native_module,
+    native_unavailable_reason,
+    pointer,
+    reject_unless_native,
+)
 
 PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 # Order of the coefficient row, shared with csrc/consistency_step.h (struct StepCoefficients).
@@ -109,33 +117,15 @@ def _cuda(*args):
     return _native_call("consistency_step_cuda", lambda sample: (cuda_stream_handle(sample.device),), *args)
 
 
-def _reject_unless(device_type):
-    def reject(model_output, sample, coefficients, noise, prediction_type, clip_range):
-        if sample.device.type != device_type:
-            return f"needs {device_type} tensors, got {sample.device.type}"
-        if sample.dtype not in SCALAR_TYPE_CODES:
-            return f"supports float32/float16/bfloat16, got {sample.dtype}"
-        return None
-    return reject
 
 
-def _cpp_available():
-    return native_unavailable_reason()
 
 
-def _cuda_available():
-    if native_module() is None:
-        return native_unavailable_reason()
-    if not has_cuda_kernels():
-        return "animatelcm._C was built without CUDA (no nvcc at build time, or ANIMATELCM_CUDA=0)"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    return None
 
 
 IMPLEMENTATIONS = [
-    Implementation("cuda", _cuda, _cuda_available, _reject_unless("cuda")),
-    Implementation("cpp", _cpp, _cpp_available, _reject_unless("cpu")),
+    Implementation("cuda", _cuda, cuda_kernels_unavailable_reason, reject_unless_native("cuda")),
+    Implementation("cpp", _cpp, native_unavailable_reason, reject_unless_native("cpu")),
     Implementation("eager", _eager, lambda: None, lambda *a, **k: None),
 ]
 

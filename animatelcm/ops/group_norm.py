@@ -18,7 +18,15 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import Implementation, explain, select
-from .native import SCALAR_TYPE_CODES, cuda_stream_handle, has_cuda_kernels, native_module, native_unavailable_reason, pointer
+from .native import (
+    SCALAR_TYPE_CODES,
+    cuda_kernels_unavailable_reason,
+    cuda_stream_handle,
+    native_module,
+    native_unavailable_reason,
+    pointer,
+    reject_unless_native,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -86,12 +94,24 @@ def temporal_group_norm_reference(x, num_frames, num_groups, weight=None, bias=N
     return h.permute(0, 3, 4, 2, 1).reshape(batch * height * width, num_frames, channels).to(x.dtype)
 
 
+def rows_to_frames(y, num_frames, height, width):
+    """``[B*H*W, F, C]`` -> ``[B*F, C, H, W]`` (the motion module's layout back to the UNet's)."""
+    channels = y.shape[-1]
+    batch = y.shape[0] // (height * width)
+    back = y.reshape(batch, height, width, num_frames, channels).permute(0, 3, 4, 1, 2)
+    return back.reshape(batch * num_frames, channels, height, width)
+
+
+def frames_to_rows(x, num_frames):
+    """``[B*F, C, H, W]`` -> ``[B*H*W, F, C]`` (the UNet's layout to the motion module's)."""
+    batch_frames, channels = x.shape[:2]
+    rows = x.reshape(batch_frames // num_frames, num_frames, channels, -1).permute(0, 3, 1, 2)
+    return rows.reshape(-1, num_frames, channels)
+
+
 def temporal_unpermute_residual_reference(y, residual, num_frames):
     """Eager layout change back plus residual: ``y [B*H*W, F, C]``, ``residual [B*F, C, H, W]`` -> like residual."""
-    batch_frames, channels, height, width = residual.shape
-    batch = batch_frames // num_frames
-    back = y.reshape(batch, height, width, num_frames, channels).permute(0, 3, 4, 1, 2)
-    return (back.reshape(batch_frames, channels, height, width) + residual).to(residual.dtype)
+    return (rows_to_frames(y, num_frames, *residual.shape[2:]) + residual).to(residual.dtype)
 
 
 def _group_norm_backward(x, weight, num_groups, eps, silu, grad, bias):
@@ -162,32 +182,16 @@ def _cuda_extra(x):
     return (cuda_stream_handle(x.device),)
 
 
-def _cuda_available():
-    if native_module() is None:
-        return native_unavailable_reason()
-    if not has_cuda_kernels():
-        return "animatelcm._C was built without CUDA (no nvcc at build time, or ANIMATELCM_CUDA=0)"
-    if not torch.cuda.is_available():
-        return "torch sees no CUDA device"
-    return None
 
 
-def _reject_unless(device_type):
-    def reject(x, *rest):
-        if x.device.type != device_type:
-            return f"needs {device_type} tensors, got {x.device.type}"
-        if x.dtype not in SCALAR_TYPE_CODES:
-            return f"supports float32/float16/bfloat16, got {x.dtype}"
-        return None
-    return reject
 
 
 def _gn_impls(reference, run_native):
     return [
-        Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), _cuda_available,
-                       _reject_unless("cuda")),
+        Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), cuda_kernels_unavailable_reason,
+                       reject_unless_native("cuda")),
         Implementation("cpp", lambda *a: run_native("group_norm_cpu", _no_extra, *a), native_unavailable_reason,
-                       _reject_unless("cpu")),
+                       reject_unless_native("cpu")),
         Implementation("eager", reference, lambda: None, lambda *a: None),
     ]
 
@@ -202,9 +206,9 @@ TEMPORAL_GROUP_NORM = _gn_impls(
                                                                  False, True))
 UNPERMUTE_RESIDUAL = [
     Implementation("cuda", lambda *a: _native_unpermute("unpermute_residual_cuda", _cuda_extra, *a),
-                   _cuda_available, _reject_unless("cuda")),
+                   cuda_kernels_unavailable_reason, reject_unless_native("cuda")),
     Implementation("cpp", lambda *a: _native_unpermute("unpermute_residual_cpu", _no_extra, *a),
-                   native_unavailable_reason, _reject_unless("cpu")),
+                   native_unavailable_reason, reject_unless_native("cpu")),
     Implementation("eager", temporal_unpermute_residual_reference, lambda: None, lambda *a: None),
 ]
 
@@ -271,8 +275,7 @@ def _tgn_backward(ctx, grad):
     batch_frames, channels, height, width = x.shape
     batch = batch_frames // frames
     # grad [B*H*W, F, C] -> [B*F, C, H, W], then both to [B, C, F*H*W]
-    grad_x_layout = grad.reshape(batch, height, width, frames, channels).permute(0, 3, 4, 1, 2)
-    grad_x_layout = grad_x_layout.reshape(batch_frames, channels, height, width)
+    grad_x_layout = rows_to_frames(grad, frames, height, width)
     grad_x, grad_w, grad_b = _group_norm_backward(_to_channel_groups(x, batch, frames), weight, ctx.num_groups,
                                                   ctx.eps, False, _to_channel_groups(grad_x_layout, batch, frames),
                                                   bias)
@@ -295,15 +298,11 @@ def _(y, residual, num_frames, backend):
 
 
 def _unpermute_setup(ctx, inputs, output):
-    y, residual, num_frames, _ = inputs
-    ctx.residual_shape, ctx.num_frames = residual.shape, num_frames
+    ctx.num_frames = inputs[2]
 
 
 def _unpermute_backward(ctx, grad):
-    batch_frames, channels, height, width = ctx.residual_shape
-    frames = ctx.num_frames
-    grad_y = grad.reshape(batch_frames // frames, frames, channels, height, width).permute(0, 3, 4, 1, 2)
-    return grad_y.reshape(-1, frames, channels), grad, None, None
+    return frames_to_rows(grad, ctx.num_frames), grad, None, None
 
 
 _unpermute_residual_op.register_autograd(_unpermute_backward, setup_context=_unpermute_setup)

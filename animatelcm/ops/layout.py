@@ -32,3 +32,21 @@ def merged_batch_strides(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], 
 def unit_stride_last(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor itself when its last dim has stride 1 (or size 1), else a contiguous copy."""
     return tensor if tensor.stride(-1) == 1 or tensor.shape[-1] == 1 else tensor.contiguous()
+
+
+def plan_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    """Inputs and output of an attention kernel as ``[batch0, batch1, F, D]`` strided views: returns
+    ``(q, k, v, out, (batch0, batch1), strides)`` where q/k/v have unit stride on D (copied only if not), ``out``
+    has q's layout (contiguous when q's layout cannot be reproduced), and ``strides`` holds the (batch0, batch1,
+    frame) strides of q, k, v and out. Falls back to contiguous copies when the leading dims do not merge into two."""
+    q, k, v = unit_stride_last(q), unit_stride_last(k), unit_stride_last(v)
+    out = torch.empty_like(q)
+    if out.stride(-1) != 1:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    plan = merged_batch_strides([q, k, v, out])
+    if plan is None:
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        out = torch.empty_like(q)
+        plan = merged_batch_strides([q, k, v, out])
+    sizes, strides = plan
+    return q, k, v, out, sizes, strides

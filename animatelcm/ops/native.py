@@ -55,3 +55,26 @@ def pointer(tensor: torch.Tensor | None) -> int:
 def cuda_stream_handle(device: torch.device) -> int:
     """The cudaStream_t of torch's current stream on ``device``, as an int for _C's CUDA launchers."""
     return torch.cuda.current_stream(device).cuda_stream
+
+
+def cuda_kernels_unavailable_reason() -> str | None:
+    """Why _C's CUDA kernels cannot run in this process, or None."""
+    if native_module() is None:
+        return native_unavailable_reason()
+    if not has_cuda_kernels():
+        return "animatelcm._C was built without CUDA (no nvcc at build time, or ANIMATELCM_CUDA=0)"
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def reject_unless_native(*device_types):
+    """An Implementation.reject for _C kernels: the first argument must be a float32/float16/bfloat16 tensor on one
+    of ``device_types`` (the ops' own checks have made the other tensors agree with it)."""
+    def reject(tensor, *rest):
+        if tensor.device.type not in device_types:
+            return f"needs {' or '.join(device_types)} tensors, got {tensor.device.type}"
+        if tensor.dtype not in SCALAR_TYPE_CODES:
+            return f"supports float32/float16/bfloat16, got {tensor.dtype}"
+        return None
+    return reject

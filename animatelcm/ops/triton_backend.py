@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .layout import merged_batch_strides, unit_stride_last
+from .layout import plan_attention
 
 
 def triton_unavailable_reason() -> str | None:
@@ -43,16 +43,7 @@ def _block(n: int) -> int:
 
 def triton_attention(q, k, v, scale):
     """Launch the Triton temporal attention on q, k, v ``[..., F, D]`` (one shape); output has q's layout."""
-    q, k, v = unit_stride_last(q), unit_stride_last(k), unit_stride_last(v)
-    out = torch.empty_like(q)
-    if out.stride(-1) != 1:
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    plan = merged_batch_strides([q, k, v, out])
-    if plan is None:
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        out = torch.empty_like(q)
-        plan = merged_batch_strides([q, k, v, out])
-    (batch0, batch1), strides = plan
+    q, k, v, out, (batch0, batch1), strides = plan_attention(q, k, v)
     frames, head_dim = q.shape[-2], q.shape[-1]
     if batch0 * batch1 == 0:
         return out

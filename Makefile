@@ -9,7 +9,7 @@ STAMP := $(VENV)/.animatelcm-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 DEMO_OUT ?= outputs/demo.gif
 
-.PHONY: setup demo test test-slow bench wheel clean
+.PHONY: setup demo test test-slow bench bench-e2e wheel clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test-slow: setup
 bench: setup
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) -m pytest -q \
 		benchmarks/test_kernels.py --benchmark-disable-gc --benchmark-columns=median,iqr,rounds
+
+# End-to-end pipeline benchmark (diffusers eager vs patch_pipeline vs torch.compile; slow on a CPU).
+bench-e2e: setup
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) benchmarks/end_to_end.py
 
 wheel: setup
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

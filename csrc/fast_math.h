@@ -25,21 +25,28 @@ ALCM_HD_MATH float bit_cast_float(int32_t bits) {
 #endif
 }
 
-// exp(x) to ~2 ulp over the float range (Cephes polynomial after a 2^n range reduction). Arguments are clamped to
-// [-87, 88] so 2^n stays a normal float; NaN propagates (comparisons with NaN are false, so it is not clamped).
-ALCM_HD_MATH float fast_exp(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  x = x > 88.0f ? 88.0f : x;
+// exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2 (Cephes polynomial). T is float or a float vector;
+// returns e^r and sets n (as T). Shared by the scalar and vector fast_exp so both do the same arithmetic.
+template <typename T>
+ALCM_HD_MATH T exp_reduced(T x, T* n) {
   const float kRound = 12582912.0f;  // 1.5 * 2^23: adding and subtracting rounds to the nearest integer
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
+  *n = (x * 1.44269504088896341f + kRound) - kRound;
+  const T r = (x - *n * 0.693359375f) - *n * -2.12194440e-4f;
+  T p = r * 1.9875691500e-4f + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  return p * r * r + r + 1.0f;
+}
+
+// exp(x) to ~2 ulp over the float range. Arguments are clamped to [-87, 88] so 2^n stays a normal float; NaN
+// propagates (comparisons with NaN are false, so it is not clamped).
+ALCM_HD_MATH float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  float n;
+  const float p = exp_reduced(x, &n);
   return p * bit_cast_float((static_cast<int32_t>(n) + 127) << 23);
 }
 
@@ -66,19 +73,12 @@ typedef int32_t VecI __attribute__((vector_size(kLanes * 4)));
 
 __attribute__((always_inline)) inline VecF splat(float x) { return VecF{} + x; }
 
-// fast_exp on a vector: the same range reduction, polynomial and clamps (NaN lanes stay NaN).
+// fast_exp on a vector: the same clamps and exp_reduced arithmetic (NaN lanes stay NaN).
 __attribute__((always_inline)) inline VecF fast_exp(VecF x) {
   x = x < -87.0f ? splat(-87.0f) : x;
   x = x > 88.0f ? splat(88.0f) : x;
-  const VecF n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const VecF r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
-  VecF p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
+  VecF n;
+  const VecF p = exp_reduced(x, &n);
   const VecI bits = (__builtin_convertvector(n, VecI) + 127) << 23;
   VecF scale;
   __builtin_memcpy(&scale, &bits, sizeof scale);

@@ -9,6 +9,8 @@ What is patched, all through diffusers' public hooks (attention processors and m
   projections seen as ``[B, heads, F, D]`` views (no copies); the positional embedding stays where diffusers adds it
   (on the normed input, in the transformer block), the GEGLU feed-forward and output projection are diffusers' own;
 - spatial ResNet blocks: GroupNorm + SiLU fused, twice per block (module forward);
+- every GEGLU feed-forward activation (motion modules and spatial transformers): ``h * gelu(gate)`` in one pass
+  (module forward);
 - a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config.
 Anything the fused paths do not cover (attention masks, cross-attention, other norms or activations) runs the
 original code.
@@ -114,6 +116,11 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     return (input_tensor + hidden_states) / self.output_scale_factor
 
 
+def fused_geglu_forward(self, hidden_states, *args, **kwargs):
+    """``GEGLU.forward`` with the split, GELU and product fused: ``[..., D]`` -> ``[..., inner]``."""
+    return ops.geglu(self.proj(hidden_states), backend=getattr(self, PATCH_ATTRIBUTE))
+
+
 def _resnet_is_fusable(module) -> bool:
     return (isinstance(module.norm1, nn.GroupNorm) and isinstance(module.norm2, nn.GroupNorm)
             and isinstance(module.nonlinearity, nn.SiLU) and module.time_embedding_norm == "default")
@@ -154,10 +161,12 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     ``AnimateLCMPipeline``, ...) on the fused kernels; returns ``pipe``.
 
     ``backend`` forces one kernel backend for the patched ops (``"auto"``: the dispatcher picks per call).
-    ``attention``, ``norms`` and ``scheduler`` switch the three parts. Patching again with the same options does
+    ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU,
+    the motion-module norm and permutes, GEGLU) and ``scheduler`` switch the three parts. Patching again with the same options does
     nothing; with other options the first patch is undone first. Undo with :func:`unpatch_pipeline`.
     """
     from diffusers import LCMScheduler as DiffusersLCMScheduler
+    from diffusers.models.activations import GEGLU
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
@@ -185,6 +194,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
                             attn.set_processor(TemporalAttentionProcessor(attn.processor, backend))
         elif norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
             _override_forward(module, fused_resnet_forward, backend, record)
+        elif norms and type(module) is GEGLU:
+            _override_forward(module, fused_geglu_forward, backend, record)
     if scheduler and type(pipe.scheduler) is DiffusersLCMScheduler:
         record.scheduler = pipe.scheduler
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)

@@ -50,6 +50,18 @@ ALCM_HD_MATH float fast_exp(float x) {
   return p * bit_cast_float((static_cast<int32_t>(n) + 127) << 23);
 }
 
+// erf(x) to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), branch-free so CPU loops vectorise.
+ALCM_HD_MATH float erf_approx(float x) {
+  const float magnitude = x < 0.0f ? -x : x;
+  const float t = 1.0f / (1.0f + 0.3275911f * magnitude);
+  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const float y = 1.0f - poly * fast_exp(-magnitude * magnitude);
+  return x < 0.0f ? -y : y;
+}
+
+// Exact (erf) GELU, as F.gelu(x) with approximate="none".
+ALCM_HD_MATH float gelu(float x) { return 0.5f * x * (1.0f + erf_approx(x * 0.70710678118654752f)); }
+
 // x * sigmoid(x), through e = exp(-|x|) in (0, 1]: no overflow, and no denormal intermediate (a denormal in a
 // vectorised division costs a microcode assist per vector; x / (1 + exp(-x)) produced them on the clamped path).
 ALCM_HD_MATH float silu(float x) {

@@ -59,6 +59,10 @@ UnpermuteResidualArgs make_unpermute_args(std::uintptr_t y, std::uintptr_t resid
                                reinterpret_cast<void*>(out), batch, frames, channels, spatial, scalar_type};
 }
 
+GegluArgs make_geglu_args(std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t inner, int scalar_type) {
+  return GegluArgs{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), rows, inner, scalar_type};
+}
+
 // Binds `kernel(make_args(args...))` with the GIL released while it runs.
 template <typename Args, typename... Params>
 auto released(void (*kernel)(const Args&), Args (*make)(Params...)) {
@@ -106,7 +110,15 @@ PYBIND11_MODULE(_C, m) {
         "GroupNorm(+SiLU) over host x [batch*frames, C, S]; statistics span frames; optional [B, S, F, C] output.");
   m.def("unpermute_residual_cpu", released(&unpermute_residual_cpu, &make_unpermute_args),
         "out [B*F, C, S] = permute(y [B*S, F, C]) + residual over host buffers.");
+  m.def("geglu_cpu", released(&geglu_cpu, &make_geglu_args),
+        "out [rows, inner] = x[:, :inner] * gelu(x[:, inner:]) over contiguous host buffers.");
 #if ANIMATELCM_WITH_CUDA
+  m.def(
+      "geglu_cuda",
+      [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t inner, int scalar_type, std::uintptr_t stream) {
+        geglu_cuda(make_geglu_args(x, out, rows, inner, scalar_type), stream);
+      },
+      "GEGLU over contiguous device buffers on the given stream.");
   m.def(
       "consistency_step_cuda",
       [](std::uintptr_t prev, std::uintptr_t denoised, std::uintptr_t model_output, std::uintptr_t sample,

@@ -65,7 +65,7 @@ def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, componen
 
 
 def test_fused_paths_really_run(components, monkeypatch):
-    calls = {"temporal_attention": 0, "temporal_group_norm": 0, "group_norm_silu": 0, "consistency_step": 0}
+    calls = {"temporal_attention": 0, "temporal_group_norm": 0, "group_norm_silu": 0, "geglu": 0, "consistency_step": 0}
 
     def counting(name, function):
         def wrapper(*a, **k):
@@ -85,6 +85,8 @@ def test_fused_paths_really_run(components, monkeypatch):
     assert calls["temporal_group_norm"] == 3 * motion_modules
     assert calls["temporal_attention"] == 3 * 2 * motion_modules
     assert calls["group_norm_silu"] > 0 and calls["consistency_step"] == 3
+    geglus = sum(type(m).__name__ == "GEGLU" for m in pipe.unet.modules())
+    assert calls["geglu"] == 3 * geglus
 
 
 def test_patch_options_and_repatching(components):

@@ -12,6 +12,7 @@ from .consistency import (
     explain_consistency_step,
 )
 from .dispatch import BACKENDS, BackendUnavailableError
+from .geglu import geglu, geglu_reference
 from .group_norm import (
     explain_group_norm_silu,
     group_norm_silu,
@@ -25,7 +26,7 @@ from .native import build_info
 
 
 def _implementations():
-    from . import attention, consistency, group_norm
+    from . import attention, consistency, geglu, group_norm
 
     return {
         "temporal_attention": attention.IMPLEMENTATIONS,
@@ -33,6 +34,7 @@ def _implementations():
         "temporal_group_norm": group_norm.TEMPORAL_GROUP_NORM,
         "temporal_unpermute_residual": group_norm.UNPERMUTE_RESIDUAL,
         "consistency_step": consistency.IMPLEMENTATIONS,
+        "geglu": geglu.IMPLEMENTATIONS,
     }
 
 
@@ -69,6 +71,8 @@ __all__ = [
     "explain_consistency_step",
     "explain_group_norm_silu",
     "explain_temporal_attention",
+    "geglu",
+    "geglu_reference",
     "group_norm_silu",
     "group_norm_silu_reference",
     "ops_by_backend",

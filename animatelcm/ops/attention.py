@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from .dispatch import Implementation, explain, select
+from .dispatch import Implementation, eager_fast_path, explain, select
 from .layout import plan_attention
 from .native import SCALAR_TYPE_CODES, native_module, native_unavailable_reason, pointer, reject_unless_native
 from .triton_backend import triton_attention, triton_unavailable_reason
@@ -133,6 +133,8 @@ def temporal_attention(q, k, v, scale=None, backend="auto"):
     defaults to ``D ** -0.5``; ``backend`` picks one (``"auto"``: the dispatcher's choice)."""
     check_attention_inputs(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if eager_fast_path(q, k, v):
+        return select("temporal_attention", IMPLEMENTATIONS, q, k, v, scale, backend=backend).run(q, k, v, scale)
     return _temporal_attention_op(q, k, v, scale, backend)
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import Implementation, explain, select
+from .dispatch import Implementation, eager_fast_path, explain, select
 from .native import (
     SCALAR_TYPE_CODES,
     cuda_kernels_unavailable_reason,
@@ -149,8 +149,11 @@ def consistency_step(model_output, sample, coefficients, noise=None, prediction_
     """Fused consistency step; same contract as :func:`consistency_step_reference` (shapes ``[*]``, coefficients
     ``[6]`` float32, outputs contiguous). ``backend`` picks one (``"auto"``: the dispatcher's choice)."""
     check_step_inputs(model_output, sample, coefficients, noise, prediction_type)
-    return _consistency_step_op(model_output, sample, coefficients, noise, prediction_type,
-                                None if clip_range is None else float(clip_range), backend)
+    clip_range = None if clip_range is None else float(clip_range)
+    if eager_fast_path(model_output, sample, coefficients, noise):
+        args = (model_output, sample, coefficients, noise, prediction_type, clip_range)
+        return select("consistency_step", IMPLEMENTATIONS, *args, backend=backend).run(*args)
+    return _consistency_step_op(model_output, sample, coefficients, noise, prediction_type, clip_range, backend)
 
 
 def explain_consistency_step(model_output, sample, coefficients, noise=None, prediction_type="epsilon",

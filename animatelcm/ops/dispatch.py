@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
+import torch
+
 BACKENDS = ("eager", "cpp", "cuda", "triton")
 BACKEND_ENV = "ANIMATELCM_BACKEND"
 
@@ -78,3 +80,21 @@ def select(op_name: str, implementations: list[Implementation], *args, backend: 
         if not (impl.available() or impl.reject(*args, **kwargs)):
             return impl
     raise RuntimeError(f"{op_name}: no implementation accepted the inputs, not even the eager reference")
+
+
+PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_fast_path(*tensors) -> bool:
+    """Whether an op call may skip the torch.library layer (its dispatch costs ~20 us a call): only plain tensors,
+    no gradient needed, not being traced by torch.compile. Everything else goes through the registered custom op,
+    which carries the fake implementation and autograd."""
+    if torch.compiler.is_compiling():
+        return False
+    grad_enabled = torch.is_grad_enabled()
+    for tensor in tensors:
+        if tensor is None:
+            continue
+        if type(tensor) not in PLAIN_TENSOR_TYPES or (grad_enabled and tensor.requires_grad):
+            return False
+    return True

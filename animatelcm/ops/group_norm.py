@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .dispatch import Implementation, explain, select
+from .dispatch import Implementation, eager_fast_path, explain, select
 from .native import (
     SCALAR_TYPE_CODES,
     cuda_kernels_unavailable_reason,
@@ -315,7 +315,10 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True, 
     _check_tensor("group_norm_silu", "x", x, "[N, C, *]")
     _check_groups("group_norm_silu", x.shape[1], num_groups, eps)
     _check_affine("group_norm_silu", x, x.shape[1], weight, bias)
-    return _group_norm_silu_op(x, num_groups, weight, bias, float(eps), bool(silu), backend)
+    args = (x, num_groups, weight, bias, float(eps), bool(silu))
+    if eager_fast_path(x, weight, bias):
+        return select("group_norm_silu", GROUP_NORM_SILU, *args, backend=backend).run(*args)
+    return _group_norm_silu_op(*args, backend)
 
 
 def temporal_group_norm(x, num_frames, num_groups, weight=None, bias=None, eps=1e-6, backend="auto"):
@@ -324,7 +327,10 @@ def temporal_group_norm(x, num_frames, num_groups, weight=None, bias=None, eps=1
     _check_frames("temporal_group_norm", x.shape[0], num_frames)
     _check_groups("temporal_group_norm", x.shape[1], num_groups, eps)
     _check_affine("temporal_group_norm", x, x.shape[1], weight, bias)
-    return _temporal_group_norm_op(x, num_frames, num_groups, weight, bias, float(eps), backend)
+    args = (x, num_frames, num_groups, weight, bias, float(eps))
+    if eager_fast_path(x, weight, bias):
+        return select("temporal_group_norm", TEMPORAL_GROUP_NORM, *args, backend=backend).run(*args)
+    return _temporal_group_norm_op(*args, backend)
 
 
 def temporal_unpermute_residual(y, residual, num_frames, backend="auto"):
@@ -340,6 +346,9 @@ def temporal_unpermute_residual(y, residual, num_frames, backend="auto"):
     if y.dtype != residual.dtype or y.device != residual.device:
         raise ValueError(f"temporal_unpermute_residual: y ({y.dtype}, {y.device}) and residual ({residual.dtype}, "
                          f"{residual.device}) must share dtype and device")
+    if eager_fast_path(y, residual):
+        return select("temporal_unpermute_residual", UNPERMUTE_RESIDUAL, y, residual, num_frames,
+                      backend=backend).run(y, residual, num_frames)
     return _unpermute_residual_op(y, residual, num_frames, backend)
 
 

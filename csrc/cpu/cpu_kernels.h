@@ -60,13 +60,22 @@ struct UnpermuteResidualArgs {
   int scalar_type;
 };
 
+// out [rows, inner] = x[:, :inner] * gelu(x[:, inner:]) for x [rows, 2 * inner], both contiguous.
+struct GegluArgs {
+  const void* x;
+  void* out;
+  int64_t rows, inner;
+  int scalar_type;
+};
+
 // Each CPU kernel source is compiled once per instruction set (CMakeLists.txt) into its own namespace; the
 // functions directly in `animatelcm` dispatch to the best one this CPU supports (csrc/cpu/dispatch.cpp).
 #define ALCM_CPU_KERNEL_DECLARATIONS                          \
   void consistency_step_cpu(const ConsistencyStepArgs& args); \
   void temporal_attention_cpu(const AttentionArgs& args);     \
   void group_norm_cpu(const GroupNormArgs& args);             \
-  void unpermute_residual_cpu(const UnpermuteResidualArgs& args);
+  void unpermute_residual_cpu(const UnpermuteResidualArgs& args); \
+  void geglu_cpu(const GegluArgs& args);
 
 ALCM_CPU_KERNEL_DECLARATIONS
 namespace baseline { ALCM_CPU_KERNEL_DECLARATIONS }

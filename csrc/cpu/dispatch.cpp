@@ -61,5 +61,6 @@ ALCM_DISPATCH(consistency_step_cpu, ConsistencyStepArgs)
 ALCM_DISPATCH(temporal_attention_cpu, AttentionArgs)
 ALCM_DISPATCH(group_norm_cpu, GroupNormArgs)
 ALCM_DISPATCH(unpermute_residual_cpu, UnpermuteResidualArgs)
+ALCM_DISPATCH(geglu_cpu, GegluArgs)
 
 }  // namespace animatelcm

@@ -11,5 +11,6 @@ void consistency_step_cuda(const ConsistencyStepArgs& args, std::uintptr_t strea
 // `stats` is a device buffer of 2 * batch * groups floats (mean, rstd per group) the kernel fills.
 void group_norm_cuda(const GroupNormArgs& args, float* stats, std::uintptr_t stream);
 void unpermute_residual_cuda(const UnpermuteResidualArgs& args, std::uintptr_t stream);
+void geglu_cuda(const GegluArgs& args, std::uintptr_t stream);
 
 }  // namespace animatelcm

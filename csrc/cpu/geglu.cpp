@@ -1,0 +1,40 @@
+// CPU GEGLU: out[m, i] = x[m, i] * gelu(x[m, inner + i]) for x [rows, 2 * inner] (contiguous), one pass over memory
+// (diffusers materialises gelu(gate) and then the product).
+#include <stdexcept>
+
+#include "../fast_math.h"
+#include "../scalar_types.h"
+#include "cpu_kernels.h"
+
+namespace animatelcm {
+namespace ALCM_CPU_ISA {
+namespace {
+
+template <int kType>
+void geglu_typed(const GegluArgs& a) {
+  using S = Storage<kType>;
+  using T = typename S::type;
+  const auto* x = static_cast<const T*>(a.x);
+  auto* out = static_cast<T*>(a.out);
+  const int64_t inner = a.inner;
+#pragma omp parallel for schedule(static) if (a.rows * inner > (1 << 15))
+  for (int64_t m = 0; m < a.rows; ++m) {
+    const T* row = x + m * 2 * inner;
+    T* o = out + m * inner;
+    for (int64_t i = 0; i < inner; ++i) S::store(o, i, S::load(row, i) * gelu(S::load(row, inner + i)));
+  }
+}
+
+}  // namespace
+
+void geglu_cpu(const GegluArgs& args) {
+  switch (args.scalar_type) {
+    case kFloat32: return geglu_typed<kFloat32>(args);
+    case kFloat16: return geglu_typed<kFloat16>(args);
+    case kBFloat16: return geglu_typed<kBFloat16>(args);
+    default: throw std::invalid_argument("geglu: unsupported scalar type code");
+  }
+}
+
+}  // namespace ALCM_CPU_ISA
+}  // namespace animatelcm

@@ -1,0 +1,66 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from animatelcm import ops
+from animatelcm.ops.geglu import IMPLEMENTATIONS
+from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
+
+BACKENDS = backends_usable_here(IMPLEMENTATIONS)
+SHAPES = [(3, 7, 2 * 40), (2, 16, 2 * 1280), (5, 2), (1, 1, 1, 2 * 13)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_matches_float64_reference(backend, dtype, monkeypatch, poisoned_outputs):
+    for index, shape in enumerate(SHAPES):
+        x = (torch.randn(shape, generator=torch.Generator().manual_seed(index)) * 3).to(dtype)
+        out = ops.geglu(x, backend=backend)
+        assert out.shape == (*shape[:-1], shape[-1] // 2)
+        assert_close_to_reference(out, ops.geglu_reference(x.double()), dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_every_cpu_isa_and_diffusers_geglu(isa, monkeypatch):
+    if "cpp" not in BACKENDS:
+        pytest.skip("native module not built")
+    from diffusers.models.activations import GEGLU
+
+    monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
+    module = GEGLU(24, 40).eval()
+    h = torch.randn(4, 9, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.geglu(module.proj(h), backend="cpp"), module(h), atol=2e-6, rtol=2e-5)
+    extreme = torch.tensor([[-1e4, -30.0, -5.0, 0.0, 1e-30, 5.0, 30.0, 1e4, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    torch.testing.assert_close(ops.geglu(extreme, backend="cpp"), ops.geglu_reference(extreme), atol=1e-6, rtol=1e-5)
+
+
+def test_strided_input_and_nan():
+    x = torch.randn(6, 8, 4).transpose(0, 1)  # non-contiguous [8, 6, 4]
+    torch.testing.assert_close(ops.geglu(x), ops.geglu_reference(x))
+    y = torch.randn(2, 8)
+    y[1, 5] = float("nan")  # gate of column 1 in row 1
+    out = ops.geglu(y)
+    assert torch.isnan(out[1, 1]) and torch.isfinite(out[0]).all() and torch.isfinite(out[1, [0, 2, 3]]).all()
+
+
+def test_gradients_and_opcheck():
+    x = torch.randn(3, 4, 10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.geglu, (x,))
+    xf = torch.randn(5, 12, requires_grad=True)
+    grad = torch.randn(5, 6)
+    got = torch.autograd.grad(ops.geglu(xf), xf, grad)[0]
+    hidden, gate = xf.chunk(2, dim=-1)
+    want = torch.autograd.grad(hidden * F.gelu(gate), xf, grad)[0]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(torch.ops.animatelcm.geglu.default, (torch.randn(3, 8), "auto"))
+    torch.library.opcheck(torch.ops.animatelcm.geglu.default, (torch.randn(3, 8, requires_grad=True), "eager"))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="even"):
+        ops.geglu(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="float32"):
+        ops.geglu(torch.ones(3, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        ops.geglu([1.0, 2.0])

@@ -26,7 +26,8 @@ from .native import build_info
 
 
 def _implementations():
-    from . import attention, consistency, geglu, group_norm
+    from . import attention, consistency, group_norm
+    from .geglu import IMPLEMENTATIONS as GEGLU_IMPLEMENTATIONS  # `geglu` here is the function
 
     return {
         "temporal_attention": attention.IMPLEMENTATIONS,
@@ -34,7 +35,7 @@ def _implementations():
         "temporal_group_norm": group_norm.TEMPORAL_GROUP_NORM,
         "temporal_unpermute_residual": group_norm.UNPERMUTE_RESIDUAL,
         "consistency_step": consistency.IMPLEMENTATIONS,
-        "geglu": geglu.IMPLEMENTATIONS,
+        "geglu": GEGLU_IMPLEMENTATIONS,
     }
 
 

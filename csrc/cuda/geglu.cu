@@ -1,25 +1,13 @@
 // CUDA GEGLU: out[m, i] = x[m, i] * gelu(x[m, inner + i]), grid-stride, the same gelu() as the CPU kernel.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <stdexcept>
-#include <string>
 
 #include "../fast_math.h"
 #include "../scalar_types.h"
 #include "cuda_kernels.h"
+#include "device_scalars.cuh"
 
 namespace animatelcm {
 namespace {
-
-__device__ __forceinline__ float as_float(float v) { return v; }
-__device__ __forceinline__ float as_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float as_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T> __device__ __forceinline__ T from_float(float v);
-template <> __device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 template <typename T>
 __global__ void geglu_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t rows, int64_t inner) {
@@ -28,18 +16,16 @@ __global__ void geglu_kernel(const T* __restrict__ x, T* __restrict__ out, int64
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t m = o / inner, i = o % inner;
     const T* row = x + m * 2 * inner;
-    out[o] = from_float<T>(as_float(row[i]) * gelu(as_float(row[inner + i])));
+    out[o] = from_float<T>(to_float(row[i]) * gelu(to_float(row[inner + i])));
   }
 }
 
 template <typename T>
 void launch(const GegluArgs& a, cudaStream_t stream) {
   constexpr int kThreads = 256;
-  const int64_t wanted = (a.rows * a.inner + kThreads - 1) / kThreads;
-  const int blocks = static_cast<int>(wanted < 65535LL * 16 ? (wanted > 0 ? wanted : 1) : 65535LL * 16);
-  geglu_kernel<T><<<blocks, kThreads, 0, stream>>>(static_cast<const T*>(a.x), static_cast<T*>(a.out), a.rows, a.inner);
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string("geglu CUDA launch: ") + cudaGetErrorString(err));
+  geglu_kernel<T><<<grid_for(a.rows * a.inner, kThreads), kThreads, 0, stream>>>(
+      static_cast<const T*>(a.x), static_cast<T*>(a.out), a.rows, a.inner);
+  check_launch("geglu");
 }
 
 }  // namespace

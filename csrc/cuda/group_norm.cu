@@ -4,26 +4,15 @@
 //   apply:      grid-stride over the output, [N, C, S] or the permuted [B, S, F, C] layout, optional SiLU (the
 //               same silu() as the CPU kernels).
 //   unpermute:  out [B*F, C, S] = permute(y [B*S, F, C]) + residual.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
 #include <stdexcept>
-#include <string>
 
 #include "../fast_math.h"
 #include "../scalar_types.h"
 #include "cuda_kernels.h"
+#include "device_scalars.cuh"
 
 namespace animatelcm {
 namespace {
-
-__device__ __forceinline__ float load_float(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load_float(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load_float(const __nv_bfloat16* p, int64_t i) { return __bfloat162float(p[i]); }
-__device__ __forceinline__ void store_float(float* p, int64_t i, float v) { p[i] = v; }
-__device__ __forceinline__ void store_float(__half* p, int64_t i, float v) { p[i] = __float2half_rn(v); }
-__device__ __forceinline__ void store_float(__nv_bfloat16* p, int64_t i, float v) { p[i] = __float2bfloat16_rn(v); }
 
 constexpr int kStatsThreads = 512;
 
@@ -34,11 +23,11 @@ __global__ void group_stats_kernel(const T* __restrict__ x, float* __restrict__ 
   const int64_t b = index / groups, g = index % groups, per_group = channels / groups;
   const int64_t block_len = per_group * spatial, count = frames * block_len;
   const T* base = x + (b * frames * channels + g * per_group) * spatial;
-  const float shift = load_float(base, 0);
+  const float shift = to_float(base[0]);
   float sum = 0.f, squares = 0.f;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
     const int64_t f = i / block_len, r = i % block_len;
-    const float centred = load_float(base + f * channels * spatial, r) - shift;
+    const float centred = to_float(base[f * channels * spatial + r]) - shift;
     sum += centred;
     squares += centred * centred;
   }
@@ -84,8 +73,8 @@ __global__ void group_apply_kernel(const T* __restrict__ x, T* __restrict__ y, c
     const int64_t stat = 2 * (b * groups + c / per_group);
     const float w = weight ? weight[c] : 1.f, bb = bias ? bias[c] : 0.f;
     const float scale = stats[stat + 1] * w, shift = bb - stats[stat] * scale;
-    const float v = load_float(x, ((b * frames + f) * channels + c) * spatial + s) * scale + shift;
-    store_float(y, o, kSilu ? silu(v) : v);
+    const float v = to_float(x[((b * frames + f) * channels + c) * spatial + s]) * scale + shift;
+    y[o] = from_float<T>(kSilu ? silu(v) : v);
   }
 }
 
@@ -97,18 +86,8 @@ __global__ void unpermute_residual_kernel(const T* __restrict__ y, const T* __re
        o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t s = o % spatial, c = (o / spatial) % channels, bf = o / (spatial * channels);
     const int64_t b = bf / frames, f = bf % frames;
-    store_float(out, o, load_float(y, ((b * spatial + s) * frames + f) * channels + c) + load_float(residual, o));
+    out[o] = from_float<T>(to_float(y[((b * spatial + s) * frames + f) * channels + c]) + to_float(residual[o]));
   }
-}
-
-int grid_for(int64_t total, int threads) {
-  const int64_t wanted = (total + threads - 1) / threads;
-  return static_cast<int>(wanted < 65535LL * 16 ? (wanted > 0 ? wanted : 1) : 65535LL * 16);
-}
-
-void check_launch(const char* what) {
-  const cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " CUDA launch: " + cudaGetErrorString(err));
 }
 
 template <typename T>

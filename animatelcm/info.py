@@ -10,7 +10,7 @@ def collect() -> dict:
     import torch
 
     from . import __version__
-    from .ops import available_backends, build_info
+    from .ops import backend_report, build_info
 
     return {
         "animatelcm": __version__,
@@ -19,7 +19,7 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "build": build_info(),
-        "backends": available_backends(),
+        "backends": backend_report(),
     }
 
 

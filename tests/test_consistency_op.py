@@ -98,15 +98,27 @@ def test_forced_backend_that_cannot_run_says_why(monkeypatch):
         ops.consistency_step(torch.randn(3), torch.randn(3), torch.rand(6))
 
 
-def test_explain_and_available_backends():
+def test_explain_available_backends_and_report():
     report = dict(ops.explain_consistency_step(torch.randn(3), torch.randn(3), torch.rand(6)))
     assert report["eager"] is None
     assert "cuda" in report["cuda"] or "CUDA" in report["cuda"]
-    backends = ops.available_backends()
-    assert set(backends) == {"eager", "cpp", "cuda", "triton"} and backends["eager"] is None
-    assert report["cpp"] is None or "float64" not in report["cpp"]
-    assert "float64" in dict(ops.explain_consistency_step(torch.randn(3).double(), torch.randn(3).double(),
-                                                          torch.rand(6)))["cpp"] or backends["cpp"] is not None
+    full = ops.backend_report()
+    assert set(full) == {"eager", "cpp", "cuda", "triton"} and full["eager"] is None
+    usable = ops.available_backends()
+    assert usable == [name for name, reason in full.items() if reason is None] and "eager" in usable
+    if not torch.cuda.is_available():
+        assert "cuda" not in usable and full["cuda"]
+    if "cpp" in usable:
+        double = dict(ops.explain_consistency_step(torch.randn(3).double(), torch.randn(3).double(), torch.rand(6)))
+        assert "float64" in double["cpp"]
+
+
+def test_environment_forces_where_implemented_and_argument_is_strict(monkeypatch):
+    x = torch.randn(2, 4, 3, 3)
+    monkeypatch.setenv("ANIMATELCM_BACKEND", "triton")  # no Triton GroupNorm: that op keeps the automatic choice
+    torch.testing.assert_close(ops.group_norm_silu(x, 2), ops.group_norm_silu_reference(x, 2))
+    with pytest.raises(ops.BackendUnavailableError, match="no triton implementation"):
+        ops.group_norm_silu(x, 2, backend="triton")
 
 
 def test_native_build_info():

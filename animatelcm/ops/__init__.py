@@ -39,9 +39,9 @@ def _implementations():
     }
 
 
-def available_backends() -> dict[str, str | None]:
-    """{backend: None if usable in this process, else why not}; a backend is usable when it exists here, whatever
-    inputs it would accept (see ``ops_by_backend`` for which ops each one implements)."""
+def backend_report() -> dict[str, str | None]:
+    """{backend: None if usable in this process, else why not} for every backend name; a backend is usable when
+    it exists here, whatever inputs it would accept (``ops_by_backend`` says which ops each implements)."""
     report = {name: "no op implements it" for name in BACKENDS}
     for implementations in _implementations().values():
         for impl in implementations:
@@ -49,6 +49,11 @@ def available_backends() -> dict[str, str | None]:
             if report[impl.backend] is not None:
                 report[impl.backend] = reason
     return report
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process (``backend_report`` gives the reasons for the others)."""
+    return [name for name, reason in backend_report().items() if reason is None]
 
 
 def ops_by_backend() -> dict[str, list[str]]:
@@ -66,6 +71,7 @@ __all__ = [
     "COEFFICIENT_NAMES",
     "PREDICTION_TYPES",
     "available_backends",
+    "backend_report",
     "build_info",
     "consistency_step",
     "consistency_step_reference",

@@ -56,28 +56,33 @@ def explain(implementations: list[Implementation], *args, **kwargs) -> list[tupl
 
 
 def select(op_name: str, implementations: list[Implementation], *args, backend: str = "auto") -> Implementation:
-    """The implementation to run for ``args``: ``backend`` when not ``"auto"``, else the one ``ANIMATELCM_BACKEND``
-    forces (an error if it cannot run these inputs), else the first that accepts."""
+    """The implementation to run for ``args``.
+
+    ``backend`` (the ops' argument) other than ``"auto"`` is strict: that backend or an error saying why not.
+    ``ANIMATELCM_BACKEND`` forces a backend for every op that implements it (an error if it cannot run these
+    inputs); ops without that backend at all keep the automatic choice, so forcing e.g. ``triton`` for a whole
+    pipeline does not break the ops Triton has no kernel for. Otherwise the first implementation that accepts.
+    """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"{op_name}: backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
-    forced = backend if backend != "auto" else forced_backend()
-    kwargs = {}
+    explicit = backend != "auto"
+    forced = backend if explicit else forced_backend()
     if forced is not None:
-        for impl in implementations:
-            if impl.backend == forced:
-                reason = impl.available() or impl.reject(*args, **kwargs)
-                if reason:
-                    raise BackendUnavailableError(
-                        f"{op_name}: backend {forced} cannot run these inputs: {reason}. "
-                        f"Use backend='auto' (and unset {BACKEND_ENV}) to fall back automatically."
-                    )
-                return impl
-        raise BackendUnavailableError(
-            f"{op_name} has no {forced} implementation (it has: "
-            f"{', '.join(i.backend for i in implementations)}); unset {BACKEND_ENV} or pick one of those"
-        )
+        impl = next((i for i in implementations if i.backend == forced), None)
+        if impl is None and explicit:
+            raise BackendUnavailableError(
+                f"{op_name} has no {forced} implementation (it has: "
+                f"{', '.join(i.backend for i in implementations)}); pick one of those or backend='auto'")
+        if impl is not None:
+            reason = impl.available() or impl.reject(*args)
+            if reason:
+                source = f"backend={forced!r}" if explicit else f"{BACKEND_ENV}={forced}"
+                raise BackendUnavailableError(
+                    f"{op_name}: {source} cannot run these inputs: {reason}. "
+                    f"Use backend='auto' (and unset {BACKEND_ENV}) to fall back automatically.")
+            return impl
     for impl in implementations:
-        if not (impl.available() or impl.reject(*args, **kwargs)):
+        if not (impl.available() or impl.reject(*args)):
             return impl
     raise RuntimeError(f"{op_name}: no implementation accepted the inputs, not even the eager reference")
 

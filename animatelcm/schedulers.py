@@ -10,8 +10,18 @@ from diffusers.schedulers.scheduling_lcm import LCMSchedulerOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from .ops import consistency_step
+from .ops.consistency import predicted_original_sample
 
 SIGMA_DATA = 0.5  # diffusers' LCMScheduler boundary-condition constant
+
+
+def boundary_condition_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0):
+    """(c_skip, c_out) of the consistency parameterisation f = c_skip * x_t + c_out * x0 for integer
+    ``timesteps [*]``, in float32 exactly as diffusers computes them: c_skip -> 1 and c_out -> 0 as t -> 0."""
+    scaled = timesteps * timestep_scaling
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip, c_out
 
 
 class LCMScheduler(DiffusersLCMScheduler):
@@ -53,9 +63,7 @@ class LCMScheduler(DiffusersLCMScheduler):
         alpha = alphas_cumprod[timesteps]
         alpha_prev = torch.where(previous >= 0, alphas_cumprod[previous.clamp(min=0)],
                                  self.final_alpha_cumprod.to(timesteps.device))
-        scaled = timesteps * self.config.timestep_scaling
-        c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
-        c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+        c_skip, c_out = boundary_condition_scalings(timesteps, self.config.timestep_scaling)
         rows = [c_skip, c_out, alpha.sqrt(), (1 - alpha).sqrt(), alpha_prev.sqrt(), (1 - alpha_prev).sqrt()]
         return torch.stack([r.to(torch.float32) for r in rows], dim=-1)
 
@@ -135,13 +143,8 @@ class LCMScheduler(DiffusersLCMScheduler):
                              " `v_prediction` for `LCMScheduler`.")
         if self.config.thresholding:
             # Dynamic thresholding needs a per-sample quantile of x0 first; the fused op then mixes the result.
-            c_skip, c_out, sqrt_alpha, sqrt_one_minus = coefficients[:4].unbind()
-            if prediction_type == "epsilon":
-                x0 = (sample - sqrt_one_minus * model_output) / sqrt_alpha
-            elif prediction_type == "v_prediction":
-                x0 = sqrt_alpha * sample - sqrt_one_minus * model_output
-            else:
-                x0 = model_output
+            sqrt_alpha, sqrt_one_minus = coefficients[2:4].unbind()
+            x0 = predicted_original_sample(model_output, sample, sqrt_alpha, sqrt_one_minus, prediction_type)
             model_output, prediction_type, clip_range = self._threshold_sample(x0), "sample", None
         else:
             clip_range = self.config.clip_sample_range if self.config.clip_sample else None

@@ -58,6 +58,18 @@ def check_step_inputs(model_output, sample, coefficients, noise, prediction_type
         raise ValueError(f"consistency_step: prediction_type {prediction_type!r} is not one of {sorted(PREDICTION_TYPES)}")
 
 
+def predicted_original_sample(model_output, sample, sqrt_alpha, sqrt_one_minus_alpha, prediction_type="epsilon"):
+    """x0 from the network output (broadcasting tensors or numbers for the square roots of alpha_bar_t and
+    1 - alpha_bar_t); the operation order is diffusers' LCMScheduler.step, so float32 results agree bitwise."""
+    if prediction_type == "epsilon":
+        return (sample - sqrt_one_minus_alpha * model_output) / sqrt_alpha
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return sqrt_alpha * sample - sqrt_one_minus_alpha * model_output
+    raise ValueError(f"prediction_type {prediction_type!r} is not one of {sorted(PREDICTION_TYPES)}")
+
+
 def consistency_step_reference(model_output, sample, coefficients, noise=None, prediction_type="epsilon",
                                clip_range=None):
     """Eager PyTorch consistency step, the source of truth for the kernels.
@@ -77,13 +89,7 @@ def consistency_step_reference(model_output, sample, coefficients, noise=None, p
     compute = torch.float64 if sample.dtype == torch.float64 else torch.float32
     c_skip, c_out, sqrt_alpha, sqrt_one_minus, sqrt_alpha_prev, sqrt_one_minus_prev = coefficients.to(compute).unbind()
     x = sample.to(compute)
-    out = model_output.to(compute)
-    if prediction_type == "epsilon":
-        x0 = (x - sqrt_one_minus * out) / sqrt_alpha
-    elif prediction_type == "sample":
-        x0 = out
-    else:
-        x0 = sqrt_alpha * x - sqrt_one_minus * out
+    x0 = predicted_original_sample(model_output.to(compute), x, sqrt_alpha, sqrt_one_minus, prediction_type)
     if clip_range is not None:
         x0 = x0.clamp(-clip_range, clip_range)
     denoised = c_out * x0 + c_skip * x

@@ -1,0 +1,160 @@
+"""Real data for the training stages: video-text clips (PyAV) and image-text pairs.
+
+Video sources:
+- a folder of videos, each with a caption in a ``.txt`` file of the same stem (``clip.mp4`` + ``clip.txt``);
+- a CSV: WebVid-style (``videoid``, ``page_dir``, ``name`` = caption; the file is ``{page_dir}/{videoid}.mp4``
+  under ``root``) or plain (``video`` = path relative to ``root``, ``caption``).
+Image sources: a folder of images with ``.txt`` captions, or a CSV with ``image`` and ``caption`` columns.
+Every listed file is checked when the dataset is built, so a missing file fails before training starts.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class DataError(ValueError):
+    """A data source that cannot be used; the message names the file and the problem."""
+
+
+def _read_caption(path: Path) -> str:
+    caption = path.read_text().strip()
+    if not caption:
+        raise DataError(f"{path}: empty caption")
+    return caption
+
+
+def _folder_pairs(folder: Path, suffixes) -> list[tuple[Path, str]]:
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    if not files:
+        raise DataError(f"{folder}: no files ending in {', '.join(suffixes)}")
+    pairs = []
+    for path in files:
+        caption_file = path.with_suffix(".txt")
+        if not caption_file.exists():
+            raise DataError(f"{path}: no caption file {caption_file.name} beside it")
+        pairs.append((path, _read_caption(caption_file)))
+    return pairs
+
+
+def _csv_pairs(csv_path: Path, root: Path, kind: str) -> list[tuple[Path, str]]:
+    with csv_path.open(newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        raise DataError(f"{csv_path}: no rows")
+    columns = set(rows[0])
+    pairs = []
+    for number, row in enumerate(rows, start=2):
+        if kind == "video" and {"videoid", "page_dir", "name"} <= columns:  # WebVid
+            path, caption = root / row["page_dir"] / f"{row['videoid']}.mp4", row["name"]
+        elif {kind, "caption"} <= columns:
+            path, caption = root / row[kind], row["caption"]
+        else:
+            raise DataError(f"{csv_path}: expected columns ({kind}, caption)"
+                            + (" or WebVid's (videoid, page_dir, name)" if kind == "video" else "")
+                            + f"; found {sorted(columns)}")
+        if not caption.strip():
+            raise DataError(f"{csv_path}:{number}: empty caption")
+        pairs.append((path, caption.strip()))
+    return pairs
+
+
+def _pairs(source, root, suffixes, kind) -> list[tuple[Path, str]]:
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"data source not found: {source}")
+    pairs = _folder_pairs(source, suffixes) if source.is_dir() else _csv_pairs(source, Path(root or source.parent), kind)
+    missing = [str(p) for p, _ in pairs if not p.exists()]
+    if missing:
+        raise DataError(f"{source}: {len(missing)} listed file(s) missing, e.g. {missing[0]}")
+    return pairs
+
+
+def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """``[N, 3, H, W]`` float -> ``[N, 3, size, size]``: shorter side resized to ``size`` (antialiased bilinear),
+    then the centre crop."""
+    height, width = frames.shape[-2:]
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    frames = F.interpolate(frames, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    return frames[..., top:top + size, left:left + size]
+
+
+def decode_video(path: Path) -> np.ndarray:
+    """All frames of a video as ``uint8 [N, H, W, 3]`` (PyAV)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+    except (av.error.FFmpegError, OSError) as error:
+        raise DataError(f"{path}: cannot decode video: {error}") from error
+    if not frames:
+        raise DataError(f"{path}: no video frames")
+    return np.stack(frames)
+
+
+class VideoTextDataset(torch.utils.data.Dataset):
+    """Clips of ``frames`` frames, ``stride`` apart, resized and centre-cropped to ``size``:
+    ``dataset[i] = dict(pixel_values=float32 [F, 3, size, size] in [-1, 1], caption)``.
+
+    The clip starts at a position drawn from ``seed`` and ``i`` (deterministic). A video too short for the stride
+    is sampled with the largest stride that fits; one with fewer than ``frames`` frames repeats its last frame.
+    """
+
+    def __init__(self, source, frames: int = 16, stride: int = 4, size: int = 64, root=None, seed: int = 0):
+        if frames < 1 or stride < 1 or size < 8:
+            raise DataError(f"VideoTextDataset: need frames >= 1, stride >= 1, size >= 8; got {frames}, {stride}, {size}")
+        self.items = _pairs(source, root, VIDEO_SUFFIXES, "video")
+        self.frames, self.stride, self.size, self.seed = frames, stride, size, seed
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def frame_indices(self, available: int, index: int) -> list[int]:
+        """Indices of the frames clip ``index`` takes from a video of ``available`` frames."""
+        stride = min(self.stride, max(1, (available - 1) // max(1, self.frames - 1)))
+        span = stride * (self.frames - 1) + 1
+        start = int(np.random.default_rng([self.seed, index]).integers(0, max(1, available - span + 1)))
+        return [min(start + k * stride, available - 1) for k in range(self.frames)]
+
+    def __getitem__(self, index: int) -> dict:
+        path, caption = self.items[index]
+        video = decode_video(path)
+        chosen = torch.from_numpy(video[self.frame_indices(len(video), index)]).permute(0, 3, 1, 2).float()
+        pixels = resize_center_crop(chosen, self.size) / 127.5 - 1.0
+        return dict(pixel_values=pixels.clamp(-1, 1), caption=caption)
+
+
+class ImageTextDataset(torch.utils.data.Dataset):
+    """``dataset[i] = dict(pixel_values=float32 [3, size, size] in [-1, 1], caption)``."""
+
+    def __init__(self, source, size: int = 64, root=None):
+        if size < 8:
+            raise DataError(f"ImageTextDataset: size must be >= 8, got {size}")
+        self.items = _pairs(source, root, IMAGE_SUFFIXES, "image")
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        from PIL import Image
+
+        path, caption = self.items[index]
+        try:
+            image = np.array(Image.open(path).convert("RGB"))  # a writable copy for torch.from_numpy
+        except OSError as error:
+            raise DataError(f"{path}: cannot read image: {error}") from error
+        pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+        return dict(pixel_values=(resize_center_crop(pixels, self.size)[0] / 127.5 - 1.0).clamp(-1, 1),
+                    caption=caption)

@@ -1,0 +1,106 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from animatelcm.export import export_to_mp4
+from animatelcm.training.data import DataError, ImageTextDataset, VideoTextDataset
+from animatelcm.training.synthetic import COLOURS, MovingShapes
+
+
+@pytest.fixture
+def video_folder(tmp_path):
+    shapes = MovingShapes(num_clips=3, frames=24, size=48, seed=0)
+    folder = tmp_path / "videos"
+    folder.mkdir()
+    for index in range(3):
+        clip = shapes.clip(index)
+        export_to_mp4(clip["frames"], folder / f"clip{index}.mp4", fps=8, crf=0)
+        (folder / f"clip{index}.txt").write_text(clip["caption"] + "\n")
+    return folder, shapes
+
+
+def red_centroid_x(frame):
+    """x centroid of reddish pixels in a [3, H, W] frame in [-1, 1]."""
+    rgb = ((frame + 1) * 127.5).permute(1, 2, 0).numpy()
+    mask = (rgb[..., 0] > 150) & (rgb[..., 1] < 100) & (rgb[..., 2] < 100)
+    return np.nonzero(mask)[1].mean()
+
+
+def test_folder_of_videos(video_folder):
+    folder, shapes = video_folder
+    data = VideoTextDataset(folder, frames=8, stride=2, size=32)
+    assert len(data) == 3
+    item = data[0]
+    assert item["caption"] == shapes.clip(0)["caption"] == "a red circle moving left"
+    assert item["pixel_values"].shape == (8, 3, 32, 32)
+    assert -1 <= item["pixel_values"].min() and item["pixel_values"].max() <= 1
+    xs = [red_centroid_x(f) for f in item["pixel_values"]]
+    assert all(b < a for a, b in zip(xs, xs[1:]))  # frame order kept: moving left
+    indices = data.frame_indices(24, 0)
+    assert np.all(np.diff(indices) == 2) and indices[-1] < 24
+
+
+def test_short_videos_and_determinism(video_folder):
+    folder, _ = video_folder
+    data = VideoTextDataset(folder, frames=16, stride=4, size=32, seed=5)
+    assert np.all(np.diff(data.frame_indices(24, 1)) == 1)  # stride lowered to fit 16 frames in 24
+    assert data.frame_indices(10, 1)[-6:] == [9] * 6  # too short: last frame repeated
+    assert torch.equal(data[2]["pixel_values"], VideoTextDataset(folder, frames=16, stride=4, size=32, seed=5)[2]["pixel_values"])
+
+
+def test_webvid_and_plain_csv(video_folder, tmp_path):
+    folder, shapes = video_folder
+    (tmp_path / "pages" / "000").mkdir(parents=True)
+    (folder / "clip1.mp4").rename(tmp_path / "pages" / "000" / "42.mp4")
+    with (tmp_path / "webvid.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["videoid", "contentUrl", "duration", "page_dir", "name"])
+        writer.writerow(["42", "http://example.invalid/42.mp4", "PT00H00M03S", "000", shapes.clip(1)["caption"]])
+    data = VideoTextDataset(tmp_path / "webvid.csv", frames=4, size=16, root=tmp_path / "pages")
+    assert data[0]["caption"] == shapes.clip(1)["caption"]
+    with (tmp_path / "plain.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["video", "caption"], ["videos/clip0.mp4", "a clip"]])
+    assert VideoTextDataset(tmp_path / "plain.csv", frames=4, size=16)[0]["caption"] == "a clip"
+
+
+def test_missing_and_bad_data_fail_at_construction(video_folder, tmp_path):
+    folder, _ = video_folder
+    with pytest.raises(DataError, match="not found"):
+        VideoTextDataset(tmp_path / "nope")
+    (folder / "clip2.txt").unlink()
+    with pytest.raises(DataError, match="clip2.txt"):
+        VideoTextDataset(folder)
+    with (tmp_path / "bad.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["video", "caption"], ["missing.mp4", "x"]])
+    with pytest.raises(DataError, match="missing"):
+        VideoTextDataset(tmp_path / "bad.csv")
+    with (tmp_path / "columns.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["file", "text"], ["a.mp4", "x"]])
+    with pytest.raises(DataError, match="expected columns"):
+        VideoTextDataset(tmp_path / "columns.csv")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no files"):
+        VideoTextDataset(tmp_path / "empty")
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "v.mp4").write_bytes(b"not a video")
+    (broken / "v.txt").write_text("caption")
+    with pytest.raises(DataError, match="cannot decode"):
+        VideoTextDataset(broken)[0]
+
+
+def test_image_text(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.full((40, 60, 3), COLOURS["blue"], dtype=np.uint8)).save(folder / "a.png")
+    (folder / "a.txt").write_text("a blue square")
+    data = ImageTextDataset(folder, size=32)
+    item = data[0]
+    assert item["caption"] == "a blue square" and item["pixel_values"].shape == (3, 32, 32)
+    assert item["pixel_values"][2].mean() > 0.7 and item["pixel_values"][0].mean() < -0.5
+    with (tmp_path / "images.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["image", "caption"], ["images/a.png", "blue"]])
+    assert ImageTextDataset(tmp_path / "images.csv", size=16)[0]["caption"] == "blue"

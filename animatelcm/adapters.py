@@ -1,0 +1,175 @@
+"""Adapters that plug into a video consistency model: the image-to-video encoder (AnimateLCM-I2V style) and the
+wrappers that run a UNetMotionModel with an adapter or a ControlNet as one ``model(sample, timestep, condition)``.
+
+Shapes: ``sample [B, C, F, h, w]`` latents, ``timestep [B]``, ``condition`` a dict with ``text [B, L, D]`` and,
+per adapter, ``first_frame [B, C, h, w]`` (i2v) or ``control [B, F, 3, H, W]`` in [0, 1] (ControlNet).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+
+def frame_embedding(num_frames: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of frame indices 0..F-1: ``[F, dim]`` (sin half, cos half)."""
+    half = dim // 2
+    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, device=device, dtype=torch.float32) / max(half, 1))
+    angles = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None] * frequencies[None]
+    embedding = torch.cat([angles.sin(), angles.cos()], dim=1)
+    if dim % 2:
+        embedding = torch.nn.functional.pad(embedding, (0, 1))
+    return embedding.to(dtype)
+
+
+class _ResidualBlock(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 1)
+        self.act = nn.SiLU()
+
+    def forward(self, x):
+        return x + self.conv2(self.act(self.conv1(x)))
+
+
+class ImageToVideoAdapter(ModelMixin, ConfigMixin):
+    """T2I-Adapter-style encoder of the first-frame latent, one feature map per UNet down block.
+
+    ``forward(first_frame [B, C, h, w], num_frames) -> list of [B*F, C_l, h / 2^l, w / 2^l]``: the latent is
+    repeated over frames, ``conv_in`` lifts it to ``block_out_channels[0]``, a sinusoidal frame embedding times
+    ``motion_scale`` is added (so each frame can be told apart), and each level (stride-2 conv from the second level
+    on, then residual blocks) ends in a zero-initialised 1x1 conv: the adapter starts as an exact no-op and the
+    model it is attached to is unchanged until training moves it.
+    """
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, block_out_channels: tuple = (320, 640, 1280, 1280),
+                 num_res_blocks: int = 1, motion_scale: float = 0.8):
+        super().__init__()
+        channels = list(block_out_channels)
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.levels = nn.ModuleList()
+        self.outputs = nn.ModuleList()
+        previous = channels[0]
+        for level, width in enumerate(channels):
+            layers = [nn.Conv2d(previous, width, 3, stride=1 if level == 0 else 2, padding=1)]
+            layers += [_ResidualBlock(width) for _ in range(num_res_blocks)]
+            self.levels.append(nn.Sequential(*layers))
+            output = nn.Conv2d(width, width, 1)
+            nn.init.zeros_(output.weight)
+            nn.init.zeros_(output.bias)
+            self.outputs.append(output)
+            previous = width
+
+    def forward(self, first_frame: torch.Tensor, num_frames: int) -> list[torch.Tensor]:
+        if first_frame.dim() != 4:
+            raise ValueError(f"ImageToVideoAdapter: first_frame must be [B, C, h, w], got {tuple(first_frame.shape)}")
+        batch = first_frame.shape[0]
+        x = self.conv_in(first_frame.to(self.conv_in.weight.dtype))
+        x = x.repeat_interleave(num_frames, dim=0)
+        embedding = frame_embedding(num_frames, x.shape[1], x.device, x.dtype) * self.config.motion_scale
+        x = x + embedding.repeat(batch, 1)[:, :, None, None]
+        features = []
+        for level, output in zip(self.levels, self.outputs):
+            x = level(x)
+            features.append(output(x))
+        return features
+
+
+@contextlib.contextmanager
+def features_before_motion_modules(unet, features: list[torch.Tensor]):
+    """While active, ``features[l]`` is added to the input of the first motion module of ``unet.down_blocks[l]``
+    (the down block's features after its first ResNet/attention, before any temporal layer)."""
+    if len(features) != len(unet.down_blocks):
+        raise ValueError(f"{len(features)} adapter feature maps for a UNet with {len(unet.down_blocks)} down blocks; "
+                         "build the adapter with the UNet's block_out_channels")
+    handles = []
+    for block, feature in zip(unet.down_blocks, features):
+        def add(module, args, kwargs, feature=feature):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            if hidden.shape != feature.shape:
+                raise ValueError(f"adapter feature {tuple(feature.shape)} does not match the UNet's "
+                                 f"{tuple(hidden.shape)}; the latent size must be divisible by "
+                                 f"{2 ** (len(unet.down_blocks) - 1)}")
+            return (hidden + feature.to(hidden.dtype), *args[1:]), kwargs
+        handles.append(block.motion_modules[0].register_forward_pre_hook(add, with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def text_per_frame(text: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """Prompt embeddings ``[B, L, D]`` repeated to ``[B*F, L, D]`` for a video ``sample [B, C, F, h, w]`` (what
+    UNetMotionModel expects); unchanged for an image batch."""
+    if sample.dim() == 5 and text.shape[0] == sample.shape[0]:
+        return text.repeat_interleave(sample.shape[2], dim=0)
+    return text
+
+
+class VideoDenoiser(nn.Module):
+    """``model(sample [B, C, F, h, w] or [B, C, h, w], timestep [B], condition) -> model output`` for a plain
+    diffusers UNet (2D or motion), ``condition["text"]`` the prompt embeddings."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, sample, timestep, condition):
+        return self.unet(sample, timestep, encoder_hidden_states=text_per_frame(condition["text"], sample)).sample
+
+
+class ImageToVideoModel(nn.Module):
+    """A (frozen) UNetMotionModel driven by an :class:`ImageToVideoAdapter` on ``condition["first_frame"]``."""
+
+    def __init__(self, unet, adapter: ImageToVideoAdapter):
+        super().__init__()
+        self.unet, self.adapter = unet, adapter
+
+    def forward(self, sample, timestep, condition):
+        features = self.adapter(condition["first_frame"], num_frames=sample.shape[2])
+        with features_before_motion_modules(self.unet, features):
+            return self.unet(sample, timestep, encoder_hidden_states=text_per_frame(condition["text"], sample)).sample
+
+
+class ControlledVideoModel(nn.Module):
+    """A UNetMotionModel with a per-frame ControlNet on ``condition["control"] [B, F, 3, H, W]`` (values in
+    [0, 1], H = 8 h), its residuals scaled by ``conditioning_scale``."""
+
+    def __init__(self, unet, controlnet, conditioning_scale: float = 1.0):
+        super().__init__()
+        self.unet, self.controlnet, self.conditioning_scale = unet, controlnet, conditioning_scale
+
+    def forward(self, sample, timestep, condition):
+        batch, _, frames = sample.shape[:3]
+        text, control = text_per_frame(condition["text"], sample), condition["control"]
+        if control.shape[:2] != (batch, frames):
+            raise ValueError(f"control images {tuple(control.shape)} do not match {batch} clips of {frames} frames")
+        frame_sample = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, *sample.shape[1:2], *sample.shape[3:])
+        down, mid = self.controlnet(frame_sample, timestep.repeat_interleave(frames),
+                                    encoder_hidden_states=text,
+                                    controlnet_cond=control.flatten(0, 1).to(frame_sample.dtype),
+                                    conditioning_scale=self.conditioning_scale, return_dict=False)
+        return self.unet(sample, timestep, encoder_hidden_states=text, down_block_additional_residuals=down,
+                         mid_block_additional_residual=mid).sample
+
+
+def edge_maps(pixels: torch.Tensor) -> torch.Tensor:
+    """Control images from frames: ``pixels [..., 3, H, W]`` in [-1, 1] -> Sobel gradient magnitude of the
+    luminance, normalised to [0, 1] per frame, repeated to 3 channels ``[..., 3, H, W]``."""
+    shape = pixels.shape
+    gray = (0.299 * pixels[..., 0, :, :] + 0.587 * pixels[..., 1, :, :] + 0.114 * pixels[..., 2, :, :])
+    gray = gray.reshape(-1, 1, *shape[-2:]).float()
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]], device=pixels.device)
+    kernels = torch.stack([kx, kx.t()])[:, None]
+    gradients = torch.nn.functional.conv2d(torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate"), kernels)
+    magnitude = gradients.pow(2).sum(1, keepdim=True).sqrt()
+    magnitude = magnitude / magnitude.amax(dim=(-2, -1), keepdim=True).clamp(min=1e-6)
+    return magnitude.expand(-1, 3, -1, -1).reshape(shape).to(pixels.dtype)

@@ -1,0 +1,321 @@
+"""Training configuration: one YAML file per run, read into typed dataclasses and checked before anything trains.
+
+Layout (every section optional except ``stage``; see ``configs/mini/*.yaml`` and ``configs/sd15/*.yaml``)::
+
+    stage: video_cd            # diffusion_image | diffusion_video | image_cd | video_cd | teacher_free
+    seed: 0
+    output_dir: runs/video_cd
+    model: {...}               # ModelConfig: where the networks come from
+    data: {...}                # DataConfig
+    train: {...}               # TrainConfig: optimiser, steps, precision, checkpoints, logging
+    distill: {...}             # DistillConfig: consistency-distillation hyper-parameters (CD / teacher-free stages)
+    adapter: {...}             # AdapterConfig: what teacher_free trains (i2v encoder or ControlNet LoRA)
+    validation: {...}          # ValidationConfig
+
+Unknown keys, wrong types, impossible values and missing files raise :class:`ConfigError` naming the key (and the
+file), so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+STAGES = ("diffusion_image", "diffusion_video", "image_cd", "video_cd", "teacher_free")
+VIDEO_STAGES = ("diffusion_video", "video_cd", "teacher_free")
+CD_STAGES = ("image_cd", "video_cd", "teacher_free")
+
+
+class ConfigError(ValueError):
+    """A training configuration that cannot run; the message names the key and what to change."""
+
+
+@dataclass
+class ModelConfig:
+    """Where the networks come from. One of: ``tiny`` (a fresh SD-topology model of the sizes given, fields of
+    :class:`animatelcm.testing.TinyConfig`, random weights from ``seed``), ``pretrained`` (a saved pipeline folder,
+    e.g. a previous stage's ``final/pipeline``), or ``base`` (an SD1.5 diffusers folder, or a single file with
+    ``base_config``). ``motion_adapter``: the teacher's / starting motion modules (any layout
+    :func:`animatelcm.load_motion_adapter` reads). ``lora``: the stage-1 spatial LoRA for ``video_cd``.
+    ``controlnet``: a diffusers ControlNetModel folder for ``teacher_free`` ControlNet adaptation."""
+
+    tiny: dict | None = None
+    pretrained: str | None = None
+    base: str | None = None
+    base_config: str | None = None
+    motion_adapter: str | None = None
+    lora: str | None = None
+    controlnet: str | None = None
+    prediction_type: str = "epsilon"
+
+
+@dataclass
+class DataConfig:
+    """``kind``: ``synthetic`` (moving shapes), ``video`` (folder or CSV, :class:`VideoTextDataset`) or ``image``
+    (:class:`ImageTextDataset`; image stages only). Image stages trained on video data see every frame of a clip
+    as an image. ``cache_latents``: encode every clip with the VAE once (mean and std of the latent distribution,
+    fp16) into ``cache_dir`` (default ``OUTPUT/latent_cache``) and train from the cache."""
+
+    kind: str = "synthetic"
+    source: str | None = None
+    root: str | None = None
+    num_clips: int = 480
+    frames: int = 16
+    size: int = 64
+    stride: int = 4
+    cache_latents: bool = False
+    cache_dir: str | None = None
+    uncond_prob: float = 0.1   # diffusion stages: caption replaced by "" with this probability (for guidance)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4                 # clips (video stages) or images per process and micro-step
+    gradient_accumulation: int = 1
+    max_steps: int = 100                # optimiser steps
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"      # any name diffusers.optimization.get_scheduler knows
+    lr_warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"         # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    checkpoint_every: int = 0           # 0: only the final checkpoint
+    checkpoints_kept: int = 2
+    log_every: int = 1
+    tensorboard: bool = False
+    progress: bool = True
+
+
+@dataclass
+class DistillConfig:
+    """Consistency distillation (SPEC.md section 3). ``target``: ``ema`` (EMA of the online network with
+    ``ema_decay``) or ``online`` (the online network without gradient: the LCM-LoRA variant). ``lora_rank`` /
+    ``lora_alpha``: the spatial LoRA of ``image_cd`` (and of ``video_cd`` when not decoupled). ``video_cd``:
+    ``decoupled`` (start from the stage-1 LoRA; false = the ablation that trains a fresh LoRA and the motion
+    modules together on video), ``init_strategy`` (the LoRA is merged into the online student only; the target
+    starts without it), ``train_lora`` (keep training the spatial LoRA in stage 2)."""
+
+    num_ddim_timesteps: int = 50
+    w_min: float = 3.0
+    w_max: float = 15.0
+    huber_c: float = 0.001
+    timestep_scaling: float = 10.0
+    target: str = "ema"
+    ema_decay: float = 0.95
+    lora_rank: int = 64
+    lora_alpha: int | None = None       # default: = lora_rank
+    decoupled: bool = True
+    init_strategy: bool = True
+    train_lora: bool = False
+
+
+@dataclass
+class AdapterConfig:
+    """``teacher_free`` only. ``kind``: ``i2v`` (an image-to-video encoder trained from scratch: the first-frame
+    latent through a zero-initialised T2I-Adapter-style encoder, a sinusoidal frame embedding x ``motion_scale``,
+    added to the down blocks before the motion modules) or ``controlnet_lora`` (LoRA of rank ``lora_rank`` on an
+    existing ControlNet, adapted to the consistency model; control images from ``control``)."""
+
+    kind: str = "i2v"
+    motion_scale: float = 0.8
+    lora_rank: int = 16
+    train_output_convs: bool = False    # controlnet_lora: also train the ControlNet's zero-initialised output convs
+    control: str = "edges"              # edges (Sobel magnitude of each frame) | frames (the frames themselves)
+    conditioning_scale: float = 1.0
+
+
+@dataclass
+class ValidationConfig:
+    every: int = 0                      # 0: no validation during training
+    prompts: list = field(default_factory=lambda: ["a red circle moving right"])
+    steps: int = 4                      # sampling steps (CD stages: LCM; diffusion stages: DDIM)
+    guidance_scale: float = 1.0
+    frames: int | None = None           # default: data.frames
+    seed: int = 0
+
+
+@dataclass
+class RunConfig:
+    stage: str
+    seed: int = 0
+    output_dir: str = "runs/animatelcm"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    source: str = "<dict>"              # where the config was read from (for messages)
+
+    @property
+    def is_video(self) -> bool:
+        return self.stage in VIDEO_STAGES
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return data
+
+
+def _coerce(value, annotation, key: str, source: str):
+    """``value`` checked against a field annotation (int, float, bool, str, list, dict, optional forms)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        annotation = next(option for option in options if option is not type(None))
+        origin = typing.get_origin(annotation)
+    expected = origin or annotation
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is list and isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    raise ConfigError(f"{source}: {key} must be {expected.__name__}, got {value!r}")
+
+
+def _build(cls, values, prefix: str, source: str):
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]!r} (known keys{' of ' + prefix[:-1] if prefix else ''}: "
+                          f"{', '.join(sorted(fields))})")
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for name, value in values.items():
+        nested = hints[name]
+        if dataclasses.is_dataclass(nested):
+            kwargs[name] = _build(nested, value, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, nested, prefix + name, source)
+    try:
+        return cls(**kwargs)
+    except TypeError as error:  # a required key missing
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def _check(config: RunConfig) -> None:
+    source = config.source
+
+    def fail(message):
+        raise ConfigError(f"{source}: {message}")
+
+    def positive(name, value, minimum=1):
+        if value < minimum:
+            fail(f"{name} must be >= {minimum}, got {value}")
+
+    if config.stage not in STAGES:
+        fail(f"stage must be one of {', '.join(STAGES)}; got {config.stage!r}")
+    model, data, train, distill = config.model, config.data, config.train, config.distill
+    sources = [name for name in ("tiny", "pretrained", "base") if getattr(model, name) is not None]
+    if len(sources) != 1:
+        fail(f"model: give exactly one of tiny, pretrained, base (got {', '.join(sources) or 'none'})")
+    for name in ("pretrained", "base", "base_config", "motion_adapter", "lora", "controlnet"):
+        path = getattr(model, name)
+        if path is not None and not Path(path).exists():
+            fail(f"model.{name}: {path} does not exist")
+    if model.prediction_type not in ("epsilon", "v_prediction"):
+        fail(f"model.prediction_type must be epsilon or v_prediction, got {model.prediction_type!r}")
+    if data.kind not in ("synthetic", "video", "image"):
+        fail(f"data.kind must be synthetic, video or image; got {data.kind!r}")
+    if data.kind != "synthetic":
+        if data.source is None:
+            fail(f"data.source is required for data.kind={data.kind} (a folder of files with .txt captions, or a CSV)")
+        if not Path(data.source).exists():
+            fail(f"data.source: {data.source} does not exist")
+    if data.kind == "image" and config.is_video:
+        fail(f"stage {config.stage} trains on video: data.kind must be synthetic or video, not image")
+    positive("data.frames", data.frames, 2 if config.is_video else 1)
+    positive("data.size", data.size, 8)
+    positive("data.num_clips", data.num_clips)
+    positive("data.stride", data.stride)
+    if not 0.0 <= data.uncond_prob <= 1.0:
+        fail(f"data.uncond_prob must be in [0, 1], got {data.uncond_prob}")
+    positive("train.batch_size", train.batch_size)
+    positive("train.gradient_accumulation", train.gradient_accumulation)
+    positive("train.max_steps", train.max_steps)
+    positive("train.checkpoints_kept", train.checkpoints_kept)
+    positive("train.log_every", train.log_every)
+    if train.checkpoint_every < 0:
+        fail(f"train.checkpoint_every must be >= 0, got {train.checkpoint_every}")
+    if not train.learning_rate > 0:
+        fail(f"train.learning_rate must be positive, got {train.learning_rate}")
+    if train.mixed_precision not in ("no", "fp16", "bf16"):
+        fail(f"train.mixed_precision must be no, fp16 or bf16; got {train.mixed_precision!r}")
+    if distill.w_min > distill.w_max:
+        fail(f"distill.w_min={distill.w_min} exceeds distill.w_max={distill.w_max}")
+    if distill.target not in ("ema", "online"):
+        fail(f"distill.target must be ema or online, got {distill.target!r}")
+    if not 0.0 <= distill.ema_decay <= 1.0:
+        fail(f"distill.ema_decay must be in [0, 1], got {distill.ema_decay}")
+    if distill.num_ddim_timesteps < 1 or 1000 % distill.num_ddim_timesteps:
+        fail(f"distill.num_ddim_timesteps must divide 1000, got {distill.num_ddim_timesteps}")
+    positive("distill.lora_rank", distill.lora_rank)
+    if config.stage in ("video_cd", "teacher_free") and model.motion_adapter is None and model.pretrained is None:
+        fail(f"{config.stage} needs trained motion modules: set model.motion_adapter (or model.pretrained, a "
+             "saved pipeline folder with them)")
+    if config.stage == "video_cd" and distill.decoupled and model.lora is None:
+        fail("video_cd with distill.decoupled: true starts from the stage-1 LoRA: set model.lora (the image_cd "
+             "output, e.g. runs/image_cd/final/lora), or set distill.decoupled: false for the ablation")
+    if config.stage == "video_cd" and not distill.decoupled and model.lora is not None:
+        fail("distill.decoupled: false trains a fresh spatial LoRA; remove model.lora")
+    adapter = config.adapter
+    if adapter.kind not in ("i2v", "controlnet_lora"):
+        fail(f"adapter.kind must be i2v or controlnet_lora, got {adapter.kind!r}")
+    if adapter.control not in ("edges", "frames"):
+        fail(f"adapter.control must be edges or frames, got {adapter.control!r}")
+    if config.stage == "teacher_free" and config.data.cache_latents and adapter.kind == "controlnet_lora":
+        fail("teacher_free with adapter.kind=controlnet_lora needs the pixels for its control images: "
+             "set data.cache_latents: false")
+    if config.validation.every < 0 or config.validation.steps < 1:
+        fail("validation.every must be >= 0 and validation.steps >= 1")
+    if not config.validation.prompts:
+        fail("validation.prompts must list at least one prompt")
+
+
+def load_config(path_or_dict, overrides: dict | None = None) -> RunConfig:
+    """Read a run configuration from a YAML file (or a dict), apply ``overrides`` (``{"train.max_steps": 10}``:
+    dotted keys, what the CLI flags set), check it and return a :class:`RunConfig`. Raises :class:`ConfigError`."""
+    import copy
+
+    import yaml
+
+    if isinstance(path_or_dict, dict):
+        values, source = copy.deepcopy(path_or_dict), "<dict>"
+    else:
+        path = Path(path_or_dict)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        source = str(path)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: the config must be a mapping with at least a 'stage' key")
+    for dotted, value in (overrides or {}).items():
+        *parents, leaf = dotted.split(".")
+        node = values
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    if "stage" not in values:
+        raise ConfigError(f"{source}: missing 'stage' (one of {', '.join(STAGES)})")
+    config = _build(RunConfig, values, "", source)
+    config.source = source
+    _check(config)
+    return config

@@ -1,0 +1,495 @@
+"""The training loop shared by every stage: accelerate (devices, mixed precision, DDP across processes launched by
+``accelerate launch`` or ``torchrun``), gradient accumulation, crash-safe checkpoints, exact resume, NaN stop,
+progress bar, metrics (CSV, TensorBoard), validation clips and the final export.
+
+Determinism: every random draw of micro-batch ``m`` of optimiser step ``s`` on process ``r`` comes from a generator
+seeded by ``(seed, r, s, m)``, and the data order is a function of ``(seed, epoch)``; a resumed run therefore
+repeats exactly what an uninterrupted run does from the checkpoint's step on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from .config import ConfigError, RunConfig
+from .data import DataError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+TEXT_CACHE_SIZE = 4096
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
+    """The CPU generator of one micro-batch (see the module docstring)."""
+    digest = hashlib.sha256(f"{seed}/{rank}/{step}/{micro}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+class ResumableBatchSampler(torch.utils.data.Sampler):
+    """Endless batches of dataset indices for process ``rank`` of ``world``, starting at batch ``start``.
+
+    Epoch ``e`` is a permutation drawn from ``(seed, e)``; process ``r`` takes positions ``r, r + world, ...`` of
+    it (the remainder that does not divide evenly is dropped, so every process sees as many samples). Batch ``b`` of
+    a process is a pure function of ``b``: resuming needs only the batch count.
+    """
+
+    def __init__(self, size: int, batch_size: int, rank: int, world: int, seed: int, start: int = 0):
+        self.per_process = size // world
+        if self.per_process < 1:
+            raise DataError(f"the dataset has {size} item(s), fewer than the {world} training processes")
+        self.size, self.batch_size, self.rank, self.world, self.seed, self.start = size, batch_size, rank, world, seed, start
+        self._epoch, self._permutation = None, None
+
+    def indices(self, batch: int) -> list[int]:
+        result = []
+        for k in range(batch * self.batch_size, (batch + 1) * self.batch_size):
+            epoch, position = divmod(k, self.per_process)
+            if epoch != self._epoch:
+                generator = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+                self._epoch, self._permutation = epoch, torch.randperm(self.size, generator=generator).tolist()
+            result.append(self._permutation[self.rank + self.world * position])
+        return result
+
+    def __iter__(self):
+        batch = self.start
+        while True:
+            yield self.indices(batch)
+            batch += 1
+
+
+def build_dataset(run: RunConfig):
+    """The run's dataset: items ``dict(pixel_values [F, 3, H, W] in [-1, 1], caption)`` (images have F = 1)."""
+    from .data import ImageTextDataset, VideoTextDataset
+    from .synthetic import MovingShapes
+
+    data = run.data
+    if data.kind == "synthetic":
+        return MovingShapes(num_clips=data.num_clips, frames=data.frames, size=data.size, seed=run.seed)
+    if data.kind == "video":
+        return VideoTextDataset(data.source, frames=data.frames, stride=data.stride, size=data.size,
+                                root=data.root, seed=run.seed)
+    return _AsSingleFrames(ImageTextDataset(data.source, size=data.size, root=data.root))
+
+
+class _AsSingleFrames(torch.utils.data.Dataset):
+    def __init__(self, images):
+        self.images = images
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, index):
+        item = self.images[index]
+        return dict(pixel_values=item["pixel_values"][None], caption=item["caption"])
+
+
+def _collate(items: list[dict]) -> dict:
+    batch = {"caption": [item["caption"] for item in items]}
+    for key in ("pixel_values", "latent_mean", "latent_std"):
+        if key in items[0]:
+            batch[key] = torch.stack([item[key] for item in items])
+    return batch
+
+
+class LatentCache(torch.utils.data.Dataset):
+    """VAE latents of every clip, encoded once: ``dataset[i] = dict(latent_mean, latent_std [F, C, h, w] fp16,
+    caption)``. Stored as shards of ``SHARD`` clips in ``directory/<fingerprint>/``; the fingerprint covers the data
+    config and the VAE weights, so a changed dataset or VAE gets a fresh cache. Processes encode disjoint shards."""
+
+    SHARD = 64
+
+    def __init__(self, dataset, vae, directory: Path, fingerprint_source: dict, accelerator, batch_size: int = 8):
+        vae_digest = hashlib.sha256()
+        for name, tensor in sorted(vae.state_dict().items()):
+            vae_digest.update(name.encode())
+            vae_digest.update(tensor.detach().float().cpu().numpy().tobytes()[:4096])
+        key = json.dumps(fingerprint_source, sort_keys=True) + vae_digest.hexdigest()
+        self.directory = Path(directory) / hashlib.sha256(key.encode()).hexdigest()[:16]
+        self.size = len(dataset)
+        shards = math.ceil(self.size / self.SHARD)
+        mine = [s for s in range(shards) if s % accelerator.num_processes == accelerator.process_index
+                and not self._shard_path(s).exists()]
+        if mine:
+            self._encode(dataset, vae, mine, accelerator, batch_size)
+        accelerator.wait_for_everyone()
+        self._loaded = {}
+
+    def _shard_path(self, shard: int) -> Path:
+        return self.directory / f"shard-{shard:05d}.pt"
+
+    @torch.no_grad()
+    def _encode(self, dataset, vae, shards, accelerator, batch_size):
+        from tqdm.auto import tqdm
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        device, dtype = accelerator.device, next(vae.parameters()).dtype
+        progress = tqdm(total=sum(min(self.SHARD, self.size - s * self.SHARD) for s in shards),
+                        desc=f"caching latents (process {accelerator.process_index})", unit="clip")
+        for shard in shards:
+            indices = list(range(shard * self.SHARD, min(self.size, (shard + 1) * self.SHARD)))
+            means, stds, captions = [], [], []
+            for start in range(0, len(indices), batch_size):
+                items = [dataset[i] for i in indices[start:start + batch_size]]
+                pixels = torch.stack([item["pixel_values"] for item in items]).to(device, dtype)
+                distribution = vae.encode(pixels.flatten(0, 1)).latent_dist
+                shape = (len(items), pixels.shape[1], *distribution.mean.shape[1:])
+                means.append(distribution.mean.reshape(shape).half().cpu())
+                stds.append(distribution.std.reshape(shape).half().cpu())
+                captions += [item["caption"] for item in items]
+                progress.update(len(items))
+            temporary = self._shard_path(shard).with_suffix(".tmp")
+            torch.save({"mean": torch.cat(means), "std": torch.cat(stds), "caption": captions}, temporary)
+            temporary.replace(self._shard_path(shard))
+        progress.close()
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        shard, offset = divmod(index, self.SHARD)
+        if shard not in self._loaded:
+            if len(self._loaded) > 8:
+                self._loaded.pop(next(iter(self._loaded)))
+            self._loaded[shard] = torch.load(self._shard_path(shard), weights_only=True)
+        data = self._loaded[shard]
+        return dict(latent_mean=data["mean"][offset], latent_std=data["std"][offset], caption=data["caption"][offset])
+
+
+class _StateHolder:
+    """Something accelerate can checkpoint (``state_dict`` / ``load_state_dict``) wrapping a dict or an object."""
+
+    def __init__(self, get, set_):
+        self._get, self._set = get, set_
+
+    def state_dict(self):
+        return self._get()
+
+    def load_state_dict(self, state):
+        self._set(state)
+
+
+class Trainer:
+    """Runs one stage from a :class:`RunConfig`. ``Trainer(config).train()`` returns ``{name: path}`` of what the
+    stage exported into ``OUTPUT/final`` (see the stage classes), or raises :class:`TrainingDiverged`."""
+
+    def __init__(self, run: RunConfig, resume: bool = False):
+        self.run, self.resume = run, resume
+        self.output_dir = Path(run.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+
+    # -- setup -------------------------------------------------------------------------------------------------
+    def _setup(self):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration
+        from diffusers.optimization import get_scheduler
+
+        from . import models
+        from .stages import build_stage
+
+        run, train = self.run, self.run.train
+        if train.tensorboard:
+            try:
+                import tensorboard  # noqa: F401
+            except ImportError:
+                raise ConfigError(f"{run.source}: train.tensorboard is true but tensorboard is not installed "
+                                  "(pip install tensorboard)") from None
+        self.accelerator = accelerator = Accelerator(
+            mixed_precision=train.mixed_precision, log_with="tensorboard" if train.tensorboard else None,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")))
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train.mixed_precision, torch.float32)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        dataset = build_dataset(run)  # data errors surface before any model is built
+        self.parts = parts = models.load_components(run.model, video=run.is_video, seed=run.seed,
+                                                    work_dir=self.output_dir, torch_dtype=None)
+        device = accelerator.device
+        for name in ("vae", "text_encoder"):
+            models.cast(parts[name].to(device), self.weight_dtype)
+        self.stage = stage = build_stage(run, parts, self.weight_dtype)
+        if not stage.trainable_parameters():
+            raise ConfigError(f"{run.source}: stage {run.stage} has nothing to train with this configuration")
+        if train.gradient_checkpointing:
+            stage.enable_gradient_checkpointing()
+        if stage.teacher is not None:
+            stage.teacher.to(device)
+        if run.data.cache_latents:
+            dataset = LatentCache(dataset, parts["vae"], Path(run.data.cache_dir or self.output_dir / "latent_cache"),
+                                  {**run.data.__dict__, "seed": run.seed}, accelerator)
+        self.dataset = dataset
+        optimizer = torch.optim.AdamW(stage.trainable_parameters(), lr=train.learning_rate,
+                                      betas=(train.adam_beta1, train.adam_beta2),
+                                      weight_decay=train.adam_weight_decay, eps=train.adam_epsilon)
+        try:
+            self.lr_scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
+                                              num_training_steps=train.max_steps)
+        except ValueError as error:
+            raise ConfigError(f"{run.source}: train.lr_scheduler: {error}") from None
+        self.student, self.optimizer = accelerator.prepare(stage.student, optimizer)
+        self.step = 0
+        accelerator.register_for_checkpointing(self.lr_scheduler)
+        accelerator.register_for_checkpointing(_StateHolder(lambda: {"step": self.step}, self._set_step))
+        if stage.ema is not None:
+            accelerator.register_for_checkpointing(stage.ema)
+        accelerator.register_save_state_pre_hook(self._save_trainable)
+        accelerator.register_load_state_pre_hook(self._load_trainable)
+        self._text_cache = {}
+
+    def _set_step(self, state):
+        self.step = int(state["step"])
+
+    def _save_trainable(self, models_, weights, output_dir):
+        """Checkpoints hold the trainable parameters only (a LoRA, motion modules, an adapter), not the frozen
+        base, so they stay small."""
+        from safetensors.torch import save_file
+
+        weights.clear()
+        if self.accelerator.is_main_process:
+            state = {n: p.detach().contiguous().cpu() for n, p in self.stage.student.named_parameters()
+                     if p.requires_grad}
+            save_file(state, os.path.join(output_dir, "trainable.safetensors"))
+
+    def _load_trainable(self, models_, input_dir):
+        from safetensors.torch import load_file
+
+        models_.clear()
+        state = load_file(os.path.join(input_dir, "trainable.safetensors"))
+        parameters = dict(self.stage.student.named_parameters())
+        expected = {n for n, p in parameters.items() if p.requires_grad}
+        if set(state) != expected:
+            raise ConfigError(f"{input_dir}: the checkpoint trains other parameters than this configuration "
+                              f"({len(state)} vs {len(expected)} tensors); resume with the config it was made with")
+        with torch.no_grad():
+            for name, value in state.items():
+                parameters[name].copy_(value)
+
+    # -- data --------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _encode_text(self, captions: list[str]) -> torch.Tensor:
+        """Prompt embeddings ``[len(captions), L, D]``; up to ``TEXT_CACHE_SIZE`` distinct captions are kept."""
+        tokenizer, text_encoder = self.parts["tokenizer"], self.parts["text_encoder"]
+        missing = [c for c in dict.fromkeys(captions) if c not in self._text_cache]
+        encoded = {}
+        if missing:
+            ids = tokenizer(missing, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(self.accelerator.device)
+            encoded = dict(zip(missing, text_encoder(ids)[0]))
+            if len(self._text_cache) + len(encoded) <= TEXT_CACHE_SIZE:
+                self._text_cache.update(encoded)
+        return torch.stack([self._text_cache[c] if c in self._text_cache else encoded[c] for c in captions])
+
+    @torch.no_grad()
+    def _prepare_batch(self, raw: dict, generator: torch.Generator) -> dict:
+        """Latents ``[B, C, F, h, w]`` (video stages) or ``[B*F, C, h, w]`` (image stages), and the conditions."""
+        device, vae = self.accelerator.device, self.parts["vae"]
+        if "latent_mean" in raw:
+            mean, std = raw["latent_mean"].float(), raw["latent_std"].float()
+        else:
+            pixels = raw["pixel_values"].to(device, self.weight_dtype)
+            distribution = vae.encode(pixels.flatten(0, 1)).latent_dist
+            mean = distribution.mean.float().reshape(*pixels.shape[:2], *distribution.mean.shape[1:])
+            std = distribution.std.float().reshape(mean.shape)
+        noise = torch.randn(mean.shape, generator=generator)
+        latents = (mean.cpu() + std.cpu() * noise).to(device) * vae.config.scaling_factor
+        batch_size, frames = latents.shape[:2]
+        text = self._encode_text(raw["caption"]).float()
+        empty = self._encode_text([""]).float().expand_as(text)
+        if not self.stage.consistency and self.run.data.uncond_prob > 0:
+            drop = torch.rand(batch_size, generator=generator) < self.run.data.uncond_prob
+            text = torch.where(drop.to(device)[:, None, None], empty, text)
+        if self.stage.video:
+            latents = latents.permute(0, 2, 1, 3, 4).contiguous()
+        else:
+            latents = latents.flatten(0, 1)
+            text, empty = text.repeat_interleave(frames, 0), empty.repeat_interleave(frames, 0)
+        batch = {"latents": latents, "condition": {"text": text}, "uncondition": {"text": empty}}
+        if "pixel_values" in raw:
+            batch["pixels"] = raw["pixel_values"].to(device)
+        return batch
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints of this run, oldest first."""
+        if not self.checkpoint_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoint_dir.iterdir()
+                 if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+        return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+    def _save_checkpoint(self):
+        accelerator = self.accelerator
+        final = self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        temporary = self.checkpoint_dir / f".{final.name}.tmp"
+        if accelerator.is_main_process:
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(temporary))
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            (temporary / "run_config.json").write_text(json.dumps(self.run.to_dict(), indent=1))
+            if final.exists():
+                shutil.rmtree(final)
+            temporary.rename(final)
+            for old in self.checkpoints()[:-self.run.train.checkpoints_kept]:
+                shutil.rmtree(old)
+        accelerator.wait_for_everyone()
+
+    def _restore(self):
+        found = self.checkpoints()
+        if not found:
+            self.accelerator.print(f"--resume: no checkpoint in {self.checkpoint_dir}; starting from step 0")
+            return
+        latest = found[-1]
+        saved = json.loads((latest / "run_config.json").read_text())
+        if saved["stage"] != self.run.stage:
+            raise ConfigError(f"{latest}: a checkpoint of stage {saved['stage']}, but this run is {self.run.stage}")
+        self.accelerator.load_state(str(latest))
+        self.accelerator.print(f"resumed from {latest} (step {self.step})")
+
+    # -- logging -----------------------------------------------------------------------------------------------
+    def _open_metrics(self):
+        path = self.output_dir / "metrics.csv"
+        fields = ["step", "loss", "lr", "grad_norm", "seconds", "samples_per_second"]
+        rows = []
+        if path.exists():
+            with path.open(newline="") as handle:
+                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= self.step]
+        handle = path.open("w", newline="")
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        handle.flush()
+        return handle, writer
+
+    # -- main loop ---------------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        from tqdm.auto import tqdm
+
+        self._setup()
+        run, train, accelerator = self.run, self.run.train, self.accelerator
+        if self.resume:
+            self._restore()
+        elif self.checkpoints():
+            raise ConfigError(f"{self.checkpoint_dir} already holds checkpoints: pass --resume to continue that "
+                              "run, or choose another output_dir")
+        if accelerator.is_main_process:
+            import yaml
+
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(run.to_dict(), sort_keys=False))
+        if train.tensorboard:
+            accelerator.init_trackers(run.stage)
+        per_step = train.batch_size * train.gradient_accumulation
+        sampler = ResumableBatchSampler(len(self.dataset), train.batch_size, accelerator.process_index,
+                                        accelerator.num_processes, run.seed, start=self.step * train.gradient_accumulation)
+        loader = iter(torch.utils.data.DataLoader(self.dataset, batch_sampler=sampler, collate_fn=_collate,
+                                                  num_workers=run.data.num_workers))
+        metrics_handle, metrics = self._open_metrics() if accelerator.is_main_process else (None, None)
+        progress = tqdm(total=train.max_steps, initial=self.step, desc=run.stage, unit="step",
+                        disable=not (accelerator.is_main_process and train.progress))
+        if run.validation.every and self.step == 0:
+            self._validate()
+        started = time.perf_counter()
+        try:
+            while self.step < train.max_steps:
+                tick = time.perf_counter()
+                loss_sum = 0.0
+                self.student.train()
+                for micro in range(train.gradient_accumulation):
+                    generator = step_generator(run.seed, accelerator.process_index, self.step, micro)
+                    batch = self._prepare_batch(next(loader), generator)
+                    last = micro == train.gradient_accumulation - 1
+                    context = accelerator.no_sync(self.student) if not last else contextlib.nullcontext()
+                    with context, accelerator.autocast():
+                        loss = self.stage.loss(self.student, batch, generator) / train.gradient_accumulation
+                    self._check_finite(loss)
+                    accelerator.backward(loss)
+                    loss_sum += loss.detach().float()
+                grad_norm = accelerator.clip_grad_norm_(self.stage.trainable_parameters(), train.max_grad_norm) \
+                    if train.max_grad_norm > 0 else torch.tensor(float("nan"))
+                self.optimizer.step()
+                self.lr_scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.stage.after_optimizer_step()
+                self.step += 1
+                mean_loss = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), "mean").item()
+                seconds = time.perf_counter() - tick
+                lr = self.lr_scheduler.get_last_lr()[0]
+                progress.update(1)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+                if accelerator.is_main_process and self.step % train.log_every == 0:
+                    metrics.writerow(dict(step=self.step, loss=f"{mean_loss:.6g}", lr=f"{lr:.6g}",
+                                          grad_norm=f"{float(grad_norm):.6g}", seconds=f"{seconds:.4f}",
+                                          samples_per_second=f"{per_step * accelerator.num_processes / seconds:.3f}"))
+                    metrics_handle.flush()
+                if train.tensorboard:
+                    accelerator.log({"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm)}, step=self.step)
+                if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
+                    self._save_checkpoint()
+                if run.validation.every and self.step % run.validation.every == 0:
+                    self._validate()
+        finally:
+            progress.close()
+            if metrics_handle is not None:
+                metrics_handle.close()
+        self._save_checkpoint()
+        outputs = self._export()
+        if train.tensorboard:
+            accelerator.end_training()
+        accelerator.print(f"{run.stage}: {self.step} steps in {time.perf_counter() - started:.1f} s; "
+                          f"outputs in {self.output_dir / 'final'}")
+        return outputs
+
+    def _check_finite(self, loss):
+        finite = torch.isfinite(loss.detach()).float()
+        if self.accelerator.reduce(finite, "sum").item() < self.accelerator.num_processes:
+            last = self.checkpoints()
+            raise TrainingDiverged(
+                f"{self.run.stage}: the loss is not finite at step {self.step + 1}; stopped before the update. "
+                f"Last good checkpoint: {last[-1] if last else 'none'} (resume from it with --resume after lowering "
+                "train.learning_rate, using mixed_precision: no or bf16, or checking the data)")
+
+    def _export(self) -> dict:
+        accelerator = self.accelerator
+        final = self.output_dir / "final"
+        outputs = {}
+        if accelerator.is_main_process:
+            temporary = self.output_dir / ".final.tmp"
+            shutil.rmtree(temporary, ignore_errors=True)
+            temporary.mkdir()
+            written = self.stage.export(temporary)
+            (temporary / "config.yaml").write_text((self.output_dir / "config.yaml").read_text())
+            if final.exists():
+                shutil.rmtree(final)
+            temporary.rename(final)
+            outputs = {name: final / Path(path).relative_to(temporary) for name, path in written.items()}
+        accelerator.wait_for_everyone()
+        return outputs
+
+    def _validate(self):
+        if not self.accelerator.is_main_process:
+            return
+        from .validation import write_validation
+
+        write_validation(self, self.output_dir / "validation" / f"step-{self.step:06d}")
+
+
+def train(config, overrides: dict | None = None, resume: bool = False) -> dict:
+    """Python API: run one stage from a YAML path, a dict or a :class:`RunConfig` (``overrides`` as in
+    :func:`~animatelcm.training.config.load_config`). Returns the exported files ``{name: path}``."""
+    from .config import load_config
+
+    run = config if isinstance(config, RunConfig) else load_config(config, overrides)
+    return Trainer(run, resume=resume).train()

@@ -141,7 +141,8 @@ class ImageToVideoModel(nn.Module):
 
 class ControlledVideoModel(nn.Module):
     """A UNetMotionModel with a per-frame ControlNet on ``condition["control"] [B, F, 3, H, W]`` (values in
-    [0, 1], H = 8 h), its residuals scaled by ``conditioning_scale``."""
+    [0, 1]; resized to the ControlNet's input size, 8 h for SD1.5, when it differs), its residuals scaled by
+    ``conditioning_scale``."""
 
     def __init__(self, unet, controlnet, conditioning_scale: float = 1.0):
         super().__init__()
@@ -153,9 +154,15 @@ class ControlledVideoModel(nn.Module):
         if control.shape[:2] != (batch, frames):
             raise ValueError(f"control images {tuple(control.shape)} do not match {batch} clips of {frames} frames")
         frame_sample = sample.permute(0, 2, 1, 3, 4).reshape(batch * frames, *sample.shape[1:2], *sample.shape[3:])
+        control = control.flatten(0, 1)
+        factor = 2 ** (len(self.controlnet.config.conditioning_embedding_out_channels) - 1)
+        size = (sample.shape[-2] * factor, sample.shape[-1] * factor)
+        if control.shape[-2:] != size:  # the VAE's downsampling differs from the ControlNet's embedding
+            control = torch.nn.functional.interpolate(control.float(), size=size, mode="bilinear",
+                                                      antialias=True, align_corners=False)
         down, mid = self.controlnet(frame_sample, timestep.repeat_interleave(frames),
                                     encoder_hidden_states=text,
-                                    controlnet_cond=control.flatten(0, 1).to(frame_sample.dtype),
+                                    controlnet_cond=control.to(frame_sample.dtype),
                                     conditioning_scale=self.conditioning_scale, return_dict=False)
         return self.unet(sample, timestep, encoder_hidden_states=text, down_block_additional_residuals=down,
                          mid_block_additional_residual=mid).sample

@@ -1,4 +1,5 @@
-"""Command line: ``animatelcm generate`` (prompt -> GIF/MP4) and ``animatelcm info``.
+"""Command line: ``animatelcm generate`` (prompt -> GIF/MP4), ``animatelcm train`` (one training stage from a
+YAML config; exit status 3 when the loss diverges) and ``animatelcm info``.
 
 User errors (a bad value, a missing or unreadable file) print one line ``animatelcm: error: ...`` and exit with
 status 2; set ``ANIMATELCM_DEBUG=1`` to see the traceback instead.
@@ -91,8 +92,55 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--decode-chunk-size", type=_positive_int, default=16, help="frames per VAE decode call")
 
+    tr = sub.add_parser("train", help="run one training stage from a YAML config",
+                        description="Run one stage of decoupled consistency learning (see configs/ and README).")
+    tr.add_argument("config", help="YAML run configuration (configs/mini/*.yaml, configs/sd15/*.yaml)")
+    tr.add_argument("--output-dir", help="where checkpoints, metrics and final/ go (overrides output_dir)")
+    tr.add_argument("--max-steps", type=_positive_int, help="optimiser steps (overrides train.max_steps)")
+    tr.add_argument("--checkpoint-every", type=_non_negative_int,
+                    help="checkpoint every N steps, 0 = only at the end (overrides train.checkpoint_every)")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
+    tr.add_argument("--set", action="append", default=[], type=_override, metavar="KEY=VALUE",
+                    help="override any config key, e.g. --set train.learning_rate=1e-5 (repeatable; YAML values)")
+
     sub.add_parser("info", help="version, native build and usable backends")
     return parser
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be at least 0")
+    return value
+
+
+def _override(text):
+    """KEY=VALUE with a YAML value (``train.max_steps=10``, ``data.kind=video``)."""
+    import yaml
+
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key.strip(), yaml.safe_load(value)
+
+
+def train(args) -> dict:
+    from .training.config import load_config
+    from .training.trainer import Trainer
+
+    overrides = dict(args.set)
+    for flag, key in (("output_dir", "output_dir"), ("max_steps", "train.max_steps"),
+                      ("checkpoint_every", "train.checkpoint_every")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    run = load_config(args.config, overrides)
+    outputs = Trainer(run, resume=args.resume).train()
+    for name, path in outputs.items():
+        print(f"{name}: {path}")
+    return outputs
 
 
 def _resolve_device(name: str):
@@ -194,7 +242,18 @@ def main(argv=None) -> int:
     from .ops import BackendUnavailableError
 
     try:
-        generate(args)
+        if args.command == "train":
+            from .training.trainer import TrainingDiverged
+
+            try:
+                train(args)
+            except TrainingDiverged as error:
+                if os.environ.get("ANIMATELCM_DEBUG"):
+                    raise
+                print(f"animatelcm: training stopped: {error}", file=sys.stderr)
+                return 3
+        else:
+            generate(args)
     except (UserError, CheckpointError, BackendUnavailableError, ValueError, FileNotFoundError) as error:
         if os.environ.get("ANIMATELCM_DEBUG"):
             raise

@@ -153,6 +153,24 @@ def _config_overrides(config, source) -> dict:
     return {k: v for k, v in loaded.items() if not k.startswith("_")}
 
 
+MOTION_CONFIG_METADATA = "animatelcm_motion_config"  # safetensors metadata key written by save_motion_adapter
+# What the tensors cannot tell (the original layout stores no config): kept in the file's metadata.
+MOTION_HYPERPARAMETERS = ("motion_num_attention_heads", "motion_norm_num_groups", "motion_max_seq_length")
+
+
+def _saved_motion_config(path: Path) -> dict:
+    """Head count, group count and sequence length from a file written by :func:`save_motion_adapter` ({} for
+    other files)."""
+    if path.suffix.lower() not in SAFE_SUFFIXES:
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    saved = json.loads(metadata.get(MOTION_CONFIG_METADATA, "{}"))
+    return {k: v for k, v in saved.items() if k in MOTION_HYPERPARAMETERS}
+
+
 def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
     """Load a :class:`diffusers.MotionAdapter` from a local path.
 
@@ -188,7 +206,7 @@ def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dty
     pe_length = None
     if is_original_motion_layout(state):
         state, pe_length = original_to_diffusers_motion_keys(state)
-    inferred = {**MOTION_DEFAULTS, **infer_motion_adapter_config(state, str(path))}
+    inferred = {**MOTION_DEFAULTS, **_saved_motion_config(path), **infer_motion_adapter_config(state, str(path))}
     if pe_length is not None:
         inferred["motion_max_seq_length"] = pe_length
     inferred.update(_config_overrides(config, str(path)))
@@ -267,7 +285,8 @@ def diffusers_to_original_motion_keys(state: dict) -> dict:
 def save_motion_adapter(adapter, path, layout: str = "original") -> Path:
     """Save a MotionAdapter as one ``.safetensors`` in the ``"original"`` AnimateDiff/AnimateLCM layout or in
     ``"diffusers"`` key layout, or (``path`` without a suffix) as a diffusers folder. All three load back with
-    :func:`load_motion_adapter`. The write goes to a temporary name first, then is renamed."""
+    :func:`load_motion_adapter` (a file keeps the head count, group count and sequence length, which the tensors do
+    not determine, in its metadata). The write goes to a temporary name first, then is renamed."""
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -283,7 +302,8 @@ def save_motion_adapter(adapter, path, layout: str = "original") -> Path:
         state = diffusers_to_original_motion_keys(state)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
-    save_file(state, str(temporary))
+    metadata = {MOTION_CONFIG_METADATA: json.dumps({k: adapter.config[k] for k in MOTION_HYPERPARAMETERS})}
+    save_file(state, str(temporary), metadata=metadata)
     temporary.replace(path)
     return path
 

@@ -153,7 +153,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    source: str = "<dict>"              # where the config was read from (for messages)
+    origin: str = "<dict>"              # where the config was read from (for messages)
 
     @property
     def is_video(self) -> bool:
@@ -161,7 +161,7 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        data.pop("source")
+        data.pop("origin")
         return data
 
 
@@ -189,10 +189,10 @@ def _build(cls, values, prefix: str, source: str):
         values = {}
     if not isinstance(values, dict):
         raise ConfigError(f"{source}: {prefix or 'the config'} must be a mapping, got {values!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {f.name: f for f in dataclasses.fields(cls) if not (cls is RunConfig and f.name == "origin")}
     unknown = sorted(set(values) - set(fields))
     if unknown:
-        raise ConfigError(f"{source}: unknown key {prefix}{unknown[0]!r} (known keys{' of ' + prefix[:-1] if prefix else ''}: "
+        raise ConfigError(f"{source}: unknown key {prefix + unknown[0]!r} (known keys{' of ' + prefix[:-1] if prefix else ''}: "
                           f"{', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -209,7 +209,7 @@ def _build(cls, values, prefix: str, source: str):
 
 
 def _check(config: RunConfig) -> None:
-    source = config.source
+    source = config.origin
 
     def fail(message):
         raise ConfigError(f"{source}: {message}")
@@ -316,6 +316,6 @@ def load_config(path_or_dict, overrides: dict | None = None) -> RunConfig:
     if "stage" not in values:
         raise ConfigError(f"{source}: missing 'stage' (one of {', '.join(STAGES)})")
     config = _build(RunConfig, values, "", source)
-    config.source = source
+    config.origin = source
     _check(config)
     return config

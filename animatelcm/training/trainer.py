@@ -192,6 +192,10 @@ class Trainer:
 
     # -- setup -------------------------------------------------------------------------------------------------
     def _setup(self):
+        if getattr(self, "stage", None) is None:
+            self._build()
+
+    def _build(self):
         from accelerate import Accelerator
         from accelerate.utils import ProjectConfiguration
         from diffusers.optimization import get_scheduler
@@ -204,15 +208,18 @@ class Trainer:
             try:
                 import tensorboard  # noqa: F401
             except ImportError:
-                raise ConfigError(f"{run.source}: train.tensorboard is true but tensorboard is not installed "
+                raise ConfigError(f"{run.origin}: train.tensorboard is true but tensorboard is not installed "
                                   "(pip install tensorboard)") from None
+        # Several processes without CUDA (torchrun / accelerate launch on CPUs): accelerate needs cpu=True to
+        # form a gloo process group instead of running each process alone.
+        cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
         self.accelerator = accelerator = Accelerator(
-            mixed_precision=train.mixed_precision, log_with="tensorboard" if train.tensorboard else None,
+            cpu=cpu_processes, mixed_precision=train.mixed_precision, log_with="tensorboard" if train.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")))
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(train.mixed_precision, torch.float32)
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        dataset = build_dataset(run)  # data errors surface before any model is built
+        self.raw_dataset = dataset = build_dataset(run)  # data errors surface before any model is built
         self.parts = parts = models.load_components(run.model, video=run.is_video, seed=run.seed,
                                                     work_dir=self.output_dir, torch_dtype=None)
         device = accelerator.device
@@ -220,7 +227,7 @@ class Trainer:
             models.cast(parts[name].to(device), self.weight_dtype)
         self.stage = stage = build_stage(run, parts, self.weight_dtype)
         if not stage.trainable_parameters():
-            raise ConfigError(f"{run.source}: stage {run.stage} has nothing to train with this configuration")
+            raise ConfigError(f"{run.origin}: stage {run.stage} has nothing to train with this configuration")
         if train.gradient_checkpointing:
             stage.enable_gradient_checkpointing()
         if stage.teacher is not None:
@@ -236,7 +243,7 @@ class Trainer:
             self.lr_scheduler = get_scheduler(train.lr_scheduler, optimizer, num_warmup_steps=train.lr_warmup_steps,
                                               num_training_steps=train.max_steps)
         except ValueError as error:
-            raise ConfigError(f"{run.source}: train.lr_scheduler: {error}") from None
+            raise ConfigError(f"{run.origin}: train.lr_scheduler: {error}") from None
         self.student, self.optimizer = accelerator.prepare(stage.student, optimizer)
         self.step = 0
         accelerator.register_for_checkpointing(self.lr_scheduler)
@@ -318,6 +325,25 @@ class Trainer:
         if "pixel_values" in raw:
             batch["pixels"] = raw["pixel_values"].to(device)
         return batch
+
+    @torch.no_grad()
+    def evaluate(self, batches: int = 4, seed: int = 12345) -> float:
+        """Mean loss of the current networks over ``batches`` fixed micro-batches (the first items of the data
+        order, random draws from ``seed``): the same numbers before and after training, so progress shows through
+        the noise of the training loss. Builds the run if :meth:`train` has not."""
+        self._setup()
+        sampler = ResumableBatchSampler(len(self.dataset), self.run.train.batch_size, self.accelerator.process_index,
+                                        self.accelerator.num_processes, self.run.seed)
+        was_training = self.stage.student.training
+        self.stage.student.eval()
+        total = 0.0
+        for index in range(batches):
+            generator = step_generator(seed, self.accelerator.process_index, -1, index)
+            raw = _collate([self.dataset[i] for i in sampler.indices(index)])
+            with self.accelerator.autocast():
+                total += float(self.stage.loss(self.stage.student, self._prepare_batch(raw, generator), generator))
+        self.stage.student.train(was_training)
+        return total / batches
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
@@ -448,7 +474,8 @@ class Trainer:
         outputs = self._export()
         if train.tensorboard:
             accelerator.end_training()
-        accelerator.print(f"{run.stage}: {self.step} steps in {time.perf_counter() - started:.1f} s; "
+        accelerator.print(f"{run.stage}: {self.step} steps on {accelerator.num_processes} process(es) "
+                          f"({accelerator.device}) in {time.perf_counter() - started:.1f} s; "
                           f"outputs in {self.output_dir / 'final'}")
         return outputs
 

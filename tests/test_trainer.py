@@ -364,3 +364,32 @@ def test_shipped_configs_parse():
             values["data"]["source"] = str(REPO)
         load_config(values)
         assert json.dumps(values)  # plain data
+
+
+def test_gradient_checkpointing_gives_the_same_update(world, tmp_path):
+    from safetensors.torch import load_file
+
+    states = []
+    for checkpointing in (False, True):
+        out = tmp_path / f"gc{checkpointing}"
+        trainer = Trainer(load_config(config("diffusion_video", out, {"base": world["base"]},
+                                             train=dict(max_steps=1, gradient_checkpointing=checkpointing))))
+        trainer.train()
+        assert trainer.stage.student.unet.is_gradient_checkpointing == checkpointing
+        states.append(load_file(str(out / "checkpoints" / "checkpoint-1" / "trainable.safetensors")))
+    assert states[0].keys() == states[1].keys()
+    for key in states[0]:
+        torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_and_tensorboard(world, tmp_path):
+    pytest.importorskip("tensorboard")
+    run = load_config(config("image_cd", tmp_path / "bf16", {"base": world["base"]}, distill=dict(lora_rank=4),
+                             train=dict(max_steps=2, mixed_precision="bf16", tensorboard=True),
+                             validation=dict(every=2, steps=2)))
+    trainer = Trainer(run)
+    trainer.train()
+    assert trainer.stage.teacher.unet.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in trainer.stage.trainable_parameters())
+    assert list((tmp_path / "bf16" / "logs").rglob("events.out.tfevents.*"))
+    assert list((tmp_path / "bf16" / "validation" / "step-000002").glob("*.png"))

@@ -29,6 +29,7 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     from ..schedulers import animatelcm_scheduler
 
     motion_adapter = None
+    torch.manual_seed(seed)  # fresh modules (tiny models, new motion modules) are a function of the seed
     if model_config.tiny is not None:
         from ..testing import TinyConfig, tiny_motion_adapter, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
 
@@ -39,7 +40,6 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
 
             raise ConfigError(f"model.tiny: {error}") from None
         tokenizer = tiny_tokenizer(work_dir / "tokenizer")
-        torch.manual_seed(seed)
         parts = dict(unet=tiny_unet(tiny), vae=tiny_vae(tiny),
                      text_encoder=tiny_text_encoder(tiny, vocab_size=len(tokenizer)), tokenizer=tokenizer)
         if video and model_config.motion_adapter is None:

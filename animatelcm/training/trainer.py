@@ -197,6 +197,7 @@ class Trainer:
 
     def _build(self):
         from accelerate import Accelerator
+        from accelerate.state import AcceleratorState, GradientState
         from accelerate.utils import ProjectConfiguration
         from diffusers.optimization import get_scheduler
 
@@ -213,6 +214,10 @@ class Trainer:
         # Several processes without CUDA (torchrun / accelerate launch on CPUs): accelerate needs cpu=True to
         # form a gloo process group instead of running each process alone.
         cpu_processes = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+        # accelerate keeps its precision settings process-wide; a second run in one process (several stages from
+        # Python) may ask for other ones. The process group (PartialState) is kept.
+        AcceleratorState._reset_state(reset_partial_state=False)
+        GradientState._reset_state()
         self.accelerator = accelerator = Accelerator(
             cpu=cpu_processes, mixed_precision=train.mixed_precision, log_with="tensorboard" if train.tensorboard else None,
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.animatelcm-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 DEMO_OUT ?= outputs/demo.gif
 
-.PHONY: setup demo test test-slow bench bench-e2e wheel clean
+.PHONY: setup demo test test-slow bench bench-e2e mini-world wheel clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): $(BUILD_INPUTS)
 	@touch $@
 
 demo: setup
-	$(VENV)/bin/animatelcm generate --prompt "a red circle moving right" --out $(DEMO_OUT)
+	$(VENV)/bin/animatelcm generate --prompt "a red circle moving right" --upscale 8 --out $(DEMO_OUT)
 	@echo "demo clip: $(abspath $(DEMO_OUT))"
 
 test: setup
@@ -39,6 +39,12 @@ bench: setup
 # End-to-end pipeline benchmark (diffusers eager vs patch_pipeline vs torch.compile; slow on a CPU).
 bench-e2e: setup
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) benchmarks/end_to_end.py
+
+# The miniature reproduction (issue 6): train every stage, evaluate the table, ship the default model. About 1.5 h
+# on a 2-core CPU; resumable (rerun to continue). See README "Miniature reproduction".
+mini-world: setup
+	$(PY) -m pip install -q "matplotlib>=3.7"
+	$(PY) benchmarks/mini_world.py all
 
 wheel: setup
 	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .

@@ -1,5 +1,6 @@
 """Command line: ``animatelcm generate`` (prompt -> GIF/MP4), ``animatelcm train`` (one training stage from a
-YAML config; exit status 3 when the loss diverges) and ``animatelcm info``.
+YAML config; exit status 3 when the loss diverges), ``animatelcm eval`` (score a model on the moving-shapes world)
+and ``animatelcm info``.
 
 User errors (a bad value, a missing or unreadable file) print one line ``animatelcm: error: ...`` and exit with
 status 2; set ``ANIMATELCM_DEBUG=1`` to see the traceback instead.
@@ -58,15 +59,8 @@ class OneLineErrorParser(argparse.ArgumentParser):
         self.exit(2, f"animatelcm: error: {message} (see `{self.prog} --help`)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineErrorParser(prog="animatelcm", description="Few-step video generation with AnimateLCM.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
-
-    gen = sub.add_parser("generate", help="turn a prompt into a GIF or MP4",
-                         description="Generate a clip. With no model arguments the embedded default model is used.")
-    gen.add_argument("--prompt", required=True, help="what the clip should show")
-    gen.add_argument("--negative-prompt", default=None, help="what to avoid (only used with --guidance > 1)")
-    models = gen.add_argument_group("model (all local paths; none given = embedded default)")
+def _add_model_arguments(parser) -> None:
+    models = parser.add_argument_group("model (all local paths; none given = embedded default)")
     models.add_argument("--model", help="a saved AnimateLCM/AnimateDiff pipeline folder (model_index.json)")
     models.add_argument("--base", help="Stable Diffusion 1.5: diffusers folder or single-file checkpoint")
     models.add_argument("--base-config", help="diffusers SD1.5 folder with the configs for a single-file --base")
@@ -79,6 +73,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="personalised LoRA stacked on top (repeatable)")
     models.add_argument("--allow-pickle", action="store_true",
                         help="allow .ckpt/.pt checkpoints (pickles can run code: only for files you trust)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineErrorParser(prog="animatelcm", description="Few-step video generation with AnimateLCM.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
+
+    gen = sub.add_parser("generate", help="turn a prompt into a GIF or MP4",
+                         description="Generate a clip. With no model arguments the embedded default model is used.")
+    gen.add_argument("--prompt", required=True, help="what the clip should show")
+    gen.add_argument("--negative-prompt", default=None, help="what to avoid (only used with --guidance > 1)")
+    _add_model_arguments(gen)
     gen.add_argument("--steps", type=_positive_int, default=4, help="sampling steps (default 4)")
     gen.add_argument("--frames", type=_positive_int, default=16, help="frames (default 16)")
     gen.add_argument("--height", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
@@ -88,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--fps", type=float, default=None, help="frames per second of the file (default 8)")
     gen.add_argument("--out", default="outputs/animatelcm.gif", help="output file, .gif or .mp4")
+    gen.add_argument("--upscale", type=_positive_int, default=1,
+                     help="enlarge the written frames N times, nearest neighbour (for viewing small clips)")
     gen.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--decode-chunk-size", type=_positive_int, default=16, help="frames per VAE decode call")
@@ -102,6 +109,34 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output dir")
     tr.add_argument("--set", action="append", default=[], type=_override, metavar="KEY=VALUE",
                     help="override any config key, e.g. --set train.learning_rate=1e-5 (repeatable; YAML values)")
+
+    ev = sub.add_parser("eval", help="score a model on the moving-shapes world (FVD/CLIPSIM analogues, fidelity)",
+                        description="Generate clips of every 'a {colour} {shape} moving {direction}' prompt from "
+                                    "fixed noise and score them (see animatelcm.evaluation).")
+    _add_model_arguments(ev)
+    ev.add_argument("--scheduler", choices=["lcm", "ddim", "dpmsolver"], default="lcm",
+                    help="sampler: lcm (default), ddim or dpmsolver (DPM-Solver++), both trailing spacing")
+    ev.add_argument("--lcm-original-steps", type=_positive_int, default=None,
+                    help="LCM: the distillation grid (original_inference_steps; default: the model's)")
+    ev.add_argument("--steps", type=_positive_int, nargs="+", default=[1, 2, 4, 8], help="step counts (default 1 2 4 8)")
+    ev.add_argument("--guidance", type=_non_negative_float, default=1.0, help="classifier-free guidance (1.0 = off)")
+    ev.add_argument("--clips", type=_positive_int, default=512, help="generated clips per step count (default 512)")
+    ev.add_argument("--real-clips", type=_positive_int, default=512, help="real clips for the FVD statistics")
+    ev.add_argument("--frames", type=_positive_int, default=16, help="frames per clip (default 16)")
+    ev.add_argument("--attribute-net", default=None,
+                    help="the evaluation network (.safetensors; default: the one shipped with the package, for 16 "
+                         "frames at 32x32); trained first when --train-attribute-net is given")
+    ev.add_argument("--train-attribute-net", action="store_true",
+                    help="train the evaluation network on real clips and write it to --attribute-net")
+    ev.add_argument("--net-steps", type=_positive_int, default=600, help="training steps of the evaluation network")
+    ev.add_argument("--reference", help="clips (.pt) to measure teacher fidelity against, from --save-clips")
+    ev.add_argument("--save-clips", help="write the clips of the last step count here (.pt, fp16)")
+    ev.add_argument("--i3d", help="I3D TorchScript file (StyleGAN-V interface) for real FVD")
+    ev.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    ev.add_argument("--batch-size", type=_positive_int, default=32, help="clips per pipeline call")
+    ev.add_argument("--out", help="write the results as JSON here")
+    ev.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
+    ev.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
 
     sub.add_parser("info", help="version, native build and usable backends")
     return parser
@@ -173,16 +208,95 @@ def _check_paths(args) -> None:
     for path, _ in args.lora:
         if not Path(path).exists():
             raise UserError(f"--lora {path}: no such file or folder")
-    if Path(args.out).suffix.lower() not in (".gif", ".mp4"):
+    if args.command == "generate" and Path(args.out).suffix.lower() not in (".gif", ".mp4"):
         raise UserError(f"--out {args.out}: the file name must end in .gif or .mp4")
     if args.model and (args.base or args.motion_module):
         raise UserError("give either --model or --base with --motion-module, not both")
     if bool(args.base) != bool(args.motion_module):
         raise UserError("--base and --motion-module go together (or give --model, or neither for the default)")
     for flag in ("height", "width"):
-        value = getattr(args, flag)
+        value = getattr(args, flag, None)
         if value is not None and value % 8:
             raise UserError(f"--{flag} {value} must be a multiple of 8")
+
+
+def _load_model(args, dtype, device):
+    """``(pipe, default)``: the pipeline the model arguments name, or the embedded default (``default`` is then
+    its :class:`~animatelcm.default_model.DefaultModel`, else None)."""
+    from .default_model import load_default_model
+    from .loading import load_lora, load_pipeline
+
+    if args.model or args.base:
+        print(f"loading model from {args.model or args.base} ...", file=sys.stderr)
+        motion_config = {"motion_max_seq_length": args.motion_max_frames} if args.motion_max_frames else None
+        pipe = load_pipeline(args.model, base=args.base, base_config=args.base_config,
+                             motion_module=args.motion_module, motion_config=motion_config, lcm_lora=args.lcm_lora,
+                             lcm_lora_scale=args.lcm_lora_scale, loras=args.lora, allow_pickle=args.allow_pickle,
+                             torch_dtype=dtype, device=device)
+        return pipe, None
+    default = load_default_model(torch_dtype=dtype, device=device)
+    print("using the embedded default model (the miniature AnimateLCM: prompts 'a {red|green|blue|yellow} "
+          "{circle|square|triangle} moving {left|right|up|down}', 32x32 clips)", file=sys.stderr)
+    if args.lcm_lora:
+        load_lora(default.pipe, args.lcm_lora, adapter_name="animatelcm", scale=args.lcm_lora_scale)
+    for index, (path, scale) in enumerate(args.lora):
+        load_lora(default.pipe, path, adapter_name=f"lora_{index}", scale=scale)
+    return default.pipe, default
+
+
+def evaluate(args) -> dict:
+    import json
+
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    from . import evaluation
+    from .default_model import ATTRIBUTE_NET_PATH
+
+    _check_paths(args)
+    if args.attribute_net is None:
+        if args.train_attribute_net:
+            raise UserError("--train-attribute-net needs --attribute-net PATH to write the network to")
+        args.attribute_net = str(ATTRIBUTE_NET_PATH)
+    for flag in ("reference", "i3d"):
+        value = getattr(args, flag)
+        if value is not None and not Path(value).is_file():
+            raise UserError(f"--{flag} {value}: no such file")
+    if not args.train_attribute_net and not Path(args.attribute_net).is_file():
+        raise UserError(f"--attribute-net {args.attribute_net}: no such file (add --train-attribute-net to train "
+                        "one there)")
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    device = _resolve_device(args.device)
+    dtype = _resolve_dtype(args.dtype, device)
+    pipe, _ = _load_model(args, dtype, device)
+    pipe.scheduler = evaluation.sampling_scheduler(pipe, args.scheduler, args.lcm_original_steps)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    if args.train_attribute_net:
+        _, info = evaluation.train_evaluation_net(args.attribute_net, frames=args.frames, size=size,
+                                                  steps=args.net_steps)
+        print(f"attribute network: held-out accuracy {info['held_out_accuracy']} -> {args.attribute_net}")
+    net, info = evaluation.load_attribute_net(args.attribute_net)
+    if (info.get("frames"), info.get("size")) != (args.frames, size):
+        print(f"NOTE: the attribute network was trained on {info.get('frames')} frames at {info.get('size')} px; "
+              f"evaluating {args.frames} frames at {size} px", file=sys.stderr)
+    reference = torch.load(args.reference, weights_only=True) if args.reference else None
+    i3d = torch.jit.load(args.i3d, map_location=device).eval() if args.i3d else None
+    results = evaluation.evaluate_pipeline(pipe, net, args.steps, num_clips=args.clips, frames=args.frames,
+                                           guidance_scale=args.guidance, real_count=args.real_clips, seed=args.seed,
+                                           batch_size=args.batch_size, reference=reference, i3d=i3d,
+                                           save_clips=args.save_clips)
+    report = {"model": args.model or args.base or "embedded default", "scheduler": args.scheduler,
+              "guidance": args.guidance, "clips": args.clips, "frames": args.frames, "size": size,
+              "device": str(device), "attribute_net": info, "results": results}
+    for steps, metrics in results.items():
+        print(f"{steps:>3} step(s): " + "  ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=1))
+        print(f"wrote {args.out}")
+    return report
 
 
 def generate(args) -> Path:
@@ -190,9 +304,7 @@ def generate(args) -> Path:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
-    from .default_model import load_default_model
     from .export import export_video
-    from .loading import load_lora, load_pipeline
 
     _check_paths(args)
     diffusers_logging.set_verbosity_error()  # dtype-cast notices are not actionable here; errors still show
@@ -201,31 +313,18 @@ def generate(args) -> Path:
     dtype = _resolve_dtype(args.dtype, device)
     height, width, fps = args.height, args.width, args.fps
     started = time.perf_counter()
-    if args.model or args.base:
-        print(f"loading model from {args.model or args.base} ...", file=sys.stderr)
-        motion_config = {"motion_max_seq_length": args.motion_max_frames} if args.motion_max_frames else None
-        pipe = load_pipeline(args.model, base=args.base, base_config=args.base_config,
-                             motion_module=args.motion_module, motion_config=motion_config, lcm_lora=args.lcm_lora,
-                             lcm_lora_scale=args.lcm_lora_scale, loras=args.lora, allow_pickle=args.allow_pickle,
-                             torch_dtype=dtype, device=device)
-    else:
-        default = load_default_model(torch_dtype=dtype, device=device)
-        pipe = default.pipe
-        if not default.trained:
-            print("NOTE: using the embedded default model, which is RANDOMLY INITIALISED (no trained weights are "
-                  "shipped yet): expect noise-like frames. Pass --model or --base/--motion-module for real output.",
-                  file=sys.stderr)
+    pipe, default = _load_model(args, dtype, device)
+    if default is not None:
         height, width = height or default.height, width or default.width
         fps = fps or default.fps
-        if args.lcm_lora:
-            load_lora(pipe, args.lcm_lora, adapter_name="animatelcm", scale=args.lcm_lora_scale)
-        for index, (path, scale) in enumerate(args.lora):
-            load_lora(pipe, path, adapter_name=f"lora_{index}", scale=scale)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=height,
                   width=width, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
                   decode_chunk_size=args.decode_chunk_size, output_type="np")
-    out = export_video(result.frames[0], args.out, fps=fps or 8.0)
+    frames = result.frames[0]
+    if args.upscale > 1:
+        frames = frames.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
+    out = export_video(frames, args.out, fps=fps or 8.0)
     print(f"wrote {out} ({args.frames} frames, {args.steps} steps, {time.perf_counter() - started:.1f} s)")
     return out
 
@@ -252,6 +351,8 @@ def main(argv=None) -> int:
                     raise
                 print(f"animatelcm: training stopped: {error}", file=sys.stderr)
                 return 3
+        elif args.command == "eval":
+            evaluate(args)
         else:
             generate(args)
     except (UserError, CheckpointError, BackendUnavailableError, ValueError, FileNotFoundError) as error:

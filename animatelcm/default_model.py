@@ -1,17 +1,20 @@
 """The embedded default model used when no model is given (``animatelcm generate`` with no model arguments).
 
-The folder ``assets/default_model`` holds either a saved pipeline (``model_index.json`` + weights: a trained
-model) or only ``default_model.json``, describing a tiny model built from its seed with random weights.
+``assets/default_model`` is a saved :class:`~animatelcm.AnimateLCMPipeline` (fp16 weights, a few MB): the miniature
+AnimateLCM trained end to end by ``benchmarks/mini_world.py`` on the synthetic moving-shapes world, with
+``default_model.json`` describing it. ``assets/attribute_net.safetensors`` is the evaluation network of that world
+(:mod:`animatelcm.evaluation`), the default of ``animatelcm eval --attribute-net``.
 """
 
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
+ASSETS = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS / "default_model"
+ATTRIBUTE_NET_PATH = ASSETS / "attribute_net.safetensors"
 
 
 @dataclass
@@ -19,30 +22,21 @@ class DefaultModel:
     """The loaded default pipeline and what a user should be told about it."""
 
     pipe: object
-    trained: bool
     description: str
     height: int
     width: int
     fps: float
+    frames: int
+    steps: int
 
 
 def load_default_model(torch_dtype=None, device=None) -> DefaultModel:
-    """Load the embedded default model (trained weights when shipped, else the seeded random tiny model)."""
+    """Load the embedded default model; ``torch_dtype`` defaults to float32 (the weights are stored in fp16)."""
+    import torch
+
     from .loading import load_pipeline
-    from .pipelines import AnimateLCMPipeline
-    from .testing import TinyConfig, tiny_components
 
     meta = json.loads((DEFAULT_MODEL_DIR / "default_model.json").read_text())
-    if (DEFAULT_MODEL_DIR / "model_index.json").exists():
-        pipe = load_pipeline(DEFAULT_MODEL_DIR, torch_dtype=torch_dtype)
-    else:
-        config = TinyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in meta["tiny_config"].items()})
-        with tempfile.TemporaryDirectory() as tokenizer_dir:
-            components = tiny_components(tokenizer_dir, config=config, seed=meta["seed"])
-        pipe = AnimateLCMPipeline(**components)
-        if torch_dtype is not None:
-            pipe.to(dtype=torch_dtype)
-    if device is not None:
-        pipe.to(device)
-    return DefaultModel(pipe=pipe, trained=bool(meta.get("trained")), description=meta["description"],
-                        height=meta["height"], width=meta["width"], fps=meta["fps"])
+    pipe = load_pipeline(DEFAULT_MODEL_DIR, torch_dtype=torch_dtype or torch.float32, device=device)
+    return DefaultModel(pipe=pipe, description=meta["description"], height=meta["height"], width=meta["width"],
+                        fps=meta["fps"], frames=meta["frames"], steps=meta["steps"])

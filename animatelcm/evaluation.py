@@ -1,17 +1,27 @@
-"""Evaluation in the miniature world (issue 6): a small video network trained on real moving-shapes clips to
-recognise colour, shape and direction, whose features give an FVD analogue (Frechet distance between real and
-generated clips) and whose accuracy on the prompted attributes gives a CLIPSIM analogue; plus teacher fidelity
-(MSE to a reference sample from the same noise).
+"""Evaluation of text-to-video models on the moving-shapes world (issue 6), reusable on any model that makes
+clips of the prompts ``"a {colour} {shape} moving {direction}"``:
 
-Clips are ``[B, F, 3, H, W]`` floats in [-1, 1] (the datasets' ``pixel_values`` layout).
+- FVD analogue: Frechet distance between features of real and generated clips, from :class:`AttributeNet`, a small
+  video network trained on real clips to recognise colour, shape and direction;
+- CLIPSIM analogue: that network's accuracy on the prompted attributes of the generated clips;
+- teacher fidelity: mean squared error (pixels in [-1, 1]) to a reference sample from the same initial noise
+  (the teacher's 50-step DDIM sample);
+- real FVD: Frechet distance of I3D features when the user supplies an I3D TorchScript file (:func:`i3d_features`).
+
+Clips are ``[B, F, 3, H, W]`` floats in [-1, 1] (the datasets' ``pixel_values`` layout). ``animatelcm eval`` is
+the command-line front end.
 """
 
 from __future__ import annotations
 
+import json
+import time
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from .training.synthetic import COLOURS, DIRECTIONS, SHAPES
+from .training.synthetic import COLOURS, COMBINATIONS, DIRECTIONS, SHAPES, MovingShapes, caption
 
 ATTRIBUTES = {"colour": tuple(COLOURS), "shape": SHAPES, "direction": DIRECTIONS}
 
@@ -22,6 +32,7 @@ class AttributeNet(nn.Module):
 
     def __init__(self, width: int = 32, feature_dim: int = 64):
         super().__init__()
+        self.config = dict(width=width, feature_dim=feature_dim)
 
         def block(cin, cout, stride):
             return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.GroupNorm(8, cout), nn.SiLU())
@@ -115,3 +126,188 @@ def teacher_fidelity(samples: torch.Tensor, reference: torch.Tensor) -> float:
     if samples.shape != reference.shape:
         raise ValueError(f"shapes differ: {tuple(samples.shape)} vs {tuple(reference.shape)}")
     return float((samples.float() - reference.float()).pow(2).mean())
+
+
+def save_attribute_net(net: AttributeNet, path, info: dict | None = None) -> Path:
+    """Write ``net`` as safetensors; its sizes and ``info`` (e.g. held-out accuracy, data) go in the metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    metadata = {"animatelcm_attribute_net": json.dumps({"config": net.config, "info": info or {}})}
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path), metadata=metadata)
+    return path
+
+
+def load_attribute_net(path) -> tuple[AttributeNet, dict]:
+    """``(net, info)`` from a file written by :func:`save_attribute_net`."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"attribute network {path} not found; train one with `animatelcm eval "
+                                "--train-attribute-net {path}`")
+    with safe_open(str(path), "pt") as handle:
+        raw = (handle.metadata() or {}).get("animatelcm_attribute_net")
+    if raw is None:
+        raise ValueError(f"{path} is not an attribute network written by animatelcm (no metadata)")
+    saved = json.loads(raw)
+    net = AttributeNet(**saved["config"])
+    net.load_state_dict(load_file(str(path)))
+    return net.eval(), saved["info"]
+
+
+def real_clips(num_clips: int, frames: int, size: int, seed: int) -> tuple[torch.Tensor, dict]:
+    """``num_clips`` real MovingShapes clips ``[N, F, 3, H, W]`` and their attribute labels."""
+    dataset = MovingShapes(num_clips=num_clips, frames=frames, size=size, seed=seed)
+    clips = torch.stack([dataset[i]["pixel_values"] for i in range(num_clips)])
+    return clips, attribute_labels(dataset, range(num_clips))
+
+
+def evaluation_prompts(num_clips: int) -> tuple[list[str], dict]:
+    """Prompts for ``num_clips`` generated clips, cycling through every (colour, shape, direction), and their
+    attribute labels ``{attribute: int64 [num_clips]}``."""
+    triples = [COMBINATIONS[i % len(COMBINATIONS)] for i in range(num_clips)]
+    labels = {name: torch.tensor([ATTRIBUTES[name].index(t[k]) for t in triples])
+              for k, name in enumerate(ATTRIBUTES)}
+    return [caption(*t) for t in triples], labels
+
+
+def clip_noise(num_clips: int, shape: tuple, seed: int) -> torch.Tensor:
+    """Initial latents ``[num_clips, *shape]`` (shape ``(C, F, h, w)``); clip ``i``'s noise depends only on
+    ``(seed, i)``, so every model and step count starts clip ``i`` from the same noise."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i))
+                        for i in range(num_clips)])
+
+
+def sampling_scheduler(pipe, kind: str, lcm_original_steps: int | None = None):
+    """The scheduler for ``kind``: ``lcm`` (the pipeline's own LCM scheduler; ``lcm_original_steps`` sets the
+    distillation grid), ``ddim`` or ``dpmsolver`` (diffusers' DDIM / DPM-Solver++ multistep, on the pipeline's noise
+    schedule, with trailing timestep spacing so that few-step sampling starts from pure noise)."""
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from .schedulers import LCMScheduler, animatelcm_scheduler
+
+    config = dict(pipe.scheduler.config)
+    if kind == "lcm":
+        if isinstance(pipe.scheduler, LCMScheduler) and lcm_original_steps is None:
+            return pipe.scheduler
+        keep = {k: config[k] for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps",
+                                       "prediction_type", "original_inference_steps") if k in config}
+        if lcm_original_steps is not None:
+            keep["original_inference_steps"] = lcm_original_steps
+        return animatelcm_scheduler(**keep)
+    config = {k: v for k, v in config.items() if k not in ("original_inference_steps", "timestep_scaling")}
+    if kind == "ddim":
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", steps_offset=0, clip_sample=False,
+                                         set_alpha_to_one=True)
+    if kind == "dpmsolver":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2,
+                                                       timestep_spacing="trailing", steps_offset=0)
+    raise ValueError(f"scheduler kind must be lcm, ddim or dpmsolver; got {kind!r}")
+
+
+@torch.no_grad()
+def generate_clips(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance_scale: float = 1.0,
+                   batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, float]:
+    """Sample one clip per prompt from ``noise`` ``[N, C, F, h, w]`` with ``pipe`` (any AnimateDiff-style
+    pipeline, its scheduler as set). Returns ``(clips [N, F, 3, H, W] in [-1, 1] float32 on the CPU,
+    seconds per clip)``; the time covers text encoding, denoising and decoding."""
+    from tqdm.auto import tqdm
+
+    if len(prompts) != len(noise):
+        raise ValueError(f"{len(prompts)} prompts but {len(noise)} noise tensors")
+    device = pipe.unet.device
+    dtype = pipe.unet.dtype
+    pipe.set_progress_bar_config(disable=True)
+    factor = pipe.vae_scale_factor
+    frames, height, width = noise.shape[2], noise.shape[3] * factor, noise.shape[4] * factor
+    clips, seconds = [], 0.0
+    for start in tqdm(range(0, len(prompts), batch_size), desc=f"{steps} step(s)", disable=not progress,
+                      unit="batch"):
+        latents = noise[start:start + batch_size].to(device, dtype)
+        tick = time.perf_counter()
+        video = pipe(prompt=prompts[start:start + batch_size], latents=latents, num_frames=frames, height=height,
+                     width=width, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt").frames
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds += time.perf_counter() - tick
+        clips.append(video.float().cpu() * 2 - 1)
+    return torch.cat(clips), seconds / len(prompts)
+
+
+@torch.no_grad()
+def i3d_features(detector, clips: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Features ``[N, 400]`` of ``clips`` from an I3D TorchScript module with the StyleGAN-V interface
+    (``detector(videos [B, 3, F, H, W] in [-1, 1], rescale=False, resize=True, return_features=True)``; the file
+    commonly distributed as ``i3d_torchscript.pt``). FVD = :func:`frechet_distance` of real and generated
+    features."""
+    parameter = next(detector.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    features = [detector(part.permute(0, 2, 1, 3, 4).contiguous().to(device), rescale=False, resize=True,
+                         return_features=True).double().cpu() for part in clips.split(batch_size)]
+    return torch.cat(features)
+
+
+def clip_metrics(clips: torch.Tensor, labels: dict, net: AttributeNet, real_features: torch.Tensor,
+                 reference: torch.Tensor | None = None, i3d=None, real_i3d_features: torch.Tensor | None = None) -> dict:
+    """The metrics of generated ``clips`` (see the module docstring): ``fvd_analogue``, ``accuracy_{colour,
+    shape,direction}`` and their mean ``accuracy``, ``teacher_mse`` (with ``reference``), ``fvd_i3d`` (with
+    ``i3d`` and the real clips' I3D features)."""
+    metrics = {"fvd_analogue": frechet_distance(real_features, clip_features(net, clips))}
+    accuracy = attribute_accuracy(net, clips, labels)
+    metrics.update({f"accuracy_{name}": value for name, value in accuracy.items()})
+    metrics["accuracy"] = sum(accuracy.values()) / len(accuracy)
+    if reference is not None:
+        metrics["teacher_mse"] = teacher_fidelity(clips, reference)
+    if i3d is not None:
+        metrics["fvd_i3d"] = frechet_distance(real_i3d_features, i3d_features(i3d, clips))
+    return metrics
+
+
+def train_evaluation_net(path, frames: int, size: int, steps: int = 600, num_clips: int = 4800,
+                         held_out: int = 512, seed: int = 0, progress: bool = True) -> tuple[AttributeNet, dict]:
+    """Train an :class:`AttributeNet` on real clips (dataset seed ``seed + 100``, apart from the training data
+    of seed 0 and the FVD reference clips), measure its accuracy on ``held_out`` clips of another seed, save it
+    to ``path`` with that accuracy in the metadata and return ``(net, info)``."""
+    train_set = MovingShapes(num_clips=num_clips, frames=frames, size=size, seed=seed + 100)
+    net = train_attribute_net(train_set, steps=steps, seed=seed, progress=progress)
+    clips, labels = real_clips(held_out, frames, size, seed=seed + 200)
+    accuracy = attribute_accuracy(net, clips, labels)
+    info = dict(frames=frames, size=size, steps=steps, train_clips=num_clips, held_out_clips=held_out,
+                held_out_accuracy=accuracy)
+    save_attribute_net(net, path, info)
+    return net, info
+
+
+def evaluate_pipeline(pipe, net: AttributeNet, steps: list[int], num_clips: int = 512, frames: int = 16,
+                      guidance_scale: float = 1.0, real_count: int = 512, seed: int = 0, batch_size: int = 32,
+                      reference: torch.Tensor | None = None, i3d=None, save_clips=None,
+                      progress: bool = True) -> dict:
+    """Generate ``num_clips`` clips per step count with ``pipe`` (scheduler as set) from :func:`clip_noise` and
+    :func:`evaluation_prompts`, and score them with :func:`clip_metrics` against ``real_count`` real clips (seed
+    1). Returns ``{steps: metrics + seconds_per_clip}``. ``save_clips``: a path to save the clips of the last step
+    count (fp16), e.g. to use as another model's ``reference``."""
+    factor = pipe.vae_scale_factor
+    height = width = pipe.unet.config.sample_size * factor
+    latent_shape = (pipe.unet.config.in_channels, frames, height // factor, width // factor)
+    prompts, labels = evaluation_prompts(num_clips)
+    noise = clip_noise(num_clips, latent_shape, seed)
+    real, _ = real_clips(real_count, frames, height, seed=1)
+    real_features = clip_features(net, real)
+    real_i3d = i3d_features(i3d, real) if i3d is not None else None
+    if reference is not None and reference.shape[0] != num_clips:
+        raise ValueError(f"the reference holds {reference.shape[0]} clips but {num_clips} are evaluated; "
+                         "use the same --clips as when it was written")
+    results = {}
+    clips = None
+    for count in steps:
+        clips, seconds = generate_clips(pipe, prompts, noise, count, guidance_scale, batch_size, progress)
+        metrics = clip_metrics(clips, labels, net, real_features, reference, i3d, real_i3d)
+        metrics["seconds_per_clip"] = seconds
+        results[count] = metrics
+    if save_clips is not None and clips is not None:
+        Path(save_clips).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(clips.half(), save_clips)
+    return results

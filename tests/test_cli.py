@@ -23,9 +23,9 @@ def test_generate_default_model_gif(tmp_path):
     code, stdout, stderr = run_cli("generate", "--prompt", "a red circle moving right", "--out", str(out),
                                    "--steps", "2")
     assert code == 0, stderr
-    assert "RANDOMLY INITIALISED" in stderr
+    assert "embedded default model" in stderr
     assert str(out) in stdout
-    assert iio.imread(out).shape[:3] == (16, 64, 64)
+    assert iio.imread(out).shape[:3] == (16, 32, 32)
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path):

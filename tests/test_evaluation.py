@@ -40,3 +40,107 @@ def test_inputs_are_checked_and_fidelity_is_mse():
     assert teacher_fidelity(torch.ones(2, 3), torch.zeros(2, 3)) == 1.0
     with pytest.raises(ValueError, match="shapes differ"):
         teacher_fidelity(torch.ones(2, 3), torch.zeros(3, 2))
+
+
+def test_prompts_cycle_all_combinations_and_noise_depends_only_on_the_clip():
+    from animatelcm.evaluation import clip_noise, evaluation_prompts
+    from animatelcm.training.synthetic import COMBINATIONS
+
+    prompts, labels = evaluation_prompts(100)
+    assert len(set(prompts[:len(COMBINATIONS)])) == len(COMBINATIONS) and prompts[48] == prompts[0]
+    colour, shape, direction = prompts[7].split()[1], prompts[7].split()[2], prompts[7].split()[4]
+    assert (ATTRIBUTES["colour"][labels["colour"][7]], ATTRIBUTES["shape"][labels["shape"][7]],
+            ATTRIBUTES["direction"][labels["direction"][7]]) == (colour, shape, direction)
+    few, many = clip_noise(3, (4, 2, 8, 8), seed=5), clip_noise(10, (4, 2, 8, 8), seed=5)
+    assert torch.equal(few, many[:3]) and not torch.equal(many[0], many[1])
+    assert not torch.equal(clip_noise(3, (4, 2, 8, 8), seed=6), few)
+
+
+def test_attribute_net_round_trips_with_its_metadata(tmp_path):
+    from animatelcm.evaluation import load_attribute_net, save_attribute_net
+
+    net = AttributeNet(width=16, feature_dim=24)
+    path = save_attribute_net(net, tmp_path / "net.safetensors", {"held_out_accuracy": {"colour": 0.5}})
+    loaded, info = load_attribute_net(path)
+    clips = torch.randn(2, 4, 3, 16, 16)
+    assert torch.equal(loaded.features(clips), net.eval().features(clips))
+    assert info["held_out_accuracy"]["colour"] == 0.5
+    with pytest.raises(FileNotFoundError, match="--train-attribute-net"):
+        load_attribute_net(tmp_path / "missing.safetensors")
+
+
+def test_sampling_schedulers_and_generated_clips(components):
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from animatelcm import AnimateLCMPipeline, LCMScheduler
+    from animatelcm.evaluation import clip_noise, evaluation_prompts, generate_clips, sampling_scheduler
+
+    pipe = AnimateLCMPipeline(**{k: v for k, v in components.items() if k != "unet"},
+                              unet=__import__("diffusers").UNetMotionModel.from_unet2d(components["unet"],
+                                                                                       components["motion_adapter"]))
+    assert isinstance(sampling_scheduler(pipe, "lcm"), LCMScheduler)
+    assert sampling_scheduler(pipe, "lcm", lcm_original_steps=50).config.original_inference_steps == 50
+    ddim = sampling_scheduler(pipe, "ddim")
+    assert isinstance(ddim, DDIMScheduler) and ddim.config.timestep_spacing == "trailing"
+    ddim.set_timesteps(1)
+    assert int(ddim.timesteps[0]) == 999  # one step starts from pure noise
+    assert isinstance(sampling_scheduler(pipe, "dpmsolver"), DPMSolverMultistepScheduler)
+    with pytest.raises(ValueError, match="lcm, ddim or dpmsolver"):
+        sampling_scheduler(pipe, "euler")
+    prompts, _ = evaluation_prompts(3)
+    noise = clip_noise(3, (4, 2, 8, 8), seed=0)
+    clips, seconds = generate_clips(pipe, prompts, noise, steps=1, batch_size=2, progress=False)
+    assert clips.shape == (3, 2, 3, 64, 64) and clips.min() >= -1 and clips.max() <= 1 and seconds > 0
+    again, _ = generate_clips(pipe, prompts[2:], noise[2:], steps=1, progress=False)
+    torch.testing.assert_close(again[0], clips[2], atol=1e-4, rtol=0)  # a clip does not depend on its batch
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_i3d_features_use_the_styleganv_interface():
+    from animatelcm.evaluation import i3d_features
+
+    class FakeI3D(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(3))
+
+        def forward(self, videos, rescale: bool, resize: bool, return_features: bool):
+            assert videos.shape[1] == 3 and not rescale and resize and return_features
+            return (videos.mean(dim=(2, 3, 4)) * self.weight).repeat(1, 2)
+
+    detector = torch.jit.script(FakeI3D())
+    clips = torch.randn(5, 4, 3, 8, 8)
+    features = i3d_features(detector, clips, batch_size=2)
+    assert features.shape == (5, 6) and features.dtype == torch.float64
+    torch.testing.assert_close(features[:, :3], clips.mean(dim=(1, 3, 4)).double())
+
+
+def test_eval_cli_writes_results_and_uses_a_reference(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    net, out, clips = tmp_path / "net.safetensors", tmp_path / "res.json", tmp_path / "ref.pt"
+    common = ["--clips", "4", "--real-clips", "4", "--frames", "4", "--batch-size", "4", "--attribute-net", str(net)]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "2"}
+
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "animatelcm", "eval", *args], capture_output=True, text=True,
+                              timeout=600, env=env)
+
+    missing = run(*common)
+    assert missing.returncode == 2 and "--train-attribute-net" in missing.stderr.splitlines()[-1]
+    first = run(*common, "--steps", "2", "--scheduler", "ddim", "--train-attribute-net", "--net-steps", "2",
+                "--save-clips", str(clips), "--out", str(out))
+    assert first.returncode == 0, first.stderr
+    report = json.loads(out.read_text())
+    metrics = report["results"]["2"]
+    assert {"fvd_analogue", "accuracy", "accuracy_colour", "seconds_per_clip"} <= set(metrics)
+    assert report["attribute_net"]["held_out_clips"] == 512 and report["clips"] == 4
+    saved = torch.load(clips, weights_only=True)
+    assert saved.shape[:3] == (4, 4, 3) and saved.dtype == torch.float16
+    second = run(*common, "--steps", "1", "2", "--scheduler", "ddim", "--reference", str(clips), "--out", str(out))
+    assert second.returncode == 0, second.stderr
+    results = json.loads(out.read_text())["results"]
+    assert results["2"]["teacher_mse"] < 1e-5  # the same sampler and noise reproduce the reference
+    assert results["1"]["teacher_mse"] > 10 * results["2"]["teacher_mse"]

@@ -318,6 +318,8 @@ def test_latent_cache_is_built_once_and_matches_the_vae(world, tmp_path):
     ({"stage": "video_cd"}, "needs trained motion modules"),
     ({"distill": {"w_min": 9, "w_max": 3}}, "w_min=9.0 exceeds"),
     ({"train": {"mixed_precision": "fp8"}}, "mixed_precision"),
+    ({"stage": "autoencoder", "data": {"cache_latents": True}}, "set data.cache_latents: false"),
+    ({"model": {"tiny": TINY, "vae": "/no/such/vae"}}, "model.vae: /no/such/vae does not exist"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, change, message):
     cfg = config("image_cd", tmp_path / "bad", {"tiny": TINY})
@@ -357,7 +359,7 @@ def test_shipped_configs_parse():
         values = __import__("yaml").safe_load(path.read_text())
         model = values.get("model", {})
         # Paths to earlier stages' outputs do not exist in a fresh checkout: check everything else.
-        for key in ("base", "motion_adapter", "lora", "pretrained", "base_config", "controlnet"):
+        for key in ("base", "motion_adapter", "lora", "pretrained", "base_config", "controlnet", "vae"):
             if key in model:
                 model[key] = str(REPO)
         if values.get("data", {}).get("source"):
@@ -393,3 +395,46 @@ def test_bf16_mixed_precision_and_tensorboard(world, tmp_path):
     assert all(p.dtype == torch.float32 for p in trainer.stage.trainable_parameters())
     assert list((tmp_path / "bf16" / "logs").rglob("events.out.tfevents.*"))
     assert list((tmp_path / "bf16" / "validation" / "step-000002").glob("*.png"))
+
+
+def test_autoencoder_stage_trains_a_vae_that_later_stages_use(tmp_path):
+    from diffusers import AutoencoderKL
+
+    from animatelcm.training.models import load_components
+
+    cfg = config("autoencoder", tmp_path / "ae", {"tiny": TINY}, data=dict(num_clips=8),
+                 train=dict(learning_rate=3e-3), autoencoder=dict(scaling_clips=8))
+    trainer, out, before, after = run_with_evaluation(cfg)
+    assert after < 0.8 * before, (before, after)
+    vae = AutoencoderKL.from_pretrained(str(out["vae"]))
+    assert vae.config.scaling_factor != 0.18215  # measured on the data, not the SD default
+    with torch.no_grad():
+        pixels = torch.cat([trainer.raw_dataset[i]["pixel_values"] for i in range(8)])
+        posterior = vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape)
+    assert 0.8 < float((latents * vae.config.scaling_factor).std()) < 1.25
+    next_stage = load_config(config("diffusion_image", tmp_path / "di", {"tiny": TINY, "vae": str(out["vae"])}))
+    parts = load_components(next_stage.model, video=False, seed=0, work_dir=tmp_path / "di")
+    for key, value in vae.state_dict().items():
+        assert torch.equal(parts["vae"].state_dict()[key], value), key
+
+
+def test_image_frames_draws_distinct_random_frames_per_clip(tmp_path):
+    from animatelcm.training.trainer import _collate, _random_frames
+
+    frames = torch.arange(6, dtype=torch.float32)[None, :, None].expand(3, 6, 2).clone()  # value = frame index
+    raw = {"pixel_values": frames, "latent_mean": frames + 10, "caption": ["a", "b", "c"]}
+    picked = _random_frames(raw, 2, torch.Generator().manual_seed(0))
+    assert picked["pixel_values"].shape == (3, 2, 2) and picked["caption"] == raw["caption"]
+    for clip in range(3):
+        chosen = picked["pixel_values"][clip, :, 0]
+        assert chosen[0] != chosen[1]
+        assert torch.equal(picked["latent_mean"][clip, :, 0], chosen + 10)  # same frames in every tensor
+    cfg = config("diffusion_image", tmp_path / "di", {"tiny": TINY}, data=dict(image_frames=3, frames=4))
+    trainer = Trainer(load_config(cfg))
+    trainer._setup()
+    raw = _collate([trainer.dataset[i] for i in range(2)])
+    batch = trainer._prepare_batch(raw, torch.Generator().manual_seed(0))
+    assert batch["latents"].shape[0] == 2 * 3 and batch["condition"]["text"].shape[0] == 2 * 3
+    with pytest.raises(ConfigError, match="image_frames"):
+        load_config(config("diffusion_image", tmp_path / "x", {"tiny": TINY}, data=dict(image_frames=9)))

@@ -52,6 +52,10 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
         parts = _load_base_components(model_config.base, model_config.base_config, False, torch_dtype)
         if video and model_config.motion_adapter is None:
             motion_adapter = zero_init_output(fresh_motion_adapter(parts["unet"]))
+    if model_config.vae is not None:
+        from diffusers import AutoencoderKL
+
+        parts["vae"] = AutoencoderKL.from_pretrained(model_config.vae, torch_dtype=torch_dtype)
     if model_config.motion_adapter is not None:
         motion_adapter = load_motion_adapter(model_config.motion_adapter, torch_dtype=torch_dtype)
     parts["motion_adapter"] = motion_adapter

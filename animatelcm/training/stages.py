@@ -1,8 +1,9 @@
-"""The five training stages. Each builds its networks from the loaded parts, says which parameters train, computes
+"""The six training stages. Each builds its networks from the loaded parts, says which parameters train, computes
 one micro-batch's loss, keeps its target network, and writes what it trained in formats that load back.
 
 A stage's ``student`` is one ``nn.Module`` with ``forward(sample, timestep, condition) -> model output`` (see
-:mod:`animatelcm.adapters`), so the trainer treats every stage alike (DDP wrapping, checkpoints, validation).
+:mod:`animatelcm.adapters`), so the trainer treats every stage alike (DDP wrapping, checkpoints, validation); the
+``autoencoder`` stage's student is the VAE round trip ``forward(pixels, noise)`` and it trains on pixels.
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ class Stage:
     name = ""
     video = False
     consistency = False  # sample validation clips with LCM (True) or DDIM with guidance (False)
+    uses_latents = True  # batches hold VAE latents and text conditions (False: pixels only)
+    dataset = None       # the run's raw dataset, set by the trainer
 
     def __init__(self, run, parts: dict, weight_dtype: torch.dtype):
         self.run, self.parts, self.weight_dtype = run, parts, weight_dtype
@@ -110,6 +113,72 @@ class Stage:
         pipe.save_pretrained(str(directory / "pipeline"))
         written["pipeline"] = directory / "pipeline"
         return written
+
+
+class _Autoencoding(torch.nn.Module):
+    """The VAE round trip as one module (so DDP can wrap it): ``forward(pixels [N, 3, H, W], noise [N, C, h, w])
+    -> (reconstruction [N, 3, H, W], posterior mean, posterior log-variance)``."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, pixels, noise):
+        posterior = self.vae.encode(pixels).latent_dist
+        latents = posterior.mean + posterior.std * noise
+        return self.vae.decode(latents).sample, posterior.mean, posterior.logvar
+
+
+class AutoencoderStage(Stage):
+    """Trains the VAE (``AutoencoderKL``) on single frames: L1 + L2 reconstruction of a posterior sample plus
+    ``autoencoder.kl_weight`` x KL to N(0, I). Exports ``vae/`` (diffusers folder) with ``scaling_factor`` set so
+    the scaled latents of the data have unit standard deviation."""
+
+    name = "autoencoder"
+    uses_latents = False
+
+    def __init__(self, run, parts, weight_dtype):
+        super().__init__(run, parts, weight_dtype)
+        vae = parts["vae"]
+        initial = run.autoencoder.initial_log_variance
+        if initial is not None and run.model.tiny is not None and run.model.vae is None:
+            channels = vae.config.latent_channels
+            with torch.no_grad():  # quant_conv outputs (mean, log-variance) stacked on the channels
+                vae.quant_conv.bias[channels:] = initial
+                vae.quant_conv.weight[channels:] *= 0.01
+        vae.requires_grad_(True).train()
+        self.student = _Autoencoding(vae)
+
+    def loss(self, student, batch, generator):
+        pixels = batch["pixels"]
+        factor = 2 ** (len(self.parts["vae"].config.block_out_channels) - 1)
+        channels = self.parts["vae"].config.latent_channels
+        shape = (pixels.shape[0], channels, pixels.shape[2] // factor, pixels.shape[3] // factor)
+        noise = torch.randn(shape, generator=generator).to(pixels)
+        reconstruction, mean, logvar = student(pixels, noise)
+        error = reconstruction.float() - pixels.float()
+        kl = 0.5 * (mean.float().pow(2) + logvar.float().exp() - 1 - logvar.float()).sum(dim=(1, 2, 3)).mean()
+        return error.abs().mean() + error.pow(2).mean() + self.run.autoencoder.kl_weight * kl
+
+    @torch.no_grad()
+    def latent_std(self) -> float:
+        """Standard deviation of posterior samples of the first ``autoencoder.scaling_clips`` clips (all frames)."""
+        vae = self.parts["vae"]
+        generator = torch.Generator().manual_seed(self.run.seed)
+        count = min(self.run.autoencoder.scaling_clips, len(self.dataset))
+        samples = []
+        for index in range(count):
+            pixels = self.dataset[index]["pixel_values"].to(vae.device, vae.dtype)
+            posterior = vae.encode(pixels).latent_dist
+            mean, std = posterior.mean.float().cpu(), posterior.std.float().cpu()
+            samples.append(mean + std * torch.randn(mean.shape, generator=generator))
+        return float(torch.cat(samples).std())
+
+    def export(self, directory):
+        vae = self.parts["vae"].eval()
+        vae.register_to_config(scaling_factor=1.0 / self.latent_std())
+        vae.save_pretrained(str(directory / "vae"))
+        return {"vae": directory / "vae"}
 
 
 class DiffusionStage(Stage):
@@ -343,7 +412,7 @@ def _replace_tuner_layers(module) -> None:
             _replace_tuner_layers(child)
 
 
-STAGE_CLASSES = {"diffusion_image": DiffusionStage, "diffusion_video": DiffusionStage,
+STAGE_CLASSES = {"autoencoder": AutoencoderStage, "diffusion_image": DiffusionStage, "diffusion_video": DiffusionStage,
                  "image_cd": ImageConsistencyStage, "video_cd": VideoConsistencyStage,
                  "teacher_free": TeacherFreeStage}
 

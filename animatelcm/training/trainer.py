@@ -104,6 +104,23 @@ def _collate(items: list[dict]) -> dict:
     return batch
 
 
+def _clip_fields(data) -> dict:
+    """The data settings that decide the clips themselves (the latent cache's key); not how they are used."""
+    ignored = ("uncond_prob", "image_frames", "num_workers", "cache_latents", "cache_dir")
+    return {k: v for k, v in data.__dict__.items() if k not in ignored}
+
+
+def _random_frames(raw: dict, count: int, generator: torch.Generator) -> dict:
+    """``raw`` with ``count`` frames per clip (drawn without replacement) in its per-frame tensors ``[B, F, ...]``."""
+    tensors = {k: v for k, v in raw.items() if k in ("pixel_values", "latent_mean", "latent_std")}
+    batch, frames = next(iter(tensors.values())).shape[:2]
+    if count >= frames:
+        return raw
+    picks = torch.stack([torch.randperm(frames, generator=generator)[:count] for _ in range(batch)])
+    rows = torch.arange(batch)[:, None]
+    return {**raw, **{k: v[rows, picks] for k, v in tensors.items()}}
+
+
 class LatentCache(torch.utils.data.Dataset):
     """VAE latents of every clip, encoded once: ``dataset[i] = dict(latent_mean, latent_std [F, C, h, w] fp16,
     caption)``. Stored as shards of ``SHARD`` clips in ``directory/<fingerprint>/``; the fingerprint covers the data
@@ -231,6 +248,7 @@ class Trainer:
         for name in ("vae", "text_encoder"):
             models.cast(parts[name].to(device), self.weight_dtype)
         self.stage = stage = build_stage(run, parts, self.weight_dtype)
+        stage.dataset = dataset
         if not stage.trainable_parameters():
             raise ConfigError(f"{run.origin}: stage {run.stage} has nothing to train with this configuration")
         if train.gradient_checkpointing:
@@ -239,7 +257,7 @@ class Trainer:
             stage.teacher.to(device)
         if run.data.cache_latents:
             dataset = LatentCache(dataset, parts["vae"], Path(run.data.cache_dir or self.output_dir / "latent_cache"),
-                                  {**run.data.__dict__, "seed": run.seed}, accelerator)
+                                  {**_clip_fields(run.data), "seed": run.seed}, accelerator)
         self.dataset = dataset
         optimizer = torch.optim.AdamW(stage.trainable_parameters(), lr=train.learning_rate,
                                       betas=(train.adam_beta1, train.adam_beta2),
@@ -304,8 +322,13 @@ class Trainer:
 
     @torch.no_grad()
     def _prepare_batch(self, raw: dict, generator: torch.Generator) -> dict:
-        """Latents ``[B, C, F, h, w]`` (video stages) or ``[B*F, C, h, w]`` (image stages), and the conditions."""
+        """Latents ``[B, C, F, h, w]`` (video stages) or ``[B*F, C, h, w]`` (image stages), and the conditions;
+        for stages that train on pixels, only ``pixels [B*F, 3, H, W]``."""
         device, vae = self.accelerator.device, self.parts["vae"]
+        if not self.stage.video and self.run.data.image_frames:
+            raw = _random_frames(raw, self.run.data.image_frames, generator)
+        if not self.stage.uses_latents:
+            return {"pixels": raw["pixel_values"].to(device, self.weight_dtype).flatten(0, 1)}
         if "latent_mean" in raw:
             mean, std = raw["latent_mean"].float(), raw["latent_std"].float()
         else:

@@ -40,7 +40,7 @@ bench: setup
 bench-e2e: setup
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) benchmarks/end_to_end.py
 
-# The miniature reproduction (issue 6): train every stage, evaluate the table, ship the default model. About 1.5 h
+# The miniature reproduction (issue 6): train every stage, evaluate the table, ship the default model. About 2.5 h
 # on a 2-core CPU; resumable (rerun to continue). See README "Miniature reproduction".
 mini-world: setup
 	$(PY) -m pip install -q "matplotlib>=3.7"

@@ -21,11 +21,11 @@ def run_cli(*args):
 def test_generate_default_model_gif(tmp_path):
     out = tmp_path / "clip.gif"
     code, stdout, stderr = run_cli("generate", "--prompt", "a red circle moving right", "--out", str(out),
-                                   "--steps", "2")
+                                   "--steps", "2", "--upscale", "3")
     assert code == 0, stderr
     assert "embedded default model" in stderr
     assert str(out) in stdout
-    assert iio.imread(out).shape[:3] == (16, 32, 32)
+    assert iio.imread(out).shape[:3] == (16, 96, 96)  # the default model's 32x32, enlarged 3x
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path):

@@ -6,7 +6,9 @@ clips of the prompts ``"a {colour} {shape} moving {direction}"``:
 - CLIPSIM analogue: that network's accuracy on the prompted attributes of the generated clips;
 - teacher fidelity: mean squared error (pixels in [-1, 1]) to a reference sample from the same initial noise
   (the teacher's 50-step DDIM sample);
-- real FVD: Frechet distance of I3D features when the user supplies an I3D TorchScript file (:func:`i3d_features`).
+- real FVD: Frechet distance of I3D features when the user supplies an I3D TorchScript file (:func:`i3d_features`);
+- motion: whether the shape glides as one object (:func:`motion_metrics`: displacement and straightness of the
+  track of the saturated pixels), whatever its direction.
 
 Clips are ``[B, F, 3, H, W]`` floats in [-1, 1] (the datasets' ``pixel_values`` layout). ``animatelcm eval`` is
 the command-line front end.
@@ -250,11 +252,47 @@ def i3d_features(detector, clips: torch.Tensor, batch_size: int = 16) -> torch.T
     return torch.cat(features)
 
 
+def shape_tracks(clips: torch.Tensor, saturation: float = 0.8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroid ``[B, F, 2]`` (x, y in pixels) of the saturated pixels of each frame (the shapes are saturated,
+    the backgrounds are not: channel max - min above ``saturation`` in [-1, 1] units) and whether the frame has
+    any ``[B, F]``, for clips ``[B, F, 3, H, W]``."""
+    mask = (clips.amax(2) - clips.amin(2)) > saturation
+    weight = mask.float()
+    count = weight.sum((2, 3))
+    ys = torch.arange(clips.shape[3], dtype=torch.float32) + 0.5
+    xs = torch.arange(clips.shape[4], dtype=torch.float32) + 0.5
+    x = (weight * xs).sum((2, 3)) / count.clamp(min=1)
+    y = (weight * ys[:, None]).sum((2, 3)) / count.clamp(min=1)
+    return torch.stack([x, y], -1), count > 0
+
+
+def motion_metrics(clips: torch.Tensor) -> dict:
+    """Whether the shape of each clip ``[B, F, 3, H, W]`` moves as one object, from :func:`shape_tracks`:
+    ``motion_displacement`` (distance from the first to the last frame with a shape, as a fraction of the frame
+    width; the real clips travel 0.5) and ``motion_straightness`` (that distance over the length of the path
+    through every frame with a shape: 1 for a steady glide, near 0 for a shape that jumps around), means over
+    the clips that show a shape in at least two frames (``motion_tracked``: their share)."""
+    centres, found = shape_tracks(clips.float())
+    displacement, straightness = [], []
+    for track, present in zip(centres, found):
+        points = track[present]
+        if points.shape[0] < 2:
+            continue
+        net = float((points[-1] - points[0]).norm())
+        path = float((points[1:] - points[:-1]).norm(dim=-1).sum())
+        displacement.append(net / clips.shape[4])
+        straightness.append(net / path if path > 0 else 0.0)
+    tracked = len(displacement)
+    return {"motion_displacement": sum(displacement) / max(tracked, 1),
+            "motion_straightness": sum(straightness) / max(tracked, 1),
+            "motion_tracked": tracked / clips.shape[0]}
+
+
 def clip_metrics(clips: torch.Tensor, labels: dict, net: AttributeNet, real_features: torch.Tensor,
                  reference: torch.Tensor | None = None, i3d=None, real_i3d_features: torch.Tensor | None = None) -> dict:
     """The metrics of generated ``clips`` (see the module docstring): ``fvd_analogue``, ``accuracy_{colour,
     shape,direction}`` and their mean ``accuracy``, ``teacher_mse`` (with ``reference``), ``fvd_i3d`` (with
-    ``i3d`` and the real clips' I3D features)."""
+    ``i3d`` and the real clips' I3D features), and :func:`motion_metrics`."""
     metrics = {"fvd_analogue": frechet_distance(real_features, clip_features(net, clips))}
     accuracy = attribute_accuracy(net, clips, labels)
     metrics.update({f"accuracy_{name}": value for name, value in accuracy.items()})
@@ -263,6 +301,7 @@ def clip_metrics(clips: torch.Tensor, labels: dict, net: AttributeNet, real_feat
         metrics["teacher_mse"] = teacher_fidelity(clips, reference)
     if i3d is not None:
         metrics["fvd_i3d"] = frechet_distance(real_i3d_features, i3d_features(i3d, clips))
+    metrics.update(motion_metrics(clips))
     return metrics
 
 
@@ -310,4 +349,83 @@ def evaluate_pipeline(pipe, net: AttributeNet, steps: list[int], num_clips: int 
     if save_clips is not None and clips is not None:
         Path(save_clips).parent.mkdir(parents=True, exist_ok=True)
         torch.save(clips.half(), save_clips)
+    return results
+
+
+def _caption_with(labels: dict, index: int, replace: str | None = None) -> str:
+    """The caption of clip ``index`` from its labels, with attribute ``replace`` rotated to its next value."""
+    values = {name: ATTRIBUTES[name][int(labels[name][index])] for name in ATTRIBUTES}
+    if replace is not None:
+        options = ATTRIBUTES[replace]
+        values[replace] = options[(options.index(values[replace]) + 1) % len(options)]
+    return caption(values["colour"], values["shape"], values["direction"])
+
+
+@torch.no_grad()
+def real_latents(pipe, clips: torch.Tensor, batch_size: int = 16) -> torch.Tensor:
+    """Scaled VAE posterior means ``[N, C, F, h, w]`` of clips ``[N, F, 3, H, W]`` in [-1, 1]."""
+    vae = pipe.vae
+    parameter = next(vae.parameters())
+    latents = []
+    for start in range(0, clips.shape[0], batch_size):
+        batch = clips[start:start + batch_size]
+        mean = vae.encode(batch.flatten(0, 1).to(parameter.device, parameter.dtype)).latent_dist.mean
+        latents.append(mean.float().cpu().reshape(*batch.shape[:2], *mean.shape[1:]).transpose(1, 2))
+    return torch.cat(latents) * vae.config.scaling_factor
+
+
+def attribute_information(latents: torch.Tensor, labels: dict) -> dict:
+    """Share of the variance of real latents ``[N, C, F, h, w]`` explained by each prompt attribute:
+    ``1 - E|x - E[x | attribute]|^2 / E|x - E[x]|^2``, means taken per frame and position (estimated from the N
+    clips: biased up by about values/N). It is the most a denoiser can gain from that attribute where the noisy
+    input shows nothing (pure noise)."""
+    centred = (latents - latents.mean(0)).pow(2).mean()
+    shares = {}
+    for name, key in labels.items():
+        residual = latents.clone()
+        for value in key.unique():
+            group = key == value
+            residual[group] -= latents[group].mean(0)
+        shares[name] = float(1 - residual.pow(2).mean() / centred)
+    return shares
+
+
+@torch.no_grad()
+def prompt_sensitivity(pipe, latents: torch.Tensor, labels: dict, timesteps=(200, 500, 700, 850, 950, 990),
+                       seed: int = 0, batch_size: int = 16) -> dict:
+    """How much the denoiser of a video pipeline uses each prompt attribute. Real latents ``[N, C, F, h, w]``
+    (:func:`real_latents`) are noised to each timestep (the same noise for every caption) and the model's
+    prediction error (its own ``prediction_type``) is measured with the true caption, with one attribute changed
+    to another value (``colour``, ``shape``, ``direction``), and with the empty prompt. A model that ignores an
+    attribute scores the same with it changed. Returns ``{t: {"true"|attribute|"empty": mean squared error}}``."""
+    unet, scheduler = pipe.unet, pipe.scheduler
+    parameter = next(unet.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    alphas = scheduler.alphas_cumprod.float()
+    count, frames = latents.shape[0], latents.shape[2]
+    variants = {"true": None, **{name: name for name in ATTRIBUTES}, "empty": ""}
+    prompts = {key: ["" if swap == "" else _caption_with(labels, i, swap) for i in range(count)]
+               for key, swap in variants.items()}
+    embeddings = {key: pipe.encode_prompt(texts, device, 1, False)[0] for key, texts in prompts.items()}
+    results = {}
+    for t in timesteps:
+        generator = torch.Generator().manual_seed(seed * 1009 + int(t))
+        noise = torch.randn(latents.shape, generator=generator)
+        alpha = alphas[int(t)]
+        noisy = alpha.sqrt() * latents + (1 - alpha).sqrt() * noise
+        if scheduler.config.prediction_type == "v_prediction":
+            target = alpha.sqrt() * noise - (1 - alpha).sqrt() * latents
+        else:
+            target = noise
+        errors = {}
+        for key, text in embeddings.items():
+            total = 0.0
+            for start in range(0, count, batch_size):
+                stop = min(count, start + batch_size)
+                sample = noisy[start:stop].to(device, dtype)
+                step = torch.full((stop - start,), int(t), device=device)
+                output = unet(sample, step, encoder_hidden_states=text[start:stop].repeat_interleave(frames, 0)).sample
+                total += float((output.float().cpu() - target[start:stop]).pow(2).sum())
+            errors[key] = total / target.numel()
+        results[int(t)] = errors
     return results

@@ -4,6 +4,7 @@
     python benchmarks/mini_world.py table      # the evaluation table + plot into benchmarks/results/
     python benchmarks/mini_world.py ship       # copy the trained AnimateLCM into the package's default model
     python benchmarks/mini_world.py all        # the three in order
+    python benchmarks/mini_world.py probe      # does the teacher use each word of its prompt? (mini_probe.md)
 
 Runs live in ``runs/mini_world/``. ``train`` runs each stage as ``animatelcm train CONFIG --resume`` in a child
 process and skips stages whose ``final/`` exists, so an interrupted run continues where it stopped.
@@ -88,6 +89,8 @@ METRICS = [("fvd_analogue", "FVD analogue (Frechet distance of attribute-net fea
            ("accuracy_direction", "Direction accuracy (part of the CLIPSIM analogue), higher is better"),
            ("teacher_mse", "Teacher fidelity (MSE to the teacher's 50-step DDIM clip from the same noise, pixels "
                            "in [-1, 1]), lower is better"),
+           ("motion_straightness", "Motion straightness (net displacement of the shape over its path length; real "
+                                   "clips 1.0, a shape jumping around near 0), higher is better"),
            ("seconds_per_clip", "Wall time per clip (s, batches of 32 clips, text encoding + sampling + decoding)")]
 
 
@@ -143,7 +146,8 @@ def _markdown(rows: dict, reference: dict, clips: int, elapsed: float) -> str:
              f"({net['held_out_clips']} real clips it never saw). Real reference statistics: 512 real clips.", "",
              f"Teacher + DDIM at 50 steps (guidance {TEACHER_GUIDANCE}): FVD analogue "
              f"{teacher50['fvd_analogue']:.3f}, accuracy {teacher50['accuracy']:.3f} (direction "
-             f"{teacher50['accuracy_direction']:.3f}), {teacher50['seconds_per_clip']:.3f} s per clip.", ""]
+             f"{teacher50['accuracy_direction']:.3f}), motion straightness {teacher50['motion_straightness']:.3f}, "
+             f"{teacher50['seconds_per_clip']:.3f} s per clip.", ""]
     labels = {key: label for key, label, _, _ in ROWS}
     for metric, title in METRICS:
         lines += [f"## {title}", "", "| | " + " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in STEPS) + " |",
@@ -180,6 +184,41 @@ def _plot(rows: dict, reference: dict, path: Path) -> None:
     plt.close(figure)
 
 
+def probe(clips: int = 128, information_clips: int = 1920) -> Path:
+    """How much the teacher uses each prompt attribute, next to how much each attribute could give it:
+    :func:`animatelcm.evaluation.prompt_sensitivity` on ``clips`` real clips and
+    :func:`animatelcm.evaluation.attribute_information` on ``information_clips``; into
+    ``benchmarks/results/mini_probe.md``."""
+    from animatelcm.evaluation import ATTRIBUTES, attribute_information, prompt_sensitivity, real_clips, real_latents
+    from animatelcm.loading import load_pipeline
+
+    pipe = load_pipeline(TEACHER)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    real, labels = real_clips(information_clips, 16, size, seed=1)
+    latents = real_latents(pipe, real)
+    shares = attribute_information(latents, labels)
+    sensitivity = prompt_sensitivity(pipe, latents[:clips], {k: v[:clips] for k, v in labels.items()})
+    lines = ["# Does the miniature teacher use its prompt?", "",
+             f"Teacher `{TEACHER.relative_to(ROOT)}`; `python benchmarks/mini_world.py probe`.", "",
+             f"Share of the variance of real latents explained by each attribute ({information_clips} real clips, "
+             "per frame and position; the most a denoiser can gain from it at pure noise):", "",
+             "| " + " | ".join(ATTRIBUTES) + " |", "|" + "---|" * len(ATTRIBUTES),
+             "| " + " | ".join(f"{shares[name]:.4f}" for name in ATTRIBUTES) + " |", "",
+             f"Noise-prediction MSE on {clips} real clips noised to t (same noise per row) with the true caption, "
+             "with one attribute changed, and with the empty prompt (relative change vs the true caption in "
+             "brackets); an attribute the model ignores changes nothing:", "",
+             "| t | true | " + " | ".join(f"{name} changed" for name in ATTRIBUTES) + " | empty |",
+             "|---|---|" + "---|" * (len(ATTRIBUTES) + 1)]
+    for t, errors in sensitivity.items():
+        cells = [f"{errors[key]:.5f} ({errors[key] / errors['true'] - 1:+.1%})" for key in (*ATTRIBUTES, "empty")]
+        lines.append(f"| {t} | {errors['true']:.5f} | " + " | ".join(cells) + " |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "mini_probe.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return path
+
+
 def ship() -> Path:
     """Make the trained AnimateLCM the package's default model: the pipeline (fp16 weights) and
     ``default_model.json`` into ``animatelcm/assets/default_model``, the evaluation network next to it."""
@@ -200,7 +239,9 @@ def ship() -> Path:
         "description": "Embedded default model: the miniature AnimateLCM trained by benchmarks/mini_world.py "
                        "(configs/mini_world) on synthetic clips of coloured shapes moving across a muted background. "
                        "It knows prompts 'a {red|green|blue|yellow} {circle|square|triangle} moving "
-                       "{left|right|up|down}' and makes 16-frame 32x32 clips in 1-8 steps (4 by default).",
+                       "{left|right|up|down}' and makes 16-frame 32x32 clips in 1-8 steps (4 by default). It "
+                       "follows the colour and the shape; the direction word is ignored (its teacher never learned "
+                       "it: benchmarks/results/mini_probe.md), so shapes move in directions set by the noise.",
         "trained": True,
         "height": size, "width": size, "fps": 8, "frames": 16, "steps": 4,
         "source": "runs/mini_world/video_cd/final/pipeline",
@@ -216,7 +257,7 @@ def ship() -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["train", "table", "ship", "all"])
+    parser.add_argument("action", choices=["train", "table", "ship", "all", "probe"])
     parser.add_argument("--only", nargs="*", help="train: only these stages; table: only these rows")
     parser.add_argument("--clips", type=int, default=512, help="table: generated clips per cell (default 512)")
     args = parser.parse_args(argv)
@@ -226,6 +267,8 @@ def main(argv=None) -> None:
         table(args.clips, args.only)
     if args.action in ("ship", "all"):
         ship()
+    if args.action == "probe":
+        probe()
 
 
 if __name__ == "__main__":

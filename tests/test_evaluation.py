@@ -95,6 +95,64 @@ def test_sampling_schedulers_and_generated_clips(components):
     torch.testing.assert_close(again[0], clips[2], atol=1e-4, rtol=0)  # a clip does not depend on its batch
 
 
+def test_motion_metrics_tell_a_glide_from_jumps():
+    from animatelcm.evaluation import motion_metrics, real_clips, shape_tracks
+
+    clips, labels = real_clips(12, 16, 32, seed=3)
+    glide = motion_metrics(clips)
+    assert glide["motion_tracked"] == 1.0 and glide["motion_straightness"] > 0.99
+    assert glide["motion_displacement"] == pytest.approx(0.5, abs=0.02)  # the clips travel half the frame
+    centres, found = shape_tracks(clips)
+    rightward = labels["direction"] == ATTRIBUTES["direction"].index("right")
+    assert found.all() and (centres[rightward, -1, 0] > centres[rightward, 0, 0] + 10).all()
+    shuffled = clips[:, torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+    jumps = motion_metrics(shuffled)
+    assert jumps["motion_straightness"] < 0.5 and jumps["motion_displacement"] < glide["motion_displacement"]
+    blank = clips.clone()
+    blank[:6] = 0.0  # no saturated pixels: no track
+    assert motion_metrics(blank)["motion_tracked"] == 0.5
+
+
+def test_attribute_information_is_the_explained_variance_share():
+    from animatelcm.evaluation import attribute_information
+
+    generator = torch.Generator().manual_seed(0)
+    count = 4000
+    labels = {name: torch.randint(0, len(values), (count,), generator=generator) for name, values in ATTRIBUTES.items()}
+    offsets = torch.randn(len(ATTRIBUTES["direction"]), 2, 3, 4, 4, generator=generator)
+    # latents = direction-dependent pattern (variance 1 per element) + unit noise: direction explains half
+    latents = offsets[labels["direction"]] + torch.randn(count, 2, 3, 4, 4, generator=generator)
+    shares = attribute_information(latents, labels)
+    assert set(shares) == set(ATTRIBUTES)
+    centred_offsets = offsets - offsets.mean(0)
+    expected = float(centred_offsets.pow(2).mean() / (centred_offsets.pow(2).mean() + 1))
+    assert shares["direction"] == pytest.approx(expected, abs=0.02)
+    assert abs(shares["colour"]) < 0.01 and abs(shares["shape"]) < 0.01
+
+
+def test_prompt_sensitivity_sees_only_the_words_a_model_uses(components):
+    from diffusers import AnimateDiffPipeline, DDPMScheduler, UNetMotionModel
+
+    from animatelcm.evaluation import prompt_sensitivity, real_clips, real_latents
+
+    unet = UNetMotionModel.from_unet2d(components["unet"], components["motion_adapter"]).eval()
+    pipe = AnimateDiffPipeline(unet=unet, scheduler=DDPMScheduler(), **{
+        k: components[k] for k in ("vae", "text_encoder", "tokenizer", "motion_adapter")})
+    clips, labels = real_clips(3, 2, 64, seed=0)
+    latents = real_latents(pipe, clips, batch_size=2)
+    assert latents.shape == (3, 4, 2, 8, 8)
+    errors = prompt_sensitivity(pipe, latents, labels, timesteps=(100, 900), batch_size=2)
+    assert set(errors) == {100, 900} and set(errors[100]) == {"true", *ATTRIBUTES, "empty"}
+    assert all(errors[t]["colour"] != errors[t]["true"] for t in errors)  # random weights read every token
+    for name, module in unet.named_modules():  # cut every path from the prompt into the UNet
+        if name.endswith("attn2.to_v") and "motion_modules" not in name:
+            torch.nn.init.zeros_(module.weight)
+            if module.bias is not None:
+                torch.nn.init.zeros_(module.bias)
+    blind = prompt_sensitivity(pipe, latents, labels, timesteps=(100,), batch_size=2)[100]
+    assert len({round(v, 12) for v in blind.values()}) == 1, blind
+
+
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
 def test_i3d_features_use_the_styleganv_interface():
     from animatelcm.evaluation import i3d_features

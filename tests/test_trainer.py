@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from animatelcm.training.config import ConfigError, load_config
-from animatelcm.training.trainer import Trainer, TrainingDiverged
+from animatelcm.training.trainer import Trainer, TrainingDiverged, _collate
 
 TINY = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
             cross_attention_dim=32, text_hidden_size=32, motion_heads=2, vae_block_out_channels=[8, 16],
@@ -320,6 +320,11 @@ def test_latent_cache_is_built_once_and_matches_the_vae(world, tmp_path):
     ({"train": {"mixed_precision": "fp8"}}, "mixed_precision"),
     ({"stage": "autoencoder", "data": {"cache_latents": True}}, "set data.cache_latents: false"),
     ({"model": {"tiny": TINY, "vae": "/no/such/vae"}}, "model.vae: /no/such/vae does not exist"),
+    ({"model": {"tiny": TINY, "motion_heads": 0}}, "model.motion_heads must be >= 1"),
+    ({"train": {"loss_weighting": "snr"}}, "train.loss_weighting must be one of uniform, v"),
+    ({"train": {"loss_weighting": "v"}}, "applies to the diffusion stages only"),
+    ({"stage": "diffusion_image", "train": {"loss_weighting": "v"}, "model": {"tiny": TINY,
+      "prediction_type": "v_prediction"}}, "already trains on"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, change, message):
     cfg = config("image_cd", tmp_path / "bad", {"tiny": TINY})
@@ -382,6 +387,41 @@ def test_gradient_checkpointing_gives_the_same_update(world, tmp_path):
     assert states[0].keys() == states[1].keys()
     for key in states[0]:
         torch.testing.assert_close(states[0][key], states[1][key], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("motion_heads, expected", [(None, 1), (2, 2)])
+def test_fresh_motion_modules_get_wide_heads_on_a_narrow_unet(world, tmp_path, motion_heads, expected):
+    """SD1.5's 8 heads are 40 channels wide; on 16 channels they would be 2 wide, so the default scales them."""
+    from animatelcm.training.models import default_motion_heads
+
+    trainer = Trainer(load_config(config("diffusion_video", tmp_path / "dv", {"base": world["base"],
+                                                                               "motion_heads": motion_heads})))
+    trainer._setup()
+    assert trainer.stage.student.unet.config.motion_num_attention_heads == expected
+    assert default_motion_heads((320, 640, 1280, 1280)) == 8 and default_motion_heads((160, 320)) == 4
+
+
+def test_v_loss_weighting_is_the_v_prediction_objective_of_an_epsilon_model(world, tmp_path):
+    trainer = Trainer(load_config(config("diffusion_video", tmp_path / "dv", {"base": world["base"]},
+                                         train=dict(loss_weighting="v"))))
+    trainer._setup()
+    raw = _collate([trainer.dataset[i] for i in range(2)])
+    batch = trainer._prepare_batch(raw, torch.Generator().manual_seed(1))
+    stage, scheduler = trainer.stage, trainer.parts["noise_scheduler"]
+    with torch.no_grad():
+        loss = stage.loss(stage.student, batch, torch.Generator().manual_seed(7))
+        generator = torch.Generator().manual_seed(7)  # the draws the stage makes, in its order
+        latents = batch["latents"]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        epsilon = stage.student(noisy, timesteps, batch["condition"])
+        alpha = scheduler.alphas_cumprod[timesteps].view(-1, 1, 1, 1, 1)
+        sample = (noisy - (1 - alpha).sqrt() * epsilon) / alpha.sqrt()
+        velocity = alpha.sqrt() * epsilon - (1 - alpha).sqrt() * sample
+        expected = (velocity - scheduler.get_velocity(latents, noise, timesteps)).pow(2).mean()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=0)
+    assert timesteps.max() > 500  # the weight matters: 1 / alpha_bar > 10 there
 
 
 def test_bf16_mixed_precision_and_tensorboard(world, tmp_path):

@@ -51,7 +51,7 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     else:
         parts = _load_base_components(model_config.base, model_config.base_config, False, torch_dtype)
         if video and model_config.motion_adapter is None:
-            motion_adapter = zero_init_output(fresh_motion_adapter(parts["unet"]))
+            motion_adapter = zero_init_output(fresh_motion_adapter(parts["unet"], model_config.motion_heads))
     if model_config.vae is not None:
         from diffusers import AutoencoderKL
 
@@ -68,14 +68,24 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     return parts
 
 
-def fresh_motion_adapter(unet):
-    """Motion modules sized for ``unet`` (SD1.5 defaults: 8 heads, 32 groups, 32 positions)."""
+def default_motion_heads(block_out_channels) -> int:
+    """AnimateDiff's head width of 40 channels in the first block, at most 8 heads and at least 1: 8 for SD1.5's
+    320 channels; a narrow UNet gets fewer, wider heads rather than 8 heads of a few channels each."""
+    return max(1, min(8, block_out_channels[0] // 40))
+
+
+def fresh_motion_adapter(unet, num_attention_heads: int | None = None):
+    """Motion modules sized for ``unet``: its block widths, layers and norm groups, 32 positions, and
+    ``num_attention_heads`` heads (default :func:`default_motion_heads`)."""
     from diffusers import MotionAdapter
 
     config = unet.config
+    if num_attention_heads is None:
+        num_attention_heads = default_motion_heads(config.block_out_channels)
     return MotionAdapter(block_out_channels=tuple(config.block_out_channels),
                          motion_layers_per_block=config.layers_per_block,
-                         motion_norm_num_groups=config.norm_num_groups)
+                         motion_norm_num_groups=config.norm_num_groups,
+                         motion_num_attention_heads=num_attention_heads)
 
 
 def zero_init_output(adapter):

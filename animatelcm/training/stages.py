@@ -183,7 +183,8 @@ class AutoencoderStage(Stage):
 
 class DiffusionStage(Stage):
     """Epsilon- (or v-) prediction training: ``diffusion_image`` trains the whole image UNet, ``diffusion_video``
-    the motion modules of the inflated UNet (spatial weights frozen)."""
+    the motion modules of the inflated UNet (spatial weights frozen). ``train.loss_weighting`` weights the
+    timesteps (see :data:`animatelcm.training.config.LOSS_WEIGHTINGS`)."""
 
     def __init__(self, run, parts, weight_dtype):
         super().__init__(run, parts, weight_dtype)
@@ -211,7 +212,10 @@ class DiffusionStage(Stage):
         else:
             target = noise
         prediction = student(noisy, timesteps, batch["condition"])
-        return torch.nn.functional.mse_loss(prediction.float(), target.float())
+        error = (prediction.float() - target.float()).pow(2).flatten(1).mean(1)
+        if self.run.train.loss_weighting == "v":  # epsilon error / alpha_bar_t = the v-prediction error
+            error = error / scheduler.alphas_cumprod.to(error.device)[timesteps]
+        return error.mean()
 
     def export(self, directory):
         unet = self.student.unet

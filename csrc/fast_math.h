@@ -97,6 +97,34 @@ __attribute__((always_inline)) inline VecF fast_exp(VecF x) {
   return p * scale;
 }
 
+// kLanes consecutive elements of a typed row (S: a Storage<> of scalar_types.h) as one float vector, and back.
+template <typename S>
+__attribute__((always_inline)) inline VecF load_vector(const typename S::type* p) {
+  VecF v;
+  if constexpr (sizeof(typename S::type) == sizeof(float)) {
+    __builtin_memcpy(&v, p, sizeof v);
+  } else {
+    for (int l = 0; l < kLanes; ++l) v[l] = S::load(p, l);
+  }
+  return v;
+}
+
+template <typename S>
+__attribute__((always_inline)) inline void store_vector(typename S::type* p, VecF v) {
+  if constexpr (sizeof(typename S::type) == sizeof(float)) {
+    __builtin_memcpy(p, &v, sizeof v);
+  } else {
+    for (int l = 0; l < kLanes; ++l) S::store(p, l, v[l]);
+  }
+}
+
+// silu on a vector: the scalar silu's arithmetic, lane by lane.
+__attribute__((always_inline)) inline VecF silu(VecF x) {
+  const VecF magnitude = x < 0.0f ? -x : x;
+  const VecF e = fast_exp(-magnitude);
+  return x * (x < 0.0f ? e : splat(1.0f)) / (1.0f + e);
+}
+
 // Log-tree horizontal reductions: each round folds lanes i + width onto lanes i, with a compile-time shuffle mask.
 template <int kWidth, typename Op>
 __attribute__((always_inline)) inline VecF fold(VecF v, Op op) {

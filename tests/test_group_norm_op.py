@@ -8,7 +8,9 @@ from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, C, spatial dims, groups): odd sizes on purpose, SD1.5-like ones too.
-PLAIN_SHAPES = [((3, 12, 5, 7), 4), ((2, 32, 9), 8), ((1, 64, 8, 8), 32), ((5, 6, 1, 1), 3), ((2, 40, 3, 3, 3), 2)]
+# (2, 16, 37, 16): whole vectors on aligned rows (the streaming-store path); (1, 8, 5, 25): unaligned rows, tails.
+PLAIN_SHAPES = [((3, 12, 5, 7), 4), ((2, 32, 9), 8), ((1, 64, 8, 8), 32), ((5, 6, 1, 1), 3), ((2, 40, 3, 3, 3), 2),
+                ((2, 16, 37, 16), 4), ((1, 8, 5, 25), 2)]
 # (B, F, C, H, W, groups)
 TEMPORAL_SHAPES = [(1, 16, 32, 4, 4, 8), (2, 7, 24, 3, 5, 4), (3, 13, 16, 1, 1, 16), (1, 1, 8, 17, 3, 2)]
 

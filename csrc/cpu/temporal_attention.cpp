@@ -3,9 +3,10 @@
 //
 // Per sequence, K^T is staged as [head_dim][frame blocks] vectors (frames zero-padded to 16/32/64) and V as
 // [frames][head_dim chunks] vectors (head_dim zero-padded to whole vectors). Query rows are
-// taken two at a time so every staged K^T / V vector loaded feeds two FMAs, a row of scores lives in registers
-// (padded lanes masked to -inf before the softmax), and each block of output chunks accumulates in registers.
-// The softmax scale multiplies the scores, not q.
+// taken kRows at a time so every staged K^T / V vector loaded feeds kRows independent FMA chains, a row of scores
+// lives in registers (padded lanes masked to -inf before the softmax), and each block of output chunks accumulates
+// in registers. The softmax scale multiplies the scores, not q. While one sequence computes, the next one's rows
+// are prefetched a pass at a time.
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -19,7 +20,8 @@ namespace ALCM_CPU_ISA {
 namespace {
 
 constexpr int kMaxFrames = 64;
-constexpr int kChunkBlock = 4;  // output vectors accumulated together per query row
+constexpr int kRows = 4;        // query rows per pass
+constexpr int kChunkBlock = 3;  // output vectors per row accumulated together (kRows x kChunkBlock registers)
 
 VecF* align_to_vector(std::vector<float>& buffer) {
   auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
@@ -66,24 +68,32 @@ inline void store_lanes(typename S::type* row, int64_t first, int64_t dim, const
   }
 }
 
-// Output chunks [c0, c0 + kCount) of two query rows: sum_j p[j] * V[j], accumulated in registers.
+// Prefetch `rows` rows of `row_elements` elements, `row_stride` apart. Each pass over query rows prefetches the same
+// rows of the next sequence's q, k and v, so they come in from memory while this one computes, a few lines at a
+// time (all at once, the prefetches queued behind the line-fill buffers and stalled instead).
+template <typename T>
+inline void prefetch_rows(const T* base, int64_t rows, int64_t row_stride, int64_t row_elements) {
+  constexpr int64_t kLine = 64 / sizeof(T);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t e = 0; e < row_elements; e += kLine) __builtin_prefetch(base + r * row_stride + e);
+}
+
+// Output chunks [c0, c0 + kCount) of kRows query rows: sum_j p[r][j] * V[j], accumulated in registers. Rows whose
+// `outs` entry is null (the repeated last row of a partial pass) are computed but not stored.
 template <typename S, int kCount>
 inline void output_block(const VecF* value, int64_t chunks, int64_t c0, int64_t frames, int64_t dim,
-                         const float* probabilities0, const float* probabilities1, typename S::type* out0,
-                         typename S::type* out1) {
-  VecF acc0[kCount] = {}, acc1[kCount] = {};
+                         const float* probabilities, int64_t probability_stride, typename S::type* const* outs) {
+  VecF acc[kRows][kCount] = {};
   for (int64_t j = 0; j < frames; ++j) {
     const VecF* vrow = value + j * chunks + c0;
-    const float p0 = probabilities0[j], p1 = probabilities1[j];
-    for (int u = 0; u < kCount; ++u) {
-      acc0[u] += p0 * vrow[u];
-      acc1[u] += p1 * vrow[u];
+    for (int r = 0; r < kRows; ++r) {
+      const float p = probabilities[r * probability_stride + j];
+      for (int u = 0; u < kCount; ++u) acc[r][u] += p * vrow[u];
     }
   }
-  for (int u = 0; u < kCount; ++u) {
-    store_lanes<S>(out0, (c0 + u) * kLanes, dim, acc0[u]);
-    if (out1 != nullptr) store_lanes<S>(out1, (c0 + u) * kLanes, dim, acc1[u]);
-  }
+  for (int r = 0; r < kRows; ++r)
+    if (outs[r] != nullptr)
+      for (int u = 0; u < kCount; ++u) store_lanes<S>(outs[r], (c0 + u) * kLanes, dim, acc[r][u]);
 }
 
 template <int kType, int kPaddedFrames>
@@ -93,14 +103,14 @@ void attention_padded(const AttentionArgs& a) {
   constexpr int kBlocks = kPaddedFrames / kLanes;
   const int64_t frames = a.frames, dim = a.head_dim, total = a.batch0 * a.batch1;
   const int64_t chunks = (dim + kLanes - 1) / kLanes;
-    const auto* q = static_cast<const T*>(a.q);
+  const auto* q = static_cast<const T*>(a.q);
   const auto* k = static_cast<const T*>(a.k);
   const auto* v = static_cast<const T*>(a.v);
   auto* out = static_cast<T*>(a.out);
 #pragma omp parallel
   {
     std::vector<float> key_t_storage((dim * kBlocks + 1) * kLanes), value_storage((frames * chunks + 1) * kLanes);
-    std::vector<float> query_storage(2 * dim);
+    std::vector<float> query_storage(kRows * dim);
     VecF* key_t = align_to_vector(key_t_storage);
     VecF* value = align_to_vector(value_storage);
     VecF lane_index;
@@ -112,6 +122,12 @@ void attention_padded(const AttentionArgs& a) {
       const T* kb = k + b0 * a.k_stride[0] + b1 * a.k_stride[1];
       const T* vb = v + b0 * a.v_stride[0] + b1 * a.v_stride[1];
       T* ob = out + b0 * a.out_stride[0] + b1 * a.out_stride[1];
+      // The next sequence (or this one again at the end: a harmless prefetch of cached lines).
+      const int64_t next = index + 1 < total ? index + 1 : index;
+      const int64_t n0 = next / a.batch1, n1 = next % a.batch1;
+      const T* q_next = q + n0 * a.q_stride[0] + n1 * a.q_stride[1];
+      const T* k_next = k + n0 * a.k_stride[0] + n1 * a.k_stride[1];
+      const T* v_next = v + n0 * a.v_stride[0] + n1 * a.v_stride[1];
 
       float* key_t_lanes = reinterpret_cast<float*>(key_t);
       for (int64_t j = 0; j < frames; ++j) {
@@ -127,12 +143,17 @@ void attention_padded(const AttentionArgs& a) {
         for (int64_t d = dim; d < chunks * kLanes; ++d) vrow[d] = 0.0f;
       }
 
-      for (int64_t i = 0; i < frames; i += 2) {
-        const int64_t i2 = i + 1 < frames ? i + 1 : i;  // an odd last row is computed twice, stored once
-        const float* rows[2];
-        const int64_t row_index[2] = {i, i2};
-        for (int r = 0; r < 2; ++r) {
-          const T* qi = qb + row_index[r] * a.q_stride[2];
+      for (int64_t i = 0; i < frames; i += kRows) {
+        const int64_t pass_rows = frames - i < kRows ? frames - i : kRows;
+        prefetch_rows(q_next + i * a.q_stride[2], pass_rows, a.q_stride[2], dim);
+        prefetch_rows(k_next + i * a.k_stride[2], pass_rows, a.k_stride[2], dim);
+        prefetch_rows(v_next + i * a.v_stride[2], pass_rows, a.v_stride[2], dim);
+        const float* rows[kRows];
+        T* outs[kRows];
+        for (int r = 0; r < kRows; ++r) {
+          const int64_t row = r < pass_rows ? i + r : i + pass_rows - 1;  // a partial pass repeats its last row
+          outs[r] = r < pass_rows ? ob + row * a.out_stride[2] : nullptr;
+          const T* qi = qb + row * a.q_stride[2];
           if (kType == kFloat32) {
             rows[r] = reinterpret_cast<const float*>(qi);
           } else {
@@ -141,29 +162,25 @@ void attention_padded(const AttentionArgs& a) {
             rows[r] = staged;
           }
         }
-        VecF scores0[kBlocks] = {}, scores1[kBlocks] = {};
-#pragma GCC unroll 4
+        // kRows independent accumulator chains per score block: one FMA chain per row would wait on its own
+        // latency every step of d.
+        VecF scores[kRows][kBlocks] = {};
         for (int64_t d = 0; d < dim; ++d) {
           const VecF* kt = key_t + d * kBlocks;
-          const float q0 = rows[0][d], q1 = rows[1][d];
-          for (int b = 0; b < kBlocks; ++b) {
-            scores0[b] += q0 * kt[b];
-            scores1[b] += q1 * kt[b];
+          for (int r = 0; r < kRows; ++r) {
+            const float qd = rows[r][d];
+            for (int b = 0; b < kBlocks; ++b) scores[r][b] += qd * kt[b];
           }
         }
-        float probabilities0[kPaddedFrames], probabilities1[kPaddedFrames];
-        softmax_row<kBlocks>(scores0, frames, a.scale, lane_index, probabilities0);
-        softmax_row<kBlocks>(scores1, frames, a.scale, lane_index, probabilities1);
+        float probabilities[kRows][kPaddedFrames];
+        for (int r = 0; r < kRows; ++r) softmax_row<kBlocks>(scores[r], frames, a.scale, lane_index, probabilities[r]);
 
-        T* out0 = ob + i * a.out_stride[2];
-        T* out1 = i2 != i ? ob + i2 * a.out_stride[2] : nullptr;
         int64_t c0 = 0;
         for (; c0 + kChunkBlock <= chunks; c0 += kChunkBlock)
-          output_block<S, kChunkBlock>(value, chunks, c0, frames, dim, probabilities0, probabilities1, out0, out1);
+          output_block<S, kChunkBlock>(value, chunks, c0, frames, dim, probabilities[0], kPaddedFrames, outs);
         switch (chunks - c0) {
-          case 3: output_block<S, 3>(value, chunks, c0, frames, dim, probabilities0, probabilities1, out0, out1); break;
-          case 2: output_block<S, 2>(value, chunks, c0, frames, dim, probabilities0, probabilities1, out0, out1); break;
-          case 1: output_block<S, 1>(value, chunks, c0, frames, dim, probabilities0, probabilities1, out0, out1); break;
+          case 2: output_block<S, 2>(value, chunks, c0, frames, dim, probabilities[0], kPaddedFrames, outs); break;
+          case 1: output_block<S, 1>(value, chunks, c0, frames, dim, probabilities[0], kPaddedFrames, outs); break;
           default: break;
         }
       }

@@ -1,12 +1,14 @@
 // CPU temporal attention: softmax(q k^T * scale) v over short sequences (frames), one (batch0, batch1) sequence per
 // OpenMP iteration, written with native-width vectors (VecF, fast_math.h) so each per-ISA build gets full-width code.
 //
-// Per sequence, K^T is staged as [head_dim][frame blocks] vectors (frames zero-padded to 16/32/64) and V as
-// [frames][head_dim chunks] vectors (head_dim zero-padded to whole vectors). Query rows are
-// taken kRows at a time so every staged K^T / V vector loaded feeds kRows independent FMA chains, a row of scores
-// lives in registers (padded lanes masked to -inf before the softmax), and each block of output chunks accumulates
-// in registers. The softmax scale multiplies the scores, not q. While one sequence computes, the next one's rows
-// are prefetched a pass at a time.
+// Per sequence the scores are computed transposed, S^T [keys][queries]: Q^T is staged as [head_dim][query blocks]
+// vectors (queries zero-padded to 16/32/64), and each key row's elements are broadcast against it, kKeys keys at a
+// time so every staged Q^T vector feeds kKeys independent FMA chains. With the queries across the lanes the softmax
+// over keys is element-wise between vectors (max, exp, sum: no horizontal shuffles, no masking: only real keys are
+// visited; padded query lanes compute zeros that are never stored). The output rows then accumulate
+// sum_j P[i, j] V[j] in registers, kRows query rows per pass, V staged as [frames][head_dim chunks] vectors. The
+// softmax scale multiplies the scores, not q. While one sequence computes, the next one's rows are prefetched a
+// pass at a time.
 #include <limits>
 #include <stdexcept>
 #include <vector>
@@ -20,36 +22,14 @@ namespace ALCM_CPU_ISA {
 namespace {
 
 constexpr int kMaxFrames = 64;
-constexpr int kRows = 4;        // query rows per pass
+constexpr int kKeys = 4;        // key rows per pass over head_dim in the scores
+constexpr int kRows = 4;        // query rows per pass in the output
 constexpr int kChunkBlock = 3;  // output vectors per row accumulated together (kRows x kChunkBlock registers)
 
 VecF* align_to_vector(std::vector<float>& buffer) {
   auto address = reinterpret_cast<std::uintptr_t>(buffer.data());
   address = (address + sizeof(VecF) - 1) / sizeof(VecF) * sizeof(VecF);
   return reinterpret_cast<VecF*>(address);
-}
-
-// Softmax of one row of scores (kBlocks vectors, `frames` valid lanes) into `probabilities`.
-template <int kBlocks>
-inline void softmax_row(VecF* scores, int64_t frames, float scale, const VecF& lane_index, float* probabilities) {
-  const float neg_inf = -std::numeric_limits<float>::infinity();
-  float row_max = neg_inf;
-  for (int b = 0; b < kBlocks; ++b) {
-    scores[b] = lane_index + static_cast<float>(kLanes * b) < static_cast<float>(frames) ? scores[b] * scale
-                                                                                         : splat(neg_inf);
-    const float m = lane_max(scores[b]);
-    row_max = m > row_max ? m : row_max;
-  }
-  float sum = 0.0f;
-  for (int b = 0; b < kBlocks; ++b) {
-    scores[b] = fast_exp(scores[b] - row_max);
-    sum += lane_sum(scores[b]);
-  }
-  const float inv = 1.0f / sum;
-  for (int b = 0; b < kBlocks; ++b) {
-    const VecF p = scores[b] * inv;
-    __builtin_memcpy(probabilities + b * kLanes, &p, sizeof p);
-  }
 }
 
 // Lanes [first, min(first + kLanes, dim)) of `row` <- `values`, converted to the storage type a whole vector at a
@@ -78,18 +58,18 @@ inline void prefetch_rows(const T* base, int64_t rows, int64_t row_stride, int64
     for (int64_t e = 0; e < row_elements; e += kLine) __builtin_prefetch(base + r * row_stride + e);
 }
 
-// Output chunks [c0, c0 + kCount) of kRows query rows: sum_j p[r][j] * V[j], accumulated in registers. Rows whose
-// `outs` entry is null (the repeated last row of a partial pass) are computed but not stored.
+// Output chunks [c0, c0 + kCount) of kRows query rows: sum_j P[j][r] * V[j] (`probabilities` points at the pass's
+// first query in key row 0; key rows are `probability_stride` apart), accumulated in registers. Rows whose `outs`
+// entry is null (past the last query) are computed but not stored.
 template <typename S, int kCount>
 inline void output_block(const VecF* value, int64_t chunks, int64_t c0, int64_t frames, int64_t dim,
                          const float* probabilities, int64_t probability_stride, typename S::type* const* outs) {
   VecF acc[kRows][kCount] = {};
   for (int64_t j = 0; j < frames; ++j) {
     const VecF* vrow = value + j * chunks + c0;
-    for (int r = 0; r < kRows; ++r) {
-      const float p = probabilities[r * probability_stride + j];
-      for (int u = 0; u < kCount; ++u) acc[r][u] += p * vrow[u];
-    }
+    const float* pj = probabilities + j * probability_stride;
+    for (int r = 0; r < kRows; ++r)
+      for (int u = 0; u < kCount; ++u) acc[r][u] += pj[r] * vrow[u];
   }
   for (int r = 0; r < kRows; ++r)
     if (outs[r] != nullptr)
@@ -109,12 +89,13 @@ void attention_padded(const AttentionArgs& a) {
   auto* out = static_cast<T*>(a.out);
 #pragma omp parallel
   {
-    std::vector<float> key_t_storage((dim * kBlocks + 1) * kLanes), value_storage((frames * chunks + 1) * kLanes);
-    std::vector<float> query_storage(kRows * dim);
-    VecF* key_t = align_to_vector(key_t_storage);
+    // Padded query lanes of Q^T stay zero: staging writes only the real ones.
+    std::vector<float> query_t_storage((dim * kBlocks + 1) * kLanes, 0.0f);
+    std::vector<float> value_storage((frames * chunks + 1) * kLanes), key_storage(kType == kFloat32 ? 0 : frames * dim);
+    std::vector<float> scores_storage((kPaddedFrames * kBlocks + 1) * kLanes);
+    VecF* query_t = align_to_vector(query_t_storage);
     VecF* value = align_to_vector(value_storage);
-    VecF lane_index;
-    for (int i = 0; i < kLanes; ++i) lane_index[i] = static_cast<float>(i);
+    VecF* scores = align_to_vector(scores_storage);  // S^T, then P^T: [key][query blocks]
 #pragma omp for schedule(static)
     for (int64_t index = 0; index < total; ++index) {
       const int64_t b0 = index / a.batch1, b1 = index % a.batch1;
@@ -129,13 +110,22 @@ void attention_padded(const AttentionArgs& a) {
       const T* k_next = k + n0 * a.k_stride[0] + n1 * a.k_stride[1];
       const T* v_next = v + n0 * a.v_stride[0] + n1 * a.v_stride[1];
 
-      float* key_t_lanes = reinterpret_cast<float*>(key_t);
+      float* query_t_lanes = reinterpret_cast<float*>(query_t);
+      for (int64_t i = 0; i < frames; ++i) {
+        const T* qi = qb + i * a.q_stride[2];
+        for (int64_t d = 0; d < dim; ++d) query_t_lanes[d * kPaddedFrames + i] = S::load(qi, d);
+      }
+      const float* keys[kMaxFrames];
       for (int64_t j = 0; j < frames; ++j) {
         const T* kj = kb + j * a.k_stride[2];
-        for (int64_t d = 0; d < dim; ++d) key_t_lanes[d * kPaddedFrames + j] = S::load(kj, d);
+        if constexpr (kType == kFloat32) {
+          keys[j] = kj;
+        } else {
+          float* staged = key_storage.data() + j * dim;
+          for (int64_t d = 0; d < dim; ++d) staged[d] = S::load(kj, d);
+          keys[j] = staged;
+        }
       }
-      for (int64_t j = frames; j < kPaddedFrames; ++j)
-        for (int64_t d = 0; d < dim; ++d) key_t_lanes[d * kPaddedFrames + j] = 0.0f;
       for (int64_t j = 0; j < frames; ++j) {
         const T* vj = vb + j * a.v_stride[2];
         float* vrow = reinterpret_cast<float*>(value + j * chunks);
@@ -143,44 +133,53 @@ void attention_padded(const AttentionArgs& a) {
         for (int64_t d = dim; d < chunks * kLanes; ++d) vrow[d] = 0.0f;
       }
 
+      // S^T, kKeys key rows at a time (a partial last pass repeats its last key and stores it once).
+      for (int64_t j0 = 0; j0 < frames; j0 += kKeys) {
+        const int64_t pass_keys = frames - j0 < kKeys ? frames - j0 : kKeys;
+        const float* key_rows[kKeys];
+        for (int r = 0; r < kKeys; ++r) key_rows[r] = keys[j0 + (r < pass_keys ? r : pass_keys - 1)];
+        VecF acc[kKeys][kBlocks] = {};
+        for (int64_t d = 0; d < dim; ++d) {
+          const VecF* qt = query_t + d * kBlocks;
+          for (int r = 0; r < kKeys; ++r) {
+            const float kd = key_rows[r][d];
+            for (int b = 0; b < kBlocks; ++b) acc[r][b] += kd * qt[b];
+          }
+        }
+        for (int r = 0; r < pass_keys; ++r)
+          for (int b = 0; b < kBlocks; ++b) scores[(j0 + r) * kBlocks + b] = acc[r][b] * a.scale;
+      }
+      // Softmax over keys, every query lane at once.
+      for (int b = 0; b < kBlocks; ++b) {
+        VecF row_max = scores[b];
+        for (int64_t j = 1; j < frames; ++j) {
+          const VecF s = scores[j * kBlocks + b];
+          row_max = s > row_max ? s : row_max;
+        }
+        VecF sum = {};
+        for (int64_t j = 0; j < frames; ++j) {
+          const VecF e = fast_exp(scores[j * kBlocks + b] - row_max);
+          scores[j * kBlocks + b] = e;
+          sum += e;
+        }
+        const VecF inverse = 1.0f / sum;
+        for (int64_t j = 0; j < frames; ++j) scores[j * kBlocks + b] *= inverse;
+      }
+
+      const float* probabilities = reinterpret_cast<const float*>(scores);
       for (int64_t i = 0; i < frames; i += kRows) {
         const int64_t pass_rows = frames - i < kRows ? frames - i : kRows;
         prefetch_rows(q_next + i * a.q_stride[2], pass_rows, a.q_stride[2], dim);
         prefetch_rows(k_next + i * a.k_stride[2], pass_rows, a.k_stride[2], dim);
         prefetch_rows(v_next + i * a.v_stride[2], pass_rows, a.v_stride[2], dim);
-        const float* rows[kRows];
         T* outs[kRows];
-        for (int r = 0; r < kRows; ++r) {
-          const int64_t row = r < pass_rows ? i + r : i + pass_rows - 1;  // a partial pass repeats its last row
-          outs[r] = r < pass_rows ? ob + row * a.out_stride[2] : nullptr;
-          const T* qi = qb + row * a.q_stride[2];
-          if (kType == kFloat32) {
-            rows[r] = reinterpret_cast<const float*>(qi);
-          } else {
-            float* staged = query_storage.data() + r * dim;
-            for (int64_t d = 0; d < dim; ++d) staged[d] = S::load(qi, d);
-            rows[r] = staged;
-          }
-        }
-        // kRows independent accumulator chains per score block: one FMA chain per row would wait on its own
-        // latency every step of d.
-        VecF scores[kRows][kBlocks] = {};
-        for (int64_t d = 0; d < dim; ++d) {
-          const VecF* kt = key_t + d * kBlocks;
-          for (int r = 0; r < kRows; ++r) {
-            const float qd = rows[r][d];
-            for (int b = 0; b < kBlocks; ++b) scores[r][b] += qd * kt[b];
-          }
-        }
-        float probabilities[kRows][kPaddedFrames];
-        for (int r = 0; r < kRows; ++r) softmax_row<kBlocks>(scores[r], frames, a.scale, lane_index, probabilities[r]);
-
+        for (int r = 0; r < kRows; ++r) outs[r] = r < pass_rows ? ob + (i + r) * a.out_stride[2] : nullptr;
         int64_t c0 = 0;
         for (; c0 + kChunkBlock <= chunks; c0 += kChunkBlock)
-          output_block<S, kChunkBlock>(value, chunks, c0, frames, dim, probabilities[0], kPaddedFrames, outs);
+          output_block<S, kChunkBlock>(value, chunks, c0, frames, dim, probabilities + i, kPaddedFrames, outs);
         switch (chunks - c0) {
-          case 2: output_block<S, 2>(value, chunks, c0, frames, dim, probabilities[0], kPaddedFrames, outs); break;
-          case 1: output_block<S, 1>(value, chunks, c0, frames, dim, probabilities[0], kPaddedFrames, outs); break;
+          case 2: output_block<S, 2>(value, chunks, c0, frames, dim, probabilities + i, kPaddedFrames, outs); break;
+          case 1: output_block<S, 1>(value, chunks, c0, frames, dim, probabilities + i, kPaddedFrames, outs); break;
           default: break;
         }
       }

@@ -50,26 +50,6 @@ ALCM_HD_MATH float fast_exp(float x) {
   return p * bit_cast_float((static_cast<int32_t>(n) + 127) << 23);
 }
 
-// erf(x) to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), branch-free so CPU loops vectorise.
-ALCM_HD_MATH float erf_approx(float x) {
-  const float magnitude = x < 0.0f ? -x : x;
-  const float t = 1.0f / (1.0f + 0.3275911f * magnitude);
-  const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
-  const float y = 1.0f - poly * fast_exp(-magnitude * magnitude);
-  return x < 0.0f ? -y : y;
-}
-
-// Exact (erf) GELU, as F.gelu(x) with approximate="none".
-ALCM_HD_MATH float gelu(float x) { return 0.5f * x * (1.0f + erf_approx(x * 0.70710678118654752f)); }
-
-// x * sigmoid(x), through e = exp(-|x|) in (0, 1]: no overflow, and no denormal intermediate (a denormal in a
-// vectorised division costs a microcode assist per vector; x / (1 + exp(-x)) produced them on the clamped path).
-ALCM_HD_MATH float silu(float x) {
-  const float magnitude = x < 0.0f ? -x : x;
-  const float e = fast_exp(-magnitude);
-  return x * (x < 0.0f ? e : 1.0f) / (1.0f + e);
-}
-
 #if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
 // One native vector of floats (GCC/Clang vector extensions), as wide as the ISA this file is compiled for:
 // 16 lanes with AVX-512, 8 with AVX2, 4 otherwise. One source serves every per-ISA build of the CPU kernels.
@@ -96,6 +76,37 @@ __attribute__((always_inline)) inline VecF fast_exp(VecF x) {
   __builtin_memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+#endif
+
+// The functions below are templates over float and (on the CPU) VecF: one definition serves the scalar loops, the
+// CUDA kernels and the explicitly vectorised CPU loops, so they all do the same arithmetic.
+
+// erf(x) to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), branch-free.
+template <typename T>
+ALCM_HD_MATH T erf_approx(T x) {
+  const T magnitude = x < 0.0f ? -x : x;
+  const T t = 1.0f / (1.0f + 0.3275911f * magnitude);
+  const T poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+  const T y = 1.0f - poly * fast_exp(-magnitude * magnitude);
+  return x < 0.0f ? -y : y;
+}
+
+// Exact (erf) GELU, as F.gelu(x) with approximate="none".
+template <typename T>
+ALCM_HD_MATH T gelu(T x) {
+  return 0.5f * x * (1.0f + erf_approx(x * 0.70710678118654752f));
+}
+
+// x * sigmoid(x), through e = exp(-|x|) in (0, 1]: no overflow, and no denormal intermediate (a denormal in a
+// vectorised division costs a microcode assist per vector; x / (1 + exp(-x)) produced them on the clamped path).
+template <typename T>
+ALCM_HD_MATH T silu(T x) {
+  const T magnitude = x < 0.0f ? -x : x;
+  const T e = fast_exp(-magnitude);
+  return (x < 0.0f ? x * e : x) / (1.0f + e);
+}
+
+#if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))
 
 // kLanes consecutive elements of a typed row (S: a Storage<> of scalar_types.h) as one float vector, and back.
 template <typename S>
@@ -116,47 +127,6 @@ __attribute__((always_inline)) inline void store_vector(typename S::type* p, Vec
   } else {
     for (int l = 0; l < kLanes; ++l) S::store(p, l, v[l]);
   }
-}
-
-// silu on a vector: the scalar silu's arithmetic, lane by lane.
-__attribute__((always_inline)) inline VecF silu(VecF x) {
-  const VecF magnitude = x < 0.0f ? -x : x;
-  const VecF e = fast_exp(-magnitude);
-  return x * (x < 0.0f ? e : splat(1.0f)) / (1.0f + e);
-}
-
-// Log-tree horizontal reductions: each round folds lanes i + width onto lanes i, with a compile-time shuffle mask.
-template <int kWidth, typename Op>
-__attribute__((always_inline)) inline VecF fold(VecF v, Op op) {
-  if constexpr (kWidth == 0) {
-    return v;
-  } else {
-#if defined(__clang__)
-    float lanes[kLanes], rotated[kLanes];
-    __builtin_memcpy(lanes, &v, sizeof lanes);
-    for (int i = 0; i < kLanes; ++i) rotated[i] = lanes[(i + kWidth) % kLanes];
-    VecF other;
-    __builtin_memcpy(&other, rotated, sizeof other);
-#else
-    VecI mask;
-    for (int i = 0; i < kLanes; ++i) mask[i] = (i + kWidth) % kLanes;
-    const VecF other = __builtin_shuffle(v, mask);
-#endif
-    return fold<kWidth / 2>(op(v, other), op);
-  }
-}
-
-template <typename Op>
-__attribute__((always_inline)) inline float lane_reduce(VecF v, Op op) {
-  return fold<kLanes / 2>(v, op)[0];
-}
-
-__attribute__((always_inline)) inline float lane_max(VecF v) {
-  return lane_reduce(v, [](VecF a, VecF b) { return a > b ? a : b; });
-}
-
-__attribute__((always_inline)) inline float lane_sum(VecF v) {
-  return lane_reduce(v, [](VecF a, VecF b) { return a + b; });
 }
 #endif
 

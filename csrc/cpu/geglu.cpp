@@ -1,5 +1,5 @@
 // CPU GEGLU: out[m, i] = x[m, i] * gelu(x[m, inner + i]) for x [rows, 2 * inner] (contiguous), one pass over memory
-// (diffusers materialises gelu(gate) and then the product).
+// (diffusers materialises gelu(gate) and then the product), whole vectors then a scalar tail per row.
 #include <stdexcept>
 
 #include "../fast_math.h"
@@ -21,7 +21,10 @@ void geglu_typed(const GegluArgs& a) {
   for (int64_t m = 0; m < a.rows; ++m) {
     const T* row = x + m * 2 * inner;
     T* o = out + m * inner;
-    for (int64_t i = 0; i < inner; ++i) S::store(o, i, S::load(row, i) * gelu(S::load(row, inner + i)));
+    int64_t i = 0;
+    for (; i + kLanes <= inner; i += kLanes)
+      store_vector<S>(o + i, load_vector<S>(row + i) * gelu(load_vector<S>(row + inner + i)));
+    for (; i < inner; ++i) S::store(o, i, S::load(row, i) * gelu(S::load(row, inner + i)));
   }
 }
 

@@ -9,7 +9,6 @@
 // sum_j P[i, j] V[j] in registers, kRows query rows per pass, V staged as [frames][head_dim chunks] vectors. The
 // softmax scale multiplies the scores, not q. While one sequence computes, the next one's rows are prefetched a
 // pass at a time.
-#include <limits>
 #include <stdexcept>
 #include <vector>
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass, field
 
+import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -117,8 +118,14 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
 
 
 def fused_geglu_forward(self, hidden_states, *args, **kwargs):
-    """``GEGLU.forward`` with the split, GELU and product fused: ``[..., D]`` -> ``[..., inner]``."""
-    return ops.geglu(self.proj(hidden_states), backend=getattr(self, PATCH_ATTRIBUTE))
+    """``GEGLU.forward`` with the split, GELU and product fused: ``[..., D]`` -> ``[..., inner]``. A plain
+    ``nn.Linear`` projection runs as a matrix product and its bias is added inside the fused op (PyTorch's CPU
+    ``addmm`` would first copy the bias into the whole output); any other projection (an unfused LoRA layer, say)
+    runs as it is."""
+    backend = getattr(self, PATCH_ATTRIBUTE)
+    if type(self.proj) is nn.Linear:
+        return ops.geglu(F.linear(hidden_states, self.proj.weight), self.proj.bias, backend=backend)
+    return ops.geglu(self.proj(hidden_states), backend=backend)
 
 
 def _resnet_is_fusable(module) -> bool:

@@ -59,8 +59,10 @@ UnpermuteResidualArgs make_unpermute_args(std::uintptr_t y, std::uintptr_t resid
                                reinterpret_cast<void*>(out), batch, frames, channels, spatial, scalar_type};
 }
 
-GegluArgs make_geglu_args(std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t inner, int scalar_type) {
-  return GegluArgs{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), rows, inner, scalar_type};
+GegluArgs make_geglu_args(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out, int64_t rows, int64_t inner,
+                          int scalar_type) {
+  return GegluArgs{reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(bias), reinterpret_cast<void*>(out),
+                   rows, inner, scalar_type};
 }
 
 // Binds `kernel(make_args(args...))` with the GIL released while it runs.
@@ -111,12 +113,13 @@ PYBIND11_MODULE(_C, m) {
   m.def("unpermute_residual_cpu", released(&unpermute_residual_cpu, &make_unpermute_args),
         "out [B*F, C, S] = permute(y [B*S, F, C]) + residual over host buffers.");
   m.def("geglu_cpu", released(&geglu_cpu, &make_geglu_args),
-        "out [rows, inner] = x[:, :inner] * gelu(x[:, inner:]) over contiguous host buffers.");
+        "out [rows, inner] = h * gelu(g), [h, g] = x (+ fp32 bias [2*inner] or 0) over contiguous host buffers.");
 #if ANIMATELCM_WITH_CUDA
   m.def(
       "geglu_cuda",
-      [](std::uintptr_t x, std::uintptr_t out, int64_t rows, int64_t inner, int scalar_type, std::uintptr_t stream) {
-        geglu_cuda(make_geglu_args(x, out, rows, inner, scalar_type), stream);
+      [](std::uintptr_t x, std::uintptr_t bias, std::uintptr_t out, int64_t rows, int64_t inner, int scalar_type,
+         std::uintptr_t stream) {
+        geglu_cuda(make_geglu_args(x, bias, out, rows, inner, scalar_type), stream);
       },
       "GEGLU over contiguous device buffers on the given stream.");
   m.def(

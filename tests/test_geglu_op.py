@@ -14,10 +14,15 @@ SHAPES = [(3, 7, 2 * 40), (2, 16, 2 * 1280), (5, 2), (1, 1, 1, 2 * 13)]
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_matches_float64_reference(backend, dtype, monkeypatch, poisoned_outputs):
     for index, shape in enumerate(SHAPES):
-        x = (torch.randn(shape, generator=torch.Generator().manual_seed(index)) * 3).to(dtype)
+        generator = torch.Generator().manual_seed(index)
+        x = (torch.randn(shape, generator=generator) * 3).to(dtype)
+        bias = torch.randn(shape[-1], generator=generator).to(dtype)
         out = ops.geglu(x, backend=backend)
         assert out.shape == (*shape[:-1], shape[-1] // 2)
         assert_close_to_reference(out, ops.geglu_reference(x.double()), dtype)
+        # the bias is added in float32 inside the op; the reference adds it in float64
+        assert_close_to_reference(ops.geglu(x, bias, backend=backend), ops.geglu_reference(x.double(), bias.double()),
+                                  dtype)
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
@@ -31,6 +36,9 @@ def test_every_cpu_isa_and_diffusers_geglu(isa, monkeypatch):
     h = torch.randn(4, 9, 24)
     with torch.no_grad():
         torch.testing.assert_close(ops.geglu(module.proj(h), backend="cpp"), module(h), atol=2e-6, rtol=2e-5)
+        unbiased = F.linear(h, module.proj.weight)
+        torch.testing.assert_close(ops.geglu(unbiased, module.proj.bias, backend="cpp"), module(h), atol=2e-6,
+                                   rtol=2e-5)
     extreme = torch.tensor([[-1e4, -30.0, -5.0, 0.0, 1e-30, 5.0, 30.0, 1e4, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
     torch.testing.assert_close(ops.geglu(extreme, backend="cpp"), ops.geglu_reference(extreme), atol=1e-6, rtol=1e-5)
 
@@ -53,8 +61,12 @@ def test_gradients_and_opcheck():
     hidden, gate = xf.chunk(2, dim=-1)
     want = torch.autograd.grad(hidden * F.gelu(gate), xf, grad)[0]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    torch.library.opcheck(torch.ops.animatelcm.geglu.default, (torch.randn(3, 8), "auto"))
-    torch.library.opcheck(torch.ops.animatelcm.geglu.default, (torch.randn(3, 8, requires_grad=True), "eager"))
+    b = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.geglu, (x, b))
+    torch.library.opcheck(torch.ops.animatelcm.geglu.default, (torch.randn(3, 8), None, "auto"))
+    torch.library.opcheck(torch.ops.animatelcm.geglu.default, (torch.randn(3, 8, requires_grad=True), None, "eager"))
+    torch.library.opcheck(torch.ops.animatelcm.geglu.default,
+                          (torch.randn(3, 8, requires_grad=True), torch.randn(8, requires_grad=True), "auto"))
 
 
 def test_bad_inputs():
@@ -64,3 +76,5 @@ def test_bad_inputs():
         ops.geglu(torch.ones(3, 4, dtype=torch.int32))
     with pytest.raises(TypeError, match="torch.Tensor"):
         ops.geglu([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \(4,\)"):
+        ops.geglu(torch.randn(3, 4), torch.randn(2))

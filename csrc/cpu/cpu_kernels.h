@@ -60,9 +60,11 @@ struct UnpermuteResidualArgs {
   int scalar_type;
 };
 
-// out [rows, inner] = x[:, :inner] * gelu(x[:, inner:]) for x [rows, 2 * inner], both contiguous.
+// out [rows, inner] = h * gelu(g) with [h, g] = x[:, :inner], x[:, inner:] (+ bias [2 * inner] fp32 when given) for
+// x [rows, 2 * inner], both contiguous. The bias lets a projection run as a plain matrix product (no bias copy).
 struct GegluArgs {
   const void* x;
+  const float* bias;
   void* out;
   int64_t rows, inner;
   int scalar_type;

@@ -1,4 +1,5 @@
-// CPU GEGLU: out[m, i] = x[m, i] * gelu(x[m, inner + i]) for x [rows, 2 * inner] (contiguous), one pass over memory
+// CPU GEGLU: out[m, i] = h * gelu(g), h = x[m, i] (+ bias[i]), g = x[m, inner + i] (+ bias[inner + i]) for
+// x [rows, 2 * inner] (contiguous), one pass over memory
 // (diffusers materialises gelu(gate) and then the product), whole vectors then a scalar tail per row.
 #include <stdexcept>
 
@@ -16,15 +17,26 @@ void geglu_typed(const GegluArgs& a) {
   using T = typename S::type;
   const auto* x = static_cast<const T*>(a.x);
   auto* out = static_cast<T*>(a.out);
+  const float* bias = a.bias;
   const int64_t inner = a.inner;
 #pragma omp parallel for schedule(static) if (a.rows * inner > (1 << 15))
   for (int64_t m = 0; m < a.rows; ++m) {
     const T* row = x + m * 2 * inner;
     T* o = out + m * inner;
     int64_t i = 0;
-    for (; i + kLanes <= inner; i += kLanes)
-      store_vector<S>(o + i, load_vector<S>(row + i) * gelu(load_vector<S>(row + inner + i)));
-    for (; i < inner; ++i) S::store(o, i, S::load(row, i) * gelu(S::load(row, inner + i)));
+    for (; i + kLanes <= inner; i += kLanes) {
+      VecF hidden = load_vector<S>(row + i), gate = load_vector<S>(row + inner + i);
+      if (bias != nullptr) {
+        hidden += load_vector<Storage<kFloat32>>(bias + i);
+        gate += load_vector<Storage<kFloat32>>(bias + inner + i);
+      }
+      store_vector<S>(o + i, hidden * gelu(gate));
+    }
+    for (; i < inner; ++i) {
+      const float hidden = S::load(row, i) + (bias != nullptr ? bias[i] : 0.0f);
+      const float gate = S::load(row, inner + i) + (bias != nullptr ? bias[inner + i] : 0.0f);
+      S::store(o, i, hidden * gelu(gate));
+    }
   }
 }
 

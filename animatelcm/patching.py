@@ -8,9 +8,9 @@ What is patched, all through diffusers' public hooks (attention processors and m
 - their self-attentions: ``TemporalAttentionProcessor`` runs :func:`animatelcm.ops.temporal_attention` on the q/k/v
   projections seen as ``[B, heads, F, D]`` views (no copies); the positional embedding stays where diffusers adds it
   (on the normed input, in the transformer block), the GEGLU feed-forward and output projection are diffusers' own;
-- spatial ResNet blocks: GroupNorm + SiLU fused, twice per block (module forward);
-- every GEGLU feed-forward activation (motion modules and spatial transformers): ``h * gelu(gate)`` in one pass
-  (module forward);
+- ResNet blocks of the UNet and of the VAE: GroupNorm + SiLU fused, twice per block (module forward);
+- every GEGLU feed-forward activation (motion modules and spatial transformers): ``h * gelu(gate)`` in one pass,
+  with the projection's bias added inside it so the projection is a plain matrix product (module forward);
 - a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config.
 Anything the fused paths do not cover (attention masks, cross-attention, other norms or activations) runs the
 original code.
@@ -84,8 +84,8 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
 
 
 def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
-    """``ResnetBlock2D.forward`` (time_embedding_norm "default", SiLU, GroupNorm) with each GroupNorm+SiLU pair
-    fused: ``input_tensor [N, C, H, W]``, ``temb [N, T]`` -> ``[N, C_out, H', W']``."""
+    """``ResnetBlock2D.forward`` (see :func:`_resnet_is_fusable`) with each GroupNorm+SiLU pair fused:
+    ``input_tensor [N, C, H, W]``, ``temb [N, T]`` or None -> ``[N, C_out, H', W']``."""
     backend = getattr(self, PATCH_ATTRIBUTE)
     norm1, norm2 = self.norm1, self.norm2
     hidden_states = ops.group_norm_silu(input_tensor, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps,
@@ -104,7 +104,7 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
         if not self.skip_time_act:
             temb = self.nonlinearity(temb)
         temb = self.time_emb_proj(temb)[:, :, None, None]
-    if temb is not None:
+    if temb is not None and self.time_embedding_norm == "default":  # other norms ignore temb (no projection)
         hidden_states = hidden_states + temb
     hidden_states = ops.group_norm_silu(hidden_states, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps,
                                         backend=backend)
@@ -129,8 +129,12 @@ def fused_geglu_forward(self, hidden_states, *args, **kwargs):
 
 
 def _resnet_is_fusable(module) -> bool:
+    """GroupNorm + SiLU blocks whose time embedding, if any, is added before norm2 ("default"); the VAE's blocks
+    ("group", no time embedding) run the same arithmetic. "scale_shift" modulates after norm2: left alone."""
     return (isinstance(module.norm1, nn.GroupNorm) and isinstance(module.norm2, nn.GroupNorm)
-            and isinstance(module.nonlinearity, nn.SiLU) and module.time_embedding_norm == "default")
+            and isinstance(module.nonlinearity, nn.SiLU)
+            and (module.time_embedding_norm == "default" or module.time_emb_proj is None)
+            and module.time_embedding_norm != "scale_shift")
 
 
 @dataclass
@@ -168,8 +172,9 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     ``AnimateLCMPipeline``, ...) on the fused kernels; returns ``pipe``.
 
     ``backend`` forces one kernel backend for the patched ops (``"auto"``: the dispatcher picks per call).
-    ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU,
-    the motion-module norm and permutes, GEGLU) and ``scheduler`` switch the three parts. Patching again with the same options does
+    ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
+    in the ResNet blocks of the UNet and the VAE, the motion-module norm and permutes, GEGLU) and ``scheduler``
+    switch the three parts. Patching again with the same options does
     nothing; with other options the first patch is undone first. Undo with :func:`unpatch_pipeline`.
     """
     from diffusers import LCMScheduler as DiffusersLCMScheduler
@@ -203,6 +208,11 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             _override_forward(module, fused_resnet_forward, backend, record)
         elif norms and type(module) is GEGLU:
             _override_forward(module, fused_geglu_forward, backend, record)
+    vae = getattr(pipe, "vae", None)
+    if norms and vae is not None:  # the VAE's ResNet blocks (decode, and encode for video-to-video) too
+        for module in vae.modules():
+            if isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
+                _override_forward(module, fused_resnet_forward, backend, record)
     if scheduler and type(pipe.scheduler) is DiffusersLCMScheduler:
         record.scheduler = pipe.scheduler
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)

@@ -87,6 +87,10 @@ def test_fused_paths_really_run(components, monkeypatch):
     assert calls["group_norm_silu"] > 0 and calls["consistency_step"] == 3
     geglus = sum(type(m).__name__ == "GEGLU" for m in pipe.unet.modules())
     assert calls["geglu"] == 3 * geglus
+    vae_resnets = [m for m in pipe.vae.modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert vae_resnets and all("forward" in vars(m) for m in vae_resnets)  # decoded frames: test_free_noise_...
+    unpatch_pipeline(pipe)
+    assert not any("forward" in vars(m) for m in pipe.vae.modules())
 
 
 def test_patch_options_and_repatching(components):

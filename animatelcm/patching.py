@@ -21,6 +21,7 @@ from __future__ import annotations
 import types
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -83,13 +84,25 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
     return ops.temporal_unpermute_residual(hidden_states, residual, num_frames, backend=backend)
 
 
+def _is_channels_last(x) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _group_norm_silu(x, norm, nonlinearity, backend):
+    """``nonlinearity(norm(x))`` on the fused op, except for a channels-last ``x`` under ``backend="auto"``: the
+    kernels read [N, C, H, W] and would copy it first, which costs more than the fusion saves (the VAE decoder's
+    convolutions hand its ResNet blocks channels-last activations); PyTorch normalises that layout in place."""
+    if backend == "auto" and _is_channels_last(x):
+        return nonlinearity(norm(x))
+    return ops.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, backend=backend)
+
+
 def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """``ResnetBlock2D.forward`` (see :func:`_resnet_is_fusable`) with each GroupNorm+SiLU pair fused:
     ``input_tensor [N, C, H, W]``, ``temb [N, T]`` or None -> ``[N, C_out, H', W']``."""
     backend = getattr(self, PATCH_ATTRIBUTE)
     norm1, norm2 = self.norm1, self.norm2
-    hidden_states = ops.group_norm_silu(input_tensor, norm1.num_groups, norm1.weight, norm1.bias, norm1.eps,
-                                        backend=backend)
+    hidden_states = _group_norm_silu(input_tensor, norm1, self.nonlinearity, backend)
     if self.upsample is not None:
         if hidden_states.shape[0] >= 64:
             input_tensor = input_tensor.contiguous()
@@ -106,8 +119,7 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
         temb = self.time_emb_proj(temb)[:, :, None, None]
     if temb is not None and self.time_embedding_norm == "default":  # other norms ignore temb (no projection)
         hidden_states = hidden_states + temb
-    hidden_states = ops.group_norm_silu(hidden_states, norm2.num_groups, norm2.weight, norm2.bias, norm2.eps,
-                                        backend=backend)
+    hidden_states = _group_norm_silu(hidden_states, norm2, self.nonlinearity, backend)
     hidden_states = self.dropout(hidden_states)
     hidden_states = self.conv2(hidden_states)
     if self.conv_shortcut is not None:

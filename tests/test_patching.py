@@ -155,3 +155,19 @@ def test_other_schedulers_are_left_alone(components):
     scheduler = pipe.scheduler
     patch_pipeline(pipe)
     assert pipe.scheduler is scheduler
+
+
+def test_channels_last_resnet_input_runs_eager(components, monkeypatch):
+    # The VAE decoder's convolutions hand its ResNet blocks channels-last activations: under backend="auto" the
+    # patched block normalises them with PyTorch (no copy to [N, C, H, W]), same result as unpatched.
+    pipe, _ = build("animatediff", components)
+    patch_pipeline(pipe)
+    block = next(m for m in pipe.vae.modules() if "forward" in vars(m))
+    x = torch.randn(2, block.in_channels, 8, 8).to(memory_format=torch.channels_last)
+    calls = []
+    monkeypatch.setattr(ops, "group_norm_silu", lambda *a, **k: calls.append(a))
+    with torch.no_grad():
+        patched = block(x, None)
+        unpatch_pipeline(pipe)
+        torch.testing.assert_close(patched, block(x, None))
+    assert not calls

@@ -5,6 +5,7 @@
     python benchmarks/mini_world.py ship       # copy the trained AnimateLCM into the package's default model
     python benchmarks/mini_world.py all        # the three in order
     python benchmarks/mini_world.py probe      # does the teacher use each word of its prompt? (mini_probe.md)
+    python benchmarks/mini_world.py capacity   # can its UNet learn prompt x frame outputs at all? (mini_capacity.md)
 
 Runs live in ``runs/mini_world/``. ``train`` runs each stage as ``animatelcm train CONFIG --resume`` in a child
 process and skips stages whose ``final/`` exists, so an interrupted run continues where it stopped.
@@ -219,6 +220,103 @@ def probe(clips: int = 128, information_clips: int = 1920) -> Path:
     return path
 
 
+CAPACITY_TASKS = {
+    "frame": "one prompt; a strip moving right across the frames (the output must depend on the frame index)",
+    "prompt": "two prompts (moving right / left); a still strip on the left / right (on the prompt only)",
+    "prompt x frame": "two prompts; a strip moving right / the mirror image moving left (on both at once)",
+}
+
+
+def capacity_targets(task: str, shape: tuple) -> torch.Tensor:
+    """Targets ``[2, C, F, h, w]`` (first / second prompt) of a :func:`capacity` task: channel 0 holds a vertical
+    Gaussian strip whose column moves with the frame index, depends on the prompt, or both."""
+    import torch
+
+    channels, frames, height, width = shape
+    columns = torch.arange(width).float()
+    moving = 1 + torch.arange(frames).float() * (width - 3) / (frames - 1)  # column per frame, left to right
+    if task == "frame":
+        centres = torch.stack([moving, moving])
+    elif task == "prompt":
+        centres = torch.stack([torch.full((frames,), 1.5), torch.full((frames,), width - 2.5)])
+    elif task == "prompt x frame":
+        centres = torch.stack([moving, width - 1 - moving])
+    else:
+        raise ValueError(f"capacity: unknown task {task!r}; choose from {sorted(CAPACITY_TASKS)}")
+    strips = torch.exp(-(columns - centres[..., None]) ** 2)  # [2, F, w]
+    targets = torch.zeros(2, channels, frames, height, width)
+    targets[:, 0] = strips[:, :, None, :]
+    return targets
+
+
+def capacity(steps: int = 1000, seed: int = 0) -> Path:
+    """Can the teacher's UNet learn outputs that depend on the prompt, on the frame index, and on both at once?
+
+    For each task of :data:`CAPACITY_TASKS`, a copy of the teacher's UNet with every weight trainable regresses a
+    fixed target per prompt from pure noise at t = 999 (``steps`` AdamW steps, batch 4). Reported: R^2 of the
+    noise-averaged output against the targets, and for two prompts how well the difference of the two outputs
+    matches the difference of the targets (correlation; 0 = the prompt is not used). Into
+    ``benchmarks/results/mini_capacity.md``."""
+    import copy
+
+    import torch
+
+    from animatelcm.loading import load_pipeline
+
+    pipe = load_pipeline(TEACHER)
+    prompts = ["a red circle moving right", "a red circle moving left"]
+    with torch.no_grad():
+        texts = torch.cat([pipe.encode_prompt(p, "cpu", 1, False)[0] for p in prompts])
+    config = pipe.unet.config
+    frames = 16
+    shape = (config.in_channels, frames, config.sample_size, config.sample_size)
+    timestep = torch.full((4,), 999)
+    which = torch.tensor([0, 1, 0, 1])
+    rows = {}
+    for task in CAPACITY_TASKS:
+        torch.manual_seed(seed)
+        unet = copy.deepcopy(pipe.unet).train().requires_grad_(True)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+        targets = capacity_targets(task, shape)
+        started = time.time()
+        for _ in range(steps):
+            output = unet(torch.randn(4, *shape), timestep, encoder_hidden_states=texts[which].repeat_interleave(
+                frames, 0)).sample
+            loss = (output - targets[which]).pow(2).mean()
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        unet.eval()
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(seed + 1)
+            means = torch.stack([
+                unet(torch.randn(8, *shape, generator=generator), torch.full((8,), 999),
+                     encoder_hidden_states=texts[i:i + 1].expand(8 * frames, -1, -1)).sample.mean(0)
+                for i in range(2)])
+        r2 = 1 - float((means - targets).pow(2).sum() / (targets - targets.mean()).pow(2).sum())
+        difference, wanted = means[0] - means[1], targets[0] - targets[1]
+        separation = (float((difference * wanted).sum() / (difference.norm() * wanted.norm()))
+                      if wanted.norm() > 0 else float("nan"))
+        rows[task] = dict(r2=r2, separation=separation, loss=loss.item(), seconds=time.time() - started)
+        print(task, rows[task], flush=True)
+    lines = ["# Can the miniature teacher's UNet tie its output to the prompt and the frame?", "",
+             f"`python benchmarks/mini_world.py capacity` (teacher `{TEACHER.relative_to(ROOT)}`, every weight "
+             f"trainable, {steps} AdamW steps at lr 1e-3, batch 4, pure noise at t = 999 in, a fixed target per "
+             "prompt out). R^2: of the output averaged over 8 noises, against the targets. Separation: correlation "
+             "of (output for prompt 1 - output for prompt 2) with (target 1 - target 2); 0 means the prompt is "
+             "not used.", "",
+             "| task | target | R^2 | separation | final loss | seconds |", "|---|---|---|---|---|---|"]
+    for task, row in rows.items():
+        separation = "n/a (one prompt)" if task == "frame" else f"{row['separation']:.3f}"
+        lines.append(f"| {task} | {CAPACITY_TASKS[task]} | {row['r2']:.3f} | {separation} | {row['loss']:.4f} | "
+                     f"{row['seconds']:.0f} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "mini_capacity.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return path
+
+
 def ship() -> Path:
     """Make the trained AnimateLCM the package's default model: the pipeline (fp16 weights) and
     ``default_model.json`` into ``animatelcm/assets/default_model``, the evaluation network next to it."""
@@ -257,9 +355,10 @@ def ship() -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["train", "table", "ship", "all", "probe"])
+    parser.add_argument("action", choices=["train", "table", "ship", "all", "probe", "capacity"])
     parser.add_argument("--only", nargs="*", help="train: only these stages; table: only these rows")
     parser.add_argument("--clips", type=int, default=512, help="table: generated clips per cell (default 512)")
+    parser.add_argument("--steps", type=int, default=1000, help="capacity: training steps per task (default 1000)")
     args = parser.parse_args(argv)
     if args.action in ("train", "all"):
         train(args.only)
@@ -269,6 +368,8 @@ def main(argv=None) -> None:
         ship()
     if args.action == "probe":
         probe()
+    if args.action == "capacity":
+        capacity(args.steps)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX512F__) && !defined(__CUDACC__)
+#include <immintrin.h>
+#endif
+
 #if defined(__CUDACC__)
 #define ALCM_HD_MATH __host__ __device__ __forceinline__
 #else
@@ -126,6 +130,69 @@ __attribute__((always_inline)) inline void store_vector(typename S::type* p, Vec
     __builtin_memcpy(p, &v, sizeof v);
   } else {
     for (int l = 0; l < kLanes; ++l) S::store(p, l, v[l]);
+  }
+}
+
+// The first `count` (0 <= count <= kLanes) elements of a typed row as a float vector, the other lanes zero (nothing
+// past them is read), and back (nothing past them is written): the tails of rows that are not whole vectors.
+template <typename S>
+__attribute__((always_inline)) inline VecF load_partial(const typename S::type* p, int64_t count) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(typename S::type) == sizeof(float))
+    return reinterpret_cast<VecF>(_mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << count) - 1u), p));
+#endif
+  VecF v = {};
+  for (int64_t l = 0; l < count; ++l) v[l] = S::load(p, l);
+  return v;
+}
+
+template <typename S>
+__attribute__((always_inline)) inline void store_partial(typename S::type* p, int64_t count, VecF v) {
+#if defined(__AVX512F__)
+  if constexpr (sizeof(typename S::type) == sizeof(float)) {
+    _mm512_mask_storeu_ps(p, static_cast<__mmask16>((1u << count) - 1u), reinterpret_cast<__m512>(v));
+    return;
+  }
+#endif
+  for (int64_t l = 0; l < count; ++l) S::store(p, l, v[l]);
+}
+
+// Lanes [0, kLanes / 2) of a and b interleaved (a0 b0 a1 b1 ...), and lanes [kLanes / 2, kLanes) likewise.
+#if defined(__clang__) || __GNUC__ >= 12
+#define ALCM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define ALCM_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, VecI{__VA_ARGS__})
+#endif
+__attribute__((always_inline)) inline VecF interleave_low(VecF a, VecF b) {
+#if defined(__AVX512F__)
+  return ALCM_SHUFFLE(a, b, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+#elif defined(__AVX2__)
+  return ALCM_SHUFFLE(a, b, 0, 8, 1, 9, 2, 10, 3, 11);
+#else
+  return ALCM_SHUFFLE(a, b, 0, 4, 1, 5);
+#endif
+}
+__attribute__((always_inline)) inline VecF interleave_high(VecF a, VecF b) {
+#if defined(__AVX512F__)
+  return ALCM_SHUFFLE(a, b, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+#elif defined(__AVX2__)
+  return ALCM_SHUFFLE(a, b, 4, 12, 5, 13, 6, 14, 7, 15);
+#else
+  return ALCM_SHUFFLE(a, b, 2, 6, 3, 7);
+#endif
+}
+#undef ALCM_SHUFFLE
+
+// In-register transpose of a kLanes x kLanes tile (tile[r][c] -> tile[c][r]): log2(kLanes) rounds, each
+// interleaving row i with row i + kLanes / 2 (kLanes two-source shuffles per round).
+__attribute__((always_inline)) inline void transpose_tile(VecF (&tile)[kLanes]) {
+  for (int round = 1; round < kLanes; round *= 2) {
+    VecF next[kLanes];
+    for (int i = 0; i < kLanes / 2; ++i) {
+      next[2 * i] = interleave_low(tile[i], tile[i + kLanes / 2]);
+      next[2 * i + 1] = interleave_high(tile[i], tile[i + kLanes / 2]);
+    }
+    for (int i = 0; i < kLanes; ++i) tile[i] = next[i];
   }
 }
 #endif

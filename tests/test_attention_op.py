@@ -62,6 +62,20 @@ def test_every_cpu_isa_build(isa, monkeypatch, poisoned_outputs):
             assert_close_to_reference(out, ops.temporal_attention_reference(q.double(), k.double(), v.double(), 0.3), dtype)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_outputs_of_4_mib_or_more_are_streamed_correctly(isa, monkeypatch, poisoned_outputs):
+    # From 4 MiB the C++ kernel stages each sequence's output and writes it with streaming stores; these sequence
+    # blocks (1872 and 112 bytes) mostly start and end off a vector boundary.
+    if "cpp" not in BACKENDS:
+        pytest.skip("native module not built")
+    monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
+    for dtype, (frames, dim) in [(torch.float32, (16, 40)), (torch.bfloat16, (13, 72)), (torch.float16, (7, 8))]:
+        batch = (4 << 20) // (3 * frames * dim * dtype.itemsize) + 1
+        q, k, v = make((batch, 3, frames, dim), dtype, seed=frames)
+        out = run("cpp", monkeypatch, q, k, v)
+        assert_close_to_reference(out, ops.temporal_attention_reference(q.double(), k.double(), v.double()), dtype)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_keeps_projection_layout_and_odd_leading_dims(backend, monkeypatch):
     q, k, v = make((5, 3, 16, 40), torch.float32, seed=3, layout="projection")

@@ -9,8 +9,13 @@
 // sum_j P[i, j] V[j] in registers, kRows query rows per pass, V staged as [frames][head_dim chunks] vectors. The
 // softmax scale multiplies the scores, not q. While one sequence computes, the next one's rows are prefetched a
 // pass at a time.
+#include <cstring>
 #include <stdexcept>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "../fast_math.h"
 #include "../scalar_types.h"
@@ -21,7 +26,9 @@ namespace ALCM_CPU_ISA {
 namespace {
 
 constexpr int kMaxFrames = 64;
-constexpr int kKeys = 4;        // key rows per pass over head_dim in the scores
+// Score accumulators per pass over head_dim: enough independent FMA chains to cover the FMA latency on two ports,
+// and no more than the register file holds next to the staged Q^T vectors (32 registers with AVX-512, 16 below).
+constexpr int kScoreAccumulators = kLanes == 16 ? 16 : 8;
 constexpr int kRows = 4;        // query rows per pass in the output
 constexpr int kChunkBlock = 3;  // output vectors per row accumulated together (kRows x kChunkBlock registers)
 
@@ -31,20 +38,63 @@ VecF* align_to_vector(std::vector<float>& buffer) {
   return reinterpret_cast<VecF*>(address);
 }
 
-// Lanes [first, min(first + kLanes, dim)) of `row` <- `values`, converted to the storage type a whole vector at a
-// time (one vector store for a full fp32 chunk).
+// Elements [first, min(first + kLanes, dim)) of a typed row as a vector (lanes past dim zero), and back.
 template <typename S>
-inline void store_lanes(typename S::type* row, int64_t first, int64_t dim, const VecF& values) {
-  using T = typename S::type;
-  T converted[kLanes];
-  float lanes[kLanes];
-  __builtin_memcpy(lanes, &values, sizeof lanes);
-  for (int l = 0; l < kLanes; ++l) S::store(converted, l, lanes[l]);
+inline VecF load_chunk(const typename S::type* row, int64_t first, int64_t dim) {
+  return dim - first >= kLanes ? load_vector<S>(row + first) : load_partial<S>(row + first, dim - first);
+}
+
+template <typename S>
+inline void store_chunk(typename S::type* row, int64_t first, int64_t dim, VecF values) {
   if (dim - first >= kLanes) {
-    __builtin_memcpy(row + first, converted, sizeof converted);
+    store_vector<S>(row + first, values);
   } else {
-    for (int64_t l = 0; l < dim - first; ++l) row[first + l] = converted[l];
+    store_partial<S>(row + first, dim - first, values);
   }
+}
+
+// Outputs of at least this many bytes in all, one contiguous block per sequence, are written with streaming
+// (non-temporal) stores from a per-thread staging buffer: they skip the read-for-ownership of every output line (a
+// fifth of the traffic) and would not stay in cache for the consumer anyway. Measured on a 2-core Sapphire Rapids
+// at [1024, 8, 16, 40] fp32: 14 % less time. Smaller outputs are stored in place, where the next op finds them.
+constexpr int64_t kStreamingOutputBytes = int64_t{4} << 20;
+
+// dst[0, bytes) <- src[0, bytes): aligned streaming stores of the widest native vectors for the whole lines, plain
+// copies for the unaligned head and the tail. The caller issues the store fence before the data is read elsewhere.
+inline void stream_copy(void* dst, const void* src, int64_t bytes) {
+#if defined(__AVX512F__)
+  constexpr int64_t kWidth = 64;
+#elif defined(__AVX2__)
+  constexpr int64_t kWidth = 32;
+#elif defined(__SSE2__)
+  constexpr int64_t kWidth = 16;
+#else
+  constexpr int64_t kWidth = 0;
+#endif
+  auto* d = static_cast<char*>(dst);
+  const auto* s = static_cast<const char*>(src);
+  if constexpr (kWidth > 0) {
+    int64_t head = static_cast<int64_t>((kWidth - reinterpret_cast<std::uintptr_t>(d) % kWidth) % kWidth);
+    head = head < bytes ? head : bytes;
+    std::memcpy(d, s, head);
+    d += head, s += head, bytes -= head;
+    for (; bytes >= kWidth; d += kWidth, s += kWidth, bytes -= kWidth) {
+#if defined(__AVX512F__)
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s));
+#elif defined(__AVX2__)
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+#elif defined(__SSE2__)
+      _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+#endif
+    }
+  }
+  std::memcpy(d, s, bytes);
+}
+
+inline void store_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 // Prefetch `rows` rows of `row_elements` elements, `row_stride` apart. Each pass over query rows prefetches the same
@@ -72,7 +122,7 @@ inline void output_block(const VecF* value, int64_t chunks, int64_t c0, int64_t 
   }
   for (int r = 0; r < kRows; ++r)
     if (outs[r] != nullptr)
-      for (int u = 0; u < kCount; ++u) store_lanes<S>(outs[r], (c0 + u) * kLanes, dim, acc[r][u]);
+      for (int u = 0; u < kCount; ++u) store_chunk<S>(outs[r], (c0 + u) * kLanes, dim, acc[r][u]);
 }
 
 template <int kType, int kPaddedFrames>
@@ -80,28 +130,33 @@ void attention_padded(const AttentionArgs& a) {
   using S = Storage<kType>;
   using T = typename S::type;
   constexpr int kBlocks = kPaddedFrames / kLanes;
+  constexpr int kKeys = kScoreAccumulators / kBlocks > 0 ? kScoreAccumulators / kBlocks : 1;  // key rows per pass
   const int64_t frames = a.frames, dim = a.head_dim, total = a.batch0 * a.batch1;
   const int64_t chunks = (dim + kLanes - 1) / kLanes;
   const auto* q = static_cast<const T*>(a.q);
   const auto* k = static_cast<const T*>(a.k);
   const auto* v = static_cast<const T*>(a.v);
   auto* out = static_cast<T*>(a.out);
+  const bool stream_output =
+      a.out_stride[2] == dim && total * frames * dim * static_cast<int64_t>(sizeof(T)) >= kStreamingOutputBytes;
 #pragma omp parallel
   {
-    // Padded query lanes of Q^T stay zero: staging writes only the real ones.
-    std::vector<float> query_t_storage((dim * kBlocks + 1) * kLanes, 0.0f);
+    std::vector<float> query_t_storage((dim * kBlocks + 1) * kLanes);
     std::vector<float> value_storage((frames * chunks + 1) * kLanes), key_storage(kType == kFloat32 ? 0 : frames * dim);
     std::vector<float> scores_storage((kPaddedFrames * kBlocks + 1) * kLanes);
     VecF* query_t = align_to_vector(query_t_storage);
     VecF* value = align_to_vector(value_storage);
     VecF* scores = align_to_vector(scores_storage);  // S^T, then P^T: [key][query blocks]
-#pragma omp for schedule(static)
+    std::vector<T> staged_output(stream_output ? frames * dim : 0);  // [frames][dim], streamed to the output
+    const int64_t out_row_stride = stream_output ? dim : a.out_stride[2];
+#pragma omp for schedule(static) nowait
     for (int64_t index = 0; index < total; ++index) {
       const int64_t b0 = index / a.batch1, b1 = index % a.batch1;
       const T* qb = q + b0 * a.q_stride[0] + b1 * a.q_stride[1];
       const T* kb = k + b0 * a.k_stride[0] + b1 * a.k_stride[1];
       const T* vb = v + b0 * a.v_stride[0] + b1 * a.v_stride[1];
       T* ob = out + b0 * a.out_stride[0] + b1 * a.out_stride[1];
+      T* out_rows = stream_output ? staged_output.data() : ob;
       // The next sequence (or this one again at the end: a harmless prefetch of cached lines).
       const int64_t next = index + 1 < total ? index + 1 : index;
       const int64_t n0 = next / a.batch1, n1 = next % a.batch1;
@@ -109,10 +164,18 @@ void attention_padded(const AttentionArgs& a) {
       const T* k_next = k + n0 * a.k_stride[0] + n1 * a.k_stride[1];
       const T* v_next = v + n0 * a.v_stride[0] + n1 * a.v_stride[1];
 
-      float* query_t_lanes = reinterpret_cast<float*>(query_t);
-      for (int64_t i = 0; i < frames; ++i) {
-        const T* qi = qb + i * a.q_stride[2];
-        for (int64_t d = 0; d < dim; ++d) query_t_lanes[d * kPaddedFrames + i] = S::load(qi, d);
+      // Q^T, a kLanes x kLanes tile (queries x head_dim chunk) at a time, transposed in registers.
+      for (int b = 0; b < kBlocks; ++b) {
+        for (int64_t c = 0; c < chunks; ++c) {
+          VecF tile[kLanes];
+          for (int r = 0; r < kLanes; ++r) {
+            const int64_t i = b * kLanes + r;
+            tile[r] = i < frames ? load_chunk<S>(qb + i * a.q_stride[2], c * kLanes, dim) : VecF{};
+          }
+          transpose_tile(tile);
+          const int64_t columns = dim - c * kLanes < kLanes ? dim - c * kLanes : kLanes;
+          for (int64_t d = 0; d < columns; ++d) query_t[(c * kLanes + d) * kBlocks + b] = tile[d];
+        }
       }
       const float* keys[kMaxFrames];
       for (int64_t j = 0; j < frames; ++j) {
@@ -125,12 +188,8 @@ void attention_padded(const AttentionArgs& a) {
           keys[j] = staged;
         }
       }
-      for (int64_t j = 0; j < frames; ++j) {
-        const T* vj = vb + j * a.v_stride[2];
-        float* vrow = reinterpret_cast<float*>(value + j * chunks);
-        for (int64_t d = 0; d < dim; ++d) vrow[d] = S::load(vj, d);
-        for (int64_t d = dim; d < chunks * kLanes; ++d) vrow[d] = 0.0f;
-      }
+      for (int64_t j = 0; j < frames; ++j)
+        for (int64_t c = 0; c < chunks; ++c) value[j * chunks + c] = load_chunk<S>(vb + j * a.v_stride[2], c * kLanes, dim);
 
       // S^T, kKeys key rows at a time (a partial last pass repeats its last key and stores it once).
       for (int64_t j0 = 0; j0 < frames; j0 += kKeys) {
@@ -172,7 +231,7 @@ void attention_padded(const AttentionArgs& a) {
         prefetch_rows(k_next + i * a.k_stride[2], pass_rows, a.k_stride[2], dim);
         prefetch_rows(v_next + i * a.v_stride[2], pass_rows, a.v_stride[2], dim);
         T* outs[kRows];
-        for (int r = 0; r < kRows; ++r) outs[r] = r < pass_rows ? ob + (i + r) * a.out_stride[2] : nullptr;
+        for (int r = 0; r < kRows; ++r) outs[r] = r < pass_rows ? out_rows + (i + r) * out_row_stride : nullptr;
         int64_t c0 = 0;
         for (; c0 + kChunkBlock <= chunks; c0 += kChunkBlock)
           output_block<S, kChunkBlock>(value, chunks, c0, frames, dim, probabilities + i, kPaddedFrames, outs);
@@ -182,7 +241,10 @@ void attention_padded(const AttentionArgs& a) {
           default: break;
         }
       }
+      if (stream_output) stream_copy(ob, out_rows, frames * dim * static_cast<int64_t>(sizeof(T)));
     }
+    // This thread's streaming stores reach memory before the region's closing barrier lets anyone read them.
+    if (stream_output) store_fence();
   }
 }
 

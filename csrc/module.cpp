@@ -32,9 +32,10 @@ using Strides = std::array<int64_t, 3>;
 AttentionArgs make_attention_args(std::uintptr_t q, std::uintptr_t k, std::uintptr_t v, std::uintptr_t out,
                                   int64_t batch0, int64_t batch1, int64_t frames, int64_t head_dim,
                                   const Strides& q_stride, const Strides& k_stride, const Strides& v_stride,
-                                  const Strides& out_stride, float scale, int scalar_type) {
+                                  const Strides& out_stride, float scale, int scalar_type, bool stream_output) {
   AttentionArgs a{reinterpret_cast<const void*>(q), reinterpret_cast<const void*>(k), reinterpret_cast<const void*>(v),
-                  reinterpret_cast<void*>(out), batch0, batch1, frames, head_dim, {}, {}, {}, {}, scale, scalar_type};
+                  reinterpret_cast<void*>(out), batch0, batch1, frames, head_dim, {}, {}, {}, {}, scale, scalar_type,
+                  stream_output};
   for (int i = 0; i < 3; ++i) {
     a.q_stride[i] = q_stride[i];
     a.k_stride[i] = k_stride[i];
@@ -107,7 +108,7 @@ PYBIND11_MODULE(_C, m) {
       "Consistency step over contiguous host buffers (pointers as ints; noise 0 for the final step).");
   m.def("temporal_attention_cpu", released(&temporal_attention_cpu, &make_attention_args),
         "softmax(q k^T scale) v over host buffers: pointers, batch0, batch1, frames, head_dim, four (b0, b1, frame) "
-        "stride triples, scale, scalar type.");
+        "stride triples, scale, scalar type, stream_output (streaming stores for a contiguous output).");
   m.def("group_norm_cpu", released(&group_norm_cpu, &make_group_norm_args),
         "GroupNorm(+SiLU) over host x [batch*frames, C, S]; statistics span frames; optional [B, S, F, C] output.");
   m.def("unpermute_residual_cpu", released(&unpermute_residual_cpu, &make_unpermute_args),

@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from animatelcm import ops
+from animatelcm.ops import native
 from animatelcm.ops.attention import IMPLEMENTATIONS
 from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
 
@@ -63,15 +64,19 @@ def test_every_cpu_isa_build(isa, monkeypatch, poisoned_outputs):
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
-def test_outputs_of_4_mib_or_more_are_streamed_correctly(isa, monkeypatch, poisoned_outputs):
-    # From 4 MiB the C++ kernel stages each sequence's output and writes it with streaming stores; these sequence
-    # blocks (1872 and 112 bytes) mostly start and end off a vector boundary.
+def test_calls_larger_than_the_cache_stream_their_output(isa, monkeypatch, poisoned_outputs):
+    # When q, k, v and out exceed the last-level cache (made 1 MiB here) the C++ kernel stages each sequence's output
+    # and writes it with streaming stores; these sequence blocks (1872 and 112 bytes) mostly start and end off a
+    # vector boundary. The projection layout (rows not contiguous) keeps the direct stores.
     if "cpp" not in BACKENDS:
         pytest.skip("native module not built")
     monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
-    for dtype, (frames, dim) in [(torch.float32, (16, 40)), (torch.bfloat16, (13, 72)), (torch.float16, (7, 8))]:
-        batch = (4 << 20) // (3 * frames * dim * dtype.itemsize) + 1
-        q, k, v = make((batch, 3, frames, dim), dtype, seed=frames)
+    monkeypatch.setattr(native, "last_level_cache_bytes", lambda: 1 << 20)
+    for dtype, (frames, dim), layout in [(torch.float32, (16, 40), "contiguous"), (torch.bfloat16, (13, 72), "contiguous"),
+                                         (torch.float16, (7, 8), "contiguous"), (torch.float32, (16, 40), "projection")]:
+        batch = (1 << 20) // (3 * frames * dim * dtype.itemsize) + 1
+        q, k, v = make((batch, 3, frames, dim), dtype, seed=frames, layout=layout)
+        assert native.exceeds_last_level_cache(q, k, v)
         out = run("cpp", monkeypatch, q, k, v)
         assert_close_to_reference(out, ops.temporal_attention_reference(q.double(), k.double(), v.double()), dtype)
 

@@ -15,7 +15,7 @@ import torch
 
 from .dispatch import Implementation, eager_fast_path, explain, select
 from .layout import plan_attention
-from .native import SCALAR_TYPE_CODES, native_module, native_unavailable_reason, pointer, reject_unless_native
+from .native import SCALAR_TYPE_CODES, exceeds_last_level_cache, native_module, native_unavailable_reason, pointer, reject_unless_native
 from .triton_backend import triton_attention, triton_unavailable_reason
 
 MAX_FRAMES = 64
@@ -61,7 +61,7 @@ def _cpp(q, k, v, scale):
     q, k, v, out, (batch0, batch1), strides = plan_attention(q, k, v)
     native_module().temporal_attention_cpu(
         pointer(q), pointer(k), pointer(v), pointer(out), batch0, batch1, q.shape[-2], q.shape[-1], *strides,
-        float(scale), SCALAR_TYPE_CODES[q.dtype])
+        float(scale), SCALAR_TYPE_CODES[q.dtype], exceeds_last_level_cache(q, k, v, out))
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 
@@ -45,6 +46,25 @@ def has_cuda_kernels() -> bool:
     """Whether _C was compiled with its CUDA part."""
     module = native_module()
     return module is not None and bool(module.build_info()["cuda"])
+
+
+@functools.lru_cache(maxsize=None)
+def last_level_cache_bytes() -> int:
+    """Size of this host's last-level CPU cache as the OS reports it (L3, else L2), or 32 MiB where it does not."""
+    for name in ("SC_LEVEL3_CACHE_SIZE", "SC_LEVEL2_CACHE_SIZE"):
+        try:
+            size = os.sysconf(name)
+        except (ValueError, OSError):
+            continue
+        if size > 0:
+            return size
+    return 32 << 20
+
+
+def exceeds_last_level_cache(*tensors: torch.Tensor) -> bool:
+    """Whether the tensors' storage together is larger than the last-level cache: an output written by such a call
+    is evicted before its consumer reads it, so a CPU kernel may write it with streaming stores."""
+    return sum(t.numel() * t.element_size() for t in tensors) > last_level_cache_bytes()
 
 
 def pointer(tensor: torch.Tensor | None) -> int:

@@ -25,7 +25,8 @@ struct ConsistencyStepArgs {
 namespace animatelcm {
 
 // softmax(q k^T * scale) v for batch0 x batch1 sequences of `frames` rows of `head_dim` (stride 1) elements;
-// strides (in elements) of (batch0, batch1, frame) for each tensor.
+// strides (in elements) of (batch0, batch1, frame) for each tensor. stream_output: write the output with streaming
+// (non-temporal) stores where its rows are contiguous; the caller sets it when the output would not stay in cache.
 struct AttentionArgs {
   const void* q;
   const void* k;
@@ -35,6 +36,7 @@ struct AttentionArgs {
   int64_t q_stride[3], k_stride[3], v_stride[3], out_stride[3];
   float scale;
   int scalar_type;
+  bool stream_output;
 };
 
 // GroupNorm over x [batch*frames, channels, spatial] (contiguous); statistics per (batch, group) span the frames.

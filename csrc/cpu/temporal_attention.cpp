@@ -2,13 +2,13 @@
 // OpenMP iteration, written with native-width vectors (VecF, fast_math.h) so each per-ISA build gets full-width code.
 //
 // Per sequence the scores are computed transposed, S^T [keys][queries]: Q^T is staged as [head_dim][query blocks]
-// vectors (queries zero-padded to 16/32/64), and each key row's elements are broadcast against it, kKeys keys at a
-// time so every staged Q^T vector feeds kKeys independent FMA chains. With the queries across the lanes the softmax
-// over keys is element-wise between vectors (max, exp, sum: no horizontal shuffles, no masking: only real keys are
-// visited; padded query lanes compute zeros that are never stored). The output rows then accumulate
-// sum_j P[i, j] V[j] in registers, kRows query rows per pass, V staged as [frames][head_dim chunks] vectors. The
-// softmax scale multiplies the scores, not q. While one sequence computes, the next one's rows are prefetched a
-// pass at a time.
+// vectors (queries zero-padded to 16/32/64), transposed in registers a kLanes x kLanes tile at a time, and each key
+// row's elements are broadcast against it, kKeys keys at a time so every staged Q^T vector feeds kKeys independent
+// FMA chains (enough of them to hide the FMA latency). With the queries across the lanes the softmax over keys is
+// element-wise between vectors (max, exp, sum: no horizontal shuffles, no masking: only real keys are visited;
+// padded query lanes compute zeros that are never stored). The output rows then accumulate sum_j P[i, j] V[j] in
+// registers, kRows query rows per pass, V staged as [frames][head_dim chunks] vectors. The softmax scale multiplies
+// the scores, not q. While one sequence computes, the next one's rows are prefetched a pass at a time.
 #include <cstring>
 #include <stdexcept>
 #include <vector>
@@ -53,12 +53,11 @@ inline void store_chunk(typename S::type* row, int64_t first, int64_t dim, VecF 
   }
 }
 
-// Outputs of at least this many bytes in all, one contiguous block per sequence, are written with streaming
-// (non-temporal) stores from a per-thread staging buffer: they skip the read-for-ownership of every output line (a
-// fifth of the traffic) and would not stay in cache for the consumer anyway. Measured on a 2-core Sapphire Rapids
-// at [1024, 8, 16, 40] fp32: 14 % less time. Smaller outputs are stored in place, where the next op finds them.
-constexpr int64_t kStreamingOutputBytes = int64_t{4} << 20;
-
+// With a.stream_output (set by the caller when q, k, v and out together exceed the last-level cache) and contiguous
+// rows, each sequence's output is computed into a per-thread staging buffer and written with streaming stores: they
+// skip the read-for-ownership of every output line, a fifth of the traffic. Measured on 2 Sapphire Rapids cores at
+// [1024, 8, 16, 40] fp32 with cold inputs: 14 % less time; with an output that stays in cache for its consumer they
+// cost up to 23 %, hence the cache test.
 // dst[0, bytes) <- src[0, bytes): aligned streaming stores of the widest native vectors for the whole lines, plain
 // copies for the unaligned head and the tail. The caller issues the store fence before the data is read elsewhere.
 inline void stream_copy(void* dst, const void* src, int64_t bytes) {
@@ -137,8 +136,7 @@ void attention_padded(const AttentionArgs& a) {
   const auto* k = static_cast<const T*>(a.k);
   const auto* v = static_cast<const T*>(a.v);
   auto* out = static_cast<T*>(a.out);
-  const bool stream_output =
-      a.out_stride[2] == dim && total * frames * dim * static_cast<int64_t>(sizeof(T)) >= kStreamingOutputBytes;
+  const bool stream_output = a.stream_output && a.out_stride[2] == dim;
 #pragma omp parallel
   {
     std::vector<float> query_t_storage((dim * kBlocks + 1) * kLanes);

@@ -157,6 +157,22 @@ __attribute__((always_inline)) inline void store_partial(typename S::type* p, in
   for (int64_t l = 0; l < count; ++l) S::store(p, l, v[l]);
 }
 
+// Elements [first, min(first + kLanes, dim)) of a typed row as a vector (lanes past dim zero, nothing past dim read),
+// and back (nothing past dim written).
+template <typename S>
+__attribute__((always_inline)) inline VecF load_chunk(const typename S::type* row, int64_t first, int64_t dim) {
+  return dim - first >= kLanes ? load_vector<S>(row + first) : load_partial<S>(row + first, dim - first);
+}
+
+template <typename S>
+__attribute__((always_inline)) inline void store_chunk(typename S::type* row, int64_t first, int64_t dim, VecF values) {
+  if (dim - first >= kLanes) {
+    store_vector<S>(row + first, values);
+  } else {
+    store_partial<S>(row + first, dim - first, values);
+  }
+}
+
 // Lanes [0, kLanes / 2) of a and b interleaved (a0 b0 a1 b1 ...), and lanes [kLanes / 2, kLanes) likewise.
 #if defined(__clang__) || __GNUC__ >= 12
 #define ALCM_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)

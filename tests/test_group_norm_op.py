@@ -50,9 +50,17 @@ def test_every_cpu_isa_build(isa, monkeypatch, poisoned_outputs):
         w, b = affine(64, generator)
         out = run("cpp", monkeypatch, ops.group_norm_silu, x, 32, w, b)
         assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), 32, w, b), dtype)
-        xt = torch.randn(2 * 5, 64, 3, 7, generator=generator).to(dtype)
-        out = run("cpp", monkeypatch, ops.temporal_group_norm, xt, 5, 32, w, b)
-        assert_close_to_reference(out, ops.temporal_group_norm_reference(xt.double(), 5, 32, w, b), dtype)
+        # The transposing passes work in tiles of one vector of channels x one vector of positions: 40 channels and
+        # 21 or 35 positions leave partial tiles on both sides for every vector width.
+        for channels, groups, (h, w_) in [(64, 32, (3, 7)), (40, 8, (5, 7))]:
+            wt, bt = affine(channels, generator)
+            xt = torch.randn(2 * 5, channels, h, w_, generator=generator).to(dtype)
+            out = run("cpp", monkeypatch, ops.temporal_group_norm, xt, 5, groups, wt, bt)
+            assert_close_to_reference(out, ops.temporal_group_norm_reference(xt.double(), 5, groups, wt, bt), dtype)
+            y = torch.randn(2 * h * w_, 5, channels, generator=generator).to(dtype)
+            out = run("cpp", monkeypatch, ops.temporal_unpermute_residual, y, xt, 5)
+            want = ops.temporal_unpermute_residual_reference(y.double(), xt.double(), 5)
+            assert_close_to_reference(out, want, dtype)
 
 
 def test_matches_torch_functional_and_accepts_views(monkeypatch):

@@ -18,8 +18,6 @@ namespace animatelcm {
 namespace ALCM_CPU_ISA {
 namespace {
 
-constexpr int64_t kTile = 16;  // spatial positions per tile of the transposing passes
-
 // Mean and 1/sqrt(var + eps) over `blocks` runs of `block_len` elements, `block_stride` apart, in one pass: sums of
 // x - x[0] and of its square (shifting by a sample keeps the variance from cancelling), fp32 per run, fp64 across.
 template <typename S>
@@ -113,10 +111,12 @@ void group_norm_typed(const GroupNormArgs& a) {
     const int64_t b = index / G, g = index % G;
     group_stats<S>(x + ((b * F) * C + g * per_group) * HW, F, per_group * HW, C * HW, a.eps, &mean[index], &rstd[index]);
   }
-  const int64_t tiles = (HW + kTile - 1) / kTile;
+  // Tiles of kLanes channels x kLanes positions of one frame: normalised as rows of positions, transposed in
+  // registers, stored as rows of channels.
+  const int64_t tiles = (HW + kLanes - 1) / kLanes;
 #pragma omp parallel
   {
-    std::vector<float> scale(C), shift(C), tile(kTile * C);
+    std::vector<float> scale(C), shift(C);
     int64_t current_batch = -1;
 #pragma omp for schedule(static)
     for (int64_t index = 0; index < a.batch * tiles * F; ++index) {
@@ -125,17 +125,19 @@ void group_norm_typed(const GroupNormArgs& a) {
         channel_affine(a, mean.data(), rstd.data(), b, scale.data(), shift.data());
         current_batch = b;
       }
-      const int64_t s0 = t * kTile, count = std::min(kTile, HW - s0);
-      for (int64_t c = 0; c < C; ++c) {
-        const T* xi = x + ((b * F + f) * C + c) * HW + s0;
-        for (int64_t s = 0; s < count; ++s) {
-          const float v = S::load(xi, s) * scale[c] + shift[c];
-          tile[s * C + c] = activate<kSilu>(v);
+      const int64_t s0 = t * kLanes, count = std::min<int64_t>(kLanes, HW - s0);
+      for (int64_t c0 = 0; c0 < C; c0 += kLanes) {
+        VecF tile[kLanes];
+        for (int r = 0; r < kLanes; ++r) {
+          const int64_t c = c0 + r;
+          tile[r] = VecF{};
+          if (c < C) {
+            tile[r] = load_chunk<S>(x + ((b * F + f) * C + c) * HW, s0, HW) * scale[c] + shift[c];
+            if constexpr (kSilu) tile[r] = silu(tile[r]);
+          }
         }
-      }
-      for (int64_t s = 0; s < count; ++s) {
-        T* yi = y + ((b * HW + s0 + s) * F + f) * C;
-        for (int64_t c = 0; c < C; ++c) S::store(yi, c, tile[s * C + c]);
+        transpose_tile(tile);
+        for (int64_t s = 0; s < count; ++s) store_chunk<S>(y + ((b * HW + s0 + s) * F + f) * C, c0, C, tile[s]);
       }
     }
   }
@@ -148,21 +150,29 @@ void unpermute_residual_typed(const UnpermuteResidualArgs& a) {
   const auto* y = static_cast<const T*>(a.y);
   const auto* residual = static_cast<const T*>(a.residual);
   auto* out = static_cast<T*>(a.out);
-  const int64_t C = a.channels, F = a.frames, HW = a.spatial, tiles = (HW + kTile - 1) / kTile;
-#pragma omp parallel
-  {
-    std::vector<float> tile(kTile * C);
-#pragma omp for schedule(static)
-    for (int64_t index = 0; index < a.batch * tiles * F; ++index) {
-      const int64_t b = index / (tiles * F), t = (index / F) % tiles, f = index % F;
-      const int64_t s0 = t * kTile, count = std::min(kTile, HW - s0);
-      for (int64_t s = 0; s < count; ++s) {
-        const T* yi = y + ((b * HW + s0 + s) * F + f) * C;
-        for (int64_t c = 0; c < C; ++c) tile[s * C + c] = S::load(yi, c);
-      }
-      for (int64_t c = 0; c < C; ++c) {
-        const int64_t offset = ((b * F + f) * C + c) * HW + s0;
-        for (int64_t s = 0; s < count; ++s) S::store(out + offset, s, tile[s * C + c] + S::load(residual + offset, s));
+  const int64_t C = a.channels, F = a.frames, HW = a.spatial, tiles = (HW + kLanes - 1) / kLanes;
+  // Work units of one frame and kBlockChannels channels: their output and residual rows are one contiguous block
+  // that the unit walks through in kLanes-position steps (a few dozen sequential streams the hardware prefetcher
+  // follows), while y is read kBlockChannels channels per position. Each step transposes kLanes positions x kLanes
+  // channels in registers and adds them to the residual rows.
+  constexpr int64_t kBlockChannels = 64;
+  const int64_t channel_blocks = (C + kBlockChannels - 1) / kBlockChannels;
+#pragma omp parallel for schedule(static)
+  for (int64_t index = 0; index < a.batch * F * channel_blocks; ++index) {
+    const int64_t b = index / (F * channel_blocks), f = (index / channel_blocks) % F;
+    const int64_t first = (index % channel_blocks) * kBlockChannels, last = std::min(C, first + kBlockChannels);
+    for (int64_t t = 0; t < tiles; ++t) {
+      const int64_t s0 = t * kLanes, count = std::min<int64_t>(kLanes, HW - s0);
+      for (int64_t c0 = first; c0 < last; c0 += kLanes) {
+        VecF tile[kLanes];
+        for (int r = 0; r < kLanes; ++r)
+          tile[r] = r < count ? load_chunk<S>(y + ((b * HW + s0 + r) * F + f) * C, c0, last) : VecF{};
+        transpose_tile(tile);
+        const int64_t channels = std::min<int64_t>(kLanes, last - c0);
+        for (int64_t c = 0; c < channels; ++c) {
+          const int64_t offset = ((b * F + f) * C + c0 + c) * HW;
+          store_chunk<S>(out + offset, s0, HW, tile[c] + load_chunk<S>(residual + offset, s0, HW));
+        }
       }
     }
   }

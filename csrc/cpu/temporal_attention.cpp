@@ -38,21 +38,6 @@ VecF* align_to_vector(std::vector<float>& buffer) {
   return reinterpret_cast<VecF*>(address);
 }
 
-// Elements [first, min(first + kLanes, dim)) of a typed row as a vector (lanes past dim zero), and back.
-template <typename S>
-inline VecF load_chunk(const typename S::type* row, int64_t first, int64_t dim) {
-  return dim - first >= kLanes ? load_vector<S>(row + first) : load_partial<S>(row + first, dim - first);
-}
-
-template <typename S>
-inline void store_chunk(typename S::type* row, int64_t first, int64_t dim, VecF values) {
-  if (dim - first >= kLanes) {
-    store_vector<S>(row + first, values);
-  } else {
-    store_partial<S>(row + first, dim - first, values);
-  }
-}
-
 // With a.stream_output (set by the caller when q, k, v and out together exceed the last-level cache) and contiguous
 // rows, each sequence's output is computed into a per-thread staging buffer and written with streaming stores: they
 // skip the read-for-ownership of every output line, a fifth of the traffic. Measured on 2 Sapphire Rapids cores at

@@ -59,24 +59,38 @@ def unet_parameters(pipe):
     return sum(p.numel() for p in pipe.unet.parameters())
 
 
-def time_pipeline(pipe, size, device, guidance, runs, output_type):
+def run_once(pipe, size, device, guidance, output_type):
+    """One timed pipeline call: (seconds, peak GPU memory in GiB or NaN on the CPU)."""
     latents = torch.randn(1, 4, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
     latents = latents.to(pipe.unet.dtype)
-    samples = []
-    for run in range(runs + 1):  # the first run warms up (and compiles)
-        if device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
-        pipe(prompt="a red circle moving right", num_frames=16, height=size, width=size, num_inference_steps=4,
-             guidance_scale=guidance, latents=latents, generator=torch.Generator().manual_seed(1),
-             output_type=output_type)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if run:
-            samples.append(time.perf_counter() - start)
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return statistics.median(samples), min(samples), max(samples), peak
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    pipe(prompt="a red circle moving right", num_frames=16, height=size, width=size, num_inference_steps=4,
+         guidance_scale=guidance, latents=latents, generator=torch.Generator().manual_seed(1),
+         output_type=output_type)
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    return seconds, (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"))
+
+
+def time_providers(pipes: dict, size, device, guidance, runs, output_type) -> dict:
+    """Median/min/max seconds and peak memory per provider. One warm-up call each (it also compiles), then `runs`
+    rounds that call every provider once, in alternating order (ABBA), so a drift of the machine's speed during
+    the benchmark weighs on every provider alike instead of on whichever ran last."""
+    for pipe in pipes.values():
+        run_once(pipe, size, device, guidance, output_type)
+    samples = {name: [] for name in pipes}
+    peaks = {name: float("nan") for name in pipes}
+    for round_index in range(runs):
+        order = list(pipes) if round_index % 2 == 0 else list(reversed(pipes))
+        for name in order:
+            seconds, peak = run_once(pipes[name], size, device, guidance, output_type)
+            samples[name].append(seconds)
+            peaks[name] = peak if peaks[name] != peaks[name] else max(peaks[name], peak)
+    return {name: (statistics.median(times), min(times), max(times), peaks[name]) for name, times in samples.items()}
 
 
 def main(argv=None):
@@ -97,12 +111,12 @@ def main(argv=None):
             return p
         providers["torch.compile(unet)"] = compiled
         providers["patched + torch.compile(unet)"] = lambda p: compiled(patch_pipeline(p))
+    pipes = {name: prepare(copy.deepcopy(base)) for name, prepare in providers.items()}
     rows = []
     for guidance in args.guidance:
-        for name, prepare in providers.items():
-            pipe = prepare(copy.deepcopy(base))
-            for output_type in ("latent", "np"):
-                median, low, high, peak = time_pipeline(pipe, size, args.device, guidance, args.runs, output_type)
+        for output_type in ("latent", "np"):
+            timings = time_providers(pipes, size, args.device, guidance, args.runs, output_type)
+            for name, (median, low, high, peak) in timings.items():
                 rows.append(dict(provider=name, guidance=guidance, output=("latents" if output_type == "latent"
                                                                          else "with VAE decode"),
                                  median_s=median, min_s=low, max_s=high, peak_gib=peak))

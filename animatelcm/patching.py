@@ -9,6 +9,9 @@ What is patched, all through diffusers' public hooks (attention processors and m
   projections seen as ``[B, heads, F, D]`` views (no copies); the positional embedding stays where diffusers adds it
   (on the normed input, in the transformer block), the GEGLU feed-forward and output projection are diffusers' own;
 - ResNet blocks of the UNet and of the VAE: GroupNorm + SiLU fused, twice per block (module forward);
+- spatial transformers (``Transformer2DModel``): their GroupNorm fused with the permute to ``[B, H*W, C]`` tokens
+  and the permute back fused with the residual add (the motion-module kernels with one frame), the 1x1
+  convolutions around them run as the equal matrix products on the tokens (module methods);
 - every GEGLU feed-forward activation (motion modules and spatial transformers): ``h * gelu(gate)`` in one pass,
   with the projection's bias added inside it so the projection is a plain matrix product (module forward);
 - a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config.
@@ -64,7 +67,7 @@ class TemporalAttentionProcessor:
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
             out = out + residual
-        return out / attn.rescale_output_factor
+        return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
 
 
 def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, class_labels=None,
@@ -126,7 +129,8 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
         if self.training:
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
-    return (input_tensor + hidden_states) / self.output_scale_factor
+    output = input_tensor + hidden_states
+    return output if self.output_scale_factor == 1 else output / self.output_scale_factor
 
 
 def fused_geglu_forward(self, hidden_states, *args, **kwargs):
@@ -138,6 +142,51 @@ def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     if type(self.proj) is nn.Linear:
         return ops.geglu(F.linear(hidden_states, self.proj.weight), self.proj.bias, backend=backend)
     return ops.geglu(self.proj(hidden_states), backend=backend)
+
+
+def _is_pointwise_conv(layer) -> bool:
+    """A plain (LoRA-free) 1x1 convolution: the same arithmetic as ``nn.Linear`` on channels-last tokens."""
+    return (type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
+            and layer.padding == (0, 0) and layer.dilation == (1, 1) and layer.groups == 1)
+
+
+def _token_projection(layer, tokens, linear: bool):
+    """``layer`` (an ``nn.Linear``-like module, or a plain 1x1 convolution) on ``tokens [..., C]``."""
+    return layer(tokens) if linear else F.linear(tokens, layer.weight.flatten(1), layer.bias)
+
+
+def _spatial_tokens_fusable(self, layer, x, backend) -> bool:
+    return ((self.use_linear_projection or _is_pointwise_conv(layer)) and isinstance(self.norm, nn.GroupNorm)
+            and not (backend == "auto" and _is_channels_last(x)))
+
+
+def fused_spatial_input(self, hidden_states):
+    """``Transformer2DModel._operate_on_continuous_inputs`` with the GroupNorm fused into the permute to tokens
+    (:func:`animatelcm.ops.temporal_group_norm` with one frame): ``hidden_states [B, C, H, W]`` ->
+    ``(tokens [B, H*W, inner], inner)``. A 1x1-convolution ``proj_in`` runs as the equal matrix product on the
+    tokens; a LoRA-wrapped one (or a channels-last input under ``backend="auto"``) runs diffusers' code."""
+    backend = getattr(self, PATCH_ATTRIBUTE)
+    if not _spatial_tokens_fusable(self, self.proj_in, hidden_states, backend):
+        return type(self)._operate_on_continuous_inputs(self, hidden_states)
+    batch, channels, height, width = hidden_states.shape
+    norm = self.norm
+    tokens = ops.temporal_group_norm(hidden_states, 1, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                                     backend=backend).view(batch, height * width, channels)
+    tokens = _token_projection(self.proj_in, tokens, self.use_linear_projection)
+    return tokens, tokens.shape[-1]
+
+
+def fused_spatial_output(self, hidden_states, residual, batch_size, height, width, inner_dim):
+    """``Transformer2DModel._get_output_for_continuous_inputs`` with the permute back fused with the residual add
+    (:func:`animatelcm.ops.temporal_unpermute_residual` with one frame): ``hidden_states [B, H*W, inner]``,
+    ``residual [B, C, H, W]`` -> ``[B, C, H, W]``; ``proj_out`` as in :func:`fused_spatial_input`."""
+    backend = getattr(self, PATCH_ATTRIBUTE)
+    if not _spatial_tokens_fusable(self, self.proj_out, residual, backend):
+        return type(self)._get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width,
+                                                            inner_dim)
+    out = _token_projection(self.proj_out, hidden_states, self.use_linear_projection)
+    return ops.temporal_unpermute_residual(out.reshape(batch_size * height * width, 1, out.shape[-1]), residual, 1,
+                                           backend=backend)
 
 
 def _resnet_is_fusable(module) -> bool:
@@ -155,15 +204,15 @@ class PatchRecord:
 
     backend: str
     options: tuple
-    forwards: list = field(default_factory=list)       # modules given an instance-level forward
+    methods: list = field(default_factory=list)        # (module, method name) given an instance-level override
     processors: list = field(default_factory=list)     # (attention module, original processor)
     scheduler: object = None                           # the original scheduler, when swapped
 
 
-def _override_forward(module, function, backend, record):
+def _override(module, name, function, backend, record):
     setattr(module, PATCH_ATTRIBUTE, backend)
-    module.forward = types.MethodType(function, module)
-    record.forwards.append(module)
+    setattr(module, name, types.MethodType(function, module))
+    record.methods.append((module, name))
 
 
 def _check_patchable(pipe):
@@ -185,13 +234,14 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
 
     ``backend`` forces one kernel backend for the patched ops (``"auto"``: the dispatcher picks per call).
     ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
-    in the ResNet blocks of the UNet and the VAE, the motion-module norm and permutes, GEGLU) and ``scheduler``
-    switch the three parts. Patching again with the same options does
-    nothing; with other options the first patch is undone first. Undo with :func:`unpatch_pipeline`.
+    in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
+    GEGLU) and ``scheduler`` switch the three parts. Patching again with the same options does nothing; with
+    other options the first patch is undone first. Undo with :func:`unpatch_pipeline`.
     """
     from diffusers import LCMScheduler as DiffusersLCMScheduler
     from diffusers.models.activations import GEGLU
     from diffusers.models.resnet import ResnetBlock2D
+    from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 
     from .schedulers import LCMScheduler
@@ -209,7 +259,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     for module in pipe.unet.modules():
         if isinstance(module, AnimateDiffTransformer3D):
             if norms:
-                _override_forward(module, fused_motion_module_forward, backend, record)
+                _override(module, "forward", fused_motion_module_forward, backend, record)
             if attention:
                 for block in module.transformer_blocks:
                     for attn in (getattr(block, "attn1", None), getattr(block, "attn2", None)):
@@ -217,14 +267,17 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
                             record.processors.append((attn, attn.processor))
                             attn.set_processor(TemporalAttentionProcessor(attn.processor, backend))
         elif norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
-            _override_forward(module, fused_resnet_forward, backend, record)
+            _override(module, "forward", fused_resnet_forward, backend, record)
         elif norms and type(module) is GEGLU:
-            _override_forward(module, fused_geglu_forward, backend, record)
+            _override(module, "forward", fused_geglu_forward, backend, record)
+        elif norms and isinstance(module, Transformer2DModel):
+            _override(module, "_operate_on_continuous_inputs", fused_spatial_input, backend, record)
+            _override(module, "_get_output_for_continuous_inputs", fused_spatial_output, backend, record)
     vae = getattr(pipe, "vae", None)
     if norms and vae is not None:  # the VAE's ResNet blocks (decode, and encode for video-to-video) too
         for module in vae.modules():
             if isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
-                _override_forward(module, fused_resnet_forward, backend, record)
+                _override(module, "forward", fused_resnet_forward, backend, record)
     if scheduler and type(pipe.scheduler) is DiffusersLCMScheduler:
         record.scheduler = pipe.scheduler
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -238,9 +291,10 @@ def unpatch_pipeline(pipe):
     record = getattr(pipe, PATCH_ATTRIBUTE, None)
     if record is None:
         return pipe
-    for module in record.forwards:
-        del module.forward
-        delattr(module, PATCH_ATTRIBUTE)
+    for module, name in record.methods:
+        delattr(module, name)
+        if hasattr(module, PATCH_ATTRIBUTE):
+            delattr(module, PATCH_ATTRIBUTE)
     for attn, processor in record.processors:
         attn.set_processor(processor)
     if record.scheduler is not None:

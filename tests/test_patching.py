@@ -82,7 +82,9 @@ def test_fused_paths_really_run(components, monkeypatch):
     patch_pipeline(pipe)
     latents(pipe, args, 1.0)
     motion_modules = sum(type(m).__name__ == "AnimateDiffTransformer3D" for m in pipe.unet.modules())
-    assert calls["temporal_group_norm"] == 3 * motion_modules
+    spatial_transformers = [m for m in pipe.unet.modules() if type(m).__name__ == "Transformer2DModel"]
+    assert spatial_transformers
+    assert calls["temporal_group_norm"] == 3 * (motion_modules + len(spatial_transformers))
     assert calls["temporal_attention"] == 3 * 2 * motion_modules
     assert calls["group_norm_silu"] > 0 and calls["consistency_step"] == 3
     geglus = sum(type(m).__name__ == "GEGLU" for m in pipe.unet.modules())
@@ -91,6 +93,8 @@ def test_fused_paths_really_run(components, monkeypatch):
     assert vae_resnets and all("forward" in vars(m) for m in vae_resnets)  # decoded frames: test_free_noise_...
     unpatch_pipeline(pipe)
     assert not any("forward" in vars(m) for m in pipe.vae.modules())
+    assert not any("_operate_on_continuous_inputs" in vars(m) or "_get_output_for_continuous_inputs" in vars(m)
+                   for m in spatial_transformers)
 
 
 def test_patch_options_and_repatching(components):
@@ -171,3 +175,35 @@ def test_channels_last_resnet_input_runs_eager(components, monkeypatch):
         unpatch_pipeline(pipe)
         torch.testing.assert_close(patched, block(x, None))
     assert not calls
+
+
+@pytest.mark.parametrize("linear_projection", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_spatial_transformer_paths_match_diffusers(linear_projection, layout, monkeypatch):
+    """The fused token paths of a Transformer2DModel (GroupNorm+permute, 1x1 convolution or linear projections,
+    permute+residual) against diffusers' own, with both projection kinds; a channels-last input under "auto"
+    takes diffusers' path, a forced backend the fused one."""
+    import types
+
+    from animatelcm.patching import PATCH_ATTRIBUTE, fused_spatial_input, fused_spatial_output
+
+    torch.manual_seed(0)
+    model = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
+                                         norm_num_groups=4, cross_attention_dim=12,
+                                         use_linear_projection=linear_projection).eval()
+    x = torch.randn(3, 16, 5, 7)
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    text = torch.randn(3, 6, 12)
+    calls = []
+    fused_norm = ops.temporal_group_norm
+    monkeypatch.setattr(ops, "temporal_group_norm", lambda *a, **k: calls.append(1) or fused_norm(*a, **k))
+    with torch.no_grad():
+        want = model(x, encoder_hidden_states=text).sample
+        model._operate_on_continuous_inputs = types.MethodType(fused_spatial_input, model)
+        model._get_output_for_continuous_inputs = types.MethodType(fused_spatial_output, model)
+        for backend in ("auto", "cpp", "eager"):
+            setattr(model, PATCH_ATTRIBUTE, backend)
+            calls.clear()
+            torch.testing.assert_close(model(x, encoder_hidden_states=text).sample, want, atol=1e-5, rtol=1e-5)
+            assert len(calls) == (0 if backend == "auto" and layout == "channels_last" else 1), backend

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from . import motion_prompt
+
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 # Original AnimateDiff/AnimateLCM names -> diffusers names (SPEC.md section 1).
@@ -135,6 +137,11 @@ def infer_motion_adapter_config(state: dict, source: str = "motion module") -> d
     pe_lengths = {v.shape[1] for k, v in state.items() if k.endswith("pos_embed.pe")}
     if len(pe_lengths) == 1:
         config["motion_max_seq_length"] = pe_lengths.pop()
+    prompt = "down_blocks.0.motion_modules.0.transformer_blocks.0.attn2."
+    if prompt + "to_k.weight" in state and prompt + "to_q.weight" in state:
+        key_width = int(state[prompt + "to_k.weight"].shape[1])
+        if key_width != int(state[prompt + "to_q.weight"].shape[1]):  # attn2 attends to the prompt
+            config[motion_prompt.CONFIG_KEY] = key_width
     return config
 
 
@@ -171,6 +178,23 @@ def _saved_motion_config(path: Path) -> dict:
     return {k: v for k, v in saved.items() if k in MOTION_HYPERPARAMETERS}
 
 
+def _load_prompted_model(cls, folder: Path, torch_dtype=None, overrides=None):
+    """A diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) of ``cls`` with prompted
+    motion modules (:mod:`animatelcm.motion_prompt`), or None when its config has none (diffusers loads those)."""
+    from safetensors.torch import load_file
+
+    config = {**json.loads((folder / "config.json").read_text()), **(overrides or {})}
+    width = config.pop(motion_prompt.CONFIG_KEY, None)
+    if width is None:
+        return None
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    if not weights.exists():
+        raise CheckpointError(f"{folder}: a model with prompted motion modules needs {weights.name}")
+    model = motion_prompt.add_motion_cross_attention(cls.from_config(config), width)
+    model.load_state_dict(load_file(str(weights)))
+    return model.to(torch_dtype).eval() if torch_dtype is not None else model.eval()
+
+
 def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
     """Load a :class:`diffusers.MotionAdapter` from a local path.
 
@@ -196,8 +220,10 @@ def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dty
             raise CheckpointError(f"{path}: a motion adapter folder needs config.json (a diffusers MotionAdapter "
                                   "folder); for a single checkpoint pass the file itself")
         try:
-            adapter = MotionAdapter.from_pretrained(str(path), local_files_only=True, torch_dtype=torch_dtype,
-                                                    **_config_overrides(config, str(path)))
+            adapter = _load_prompted_model(MotionAdapter, path, torch_dtype, _config_overrides(config, str(path)))
+            if adapter is None:
+                adapter = MotionAdapter.from_pretrained(str(path), local_files_only=True, torch_dtype=torch_dtype,
+                                                        **_config_overrides(config, str(path)))
         except (OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path}: could not load the MotionAdapter folder: {error}") from error
         return adapter
@@ -210,9 +236,12 @@ def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dty
     if pe_length is not None:
         inferred["motion_max_seq_length"] = pe_length
     inferred.update(_config_overrides(config, str(path)))
+    prompt_width = inferred.pop(motion_prompt.CONFIG_KEY, None)
     try:
         with init_empty_weights():
             adapter = MotionAdapter(**inferred)
+            if prompt_width is not None:
+                motion_prompt.add_motion_cross_attention(adapter, prompt_width)
     except (TypeError, ValueError) as error:
         raise CheckpointError(f"{path}: cannot build a MotionAdapter from config {inferred}: {error}") from error
     expected = adapter.state_dict()
@@ -365,7 +394,19 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
         if not (model / "model_index.json").exists():
             raise CheckpointError(f"{model}: not a saved pipeline folder (no model_index.json)")
         try:
-            pipe = AnimateLCMPipeline.from_pretrained(str(model), local_files_only=True, torch_dtype=torch_dtype)
+            from diffusers import MotionAdapter, UNetMotionModel
+
+            prompted = {}  # diffusers cannot build prompted motion modules from their config: passed in built
+            if (model / "unet" / "config.json").exists():
+                unet = _load_prompted_model(UNetMotionModel, model / "unet", torch_dtype)
+                if unet is not None:
+                    prompted["unet"] = unet
+                    if (model / "motion_adapter" / "config.json").exists():
+                        adapter = _load_prompted_model(MotionAdapter, model / "motion_adapter", torch_dtype)
+                        if adapter is not None:
+                            prompted["motion_adapter"] = adapter
+            pipe = AnimateLCMPipeline.from_pretrained(str(model), local_files_only=True, torch_dtype=torch_dtype,
+                                                      **prompted)
         except (OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{model}: could not load the pipeline folder: {error}") from error
     else:

@@ -6,9 +6,10 @@ import json
 import numbers
 from pathlib import Path
 
-from diffusers import AnimateDiffPipeline
+from diffusers import AnimateDiffPipeline, UNet2DConditionModel
 from diffusers import LCMScheduler as DiffusersLCMScheduler
 
+from .motion_prompt import inflate, motion_cross_attention_dim
 from .schedulers import LCMScheduler, animatelcm_scheduler
 
 DEFAULT_STEPS = 4
@@ -40,6 +41,8 @@ class AnimateLCMPipeline(AnimateDiffPipeline):
             scheduler = animatelcm_scheduler()
         elif type(scheduler) is DiffusersLCMScheduler:
             scheduler = LCMScheduler.from_config(scheduler.config)
+        if isinstance(unet, UNet2DConditionModel) and motion_cross_attention_dim(motion_adapter) is not None:
+            unet = inflate(unet, motion_adapter)  # diffusers' inflation knows only text-blind motion modules
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                          motion_adapter=motion_adapter, scheduler=scheduler, feature_extractor=feature_extractor,
                          image_encoder=image_encoder)

@@ -5,7 +5,7 @@
     python benchmarks/mini_world.py ship       # copy the trained AnimateLCM into the package's default model
     python benchmarks/mini_world.py all        # the three in order
     python benchmarks/mini_world.py probe      # does the teacher use each word of its prompt? (mini_probe.md)
-    python benchmarks/mini_world.py capacity   # can its UNet learn prompt x frame outputs at all? (mini_capacity.md)
+    python benchmarks/mini_world.py capacity   # can text-blind / prompted motion modules learn prompt x frame?
 
 Runs live in ``runs/mini_world/``. ``train`` runs each stage as ``animatelcm train CONFIG --resume`` in a child
 process and skips stages whose ``final/`` exists, so an interrupted run continues where it stopped.
@@ -249,67 +249,83 @@ def capacity_targets(task: str, shape: tuple) -> torch.Tensor:
     return targets
 
 
+CAPACITY_MOTION = {"text-blind": "AnimateDiff's: both temporal attentions are self-attentions",
+                   "prompted": "attn2 attends to the prompt (animatelcm.motion_prompt)"}
+
+
 def capacity(steps: int = 1000, seed: int = 0) -> Path:
-    """Can the teacher's UNet learn outputs that depend on the prompt, on the frame index, and on both at once?
+    """Can a UNet with motion modules learn outputs that depend on the prompt, on the frame index, and on both
+    at once, with text-blind or with prompted motion modules?
 
-    For each task of :data:`CAPACITY_TASKS`, a copy of the teacher's UNet with every weight trainable regresses a
-    fixed target per prompt from pure noise at t = 999 (``steps`` AdamW steps, batch 4). Reported: R^2 of the
-    noise-averaged output against the targets, and for two prompts how well the difference of the two outputs
-    matches the difference of the targets (correlation; 0 = the prompt is not used). Into
-    ``benchmarks/results/mini_capacity.md``."""
-    import copy
-
+    For each motion-module kind of :data:`CAPACITY_MOTION` and each task of :data:`CAPACITY_TASKS`: the image
+    teacher (``diffusion_image``) inflated with fresh motion modules (seeded, zero ``proj_out``), every weight
+    trainable, regresses a fixed target per prompt from pure noise at t = 999 (``steps`` AdamW steps at lr 1e-3,
+    batch 4). Reported: R^2 of the noise-averaged output against the targets, and for two prompts how well the
+    difference of the two outputs matches the difference of the targets (correlation; 0 = the prompt is not used).
+    Into ``benchmarks/results/mini_capacity.md``."""
     import torch
 
-    from animatelcm.loading import load_pipeline
+    from animatelcm.loading import _load_base_components
+    from animatelcm.training.config import load_config
+    from animatelcm.training.models import fresh_motion_adapter, inflate, zero_init_output
 
-    pipe = load_pipeline(TEACHER)
+    image_teacher = RUNS / "diffusion_image" / "final" / "base"
+    parts = _load_base_components(image_teacher, None, False, None)
+    unet2d, tokenizer = parts["unet"], parts["tokenizer"]
     prompts = ["a red circle moving right", "a red circle moving left"]
     with torch.no_grad():
-        texts = torch.cat([pipe.encode_prompt(p, "cpu", 1, False)[0] for p in prompts])
-    config = pipe.unet.config
+        tokens = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                           return_tensors="pt").input_ids
+        texts = parts["text_encoder"](tokens)[0]
+    heads = load_config(str(CONFIGS / "diffusion_video.yaml")).model.motion_heads  # as the teacher's
+    config = unet2d.config
     frames = 16
     shape = (config.in_channels, frames, config.sample_size, config.sample_size)
     timestep = torch.full((4,), 999)
     which = torch.tensor([0, 1, 0, 1])
     rows = {}
-    for task in CAPACITY_TASKS:
-        torch.manual_seed(seed)
-        unet = copy.deepcopy(pipe.unet).train().requires_grad_(True)
-        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
-        targets = capacity_targets(task, shape)
-        started = time.time()
-        for _ in range(steps):
-            output = unet(torch.randn(4, *shape), timestep, encoder_hidden_states=texts[which].repeat_interleave(
-                frames, 0)).sample
-            loss = (output - targets[which]).pow(2).mean()
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        unet.eval()
-        with torch.no_grad():
-            generator = torch.Generator().manual_seed(seed + 1)
-            means = torch.stack([
-                unet(torch.randn(8, *shape, generator=generator), torch.full((8,), 999),
-                     encoder_hidden_states=texts[i:i + 1].expand(8 * frames, -1, -1)).sample.mean(0)
-                for i in range(2)])
-        r2 = 1 - float((means - targets).pow(2).sum() / (targets - targets.mean()).pow(2).sum())
-        difference, wanted = means[0] - means[1], targets[0] - targets[1]
-        separation = (float((difference * wanted).sum() / (difference.norm() * wanted.norm()))
-                      if wanted.norm() > 0 else float("nan"))
-        rows[task] = dict(r2=r2, separation=separation, loss=loss.item(), seconds=time.time() - started)
-        print(task, rows[task], flush=True)
-    lines = ["# Can the miniature teacher's UNet tie its output to the prompt and the frame?", "",
-             f"`python benchmarks/mini_world.py capacity` (teacher `{TEACHER.relative_to(ROOT)}`, every weight "
-             f"trainable, {steps} AdamW steps at lr 1e-3, batch 4, pure noise at t = 999 in, a fixed target per "
-             "prompt out). R^2: of the output averaged over 8 noises, against the targets. Separation: correlation "
-             "of (output for prompt 1 - output for prompt 2) with (target 1 - target 2); 0 means the prompt is "
-             "not used.", "",
-             "| task | target | R^2 | separation | final loss | seconds |", "|---|---|---|---|---|---|"]
-    for task, row in rows.items():
+    for motion in CAPACITY_MOTION:
+        for task in CAPACITY_TASKS:
+            torch.manual_seed(seed)
+            adapter = zero_init_output(fresh_motion_adapter(unet2d, heads, prompted=motion == "prompted"))
+            unet = inflate(unet2d, adapter).train().requires_grad_(True)
+            optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-3, weight_decay=0.0)
+            targets = capacity_targets(task, shape)
+            started = time.time()
+            for _ in range(steps):
+                output = unet(torch.randn(4, *shape), timestep, encoder_hidden_states=texts[which].repeat_interleave(
+                    frames, 0)).sample
+                loss = (output - targets[which]).pow(2).mean()
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+            unet.eval()
+            with torch.no_grad():
+                generator = torch.Generator().manual_seed(seed + 1)
+                means = torch.stack([
+                    unet(torch.randn(8, *shape, generator=generator), torch.full((8,), 999),
+                         encoder_hidden_states=texts[i:i + 1].expand(8 * frames, -1, -1)).sample.mean(0)
+                    for i in range(2)])
+            r2 = 1 - float((means - targets).pow(2).sum() / (targets - targets.mean()).pow(2).sum())
+            difference, wanted = means[0] - means[1], targets[0] - targets[1]
+            separation = (float((difference * wanted).sum() / (difference.norm() * wanted.norm()))
+                          if wanted.norm() > 0 else float("nan"))
+            rows[motion, task] = dict(r2=r2, separation=separation, loss=loss.item(), seconds=time.time() - started)
+            print(motion, task, rows[motion, task], flush=True)
+    lines = ["# Can the miniature UNet tie its output to the prompt and the frame?", "",
+             f"`python benchmarks/mini_world.py capacity --steps {steps}`: the image teacher "
+             f"(`{image_teacher.relative_to(ROOT)}`) inflated with fresh motion modules ({heads} heads, zero "
+             f"`proj_out`, seed {seed}), every weight trainable, {steps} AdamW steps at lr 1e-3, batch 4, pure noise "
+             "at t = 999 in, a fixed target per prompt out. R^2: of the output averaged over 8 noises, against the "
+             "targets. Separation: correlation of (output for prompt 1 - output for prompt 2) with (target 1 - "
+             "target 2); 0 means the prompt is not used.", "",
+             "Motion modules: " + "; ".join(f"**{k}**: {v}" for k, v in CAPACITY_MOTION.items()) + ".", "",
+             "| motion modules | task | target | R^2 | separation | final loss | seconds |",
+             "|---|---|---|---|---|---|---|"]
+    for (motion, task), row in rows.items():
         separation = "n/a (one prompt)" if task == "frame" else f"{row['separation']:.3f}"
-        lines.append(f"| {task} | {CAPACITY_TASKS[task]} | {row['r2']:.3f} | {separation} | {row['loss']:.4f} | "
-                     f"{row['seconds']:.0f} |")
+        lines.append(f"| {motion} | {task} | {CAPACITY_TASKS[task]} | {row['r2']:.3f} | {separation} | "
+                     f"{row['loss']:.4f} | {row['seconds']:.0f} |")
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "mini_capacity.md"
     path.write_text("\n".join(lines) + "\n")

@@ -44,7 +44,9 @@ class ModelConfig:
     ``controlnet``: a diffusers ControlNetModel folder for ``teacher_free`` ControlNet adaptation. ``vae``: a
     diffusers AutoencoderKL folder (e.g. an ``autoencoder`` stage's ``final/vae``) replacing the model's VAE.
     ``motion_heads``: attention heads of fresh motion modules (``diffusion_video`` without ``motion_adapter``;
-    default: :func:`animatelcm.training.models.default_motion_heads`)."""
+    default: :func:`animatelcm.training.models.default_motion_heads`). ``motion_prompt``: fresh motion modules
+    whose second temporal attention attends to the prompt (:mod:`animatelcm.motion_prompt`; without it they are
+    AnimateDiff's text-blind ones)."""
 
     tiny: dict | None = None
     pretrained: str | None = None
@@ -55,6 +57,7 @@ class ModelConfig:
     controlnet: str | None = None
     vae: str | None = None
     motion_heads: int | None = None     # heads of fresh motion modules (default: models.default_motion_heads)
+    motion_prompt: bool = False         # fresh motion modules attend to the prompt (animatelcm.motion_prompt)
     prediction_type: str = "epsilon"
 
 
@@ -265,6 +268,10 @@ def _check(config: RunConfig) -> None:
             fail(f"model.{name}: {path} does not exist")
     if model.motion_heads is not None and model.motion_heads < 1:
         fail(f"model.motion_heads must be >= 1, got {model.motion_heads}")
+    if model.motion_prompt and (config.stage != "diffusion_video" or model.motion_adapter is not None
+                                or model.pretrained is not None):
+        fail("model.motion_prompt builds fresh prompted motion modules: it applies to diffusion_video without "
+             "model.motion_adapter / model.pretrained (trained prompted modules are recognised when loaded)")
     if model.prediction_type not in ("epsilon", "v_prediction"):
         fail(f"model.prediction_type must be epsilon or v_prediction, got {model.prediction_type!r}")
     if data.kind not in ("synthetic", "video", "image"):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from ..motion_prompt import add_motion_cross_attention, inflate, motion_cross_attention_dim  # noqa: F401
+
 # The spatial layers AnimateLCM's LoRA adapts (SPEC.md section 3), never inside motion modules. peft matches the
 # pattern against each module's full name.
 SPATIAL_LORA_LAYERS = ("to_q", "to_k", "to_v", r"to_out\.0", "proj_in", "proj_out", r"ff\.net\.0\.proj",
@@ -44,6 +46,8 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
                      text_encoder=tiny_text_encoder(tiny, vocab_size=len(tokenizer)), tokenizer=tokenizer)
         if video and model_config.motion_adapter is None:
             motion_adapter = zero_init_output(tiny_motion_adapter(tiny))
+            if model_config.motion_prompt:
+                add_motion_cross_attention(motion_adapter, parts["unet"].config.cross_attention_dim)
     elif model_config.pretrained is not None:
         pipe = load_pipeline(model_config.pretrained, torch_dtype=torch_dtype)
         parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
@@ -51,7 +55,8 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     else:
         parts = _load_base_components(model_config.base, model_config.base_config, False, torch_dtype)
         if video and model_config.motion_adapter is None:
-            motion_adapter = zero_init_output(fresh_motion_adapter(parts["unet"], model_config.motion_heads))
+            motion_adapter = zero_init_output(fresh_motion_adapter(parts["unet"], model_config.motion_heads,
+                                                                   model_config.motion_prompt))
     if model_config.vae is not None:
         from diffusers import AutoencoderKL
 
@@ -74,18 +79,25 @@ def default_motion_heads(block_out_channels) -> int:
     return max(1, min(8, block_out_channels[0] // 40))
 
 
-def fresh_motion_adapter(unet, num_attention_heads: int | None = None):
+def fresh_motion_adapter(unet, num_attention_heads: int | None = None, prompted: bool = False):
     """Motion modules sized for ``unet``: its block widths, layers and norm groups, 32 positions, and
-    ``num_attention_heads`` heads (default :func:`default_motion_heads`)."""
+    ``num_attention_heads`` heads (default :func:`default_motion_heads`); ``prompted``: their second attention
+    attends to the prompt (:mod:`animatelcm.motion_prompt`, width ``unet.config.cross_attention_dim``)."""
     from diffusers import MotionAdapter
 
     config = unet.config
     if num_attention_heads is None:
         num_attention_heads = default_motion_heads(config.block_out_channels)
-    return MotionAdapter(block_out_channels=tuple(config.block_out_channels),
-                         motion_layers_per_block=config.layers_per_block,
-                         motion_norm_num_groups=config.norm_num_groups,
-                         motion_num_attention_heads=num_attention_heads)
+    adapter = MotionAdapter(block_out_channels=tuple(config.block_out_channels),
+                            motion_layers_per_block=config.layers_per_block,
+                            motion_norm_num_groups=config.norm_num_groups,
+                            motion_num_attention_heads=num_attention_heads)
+    if prompted:
+        width = config.cross_attention_dim
+        if not isinstance(width, int):
+            raise ValueError(f"prompted motion modules need one cross_attention_dim, the UNet has {width!r}")
+        add_motion_cross_attention(adapter, width)
+    return adapter
 
 
 def zero_init_output(adapter):
@@ -98,11 +110,6 @@ def zero_init_output(adapter):
     return adapter
 
 
-def inflate(unet2d, motion_adapter):
-    """UNetMotionModel from a 2D UNet and motion modules (copies; the inputs are not modified)."""
-    from diffusers import UNetMotionModel
-
-    return UNetMotionModel.from_unet2d(unet2d, motion_adapter)
 
 
 def extract_motion_adapter(motion_unet):
@@ -116,6 +123,9 @@ def extract_motion_adapter(motion_unet):
                             motion_num_attention_heads=config.motion_num_attention_heads,
                             motion_max_seq_length=config.motion_max_seq_length,
                             use_motion_mid_block=config.use_motion_mid_block)
+    prompt_width = motion_cross_attention_dim(motion_unet)
+    if prompt_width is not None:
+        add_motion_cross_attention(adapter, prompt_width)
     state = {k: v.detach().clone() for k, v in motion_unet.state_dict().items()
              if "motion_modules" in k and "lora_" not in k}
     state = {k.replace(".base_layer.", "."): v for k, v in state.items()}

@@ -27,13 +27,21 @@ SLOT_ATTRIBUTE = "_animatelcm_motion_prompt"
 
 
 class PromptSlot:
-    """The current UNet call's prompt ``[B*F, L, D]`` and clip shape, shared by a UNet and its prompted
-    attentions (a plain object, so ``copy.deepcopy`` of the UNet gives the copy its own slot)."""
+    """The current UNet call's prompt ``[B*F, L, D]`` and clip shape ``(batch, frames)``, shared by a UNet and its
+    prompted attentions (a plain object, so ``copy.deepcopy`` of the UNet gives the copy its own slot).
+
+    ``current`` is set for the duration of a call. ``for_backward`` keeps the last call made with gradients
+    enabled: gradient checkpointing reruns motion modules during the backward pass, after the call has returned,
+    and they read it then (so a backward must follow its own grad-enabled call of this UNet before the next one,
+    as in every training loop; calls without gradients in between, such as EMA or online targets, do not count)."""
 
     def __init__(self):
-        self.text = None
-        self.batch = None
-        self.frames = None
+        self.current = None
+        self.for_backward = None
+
+    def get(self):
+        return self.current if self.current is not None else (
+            self.for_backward if torch.is_grad_enabled() else None)
 
 
 def motion_cross_attention_dim(model) -> int | None:
@@ -58,14 +66,14 @@ class FramePromptAttnProcessor:
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
-        slot = self.slot
-        if slot is None or slot.text is None:
+        prompt = None if self.slot is None else self.slot.get()
+        if prompt is None:
             raise RuntimeError("a prompted motion module (motion_cross_attention_dim set) was called without the "
                                "prompt: call it through its UNetMotionModel, built by animatelcm's loaders or "
                                "animatelcm.motion_prompt.add_motion_cross_attention, which hand the prompt over")
         if attention_mask is not None:
             raise ValueError("prompted motion modules do not take an attention mask")
-        text, batch, frames = slot.text, slot.batch, slot.frames
+        text, batch, frames = prompt
         sequences, seen_frames, _ = hidden_states.shape
         if seen_frames != frames or sequences % batch or text.shape[0] != batch * frames:
             raise ValueError(f"prompted motion modules need every frame of the clip at once: got tokens "
@@ -96,11 +104,13 @@ def _remember_prompt(unet, args, kwargs):
     sample = args[0] if args else kwargs["sample"]
     text = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
     slot = getattr(unet, SLOT_ATTRIBUTE)
-    slot.text, slot.batch, slot.frames = text, sample.shape[0], sample.shape[2]
+    slot.current = (text, sample.shape[0], sample.shape[2])
+    if torch.is_grad_enabled():
+        slot.for_backward = slot.current
 
 
 def _forget_prompt(unet, args, kwargs, output):
-    getattr(unet, SLOT_ATTRIBUTE).text = None
+    getattr(unet, SLOT_ATTRIBUTE).current = None
 
 
 def add_motion_cross_attention(model, cross_attention_dim: int):

@@ -39,7 +39,8 @@ class MaterialisedPromptProcessor:
         self.slot = slot
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
-        batch, frames, text = self.slot.batch, self.slot.frames, self.slot.text.double()
+        text, batch, frames = self.slot.get()
+        text = text.double()
         sequences = hidden_states.shape[0]
         pixels = sequences // batch
         per_token = text.view(batch, 1, frames, *text.shape[1:]).expand(batch, pixels, frames, *text.shape[1:])
@@ -81,7 +82,7 @@ def test_prompt_reaches_motion_modules_only_through_attn2(prompted):
     sample, text = torch.randn(1, 4, 4, 8, 8), torch.randn(4, 7, TEXT_WIDTH)
     with torch.no_grad():
         before = unet(sample, 10, encoder_hidden_states=text).sample
-        assert unet._animatelcm_motion_prompt.text is None
+        assert unet._animatelcm_motion_prompt.current is None
         for _, attn in motion_attn2_layers(unet):
             attn.to_v.weight.zero_()
         after = unet(sample, 10, encoder_hidden_states=text).sample
@@ -140,6 +141,28 @@ def test_deepcopy_gets_its_own_prompt_slot(prompted):
                                    unet(sample, 5, encoder_hidden_states=text).sample, atol=0, rtol=0)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients(prompted):
+    """Checkpointed motion modules rerun in the backward pass, after the call returned; a no-grad call of the same
+    UNet in between (an online target, say) must not change what they see."""
+    unet = inflate(prompted["unet"], prompted["motion_adapter"]).train()
+    sample, text, other = torch.randn(1, 4, 4, 8, 8), torch.randn(4, 7, TEXT_WIDTH), torch.randn(4, 7, TEXT_WIDTH)
+
+    def gradients(checkpointing):
+        model = copy.deepcopy(unet)
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        loss = model(sample, 10, encoder_hidden_states=text).sample.square().mean()
+        with torch.no_grad():
+            model(sample, 10, encoder_hidden_states=other)
+        loss.backward()
+        return {name: p.grad for name, p in model.named_parameters() if "motion_modules" in name}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_patch_pipeline_keeps_outputs(prompted):
     pipe = AnimateLCMPipeline(**prompted)
     pipe.set_progress_bar_config(disable=True)
@@ -169,7 +192,7 @@ def test_errors(prompted):
         attn(torch.randn(4, 3, attn.to_q.in_features))
     unet = inflate(prompted["unet"], adapter)
     slot = unet._animatelcm_motion_prompt
-    slot.text, slot.batch, slot.frames = torch.randn(8, 7, TEXT_WIDTH), 1, 8
+    slot.current = (torch.randn(8, 7, TEXT_WIDTH), 1, 8)
     _, attn = motion_attn2_layers(unet)[0]
     with pytest.raises(ValueError, match="every frame of the clip at once"):
         attn(torch.randn(64, 4, attn.to_q.in_features))  # a 4-frame window of an 8-frame clip

@@ -33,6 +33,7 @@ STAGES = [
     ("autoencoder", "autoencoder.yaml", []),
     ("diffusion_image", "diffusion_image.yaml", []),
     ("diffusion_video", "diffusion_video.yaml", []),
+    ("diffusion_video_high_noise", "diffusion_video_high_noise.yaml", []),
     ("image_cd", "image_cd.yaml", []),
     ("video_cd", "video_cd.yaml", []),
     ("video_cd_no_init", "video_cd.yaml", ["distill.init_strategy=false"]),
@@ -65,9 +66,9 @@ STEPS = [1, 2, 4, 8]
 TEACHER_GUIDANCE = 3.0  # diffusers scale = 1 + the mean of the distillation's w ~ U[1, 3]
 NET = EVAL / "attribute_net.safetensors"
 REFERENCE = EVAL / "teacher_ddim50_clips.pt"
-TEACHER = RUNS / "diffusion_video" / "final" / "pipeline"
+TEACHER = RUNS / "diffusion_video_high_noise" / "final" / "pipeline"
 IMAGE_LCM_ONLY = ["--base", str(RUNS / "diffusion_image" / "final" / "base"),
-                  "--motion-module", str(RUNS / "diffusion_video" / "final" / "motion_adapter"),
+                  "--motion-module", str(TEACHER.parent / "motion_adapter"),
                   "--lcm-lora", str(RUNS / "image_cd" / "final" / "lora" / "pytorch_lora_weights.safetensors"),
                   "--lcm-lora-scale", "1.0", "--lcm-original-steps", "50"]
 # (key, label, model arguments, sampler arguments)

@@ -325,6 +325,13 @@ def test_latent_cache_is_built_once_and_matches_the_vae(world, tmp_path):
     ({"train": {"loss_weighting": "v"}}, "applies to the diffusion stages only"),
     ({"stage": "diffusion_image", "train": {"loss_weighting": "v"}, "model": {"tiny": TINY,
       "prediction_type": "v_prediction"}}, "already trains on"),
+    ({"train": {"timestep_range": [900, 1000]}}, "timestep_range applies to the diffusion stages only"),
+    ({"stage": "diffusion_image", "train": {"timestep_range": [900, 1001]}}, "0 <= low < high <= 1000 \\(the"),
+    ({"stage": "diffusion_image", "train": {"timestep_range": [500, 500]}}, "0 <= low < high <= 1000 \\(the"),
+    ({"stage": "diffusion_image", "train": {"timestep_range": [900]}}, "two integers"),
+    ({"stage": "diffusion_image", "train": {"timestep_range": [900, 1000], "timestep_range_share": 0}},
+     "timestep_range_share must be in \\(0, 1\\]"),
+    ({"stage": "diffusion_image", "train": {"timestep_range_share": 0.5}}, "needs train.timestep_range"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, change, message):
     cfg = config("image_cd", tmp_path / "bad", {"tiny": TINY})
@@ -422,6 +429,34 @@ def test_v_loss_weighting_is_the_v_prediction_objective_of_an_epsilon_model(worl
         expected = (velocity - scheduler.get_velocity(latents, noise, timesteps)).pow(2).mean()
     torch.testing.assert_close(loss, expected, rtol=1e-4, atol=0)
     assert timesteps.max() > 500  # the weight matters: 1 / alpha_bar > 10 there
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_timestep_range_focuses_its_share_of_each_batch(world, tmp_path, share):
+    trainer = Trainer(load_config(config("diffusion_video", tmp_path / "dv", {"base": world["base"]},
+                                         train=dict(timestep_range=[900, 950], timestep_range_share=share))))
+    trainer._setup()
+    drawn = trainer.stage.timesteps(4000, 1000, torch.Generator().manual_seed(3))
+    focused = ((drawn >= 900) & (drawn < 950)).float().mean().item()
+    expected = share + (1 - share) * 50 / 1000  # uniform draws land in the range too
+    assert drawn.dtype == torch.int64 and drawn.min() >= 0 and drawn.max() < 1000
+    assert abs(focused - expected) < 0.03
+    if share < 1:
+        assert drawn.min() < 450 and drawn.max() >= 950  # the rest covers every noise level
+    with pytest.raises(ValueError, match="exceeds the scheduler's 100 training timesteps"):
+        trainer.stage.timesteps(2, 100, torch.Generator())
+    raw = _collate([trainer.dataset[i] for i in range(2)])
+    batch = trainer._prepare_batch(raw, torch.Generator().manual_seed(1))
+    stage, scheduler = trainer.stage, trainer.parts["noise_scheduler"]
+    with torch.no_grad():  # the loss trains on exactly these timesteps
+        loss = stage.loss(stage.student, batch, torch.Generator().manual_seed(7))
+        generator = torch.Generator().manual_seed(7)
+        latents = batch["latents"]
+        noise = torch.randn(latents.shape, generator=generator)
+        timesteps = stage.timesteps(latents.shape[0], 1000, generator)
+        noisy = scheduler.add_noise(latents, noise, timesteps)
+        expected_loss = (stage.student(noisy, timesteps, batch["condition"]) - noise).pow(2).mean()
+    torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
 
 
 def test_bf16_mixed_precision_and_tensorboard(world, tmp_path):

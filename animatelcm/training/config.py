@@ -98,6 +98,8 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     loss_weighting: str = "uniform"     # diffusion stages: uniform | v (see LOSS_WEIGHTINGS)
+    timestep_range: list[int] | None = None  # diffusion stages: [low, high) drawn for timestep_range_share of samples
+    timestep_range_share: float = 1.0   # the rest of the batch draws t uniformly from every timestep
     mixed_precision: str = "no"         # no | fp16 | bf16
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0           # 0: only the final checkpoint
@@ -308,6 +310,18 @@ def _check(config: RunConfig) -> None:
         fail(f"train.loss_weighting applies to the diffusion stages only; remove it for {config.stage}")
     if train.loss_weighting == "v" and model.prediction_type == "v_prediction":
         fail("train.loss_weighting: v is the objective a v_prediction model already trains on; remove it")
+    if train.timestep_range is not None:
+        if config.stage not in ("diffusion_image", "diffusion_video"):
+            fail(f"train.timestep_range applies to the diffusion stages only; remove it for {config.stage}")
+        bounds = train.timestep_range
+        if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or not all(isinstance(b, int) for b in bounds)
+                or not 0 <= bounds[0] < bounds[1] <= 1000):
+            fail(f"train.timestep_range must be two integers [low, high) with 0 <= low < high <= 1000 (the "
+                 f"training timesteps), got {bounds!r}")
+    if not 0.0 < train.timestep_range_share <= 1.0:
+        fail(f"train.timestep_range_share must be in (0, 1], got {train.timestep_range_share}")
+    if train.timestep_range_share != 1.0 and train.timestep_range is None:
+        fail("train.timestep_range_share needs train.timestep_range (the range the share is drawn from)")
     if distill.w_min > distill.w_max:
         fail(f"distill.w_min={distill.w_min} exceeds distill.w_max={distill.w_max}")
     if distill.target not in ("ema", "online"):

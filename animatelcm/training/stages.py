@@ -184,7 +184,8 @@ class AutoencoderStage(Stage):
 class DiffusionStage(Stage):
     """Epsilon- (or v-) prediction training: ``diffusion_image`` trains the whole image UNet, ``diffusion_video``
     the motion modules of the inflated UNet (spatial weights frozen). ``train.loss_weighting`` weights the
-    timesteps (see :data:`animatelcm.training.config.LOSS_WEIGHTINGS`)."""
+    timesteps (see :data:`animatelcm.training.config.LOSS_WEIGHTINGS`); ``train.timestep_range`` with
+    ``train.timestep_range_share`` focuses a share of each batch on a range of timesteps (:meth:`timesteps`)."""
 
     def __init__(self, run, parts, weight_dtype):
         super().__init__(run, parts, weight_dtype)
@@ -204,7 +205,7 @@ class DiffusionStage(Stage):
         scheduler = self.parts["noise_scheduler"]
         latents = batch["latents"]
         noise = torch.randn(latents.shape, generator=generator).to(latents)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+        timesteps = self.timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
         timesteps = timesteps.to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         if scheduler.config.prediction_type == "v_prediction":
@@ -216,6 +217,23 @@ class DiffusionStage(Stage):
         if self.run.train.loss_weighting == "v":  # epsilon error / alpha_bar_t = the v-prediction error
             error = error / scheduler.alphas_cumprod.to(error.device)[timesteps]
         return error.mean()
+
+    def timesteps(self, batch: int, num_train_timesteps: int, generator) -> torch.Tensor:
+        """``[batch]`` int64 training timesteps: uniform over ``[0, num_train_timesteps)``, except that each sample
+        is drawn from ``train.timestep_range = [low, high)`` instead with probability ``train.timestep_range_share``.
+        A focused range at high noise gives the motion modules the many samples that teach a prompt-dependent
+        motion there (the miniature world's ``diffusion_video_high_noise`` stage)."""
+        timesteps = torch.randint(0, num_train_timesteps, (batch,), generator=generator)
+        bounds = self.run.train.timestep_range
+        if bounds is None:
+            return timesteps
+        low, high = bounds
+        if high > num_train_timesteps:
+            raise ValueError(f"train.timestep_range {bounds} exceeds the scheduler's {num_train_timesteps} training "
+                             "timesteps; lower its upper bound")
+        focused = torch.randint(low, high, (batch,), generator=generator)
+        chosen = torch.rand(batch, generator=generator) < self.run.train.timestep_range_share
+        return torch.where(chosen, focused, timesteps)
 
     def export(self, directory):
         unet = self.student.unet

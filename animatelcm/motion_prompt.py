@@ -5,7 +5,8 @@ prompt reaches a clip only through the per-frame spatial cross-attention, and th
 motion modules. In the miniature world (README, "Miniature reproduction") a UNet with text-blind motion modules,
 every weight trainable, cannot learn an output that depends on the prompt and the frame index at once; with
 ``attn2`` of each motion block a cross-attention to the prompt it can (``benchmarks/results/mini_capacity.md``:
-separation -0.05 vs 0.998 after 1000 steps).
+separation -0.05 vs 0.998 after 1000 steps). Trained with many high-noise samples, the prompted teacher learns the
+direction word (sampled direction accuracy 0.95) where the text-blind one stays at chance (0.22).
 
 The extension keeps diffusers' classes and key layout: ``attn2`` of each motion block gets ``to_k``/``to_v`` from
 the text width (``cross_attention_dim``) instead of the channel width, and the model's config records

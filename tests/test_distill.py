@@ -108,3 +108,23 @@ def test_configuration_errors():
     _, student, target, latents, condition, _ = setup()
     with pytest.raises(ValueError, match="teacher"):
         ConsistencyDistillationLoss(ALPHAS)(unet_predictor(student), unet_predictor(target), None, latents, condition)
+
+
+@pytest.mark.parametrize("share", [1.0, 0.5])
+def test_timestep_range_focuses_its_share_on_the_grid_points_inside(share):
+    alphas = animatelcm_scheduler().alphas_cumprod
+    loss = ConsistencyDistillationLoss(alphas, DistillationConfig(num_ddim_timesteps=50, timestep_range=(919, 1000),
+                                                                  timestep_range_share=share))
+    t_next, t_cur = loss.timesteps(4000, torch.Generator().manual_seed(0))
+    assert set(t_next.tolist()) <= set(loss.grid.tolist())
+    assert torch.equal(t_cur, (t_next - 20).clamp(min=0))
+    focused = (t_next >= 919).float().mean().item()
+    assert abs(focused - (share + (1 - share) * 5 / 50)) < 0.03  # 5 of the 50 grid points lie in the range
+    assert set(t_next[t_next >= 919].tolist()) == {919, 939, 959, 979, 999}
+    if share < 1:
+        assert t_next.min() == 19  # the rest still covers the whole grid
+    plain = ConsistencyDistillationLoss(alphas, DistillationConfig(num_ddim_timesteps=50))
+    drawn = plain.timesteps(4000, torch.Generator().manual_seed(0))[0]
+    assert (drawn >= 919).float().mean().item() < 0.13
+    with pytest.raises(ValueError, match="holds none of the 50 grid points"):
+        ConsistencyDistillationLoss(alphas, DistillationConfig(num_ddim_timesteps=50, timestep_range=(960, 975)))

@@ -325,7 +325,8 @@ def test_latent_cache_is_built_once_and_matches_the_vae(world, tmp_path):
     ({"train": {"loss_weighting": "v"}}, "applies to the diffusion stages only"),
     ({"stage": "diffusion_image", "train": {"loss_weighting": "v"}, "model": {"tiny": TINY,
       "prediction_type": "v_prediction"}}, "already trains on"),
-    ({"train": {"timestep_range": [900, 1000]}}, "timestep_range applies to the diffusion stages only"),
+    ({"stage": "autoencoder", "train": {"timestep_range": [900, 1000]}}, "remove it for autoencoder"),
+    ({"train": {"timestep_range": [960, 975]}}, "holds none of the consistency stage's grid points"),
     ({"stage": "diffusion_image", "train": {"timestep_range": [900, 1001]}}, "0 <= low < high <= 1000 \\(the"),
     ({"stage": "diffusion_image", "train": {"timestep_range": [500, 500]}}, "0 <= low < high <= 1000 \\(the"),
     ({"stage": "diffusion_image", "train": {"timestep_range": [900]}}, "two integers"),
@@ -457,6 +458,16 @@ def test_timestep_range_focuses_its_share_of_each_batch(world, tmp_path, share):
         noisy = scheduler.add_noise(latents, noise, timesteps)
         expected_loss = (stage.student(noisy, timesteps, batch["condition"]) - noise).pow(2).mean()
     torch.testing.assert_close(loss, expected_loss, rtol=1e-5, atol=0)
+
+
+def test_timestep_range_reaches_the_consistency_loss(world, tmp_path):
+    trainer = Trainer(load_config(config("image_cd", tmp_path / "cd", {"base": world["base"]},
+                                         distill=dict(lora_rank=4),
+                                         train=dict(timestep_range=[919, 1000], timestep_range_share=0.5))))
+    trainer._setup()
+    loss_fn = trainer.stage.loss_fn
+    assert loss_fn.grid[loss_fn.focus].tolist() == [919, 939, 959, 979, 999]
+    assert loss_fn.config.timestep_range_share == 0.5
 
 
 def test_bf16_mixed_precision_and_tensorboard(world, tmp_path):

@@ -98,7 +98,7 @@ class TrainConfig:
     adam_epsilon: float = 1e-8
     max_grad_norm: float = 1.0
     loss_weighting: str = "uniform"     # diffusion stages: uniform | v (see LOSS_WEIGHTINGS)
-    timestep_range: list[int] | None = None  # diffusion stages: [low, high) drawn for timestep_range_share of samples
+    timestep_range: list[int] | None = None  # [low, high): t (diffusion) or t_{n+k} (consistency) for a share
     timestep_range_share: float = 1.0   # the rest of the batch draws t uniformly from every timestep
     mixed_precision: str = "no"         # no | fp16 | bf16
     gradient_checkpointing: bool = False
@@ -311,13 +311,19 @@ def _check(config: RunConfig) -> None:
     if train.loss_weighting == "v" and model.prediction_type == "v_prediction":
         fail("train.loss_weighting: v is the objective a v_prediction model already trains on; remove it")
     if train.timestep_range is not None:
-        if config.stage not in ("diffusion_image", "diffusion_video"):
-            fail(f"train.timestep_range applies to the diffusion stages only; remove it for {config.stage}")
+        if config.stage == "autoencoder":
+            fail("train.timestep_range applies to the diffusion and consistency stages; remove it for autoencoder")
         bounds = train.timestep_range
         if (not isinstance(bounds, (list, tuple)) or len(bounds) != 2 or not all(isinstance(b, int) for b in bounds)
                 or not 0 <= bounds[0] < bounds[1] <= 1000):
             fail(f"train.timestep_range must be two integers [low, high) with 0 <= low < high <= 1000 (the "
                  f"training timesteps), got {bounds!r}")
+        skip = 1000 // max(distill.num_ddim_timesteps, 1)
+        if config.stage not in ("diffusion_image", "diffusion_video") and not any(
+                bounds[0] <= (i + 1) * skip - 1 < bounds[1] for i in range(distill.num_ddim_timesteps)):
+            fail(f"train.timestep_range {list(bounds)} holds none of the consistency stage's grid points "
+                 f"(t = {skip - 1}, {2 * skip - 1}, ..., {1000 - 1}: distill.num_ddim_timesteps="
+                 f"{distill.num_ddim_timesteps}); widen it")
     if not 0.0 < train.timestep_range_share <= 1.0:
         fail(f"train.timestep_range_share must be in (0, 1], got {train.timestep_range_share}")
     if train.timestep_range_share != 1.0 and train.timestep_range is None:

@@ -31,6 +31,8 @@ class DistillationConfig:
     timestep_scaling: float = 10.0
     prediction_type: str = "epsilon"
     teacher_free: bool = False        # consistency training: both points from one noise draw, no teacher
+    timestep_range: tuple[int, int] | None = None  # [low, high): grid points t_{n+k} drawn for a share of the batch
+    timestep_range_share: float = 1.0
 
 
 def unet_predictor(unet):
@@ -55,10 +57,25 @@ class ConsistencyDistillationLoss:
         self.config = config
         self.grid = ddim_timesteps(len(alphas_cumprod), config.num_ddim_timesteps)
         self.skip = len(alphas_cumprod) // config.num_ddim_timesteps
+        self.focus = None
+        if config.timestep_range is not None:
+            low, high = config.timestep_range
+            self.focus = torch.nonzero((self.grid >= low) & (self.grid < high)).flatten()
+            if not len(self.focus):
+                raise ValueError(f"timestep_range {list(config.timestep_range)} holds none of the "
+                                 f"{config.num_ddim_timesteps} grid points (every {self.skip}th timestep, ending at "
+                                 f"{int(self.grid[-1])}); widen it")
 
     def timesteps(self, batch: int, generator=None, device=None):
-        """(t_{n+k}, t_n) ``[B]`` for a random grid index per sample."""
+        """(t_{n+k}, t_n) ``[B]`` for a random grid index per sample: uniform over the grid, except that with
+        ``timestep_range`` each sample takes a grid point inside that range with probability
+        ``timestep_range_share`` (1-step sampling starts at the top grid point, which a uniform draw visits once in
+        ``num_ddim_timesteps``)."""
         index = torch.randint(0, len(self.grid), (batch,), generator=generator)
+        if self.focus is not None:
+            focused = self.focus[torch.randint(0, len(self.focus), (batch,), generator=generator)]
+            chosen = torch.rand(batch, generator=generator) < self.config.timestep_range_share
+            index = torch.where(chosen, focused, index)
         t_next = self.grid[index]
         return t_next.to(device), (t_next - self.skip).clamp(min=0).to(device)
 

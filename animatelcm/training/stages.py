@@ -23,7 +23,9 @@ def _distillation_config(run, teacher_free: bool) -> DistillationConfig:
     d = run.distill
     return DistillationConfig(num_ddim_timesteps=d.num_ddim_timesteps, w_min=d.w_min, w_max=d.w_max,
                               huber_c=d.huber_c, timestep_scaling=d.timestep_scaling,
-                              prediction_type=run.model.prediction_type, teacher_free=teacher_free)
+                              prediction_type=run.model.prediction_type, teacher_free=teacher_free,
+                              timestep_range=run.train.timestep_range,
+                              timestep_range_share=run.train.timestep_range_share)
 
 
 class Stage:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 
 from animatelcm.training.config import ConfigError, load_config
@@ -343,6 +344,16 @@ def test_bad_configs_fail_before_training(tmp_path, change, message):
             cfg[key] = value
     with pytest.raises(ConfigError, match=message):
         load_config(cfg)
+
+
+def test_floats_written_without_a_dot_are_floats(tmp_path):
+    """PyYAML (YAML 1.1) reads ``3e-4`` as a string; a float field takes it as the number, from a file or --set."""
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config("image_cd", tmp_path / "out", {"tiny": TINY})).replace(
+        "learning_rate: 0.01", "learning_rate: 3e-4"))
+    assert "3e-4" in path.read_text()
+    assert load_config(path).train.learning_rate == 3e-4
+    assert load_config(path, {"train.learning_rate": yaml.safe_load("5e-5")}).train.learning_rate == 5e-5
 
 
 def test_missing_data_files_fail_before_any_model_is_built(tmp_path):

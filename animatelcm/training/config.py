@@ -217,6 +217,11 @@ def _coerce(value, annotation, key: str, source: str):
     expected = origin or annotation
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if expected is float and isinstance(value, str):  # PyYAML (YAML 1.1) reads 3e-4, without a dot, as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if expected is list and isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):

@@ -325,7 +325,8 @@ def generate(args) -> Path:
     if args.upscale > 1:
         frames = frames.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
     out = export_video(frames, args.out, fps=fps or 8.0)
-    print(f"wrote {out} ({args.frames} frames, {args.steps} steps, {time.perf_counter() - started:.1f} s)")
+    print(f"wrote {out} ({args.frames} frame{'s' * (args.frames != 1)}, {args.steps} step{'s' * (args.steps != 1)}, "
+          f"{time.perf_counter() - started:.1f} s)")
     return out
 
 

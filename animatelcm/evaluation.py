@@ -8,7 +8,8 @@ clips of the prompts ``"a {colour} {shape} moving {direction}"``:
   (the teacher's 50-step DDIM sample);
 - real FVD: Frechet distance of I3D features when the user supplies an I3D TorchScript file (:func:`i3d_features`);
 - motion: whether the shape glides as one object (:func:`motion_metrics`: displacement and straightness of the
-  track of the saturated pixels), whatever its direction.
+  track of the saturated pixels), whatever its direction;
+- flicker: whether the frames keep the shape's colour and the background (:func:`frame_consistency`).
 
 Clips are ``[B, F, 3, H, W]`` floats in [-1, 1] (the datasets' ``pixel_values`` layout). ``animatelcm eval`` is
 the command-line front end.
@@ -288,6 +289,27 @@ def motion_metrics(clips: torch.Tensor) -> dict:
             "motion_tracked": tracked / clips.shape[0]}
 
 
+def frame_consistency(clips: torch.Tensor, saturation: float = 0.8) -> dict:
+    """Whether the frames of each clip ``[B, F, 3, H, W]`` show one scene, means over the clips:
+    ``colour_agreement``, the share of a clip's frames with a shape (saturated pixels, as :func:`shape_tracks`)
+    whose shape colour (the palette colour nearest to the mean saturated pixel) is the clip's most common one (real
+    clips 1.0; over the clips with a shape in at least two frames), and ``background_change``, the mean distance
+    between consecutive frames' mean background colours (RGB in [-1, 1]; real clips 0)."""
+    clips = clips.float()
+    mask = (clips.amax(2) - clips.amin(2)) > saturation  # [B, F, H, W]
+    shape_weight = mask.unsqueeze(2).float()
+    shape_colour = (clips * shape_weight).sum((3, 4)) / shape_weight.sum((3, 4)).clamp(min=1)  # [B, F, 3]
+    palette = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 127.5 - 1
+    nearest = torch.cdist(shape_colour, palette.expand(clips.shape[0], -1, -1)).argmin(-1)  # [B, F]
+    present = mask.flatten(2).any(-1)
+    agreement = [float((colours[seen] == colours[seen].mode().values).float().mean())
+                 for colours, seen in zip(nearest, present) if int(seen.sum()) >= 2]
+    background_weight = (~mask).unsqueeze(2).float()
+    background = (clips * background_weight).sum((3, 4)) / background_weight.sum((3, 4)).clamp(min=1)
+    change = (background[:, 1:] - background[:, :-1]).norm(dim=-1).mean()
+    return {"colour_agreement": sum(agreement) / max(len(agreement), 1), "background_change": float(change)}
+
+
 def clip_metrics(clips: torch.Tensor, labels: dict, net: AttributeNet, real_features: torch.Tensor,
                  reference: torch.Tensor | None = None, i3d=None, real_i3d_features: torch.Tensor | None = None) -> dict:
     """The metrics of generated ``clips`` (see the module docstring): ``fvd_analogue``, ``accuracy_{colour,
@@ -302,6 +324,7 @@ def clip_metrics(clips: torch.Tensor, labels: dict, net: AttributeNet, real_feat
     if i3d is not None:
         metrics["fvd_i3d"] = frechet_distance(real_i3d_features, i3d_features(i3d, clips))
     metrics.update(motion_metrics(clips))
+    metrics.update(frame_consistency(clips))
     return metrics
 
 

@@ -6,6 +6,7 @@
     python benchmarks/mini_world.py all        # the three in order
     python benchmarks/mini_world.py probe      # does the teacher use each word of its prompt? (mini_probe.md)
     python benchmarks/mini_world.py capacity   # can text-blind / prompted motion modules learn prompt x frame?
+    python benchmarks/mini_world.py flicker    # do the frames of a clip show one scene? (mini_flicker.md)
 
 Runs live in ``runs/mini_world/``. ``train`` runs each stage as ``animatelcm train CONFIG --resume`` in a child
 process and skips stages whose ``final/`` exists, so an interrupted run continues where it stopped.
@@ -221,6 +222,51 @@ def probe(clips: int = 128, information_clips: int = 1920) -> Path:
     return path
 
 
+def flicker(clips: int = 96) -> Path:
+    """Do the frames of a clip show one scene? :func:`animatelcm.evaluation.frame_consistency` of real clips, of
+    the teacher (DDIM, 25 steps) at guidance 3 and 1, and of AnimateLCM at 4 steps (guidance 1 and 1.5), on
+    ``clips`` clips cycling through the 48 prompts; into ``benchmarks/results/mini_flicker.md``."""
+    from animatelcm.evaluation import (attribute_accuracy, clip_noise, evaluation_prompts, frame_consistency,
+                                       generate_clips, load_attribute_net, real_clips, sampling_scheduler)
+    from animatelcm.loading import load_pipeline
+
+    net, info = load_attribute_net(NET)
+    prompts, labels = evaluation_prompts(clips)
+    real, _ = real_clips(clips, info["frames"], info["size"], seed=5)
+    rows = [("real clips", frame_consistency(real), None)]
+    for label, path, scheduler, steps, guidance in (
+            ("teacher + DDIM, guidance 3", TEACHER, "ddim", 25, 3.0),
+            ("teacher + DDIM, guidance 1", TEACHER, "ddim", 25, 1.0),
+            ("AnimateLCM, guidance 1 (the default)", RUNS / "video_cd" / "final" / "pipeline", None, 4, 1.0),
+            ("AnimateLCM, guidance 1.5", RUNS / "video_cd" / "final" / "pipeline", None, 4, 1.5)):
+        pipe = load_pipeline(path)
+        if scheduler:
+            pipe.scheduler = sampling_scheduler(pipe, scheduler)
+        shape = (pipe.unet.config.in_channels, info["frames"], pipe.unet.config.sample_size,
+                 pipe.unet.config.sample_size)
+        generated, _ = generate_clips(pipe, prompts, clip_noise(clips, shape, seed=7), steps,
+                                      guidance_scale=guidance, progress=False)
+        rows.append((f"{label}, {steps} steps", frame_consistency(generated),
+                     attribute_accuracy(net, generated, labels)))
+    lines = ["# Flicker: do the frames of a clip show one scene?", "",
+             f"`python benchmarks/mini_world.py flicker`; {clips} clips per row (prompts cycling through the 48 "
+             "captions, the same initial noise in every row). Colour agreement: the share of a clip's frames whose "
+             "shape colour is the clip's most common one; background change: the mean distance between "
+             "consecutive frames' mean background colours (RGB in [-1, 1]); "
+             "`animatelcm.evaluation.frame_consistency`.", "",
+             "| clips | colour agreement | background change | colour / shape / direction accuracy |",
+             "|---|---|---|---|"]
+    for label, consistency, accuracy in rows:
+        correct = " / ".join(f"{accuracy[name]:.2f}" for name in ("colour", "shape", "direction")) if accuracy else ""
+        lines.append(f"| {label} | {consistency['colour_agreement']:.3f} | {consistency['background_change']:.3f} "
+                     f"| {correct} |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "mini_flicker.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    return path
+
+
 CAPACITY_TASKS = {
     "frame": "one prompt; a strip moving right across the frames (the output must depend on the frame index)",
     "prompt": "two prompts (moving right / left); a still strip on the left / right (on the prompt only)",
@@ -374,7 +420,7 @@ def ship() -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["train", "table", "ship", "all", "probe", "capacity"])
+    parser.add_argument("action", choices=["train", "table", "ship", "all", "probe", "capacity", "flicker"])
     parser.add_argument("--only", nargs="*", help="train: only these stages; table: only these rows")
     parser.add_argument("--clips", type=int, default=512, help="table: generated clips per cell (default 512)")
     parser.add_argument("--steps", type=int, default=1000, help="capacity: training steps per task (default 1000)")
@@ -389,6 +435,8 @@ def main(argv=None) -> None:
         probe()
     if args.action == "capacity":
         capacity(args.steps)
+    if args.action == "flicker":
+        flicker()
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ import torch
 
 from animatelcm.evaluation import (ATTRIBUTES, AttributeNet, attribute_accuracy, attribute_labels, clip_features,
                                    frechet_distance, teacher_fidelity, train_attribute_net)
-from animatelcm.training.synthetic import MovingShapes
+from animatelcm.training.synthetic import COLOURS, MovingShapes
 
 
 def test_attribute_net_recognises_colour_and_direction_on_held_out_clips():
@@ -111,6 +111,25 @@ def test_motion_metrics_tell_a_glide_from_jumps():
     blank = clips.clone()
     blank[:6] = 0.0  # no saturated pixels: no track
     assert motion_metrics(blank)["motion_tracked"] == 0.5
+
+
+def test_frame_consistency_sees_a_recoloured_frame_and_a_flickering_background():
+    from animatelcm.evaluation import frame_consistency, real_clips
+
+    clips, labels = real_clips(8, 16, 32, seed=4)
+    steady = frame_consistency(clips)
+    assert steady["colour_agreement"] == 1.0 and steady["background_change"] < 1e-6
+    recoloured = clips.clone()
+    clip = 0
+    shape = (recoloured[clip, 5].amax(0) - recoloured[clip, 5].amin(0)) > 0.8  # frame 5's shape pixels
+    other = next(c for c in COLOURS if ATTRIBUTES["colour"].index(c) != int(labels["colour"][clip]))
+    recoloured[clip, 5][:, shape] = (torch.tensor(COLOURS[other], dtype=torch.float32) / 127.5 - 1)[:, None]
+    assert frame_consistency(recoloured)["colour_agreement"] == pytest.approx(1 - 1 / 16 / 8)
+    flicker = clips.clone()
+    background = (flicker.amax(2) - flicker.amin(2)) <= 0.8
+    flicker[:, 1::2] += 0.1 * background[:, 1::2].unsqueeze(2)  # every other frame's background brighter
+    assert frame_consistency(flicker)["background_change"] == pytest.approx(0.1 * 3 ** 0.5, rel=1e-3)
+    assert frame_consistency(flicker)["colour_agreement"] == 1.0
 
 
 def test_attribute_information_is_the_explained_variance_share():

@@ -322,6 +322,8 @@ def test_latent_cache_is_built_once_and_matches_the_vae(world, tmp_path):
     ({"stage": "autoencoder", "data": {"cache_latents": True}}, "set data.cache_latents: false"),
     ({"model": {"tiny": TINY, "vae": "/no/such/vae"}}, "model.vae: /no/such/vae does not exist"),
     ({"model": {"tiny": TINY, "motion_heads": 0}}, "model.motion_heads must be >= 1"),
+    ({"model": {"tiny": TINY, "motion_layers": 0}}, "model.motion_layers must be >= 1"),
+    ({"stage": "diffusion_video", "model": {"tiny": TINY, "motion_layers": 2}}, "trained modules keep their depth"),
     ({"train": {"loss_weighting": "snr"}}, "train.loss_weighting must be one of uniform, v"),
     ({"train": {"loss_weighting": "v"}}, "applies to the diffusion stages only"),
     ({"stage": "diffusion_image", "train": {"loss_weighting": "v"}, "model": {"tiny": TINY,
@@ -418,6 +420,32 @@ def test_fresh_motion_modules_get_wide_heads_on_a_narrow_unet(world, tmp_path, m
     trainer._setup()
     assert trainer.stage.student.unet.config.motion_num_attention_heads == expected
     assert default_motion_heads((320, 640, 1280, 1280)) == 8 and default_motion_heads((160, 320)) == 4
+
+
+def test_deeper_fresh_motion_modules_train_save_and_load(world, tmp_path):
+    """model.motion_layers: two temporal transformer layers in every fresh (prompted) motion module, kept through
+    training, the saved pipeline, both motion-module files and the extraction of the modules from the UNet."""
+    from animatelcm import load_motion_adapter, load_pipeline
+    from animatelcm.motion_prompt import FramePromptAttnProcessor, motion_cross_attention_dim
+    from animatelcm.training.models import extract_motion_adapter
+    from animatelcm.training.trainer import train
+
+    outputs = train(config("diffusion_video", tmp_path / "deep", {"base": world["base"], "motion_layers": 2,
+                                                                  "motion_prompt": True}, train=dict(max_steps=1)))
+    pipe = load_pipeline(outputs["pipeline"])
+    modules = [m for m in pipe.unet.modules() if type(m).__name__ == "AnimateDiffTransformer3D"]
+    assert modules and all(len(m.transformer_blocks) == 2 for m in modules)
+    prompted = [m for m in pipe.unet.modules() if isinstance(getattr(m, "processor", None), FramePromptAttnProcessor)]
+    assert len(prompted) == 2 * len(modules) and motion_cross_attention_dim(pipe.unet) is not None
+    trained = {k: v for k, v in pipe.unet.state_dict().items() if "motion_modules" in k}
+    for adapter in (load_motion_adapter(outputs["motion_adapter"]), load_motion_adapter(
+            outputs["motion_adapter_original"]), extract_motion_adapter(pipe.unet)):
+        assert adapter.config.motion_transformer_layers_per_block == 2
+        assert adapter.config.motion_transformer_layers_per_mid_block == 2
+        state = adapter.state_dict()
+        assert set(state) == set(trained)
+        for key, value in trained.items():
+            torch.testing.assert_close(state[key], value)
 
 
 def test_v_loss_weighting_is_the_v_prediction_objective_of_an_epsilon_model(world, tmp_path):

@@ -44,7 +44,8 @@ class ModelConfig:
     ``controlnet``: a diffusers ControlNetModel folder for ``teacher_free`` ControlNet adaptation. ``vae``: a
     diffusers AutoencoderKL folder (e.g. an ``autoencoder`` stage's ``final/vae``) replacing the model's VAE.
     ``motion_heads``: attention heads of fresh motion modules (``diffusion_video`` without ``motion_adapter``;
-    default: :func:`animatelcm.training.models.default_motion_heads`). ``motion_prompt``: fresh motion modules
+    default: :func:`animatelcm.training.models.default_motion_heads`). ``motion_layers``: temporal transformer
+    layers in each fresh motion module (default 1, AnimateDiff's). ``motion_prompt``: fresh motion modules
     whose second temporal attention attends to the prompt (:mod:`animatelcm.motion_prompt`; without it they are
     AnimateDiff's text-blind ones)."""
 
@@ -57,6 +58,7 @@ class ModelConfig:
     controlnet: str | None = None
     vae: str | None = None
     motion_heads: int | None = None     # heads of fresh motion modules (default: models.default_motion_heads)
+    motion_layers: int = 1              # temporal transformer layers per fresh motion module
     motion_prompt: bool = False         # fresh motion modules attend to the prompt (animatelcm.motion_prompt)
     prediction_type: str = "epsilon"
 
@@ -275,6 +277,12 @@ def _check(config: RunConfig) -> None:
             fail(f"model.{name}: {path} does not exist")
     if model.motion_heads is not None and model.motion_heads < 1:
         fail(f"model.motion_heads must be >= 1, got {model.motion_heads}")
+    if model.motion_layers < 1:
+        fail(f"model.motion_layers must be >= 1, got {model.motion_layers}")
+    if model.motion_layers != 1 and (config.stage != "diffusion_video" or model.motion_adapter is not None
+                                     or model.pretrained is not None or model.tiny is not None):
+        fail("model.motion_layers sizes fresh motion modules built on model.base: it applies to diffusion_video "
+             "without model.motion_adapter / model.pretrained / model.tiny (trained modules keep their depth)")
     if model.motion_prompt and (config.stage != "diffusion_video" or model.motion_adapter is not None
                                 or model.pretrained is not None):
         fail("model.motion_prompt builds fresh prompted motion modules: it applies to diffusion_video without "

@@ -56,7 +56,8 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
         parts = _load_base_components(model_config.base, model_config.base_config, False, torch_dtype)
         if video and model_config.motion_adapter is None:
             motion_adapter = zero_init_output(fresh_motion_adapter(parts["unet"], model_config.motion_heads,
-                                                                   model_config.motion_prompt))
+                                                                   model_config.motion_prompt,
+                                                                   model_config.motion_layers))
     if model_config.vae is not None:
         from diffusers import AutoencoderKL
 
@@ -79,10 +80,12 @@ def default_motion_heads(block_out_channels) -> int:
     return max(1, min(8, block_out_channels[0] // 40))
 
 
-def fresh_motion_adapter(unet, num_attention_heads: int | None = None, prompted: bool = False):
-    """Motion modules sized for ``unet``: its block widths, layers and norm groups, 32 positions, and
-    ``num_attention_heads`` heads (default :func:`default_motion_heads`); ``prompted``: their second attention
-    attends to the prompt (:mod:`animatelcm.motion_prompt`, width ``unet.config.cross_attention_dim``)."""
+def fresh_motion_adapter(unet, num_attention_heads: int | None = None, prompted: bool = False,
+                         transformer_layers: int = 1):
+    """Motion modules sized for ``unet``: its block widths, layers and norm groups, 32 positions,
+    ``num_attention_heads`` heads (default :func:`default_motion_heads`) and ``transformer_layers`` temporal
+    transformer layers in each module (mid block included); ``prompted``: their second attention attends to the
+    prompt (:mod:`animatelcm.motion_prompt`, width ``unet.config.cross_attention_dim``)."""
     from diffusers import MotionAdapter
 
     config = unet.config
@@ -91,7 +94,9 @@ def fresh_motion_adapter(unet, num_attention_heads: int | None = None, prompted:
     adapter = MotionAdapter(block_out_channels=tuple(config.block_out_channels),
                             motion_layers_per_block=config.layers_per_block,
                             motion_norm_num_groups=config.norm_num_groups,
-                            motion_num_attention_heads=num_attention_heads)
+                            motion_num_attention_heads=num_attention_heads,
+                            motion_transformer_layers_per_block=transformer_layers,
+                            motion_transformer_layers_per_mid_block=transformer_layers)
     if prompted:
         width = config.cross_attention_dim
         if not isinstance(width, int):
@@ -122,7 +127,9 @@ def extract_motion_adapter(motion_unet):
                             motion_norm_num_groups=config.norm_num_groups,
                             motion_num_attention_heads=config.motion_num_attention_heads,
                             motion_max_seq_length=config.motion_max_seq_length,
-                            use_motion_mid_block=config.use_motion_mid_block)
+                            use_motion_mid_block=config.use_motion_mid_block,
+                            motion_transformer_layers_per_block=config.temporal_transformer_layers_per_block,
+                            motion_transformer_layers_per_mid_block=config.temporal_transformer_layers_per_mid_block)
     prompt_width = motion_cross_attention_dim(motion_unet)
     if prompt_width is not None:
         add_motion_cross_attention(adapter, prompt_width)

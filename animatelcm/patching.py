@@ -12,8 +12,8 @@ What is patched, all through diffusers' public hooks (attention processors and m
 - spatial transformers (``Transformer2DModel``): their GroupNorm fused with the permute to ``[B, H*W, C]`` tokens
   and the permute back fused with the residual add (the motion-module kernels with one frame), the 1x1
   convolutions around them run as the equal matrix products on the tokens (module methods);
-- every GEGLU feed-forward activation (motion modules and spatial transformers): ``h * gelu(gate)`` in one pass,
-  with the projection's bias added inside it so the projection is a plain matrix product (module forward);
+- every GEGLU feed-forward (motion modules and spatial transformers): its projection and ``h * gelu(gate)``
+  together (:func:`animatelcm.ops.linear_geglu`; on the CPU in cache-sized row blocks) (module forward);
 - a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config.
 Anything the fused paths do not cover (attention masks, cross-attention, other norms or activations) runs the
 original code.
@@ -135,12 +135,12 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
 
 def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     """``GEGLU.forward`` with the split, GELU and product fused: ``[..., D]`` -> ``[..., inner]``. A plain
-    ``nn.Linear`` projection runs as a matrix product and its bias is added inside the fused op (PyTorch's CPU
-    ``addmm`` would first copy the bias into the whole output); any other projection (an unfused LoRA layer, say)
+    ``nn.Linear`` projection runs with it in :func:`animatelcm.ops.linear_geglu` (on the CPU its output, the
+    largest activation of the block, is never materialised); any other projection (an unfused LoRA layer, say)
     runs as it is."""
     backend = getattr(self, PATCH_ATTRIBUTE)
     if type(self.proj) is nn.Linear:
-        return ops.geglu(F.linear(hidden_states, self.proj.weight), self.proj.bias, backend=backend)
+        return ops.linear_geglu(hidden_states, self.proj.weight, self.proj.bias, backend=backend)
     return ops.geglu(self.proj(hidden_states), backend=backend)
 
 

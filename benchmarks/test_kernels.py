@@ -20,9 +20,9 @@ def configs(device):
     """Shapes, dtype and rounds per device: the issue's CPU goals, SD1.5 AnimateLCM shapes on a GPU."""
     if device == "cpu":
         return dict(attention=(1024, 8, 16, 40), group_norm=(16, 320, 32, 32), temporal=(2, 16, 320, 16, 16),
-                    step=(1, 4, 16, 64, 64), dtype=torch.float32, rounds=40)
+                    step=(1, 4, 16, 64, 64), feed_forward=(16384, 80, 640), dtype=torch.float32, rounds=40)
     return dict(attention=(8192, 8, 16, 40), group_norm=(32, 320, 64, 64), temporal=(2, 16, 320, 64, 64),
-                step=(1, 4, 16, 64, 64), dtype=torch.float16, rounds=100)
+                step=(1, 4, 16, 64, 64), feed_forward=(65536, 320, 2560), dtype=torch.float16, rounds=100)
 
 
 @functools.lru_cache(maxsize=None)
@@ -184,3 +184,33 @@ def test_scheduler_step(benchmark, record, device, which, provider):
     moved = {"final": 4, "middle": 6}[which] * numel if provider != "copy (floor)" else 2 * numel
     run(benchmark, record, f"LCMScheduler.step ({which} step)", provider, "diffusers.LCMScheduler.step", shape, device,
         sets, providers[provider], moved)
+
+
+# ---- GEGLU feed-forward projection + activation ----------------------------------------------------------------
+
+def diffusers_geglu(x, weight, bias):
+    """diffusers' GEGLU.forward with its nn.Linear projection."""
+    hidden, gate = F.linear(x, weight, bias).chunk(2, dim=-1)
+    return hidden * F.gelu(gate)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("provider", ["diffusers GEGLU", "torch.compile", "cpp", "cuda", "copy (floor)"])
+def test_linear_geglu(benchmark, record, device, provider):
+    """CPU: the first feed-forward projection of a width-80 transformer block at 32x32 latents, 16 frames (the
+    end-to-end benchmark's largest activation); GPU: SD1.5's width 320 at 64x64, 16 frames, with CFG."""
+    backend = "cpp" if device == "cpu" else "cuda"
+    providers = {"diffusers GEGLU": diffusers_geglu, "torch.compile": compiled(diffusers_geglu),
+                 "copy (floor)": lambda x, w, b: x.clone(),
+                 backend: forced(backend, ops.linear_geglu)}
+    if provider not in providers:
+        pytest.skip(f"{provider} does not run on {device}")
+    cfg = configs(device)
+    rows, k, width = cfg["feed_forward"]
+    sets = [(torch.randn(rows, k, device=device, dtype=cfg["dtype"]),
+             torch.randn(width, k, device=device, dtype=cfg["dtype"]) / k**0.5,
+             torch.randn(width, device=device, dtype=cfg["dtype"])) for _ in range(SETS)]
+    element = sets[0][0].element_size()
+    moved = 2 * rows * k * element if provider == "copy (floor)" else rows * (k + width // 2) * element
+    run(benchmark, record, "linear_geglu", provider, "diffusers GEGLU", (rows, k, width), device, sets,
+        providers[provider], moved)

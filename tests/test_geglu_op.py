@@ -1,12 +1,15 @@
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from animatelcm import ops
-from animatelcm.ops.geglu import IMPLEMENTATIONS
+from animatelcm.ops.geglu import IMPLEMENTATIONS, LINEAR_GEGLU_IMPLEMENTATIONS
 from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
 
 BACKENDS = backends_usable_here(IMPLEMENTATIONS)
+geglu_module = importlib.import_module("animatelcm.ops.geglu")  # `ops.geglu` is the function
 SHAPES = [(3, 7, 2 * 40), (2, 16, 2 * 1280), (5, 2), (1, 1, 1, 2 * 13)]
 
 
@@ -78,3 +81,70 @@ def test_bad_inputs():
         ops.geglu([1.0, 2.0])
     with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \(4,\)"):
         ops.geglu(torch.randn(3, 4), torch.randn(2))
+
+
+LINEAR_BACKENDS = backends_usable_here(LINEAR_GEGLU_IMPLEMENTATIONS)
+# (leading shape of x, K, 2I): odd sizes, one row, a 4-D x
+LINEAR_SHAPES = [((3, 7), 24, 80), ((1,), 5, 2), ((2, 3, 11), 40, 2 * 72), ((97,), 16, 30)]
+
+
+@pytest.mark.parametrize("backend", LINEAR_BACKENDS + ["eager"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("blocked", [False, True], ids=["whole", "row-blocks"])
+def test_linear_geglu_matches_float64_reference(backend, dtype, blocked, monkeypatch, poisoned_outputs):
+    if blocked:  # 256-byte "caches": blocks of a few rows, a partial last block, the blocked path always taken
+        monkeypatch.setattr(geglu_module, "core_cache_bytes", lambda: 256)
+    for index, (lead, k, width) in enumerate(LINEAR_SHAPES):
+        generator = torch.Generator().manual_seed(index)
+        x = torch.randn(*lead, k, generator=generator).to(dtype)
+        weight = (torch.randn(width, k, generator=generator) / k**0.5).to(dtype)
+        bias = torch.randn(width, generator=generator).to(dtype)
+        for b in (None, bias):
+            out = ops.linear_geglu(x, weight, b, backend=backend)
+            assert out.shape == (*lead, width // 2) and out.is_contiguous()
+            want = ops.linear_geglu_reference(x.double(), weight.double(), None if b is None else b.double())
+            assert_close_to_reference(out, want, dtype)
+
+
+def test_linear_geglu_strided_input_and_diffusers_geglu():
+    from diffusers.models.activations import GEGLU
+
+    module = GEGLU(24, 40).eval()
+    h = torch.randn(9, 4, 24).transpose(0, 1)  # non-contiguous [4, 9, 24]
+    with torch.no_grad():
+        torch.testing.assert_close(ops.linear_geglu(h, module.proj.weight, module.proj.bias), module(h),
+                                   atol=2e-6, rtol=2e-5)
+
+
+def test_linear_geglu_gradients_and_opcheck():
+    x = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(10, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ops.linear_geglu, (x, weight))
+    assert torch.autograd.gradcheck(ops.linear_geglu, (x, weight, bias))
+    xf, wf, bf = (t.detach().float().requires_grad_() for t in (x, weight, bias))
+    grad = torch.randn(3, 4, 5)
+    got = torch.autograd.grad(ops.linear_geglu(xf, wf, bf), (xf, wf, bf), grad)
+    want = torch.autograd.grad(ops.linear_geglu_reference(xf, wf, bf), (xf, wf, bf), grad)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    op = torch.ops.animatelcm.linear_geglu.default
+    torch.library.opcheck(op, (torch.randn(3, 8), torch.randn(6, 8), None, "auto"))
+    torch.library.opcheck(op, (torch.randn(3, 8, requires_grad=True), torch.randn(6, 8, requires_grad=True),
+                               torch.randn(6, requires_grad=True), "auto"))
+
+
+def test_linear_geglu_bad_inputs():
+    x = torch.randn(3, 4)
+    with pytest.raises(ValueError, match=r"weight must be \[2I, K\]"):
+        ops.linear_geglu(x, torch.randn(6, 5))
+    with pytest.raises(ValueError, match="even number of rows"):
+        ops.linear_geglu(x, torch.randn(5, 4))
+    with pytest.raises(ValueError, match="must have x's dtype"):
+        ops.linear_geglu(x, torch.randn(6, 4, dtype=torch.float64))
+    with pytest.raises(TypeError, match="weight must be float32"):
+        ops.linear_geglu(x, torch.ones(6, 4, dtype=torch.int32))
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.linear_geglu([1.0], torch.randn(6, 4))
+    with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \(6,\)"):
+        ops.linear_geglu(x, torch.randn(6, 4), torch.randn(4))

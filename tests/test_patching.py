@@ -65,7 +65,8 @@ def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, componen
 
 
 def test_fused_paths_really_run(components, monkeypatch):
-    calls = {"temporal_attention": 0, "temporal_group_norm": 0, "group_norm_silu": 0, "geglu": 0, "consistency_step": 0}
+    calls = {"temporal_attention": 0, "temporal_group_norm": 0, "group_norm_silu": 0, "linear_geglu": 0,
+             "consistency_step": 0}
 
     def counting(name, function):
         def wrapper(*a, **k):
@@ -88,7 +89,7 @@ def test_fused_paths_really_run(components, monkeypatch):
     assert calls["temporal_attention"] == 3 * 2 * motion_modules
     assert calls["group_norm_silu"] > 0 and calls["consistency_step"] == 3
     geglus = sum(type(m).__name__ == "GEGLU" for m in pipe.unet.modules())
-    assert calls["geglu"] == 3 * geglus
+    assert calls["linear_geglu"] == 3 * geglus
     vae_resnets = [m for m in pipe.vae.modules() if type(m).__name__ == "ResnetBlock2D"]
     assert vae_resnets and all("forward" in vars(m) for m in vae_resnets)  # decoded frames: test_free_noise_...
     unpatch_pipeline(pipe)

@@ -12,7 +12,7 @@ from .consistency import (
     explain_consistency_step,
 )
 from .dispatch import BACKENDS, BackendUnavailableError
-from .geglu import geglu, geglu_reference
+from .geglu import geglu, geglu_reference, linear_geglu, linear_geglu_reference
 from .group_norm import (
     explain_group_norm_silu,
     group_norm_silu,
@@ -28,6 +28,7 @@ from .native import build_info
 def _implementations():
     from . import attention, consistency, group_norm
     from .geglu import IMPLEMENTATIONS as GEGLU_IMPLEMENTATIONS  # `geglu` here is the function
+    from .geglu import LINEAR_GEGLU_IMPLEMENTATIONS
 
     return {
         "temporal_attention": attention.IMPLEMENTATIONS,
@@ -36,6 +37,7 @@ def _implementations():
         "temporal_unpermute_residual": group_norm.UNPERMUTE_RESIDUAL,
         "consistency_step": consistency.IMPLEMENTATIONS,
         "geglu": GEGLU_IMPLEMENTATIONS,
+        "linear_geglu": LINEAR_GEGLU_IMPLEMENTATIONS,
     }
 
 
@@ -82,6 +84,8 @@ __all__ = [
     "geglu_reference",
     "group_norm_silu",
     "group_norm_silu_reference",
+    "linear_geglu",
+    "linear_geglu_reference",
     "ops_by_backend",
     "temporal_attention",
     "temporal_attention_reference",

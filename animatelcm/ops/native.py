@@ -7,6 +7,7 @@ translation from tensors to those arguments, so no other module touches pointers
 from __future__ import annotations
 
 import functools
+import glob
 import importlib
 import os
 
@@ -59,6 +60,30 @@ def last_level_cache_bytes() -> int:
         if size > 0:
             return size
     return 32 << 20
+
+
+@functools.lru_cache(maxsize=None)
+def core_cache_bytes() -> int:
+    """Size of one core's level-2 CPU cache (Linux sysfs, else sysconf), or 1 MiB where neither reports it: the
+    working set a blocked CPU loop keeps resident between its passes."""
+    try:
+        for index in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+            with open(os.path.join(index, "level")) as level, open(os.path.join(index, "type")) as kind:
+                if level.read().strip() != "2" or kind.read().strip() not in ("Unified", "Data"):
+                    continue
+            with open(os.path.join(index, "size")) as size:
+                text = size.read().strip().upper()
+            units = {"K": 1 << 10, "M": 1 << 20}
+            return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+    except (OSError, ValueError):
+        pass
+    try:
+        size = os.sysconf("SC_LEVEL2_CACHE_SIZE")
+        if size > 0:
+            return size
+    except (ValueError, OSError):
+        pass
+    return 1 << 20
 
 
 def exceeds_last_level_cache(*tensors: torch.Tensor) -> bool:

@@ -208,3 +208,21 @@ def test_spatial_transformer_paths_match_diffusers(linear_projection, layout, mo
             calls.clear()
             torch.testing.assert_close(model(x, encoder_hidden_states=text).sample, want, atol=1e-5, rtol=1e-5)
             assert len(calls) == (0 if backend == "auto" and layout == "channels_last" else 1), backend
+
+
+def test_patched_blocks_trace_without_graph_breaks(components):
+    """torch.compile(fullgraph=True) traces a patched motion module and a patched spatial transformer (fused norms,
+    temporal attention, blocked GEGLU feed-forward: all custom ops) and gives the eager patched outputs."""
+    pipe, _ = build("animatediff", components)
+    patch_pipeline(pipe)
+    motion = next(m for m in pipe.unet.modules() if type(m).__name__ == "AnimateDiffTransformer3D")
+    spatial = next(m for m in pipe.unet.modules() if type(m).__name__ == "Transformer2DModel")
+    channels = motion.norm.num_channels
+    x = torch.randn(2 * FRAMES, channels, 4, 4)
+    text = torch.randn(2 * FRAMES, 7, spatial.transformer_blocks[0].attn2.to_k.in_features)
+    with torch.no_grad():
+        for module, call in ((motion, lambda m: m(x, num_frames=FRAMES)),
+                             (spatial, lambda m: m(x, encoder_hidden_states=text, return_dict=False)[0])):
+            torch._dynamo.reset()
+            compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+            torch.testing.assert_close(call(compiled), call(module), atol=1e-5, rtol=1e-5)

@@ -30,6 +30,7 @@ from torch import nn
 
 from . import ops
 from .ops.dispatch import BACKENDS
+from .ops.group_norm import is_channels_last
 
 PATCH_ATTRIBUTE = "_animatelcm_patch"
 
@@ -87,15 +88,12 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
     return ops.temporal_unpermute_residual(hidden_states, residual, num_frames, backend=backend)
 
 
-def _is_channels_last(x) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _group_norm_silu(x, norm, nonlinearity, backend):
-    """``nonlinearity(norm(x))`` on the fused op, except for a channels-last ``x`` under ``backend="auto"``: the
-    kernels read [N, C, H, W] and would copy it first, which costs more than the fusion saves (the VAE decoder's
-    convolutions hand its ResNet blocks channels-last activations); PyTorch normalises that layout in place."""
-    if backend == "auto" and _is_channels_last(x):
+    """``nonlinearity(norm(x))`` on the fused op, except for a channels-last ``x`` off the CPU under
+    ``backend="auto"``: the GPU kernels read [N, C, H, W] and would copy it first, which costs more than the fusion
+    saves; PyTorch normalises that layout in place. (The VAE decoder's convolutions hand its ResNet blocks
+    channels-last activations; the CPU kernel reads them as they are.)"""
+    if backend == "auto" and x.device.type != "cpu" and is_channels_last(x):
         return nonlinearity(norm(x))
     return ops.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, backend=backend)
 
@@ -157,7 +155,7 @@ def _token_projection(layer, tokens, linear: bool):
 
 def _spatial_tokens_fusable(self, layer, x, backend) -> bool:
     return ((self.use_linear_projection or _is_pointwise_conv(layer)) and isinstance(self.norm, nn.GroupNorm)
-            and not (backend == "auto" and _is_channels_last(x)))
+            and not (backend == "auto" and is_channels_last(x)))
 
 
 def fused_spatial_input(self, hidden_states):

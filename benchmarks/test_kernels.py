@@ -110,6 +110,29 @@ def test_group_norm_silu(benchmark, record, device, provider):
         providers[provider], 2 * sets[0][0].numel() * sets[0][0].element_size())
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("provider", ["F.group_norm + F.silu", "torch.compile", "cpp", "copy (floor)"])
+def test_group_norm_silu_channels_last(benchmark, record, device, provider):
+    """The VAE decoder's ResNet blocks: channels-last activations from its convolutions ([16, 64, 128, 128] is a
+    quarter-width decoder at 256x256 pixels, 16 frames)."""
+    providers = {
+        "F.group_norm + F.silu": diffusers_group_norm_silu,
+        "torch.compile": compiled(diffusers_group_norm_silu),
+        "copy (floor)": lambda x, w, b: x.clone(),
+    }
+    if device == "cpu":
+        providers["cpp"] = forced("cpp", lambda x, w, b: ops.group_norm_silu(x, 32, w, b))
+    if provider not in providers:
+        pytest.skip(f"{provider} does not run on {device}")
+    cfg = configs(device)
+    shape = (16, 64, 128, 128)
+    sets = [(torch.randn(shape, device=device, dtype=cfg["dtype"]).contiguous(memory_format=torch.channels_last),
+             torch.randn(shape[1], device=device, dtype=cfg["dtype"]),
+             torch.randn(shape[1], device=device, dtype=cfg["dtype"])) for _ in range(SETS)]
+    run(benchmark, record, "group_norm_silu (channels-last)", provider, "F.group_norm + F.silu", shape, device, sets,
+        providers[provider], 2 * sets[0][0].numel() * sets[0][0].element_size())
+
+
 # ---- motion-module norm with the permute, and the permute back with the residual -------------------------------
 
 def diffusers_temporal_norm(x, w, b, frames=16):

@@ -53,6 +53,16 @@ GroupNormArgs make_group_norm_args(std::uintptr_t x, std::uintptr_t y, std::uint
                        batch, frames, channels, spatial, groups, eps, silu, permute_output, scalar_type};
 }
 
+// As make_group_norm_args for a channels-last x, y [batch, spatial, channels] (frames 1, no permuted output).
+GroupNormArgs make_channels_last_group_norm_args(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight,
+                                                 std::uintptr_t bias, int64_t batch, int64_t channels, int64_t spatial,
+                                                 int64_t groups, float eps, bool silu, int scalar_type) {
+  GroupNormArgs args = make_group_norm_args(x, y, weight, bias, batch, 1, channels, spatial, groups, eps, silu, false,
+                                            scalar_type);
+  args.channels_last = true;
+  return args;
+}
+
 UnpermuteResidualArgs make_unpermute_args(std::uintptr_t y, std::uintptr_t residual, std::uintptr_t out,
                                           int64_t batch, int64_t frames, int64_t channels, int64_t spatial,
                                           int scalar_type) {
@@ -111,6 +121,8 @@ PYBIND11_MODULE(_C, m) {
         "stride triples, scale, scalar type, stream_output (streaming stores for a contiguous output).");
   m.def("group_norm_cpu", released(&group_norm_cpu, &make_group_norm_args),
         "GroupNorm(+SiLU) over host x [batch*frames, C, S]; statistics span frames; optional [B, S, F, C] output.");
+  m.def("group_norm_channels_last_cpu", released(&group_norm_cpu, &make_channels_last_group_norm_args),
+        "GroupNorm(+SiLU) over host x [batch, spatial, C] (a channels-last [N, C, H, W]); y in the same layout.");
   m.def("unpermute_residual_cpu", released(&unpermute_residual_cpu, &make_unpermute_args),
         "out [B*F, C, S] = permute(y [B*S, F, C]) + residual over host buffers.");
   m.def("geglu_cpu", released(&geglu_cpu, &make_geglu_args),

@@ -39,6 +39,33 @@ def test_group_norm_silu_matches_reference(backend, dtype, silu, monkeypatch, po
             assert_close_to_reference(out, want, dtype)
 
 
+# Channels-last [N, C, H, W] (groups): channels not a multiple of any vector width, H*W across the CPU kernel's
+# 128-position blocks with a partial last one, one channel per group, a 1x1 image.
+CHANNELS_LAST_SHAPES = [((3, 40, 13, 11), 8), ((2, 7, 5, 30), 7), ((1, 64, 16, 16), 32), ((4, 6, 1, 1), 3),
+                        ((2, 20, 9, 17), 4)]
+
+
+@pytest.mark.parametrize("backend", backends_usable_here(GROUP_NORM_SILU))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_channels_last_input_keeps_its_layout(backend, dtype, isa, monkeypatch, poisoned_outputs):
+    """What the VAE decoder's convolutions hand its ResNet blocks; far-from-zero means test the shifted sums."""
+    monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
+    for index, (shape, groups) in enumerate(CHANNELS_LAST_SHAPES):
+        generator = torch.Generator().manual_seed(index)
+        x = (torch.randn(shape, generator=generator) * 3 + 50 * (index % 2)).to(dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight, bias = affine(shape[1], generator)
+        for w, b, silu in ((weight, bias, True), (None, None, False)):
+            out = run(backend, monkeypatch, ops.group_norm_silu, x, groups, w, b, 1e-5, silu)
+            assert out.shape == x.shape
+            assert shape[1] == 1 or shape[2] * shape[3] == 1 or out.is_contiguous(memory_format=torch.channels_last)
+            assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu),
+                                      dtype)
+    eager = run("eager", monkeypatch, ops.group_norm_silu, x, 2)  # PyTorch's own: the same layout rule
+    assert eager.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_every_cpu_isa_build(isa, monkeypatch, poisoned_outputs):
     if "cpp" not in backends_usable_here(GROUP_NORM_SILU):
@@ -161,6 +188,8 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.animatelcm.group_norm_silu.default, (x, 4, w, b, 1e-5, True, "auto"))
     torch.library.opcheck(torch.ops.animatelcm.group_norm_silu.default,
                           (x.requires_grad_(), 2, w.requires_grad_(), None, 1e-5, False, "eager"))
+    channels_last = torch.randn(2, 8, 3, 5).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.animatelcm.group_norm_silu.default, (channels_last, 4, w, b, 1e-5, True, "auto"))
     xt = torch.randn(2 * 4, 8, 2, 3)
     torch.library.opcheck(torch.ops.animatelcm.temporal_group_norm.default, (xt, 4, 2, w, b, 1e-6, "auto"))
     y = torch.randn(2 * 6, 4, 8)
@@ -191,7 +220,9 @@ def test_bad_inputs_raise_clear_errors():
 
 def test_nan_stays_in_its_group(monkeypatch):
     for backend in backends_usable_here(GROUP_NORM_SILU):
-        x = torch.randn(2, 4, 3, 3)
-        x[1, 2, 1, 1] = float("nan")
-        out = run(backend, monkeypatch, ops.group_norm_silu, x, 2)
-        assert torch.isnan(out[1, 2:]).all() and torch.isfinite(out[0]).all() and torch.isfinite(out[1, :2]).all()
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = torch.randn(2, 4, 3, 3)
+            x[1, 2, 1, 1] = float("nan")
+            out = run(backend, monkeypatch, ops.group_norm_silu, x.contiguous(memory_format=layout), 2)
+            assert torch.isnan(out[1, 2:]).all() and torch.isfinite(out[0]).all()
+            assert torch.isfinite(out[1, :2]).all()

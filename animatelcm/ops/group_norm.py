@@ -1,7 +1,8 @@
 """GroupNorm family for the inflated UNet:
 
 - ``group_norm_silu(x, num_groups, weight, bias, eps, silu=True)``: ``x [N, C, *]`` -> same shape,
-  ``F.silu(F.group_norm(x, ...))`` (or plain GroupNorm with ``silu=False``) in one pass per group.
+  ``F.silu(F.group_norm(x, ...))`` (or plain GroupNorm with ``silu=False``) in one pass per group; a channels-last
+  ``x`` keeps its layout (on the CPU: statistics vectorised across the contiguous channels, no layout copy).
 - ``temporal_group_norm(x, num_frames, num_groups, weight, bias, eps)``: the motion module's frame-spanning norm:
   ``x [B*F, C, H, W]`` -> ``[B*H*W, F, C]``, statistics per (batch, group) over (C/G, F, H, W), fused with the
   permute diffusers does after it.
@@ -163,6 +164,30 @@ def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight,
     return out
 
 
+def is_channels_last(x) -> bool:
+    """A 4-D tensor laid out channels-last (and not also contiguous, as a one-channel or 1x1 tensor is)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _output_format(x):
+    """group_norm_silu's output layout: channels-last for a channels-last x (as PyTorch's), else contiguous."""
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
+
+
+def _native_group_norm_silu(kernel_name, extra, x, num_groups, weight, bias, eps, silu):
+    """A channels-last x on the CPU runs the channels-last kernel (no layout copy); any other x is made contiguous
+    for the [N, C, S] kernels, and the result takes x's layout back."""
+    if kernel_name == "group_norm_cpu" and is_channels_last(x):
+        out = torch.empty_like(x, memory_format=torch.channels_last)
+        if out.numel():
+            native_module().group_norm_channels_last_cpu(
+                pointer(x), pointer(out), pointer(_affine_fp32(weight)), pointer(_affine_fp32(bias)), x.shape[0],
+                x.shape[1], x.shape[2] * x.shape[3], num_groups, float(eps), bool(silu), SCALAR_TYPE_CODES[x.dtype])
+        return out
+    out = _native_group_norm(kernel_name, extra, x, x.shape[0], 1, num_groups, weight, bias, eps, silu, False)
+    return out.contiguous(memory_format=_output_format(x))
+
+
 def _native_unpermute(kernel_name, extra, y, residual, num_frames):
     y, residual = y.contiguous(), residual.contiguous()
     batch_frames, channels = residual.shape[:2]
@@ -182,10 +207,6 @@ def _cuda_extra(x):
     return (cuda_stream_handle(x.device),)
 
 
-
-
-
-
 def _gn_impls(reference, run_native):
     return [
         Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), cuda_kernels_unavailable_reason,
@@ -197,9 +218,9 @@ def _gn_impls(reference, run_native):
 
 
 GROUP_NORM_SILU = _gn_impls(
-    lambda x, g, w, b, eps, silu: group_norm_silu_reference(x, g, w, b, eps, silu),
-    lambda kernel, extra, x, g, w, b, eps, silu: _native_group_norm(kernel, extra, x, x.shape[0], 1, g, w, b, eps,
-                                                                    silu, False))
+    lambda x, g, w, b, eps, silu: group_norm_silu_reference(x, g, w, b, eps, silu).contiguous(
+        memory_format=_output_format(x)),
+    _native_group_norm_silu)
 TEMPORAL_GROUP_NORM = _gn_impls(
     lambda x, f, g, w, b, eps: temporal_group_norm_reference(x, f, g, w, b, eps),
     lambda kernel, extra, x, f, g, w, b, eps: _native_group_norm(kernel, extra, x, x.shape[0] // f, f, g, w, b, eps,
@@ -224,7 +245,7 @@ def _group_norm_silu_op(x: torch.Tensor, num_groups: int, weight: torch.Tensor |
 
 @_group_norm_silu_op.register_fake
 def _(x, num_groups, weight, bias, eps, silu, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=_output_format(x))
 
 
 def _gn_setup(ctx, inputs, output):
@@ -311,7 +332,9 @@ _unpermute_residual_op.register_autograd(_unpermute_backward, setup_context=_unp
 # ---- public API ------------------------------------------------------------------------------------------------
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True, backend="auto"):
-    """GroupNorm (+ SiLU) of ``x [N, C, *]`` -> same shape; see the module docstring. ``backend`` picks one."""
+    """GroupNorm (+ SiLU) of ``x [N, C, *]`` -> same shape; see the module docstring. ``backend`` picks one.
+    The result is channels-last when ``x`` is a channels-last 4-D tensor (as PyTorch's is), else contiguous; the
+    CPU kernel reads and writes that layout directly."""
     _check_tensor("group_norm_silu", "x", x, "[N, C, *]")
     _check_groups("group_norm_silu", x.shape[1], num_groups, eps)
     _check_affine("group_norm_silu", x, x.shape[1], weight, bias)

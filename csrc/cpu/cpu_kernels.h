@@ -41,6 +41,8 @@ struct AttentionArgs {
 
 // GroupNorm over x [batch*frames, channels, spatial] (contiguous); statistics per (batch, group) span the frames.
 // weight/bias: fp32 [channels] or null. permute_output writes y as [batch, spatial, frames, channels].
+// channels_last: x and y are [batch, spatial, channels] in memory instead (frames 1, no permute_output): a
+// channels-last [N, C, H, W] tensor.
 struct GroupNormArgs {
   const void* x;
   void* y;
@@ -51,6 +53,7 @@ struct GroupNormArgs {
   bool silu;
   bool permute_output;
   int scalar_type;
+  bool channels_last = false;
 };
 
 // out [batch*frames, channels, spatial] = permute(y [batch*spatial, frames, channels]) + residual (same as out).

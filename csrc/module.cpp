@@ -53,6 +53,16 @@ GroupNormArgs make_group_norm_args(std::uintptr_t x, std::uintptr_t y, std::uint
                        batch, frames, channels, spatial, groups, eps, silu, permute_output, scalar_type};
 }
 
+// As make_group_norm_args, for the CPU kernel: plus stream_output.
+GroupNormArgs make_cpu_group_norm_args(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias,
+                                       int64_t batch, int64_t frames, int64_t channels, int64_t spatial, int64_t groups,
+                                       float eps, bool silu, bool permute_output, int scalar_type, bool stream_output) {
+  GroupNormArgs args = make_group_norm_args(x, y, weight, bias, batch, frames, channels, spatial, groups, eps, silu,
+                                            permute_output, scalar_type);
+  args.stream_output = stream_output;
+  return args;
+}
+
 // As make_group_norm_args for a channels-last x, y [batch, spatial, channels] (frames 1, no permuted output).
 GroupNormArgs make_channels_last_group_norm_args(std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight,
                                                  std::uintptr_t bias, int64_t batch, int64_t channels, int64_t spatial,
@@ -119,8 +129,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("temporal_attention_cpu", released(&temporal_attention_cpu, &make_attention_args),
         "softmax(q k^T scale) v over host buffers: pointers, batch0, batch1, frames, head_dim, four (b0, b1, frame) "
         "stride triples, scale, scalar type, stream_output (streaming stores for a contiguous output).");
-  m.def("group_norm_cpu", released(&group_norm_cpu, &make_group_norm_args),
-        "GroupNorm(+SiLU) over host x [batch*frames, C, S]; statistics span frames; optional [B, S, F, C] output.");
+  m.def("group_norm_cpu", released(&group_norm_cpu, &make_cpu_group_norm_args),
+        "GroupNorm(+SiLU) over host x [batch*frames, C, S]; statistics span frames; optional [B, S, F, C] output; "
+        "stream_output (streaming stores for the [N, C, S] output).");
   m.def("group_norm_channels_last_cpu", released(&group_norm_cpu, &make_channels_last_group_norm_args),
         "GroupNorm(+SiLU) over host x [batch, spatial, C] (a channels-last [N, C, H, W]); y in the same layout.");
   m.def("unpermute_residual_cpu", released(&unpermute_residual_cpu, &make_unpermute_args),

@@ -8,7 +8,7 @@ from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, C, spatial dims, groups): odd sizes on purpose, SD1.5-like ones too.
-# (2, 16, 37, 16): whole vectors on aligned rows (the streaming-store path); (1, 8, 5, 25): unaligned rows, tails.
+# (2, 16, 37, 16): rows of whole vectors; (1, 8, 5, 25): unaligned rows, tails (both also on the streaming path).
 PLAIN_SHAPES = [((3, 12, 5, 7), 4), ((2, 32, 9), 8), ((1, 64, 8, 8), 32), ((5, 6, 1, 1), 3), ((2, 40, 3, 3, 3), 2),
                 ((2, 16, 37, 16), 4), ((1, 8, 5, 25), 2)]
 # (B, F, C, H, W, groups)
@@ -64,6 +64,26 @@ def test_channels_last_input_keeps_its_layout(backend, dtype, isa, monkeypatch, 
                                       dtype)
     eager = run("eager", monkeypatch, ops.group_norm_silu, x, 2)  # PyTorch's own: the same layout rule
     assert eager.is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_calls_larger_than_the_cache_stream_their_output(isa, monkeypatch, poisoned_outputs):
+    """With x and y over the last-level cache (made 64 bytes here) the CPU kernel stages each channel's run and writes
+    it with streaming stores: rows of 37 * 16 and 5 * 25 elements start and end off a vector boundary."""
+    if "cpp" not in backends_usable_here(GROUP_NORM_SILU):
+        pytest.skip("native module not built")
+    from animatelcm.ops import native
+
+    monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
+    monkeypatch.setattr(native, "last_level_cache_bytes", lambda: 64)
+    for index, (shape, groups) in enumerate(PLAIN_SHAPES):
+        for dtype in DTYPES:
+            generator = torch.Generator().manual_seed(index)
+            x = (torch.randn(shape, generator=generator) * 3 + 1).to(dtype)
+            weight, bias = affine(shape[1], generator)
+            assert native.exceeds_last_level_cache(x, x)
+            out = run("cpp", monkeypatch, ops.group_norm_silu, x, groups, weight, bias)
+            assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, weight, bias), dtype)
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)

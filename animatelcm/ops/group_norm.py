@@ -23,6 +23,7 @@ from .native import (
     SCALAR_TYPE_CODES,
     cuda_kernels_unavailable_reason,
     cuda_stream_handle,
+    exceeds_last_level_cache,
     native_module,
     native_unavailable_reason,
     pointer,
@@ -203,6 +204,11 @@ def _no_extra(x):
     return ()
 
 
+def _cpu_extra(x):
+    """The CPU kernel's stream_output flag: x and an output of its size exceed the last-level cache."""
+    return (exceeds_last_level_cache(x, x),)
+
+
 def _cuda_extra(x):
     return (cuda_stream_handle(x.device),)
 
@@ -211,7 +217,7 @@ def _gn_impls(reference, run_native):
     return [
         Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), cuda_kernels_unavailable_reason,
                        reject_unless_native("cuda")),
-        Implementation("cpp", lambda *a: run_native("group_norm_cpu", _no_extra, *a), native_unavailable_reason,
+        Implementation("cpp", lambda *a: run_native("group_norm_cpu", _cpu_extra, *a), native_unavailable_reason,
                        reject_unless_native("cpu")),
         Implementation("eager", reference, lambda: None, lambda *a: None),
     ]

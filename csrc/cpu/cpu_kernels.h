@@ -42,7 +42,8 @@ struct AttentionArgs {
 // GroupNorm over x [batch*frames, channels, spatial] (contiguous); statistics per (batch, group) span the frames.
 // weight/bias: fp32 [channels] or null. permute_output writes y as [batch, spatial, frames, channels].
 // channels_last: x and y are [batch, spatial, channels] in memory instead (frames 1, no permute_output): a
-// channels-last [N, C, H, W] tensor.
+// channels-last [N, C, H, W] tensor. stream_output (set by the caller when x and y together exceed the last-level
+// cache; [N, C, S] layout without permute_output only): write y with streaming stores.
 struct GroupNormArgs {
   const void* x;
   void* y;
@@ -54,6 +55,7 @@ struct GroupNormArgs {
   bool permute_output;
   int scalar_type;
   bool channels_last = false;
+  bool stream_output = false;
 };
 
 // out [batch*frames, channels, spatial] = permute(y [batch*spatial, frames, channels]) + residual (same as out).

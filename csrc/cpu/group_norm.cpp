@@ -13,6 +13,7 @@
 #include "../fast_math.h"
 #include "../scalar_types.h"
 #include "cpu_kernels.h"
+#include "streaming.h"
 
 namespace animatelcm {
 namespace ALCM_CPU_ISA {
@@ -184,19 +185,32 @@ void group_norm_typed(const GroupNormArgs& a) {
   std::vector<float> mean(a.batch * G), rstd(a.batch * G);
 
   if (!a.permute_output) {
-#pragma omp parallel for schedule(static)
-    for (int64_t index = 0; index < a.batch * G; ++index) {
-      const int64_t b = index / G, g = index % G;
-      const T* base = x + ((b * F) * C + g * per_group) * HW;
-      group_stats<S>(base, F, per_group * HW, C * HW, a.eps, &mean[index], &rstd[index]);
-      for (int64_t f = 0; f < F; ++f) {
-        for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-          const float w = a.weight ? a.weight[c] : 1.0f, bias = a.bias ? a.bias[c] : 0.0f;
-          const float scale = rstd[index] * w, shift = bias - mean[index] * scale;
-          const int64_t offset = ((b * F + f) * C + c) * HW;
-          normalize_run<S, kSilu>(x + offset, y + offset, HW, scale, shift, per_group * HW);
+    // With a.stream_output each channel's run is normalised into a per-thread staging row (in L1/L2) and streamed
+    // to y, skipping the read-for-ownership of y's lines.
+#pragma omp parallel
+    {
+      std::vector<T> staged(a.stream_output ? HW : 0);
+#pragma omp for schedule(static)
+      for (int64_t index = 0; index < a.batch * G; ++index) {
+        const int64_t b = index / G, g = index % G;
+        const T* base = x + ((b * F) * C + g * per_group) * HW;
+        group_stats<S>(base, F, per_group * HW, C * HW, a.eps, &mean[index], &rstd[index]);
+        for (int64_t f = 0; f < F; ++f) {
+          for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
+            const float w = a.weight ? a.weight[c] : 1.0f, bias = a.bias ? a.bias[c] : 0.0f;
+            const float scale = rstd[index] * w, shift = bias - mean[index] * scale;
+            const int64_t offset = ((b * F + f) * C + c) * HW;
+            if (!a.stream_output) {
+              normalize_run<S, kSilu>(x + offset, y + offset, HW, scale, shift, per_group * HW);
+              continue;
+            }
+            normalize_run<S, kSilu>(x + offset, staged.data(), HW, scale, shift, per_group * HW);
+            stream_copy(y + offset, staged.data(), HW * static_cast<int64_t>(sizeof(T)));
+          }
         }
       }
+      // This thread's streaming stores reach memory before the region's closing barrier lets anyone read them.
+      if (a.stream_output) store_fence();
     }
     return;
   }

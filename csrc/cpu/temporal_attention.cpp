@@ -20,6 +20,7 @@
 #include "../fast_math.h"
 #include "../scalar_types.h"
 #include "cpu_kernels.h"
+#include "streaming.h"
 
 namespace animatelcm {
 namespace ALCM_CPU_ISA {
@@ -43,44 +44,6 @@ VecF* align_to_vector(std::vector<float>& buffer) {
 // skip the read-for-ownership of every output line, a fifth of the traffic. Measured on 2 Sapphire Rapids cores at
 // [1024, 8, 16, 40] fp32 with cold inputs: 14 % less time; with an output that stays in cache for its consumer they
 // cost up to 23 %, hence the cache test.
-// dst[0, bytes) <- src[0, bytes): aligned streaming stores of the widest native vectors for the whole lines, plain
-// copies for the unaligned head and the tail. The caller issues the store fence before the data is read elsewhere.
-inline void stream_copy(void* dst, const void* src, int64_t bytes) {
-#if defined(__AVX512F__)
-  constexpr int64_t kWidth = 64;
-#elif defined(__AVX2__)
-  constexpr int64_t kWidth = 32;
-#elif defined(__SSE2__)
-  constexpr int64_t kWidth = 16;
-#else
-  constexpr int64_t kWidth = 0;
-#endif
-  auto* d = static_cast<char*>(dst);
-  const auto* s = static_cast<const char*>(src);
-  if constexpr (kWidth > 0) {
-    int64_t head = static_cast<int64_t>((kWidth - reinterpret_cast<std::uintptr_t>(d) % kWidth) % kWidth);
-    head = head < bytes ? head : bytes;
-    std::memcpy(d, s, head);
-    d += head, s += head, bytes -= head;
-    for (; bytes >= kWidth; d += kWidth, s += kWidth, bytes -= kWidth) {
-#if defined(__AVX512F__)
-      _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_loadu_si512(s));
-#elif defined(__AVX2__)
-      _mm256_stream_si256(reinterpret_cast<__m256i*>(d), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
-#elif defined(__SSE2__)
-      _mm_stream_si128(reinterpret_cast<__m128i*>(d), _mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
-#endif
-    }
-  }
-  std::memcpy(d, s, bytes);
-}
-
-inline void store_fence() {
-#if defined(__SSE2__)
-  _mm_sfence();
-#endif
-}
-
 // Prefetch `rows` rows of `row_elements` elements, `row_stride` apart. Each pass over query rows prefetches the same
 // rows of the next sequence's q, k and v, so they come in from memory while this one computes, a few lines at a
 // time (all at once, the prefetches queued behind the line-fill buffers and stalled instead).

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.animatelcm-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 DEMO_OUT ?= outputs/demo.gif
 
-.PHONY: setup demo test test-slow bench bench-e2e mini-world wheel clean
+.PHONY: setup demo test test-slow bench bench-e2e gpu-carry mini-world wheel clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,14 @@ bench: setup
 # End-to-end pipeline benchmark (diffusers eager vs patch_pipeline vs torch.compile; slow on a CPU).
 bench-e2e: setup
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) benchmarks/end_to_end.py
+
+# What benchmarks/gpu_check.sh needs carried to a GPU machine without network or diffusers: diffusers' Python
+# sources (about 30 MB) into .gpu_carry/site. See README "GPU checks".
+gpu-carry: setup
+	rm -rf .gpu_carry && mkdir -p .gpu_carry/site
+	cd $$($(PY) -c "import diffusers, os; print(os.path.dirname(os.path.dirname(diffusers.__file__)))") && \
+		find diffusers -name '*.py' -exec cp --parents {} $(CURDIR)/.gpu_carry/site/ \;
+	du -sh .gpu_carry
 
 # The miniature reproduction (issue 6): train every stage, evaluate the table, ship the default model. About 2.5 h
 # on a 2-core CPU; resumable (rerun to continue). See README "Miniature reproduction".

@@ -5,9 +5,15 @@ CPU (default): an SD1.5-topology UNet at a quarter of the width (blocks 80/160/3
 SD1.5, 16 GroupNorm groups since 32 does not divide 80), motion modules, a quarter-width VAE, 16 frames at 256x256,
 4 steps, guidance 1.0. GPU (--device cuda): full SD1.5 + AnimateLCM shapes, 16 frames at 512x512, fp16.
 
-    python benchmarks/end_to_end.py [--device cpu|cuda] [--runs 3] [--no-compile]
+    python benchmarks/end_to_end.py [--device cpu|cuda] [--runs 3] [--no-compile] [--compile-mode MODE]
+                                    [--guidance 1 2] [--peak-tflops T] [--profile]
 
-Appends to benchmarks/results/end_to_end.csv and rewrites benchmarks/results/end_to_end.md.
+Appends to benchmarks/results/end_to_end.csv and rewrites benchmarks/results/end_to_end.md (on a GPU:
+end_to_end_cuda.{csv,md}). Each row: median/min/max seconds per pipeline call, seconds per denoising step (the
+latents call over its steps), peak GPU memory, and MFU: the FLOPs of one unpatched call (counted once with
+torch.utils.flop_counter, the same arithmetic the patched call does) over its time and the device's peak
+(--peak-tflops; on a GPU the dense fp16 peak of the H100/H200 SXM, 989.4 TFLOP/s, when not given). --profile adds a
+torch.profiler breakdown of one patched latents call (end_to_end_profile[_cuda].md).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from animatelcm import patch_pipeline  # noqa: E402
 from animatelcm.testing import TinyConfig, tiny_components  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+STEPS = 4
 
 
 def build(device, dtype):
@@ -67,13 +74,53 @@ def run_once(pipe, size, device, guidance, output_type):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    pipe(prompt="a red circle moving right", num_frames=16, height=size, width=size, num_inference_steps=4,
+    pipe(prompt="a red circle moving right", num_frames=16, height=size, width=size, num_inference_steps=STEPS,
          guidance_scale=guidance, latents=latents, generator=torch.Generator().manual_seed(1),
          output_type=output_type)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     return seconds, (torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan"))
+
+
+PEAK_TFLOPS = {"H100": 989.4, "H200": 989.4}  # dense fp16/bf16 tensor-core peak of the SXM parts
+
+
+def device_peak_tflops(device, override):
+    """The peak the MFU column is measured against: ``override``, else a known GPU's, else None (no MFU)."""
+    if override is not None or device != "cuda":
+        return override
+    name = torch.cuda.get_device_name()
+    return next((peak for key, peak in PEAK_TFLOPS.items() if key in name), None)
+
+
+def call_flops(pipe, size, device, guidance):
+    """FLOPs of one latents call of the unpatched ``pipe`` (text encoder, every UNet call, the steps)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        run_once(pipe, size, device, guidance, "latent")
+    return counter.get_total_flops()
+
+
+def profile_breakdown(pipe, size, device, guidance, rows=15) -> str:
+    """A markdown table of the ops taking the most time in one latents call of ``pipe`` (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    run_once(pipe, size, device, guidance, "latent")
+    with profile(activities=activities) as prof:
+        run_once(pipe, size, device, guidance, "latent")
+    events = prof.key_averages()
+    attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    total = sum(getattr(e, attribute) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:rows]
+    lines = ["| op | calls | self time ms | share |", "|---|---|---|---|"]
+    for e in top:
+        lines.append(f"| `{e.key}` | {e.count} | {getattr(e, attribute) / 1e3:.1f} | "
+                     f"{100 * getattr(e, attribute) / total:.1f} % |")
+    return "\n".join(lines)
 
 
 def time_providers(pipes: dict, size, device, guidance, runs, output_type) -> dict:
@@ -98,53 +145,97 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
+    parser.add_argument("--compile-mode", default=None,
+                        help="torch.compile mode (default: max-autotune on a GPU, default on the CPU)")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0])
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="device peak for the MFU column (default: known GPUs' dense fp16 peak; none on a CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also write a torch.profiler breakdown of one patched latents call")
     args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
     dtype = torch.float32 if args.device == "cpu" else torch.float16
     base, size = build(args.device, dtype)
+    peak = device_peak_tflops(args.device, args.peak_tflops)
+    flops = {g: call_flops(base, size, args.device, g) for g in args.guidance} if peak else {}
     providers = {"diffusers eager": lambda p: p, "patched": lambda p: patch_pipeline(p)}
     if not args.no_compile:
-        mode = "max-autotune" if args.device == "cuda" else "default"
+        mode = args.compile_mode or ("max-autotune" if args.device == "cuda" else "default")
 
         def compiled(p):
             p.unet = torch.compile(p.unet, mode=mode)
             return p
-        providers["torch.compile(unet)"] = compiled
-        providers["patched + torch.compile(unet)"] = lambda p: compiled(patch_pipeline(p))
+        providers[f"torch.compile(unet, {mode})"] = compiled
+        providers[f"patched + torch.compile(unet, {mode})"] = lambda p: compiled(patch_pipeline(p))
     pipes = {name: prepare(copy.deepcopy(base)) for name, prepare in providers.items()}
     rows = []
     for guidance in args.guidance:
         for output_type in ("latent", "np"):
             timings = time_providers(pipes, size, args.device, guidance, args.runs, output_type)
-            for name, (median, low, high, peak) in timings.items():
-                rows.append(dict(provider=name, guidance=guidance, output=("latents" if output_type == "latent"
+            for name, (median, low, high, peak_gib) in timings.items():
+                latents_only = output_type == "latent"
+                mfu = flops[guidance] / median / (peak * 1e12) if (flops and latents_only) else float("nan")
+                rows.append(dict(provider=name, guidance=guidance, output=("latents" if latents_only
                                                                          else "with VAE decode"),
-                                 median_s=median, min_s=low, max_s=high, peak_gib=peak))
-                print(f"{name:32s} guidance {guidance} {rows[-1]['output']:16s} {median:8.3f} s "
+                                 median_s=median, min_s=low, max_s=high, peak_gib=peak_gib,
+                                 step_s=median / STEPS if latents_only else float("nan"), mfu=mfu))
+                print(f"{name:40s} guidance {guidance} {rows[-1]['output']:16s} {median:8.3f} s "
                       f"[{low:.3f}, {high:.3f}]", flush=True)
     machine = f"{platform.machine()} {torch.get_num_threads()} threads" if args.device == "cpu" else \
         torch.cuda.get_device_name()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    csv_path = RESULTS / "end_to_end.csv"
-    new = not csv_path.exists()
-    with csv_path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["date", "device", "unet_params", *rows[0]])
-        if new:
-            writer.writeheader()
-        for row in rows:
-            writer.writerow({"date": stamp, "device": machine, "unet_params": unet_parameters(base), **row})
-    lines = [f"# End-to-end: 16 frames at {size}x{size}, 4 steps, {str(dtype).replace('torch.', '')}, on {machine}",
+    name = "end_to_end" if args.device == "cpu" else "end_to_end_cuda"
+    append_rows(RESULTS / f"{name}.csv",
+                [{"date": stamp, "device": machine, "unet_params": unet_parameters(base), **row} for row in rows])
+    command = f"python benchmarks/end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    lines = [f"# End-to-end: 16 frames at {size}x{size}, {STEPS} steps, {str(dtype).replace('torch.', '')}, on {machine}",
              "", f"UNet + motion modules: {unet_parameters(base) / 1e6:.1f} M parameters, random weights. "
-             f"Command: `python benchmarks/end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
-             f"Run {stamp}.", "",
-             "| provider | guidance | output | median s | min-max s | speed-up vs diffusers eager |", "|---|---|---|---|---|---|"]
+             f"Command: `{command}`. Run {stamp}."]
+    if flops:
+        lines += ["", "FLOPs per latents call (unpatched, counted): " + ", ".join(
+            f"guidance {g}: {f / 1e12:.3g} TFLOP" for g, f in flops.items()) + f"; MFU against {peak:g} TFLOP/s."]
+    lines += ["", "| provider | guidance | output | median s | min-max s | s per step | peak GiB | MFU | "
+              "speed-up vs diffusers eager |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         base_row = next(r for r in rows if r["provider"] == "diffusers eager" and r["guidance"] == row["guidance"]
                         and r["output"] == row["output"])
         lines.append(f"| {row['provider']} | {row['guidance']} | {row['output']} | {row['median_s']:.3f} | "
-                     f"{row['min_s']:.3f}-{row['max_s']:.3f} | {base_row['median_s'] / row['median_s']:.2f}x |")
-    (RESULTS / "end_to_end.md").write_text("\n".join(lines) + "\n")
+                     f"{row['min_s']:.3f}-{row['max_s']:.3f} | {_number(row['step_s'], '.3f')} | "
+                     f"{_number(row['peak_gib'], '.2f')} | {_number(100 * row['mfu'], '.1f', ' %')} | "
+                     f"{base_row['median_s'] / row['median_s']:.2f}x |")
+    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
+    if args.profile:
+        patched = pipes["patched"]
+        breakdown = profile_breakdown(patched, size, args.device, args.guidance[0])
+        (RESULTS / f"{name.replace('end_to_end', 'end_to_end_profile')}.md").write_text(
+            f"# Where the time goes: one patched latents call, guidance {args.guidance[0]}, on {machine}\n\n"
+            f"Command: `{command}`. Run {stamp}. Self time per op ({'GPU' if args.device == 'cuda' else 'CPU'}).\n\n"
+            + breakdown + "\n")
+
+
+def append_rows(path: Path, rows: list[dict]) -> None:
+    """Append ``rows`` to the CSV at ``path``; a file written with fewer columns (older runs) is rewritten with the
+    new ones, its old rows left blank there."""
+    fields = list(rows[0])
+    old_rows = []
+    if path.exists():
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames != fields:
+                old_rows = list(reader)
+                fields = list(dict.fromkeys([*(reader.fieldnames or []), *fields]))
+    mode = "w" if old_rows or not path.exists() else "a"
+    with path.open(mode, newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        if mode == "w":
+            writer.writeheader()
+        writer.writerows(old_rows + rows)
+
+
+def _number(value, spec, suffix=""):
+    return "-" if value != value else f"{value:{spec}}{suffix}"
 
 
 if __name__ == "__main__":

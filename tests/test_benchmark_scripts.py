@@ -1,0 +1,53 @@
+"""benchmarks/end_to_end.py on a tiny pipeline: the table's columns (per-step time, MFU), the profile, and the CSV
+kept readable when its columns change."""
+
+import csv
+import sys
+from pathlib import Path
+
+import diffusers
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import end_to_end  # noqa: E402
+
+
+@pytest.fixture
+def tiny_benchmark(components, tmp_path, monkeypatch):
+    def build(device, dtype):
+        pipe = diffusers.AnimateDiffPipeline(**components, scheduler=diffusers.LCMScheduler(
+            beta_schedule="linear", original_inference_steps=100))
+        pipe.set_progress_bar_config(disable=True)
+        return pipe, 64
+
+    monkeypatch.setattr(end_to_end, "build", build)
+    monkeypatch.setattr(end_to_end, "RESULTS", tmp_path)
+    return tmp_path
+
+
+def test_end_to_end_table_profile_and_csv(tiny_benchmark):
+    results = tiny_benchmark
+    with (results / "end_to_end.csv").open("w", newline="") as handle:  # a file from before the new columns
+        writer = csv.DictWriter(handle, fieldnames=["date", "provider", "median_s"])
+        writer.writeheader()
+        writer.writerow({"date": "earlier", "provider": "diffusers eager", "median_s": "1.0"})
+    end_to_end.main(["--runs", "1", "--no-compile", "--peak-tflops", "0.001", "--profile", "--guidance", "1", "2"])
+
+    table = (results / "end_to_end.md").read_text()
+    assert "| provider | guidance | output | median s | min-max s | s per step | peak GiB | MFU |" in table
+    rows = [line for line in table.splitlines() if line.startswith("| diffusers eager") or line.startswith("| patched")]
+    assert len(rows) == 2 * 2 * 2  # providers x guidance x (latents, with VAE decode)
+    latents = [r.split(" | ") for r in rows if "| latents |" in r]
+    assert all(float(r[5]) > 0 and r[7].endswith("%") for r in latents)  # seconds per step, MFU
+    assert "FLOPs per latents call (unpatched, counted): guidance 1.0:" in table
+
+    profile = (results / "end_to_end_profile.md").read_text()
+    assert "| op | calls | self time ms | share |" in profile and "aten::" in profile
+
+    with (results / "end_to_end.csv").open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        records = list(reader)
+    assert {"date", "provider", "median_s", "step_s", "mfu", "guidance"} <= set(reader.fieldnames)
+    assert records[0]["date"] == "earlier" and records[0]["mfu"] == ""
+    assert len(records) == 1 + 8

@@ -14,7 +14,9 @@ What is patched, all through diffusers' public hooks (attention processors and m
   convolutions around them run as the equal matrix products on the tokens (module methods);
 - every GEGLU feed-forward (motion modules and spatial transformers): its projection and ``h * gelu(gate)``
   together (:func:`animatelcm.ops.linear_geglu`; on the CPU in cache-sized row blocks) (module forward);
-- a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config.
+- a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config;
+- with ``cuda_graph=True``, the UNet's forward replays CUDA graphs captured per input signature
+  (:mod:`animatelcm.cuda_graphs`).
 Anything the fused paths do not cover (attention masks, cross-attention, other norms or activations) runs the
 original code.
 """
@@ -202,15 +204,21 @@ class PatchRecord:
 
     backend: str
     options: tuple
-    methods: list = field(default_factory=list)        # (module, method name) given an instance-level override
+    methods: list = field(default_factory=list)        # (module, name, instance attribute it shadowed or None,
+                                                       #  what the patch installed)
     processors: list = field(default_factory=list)     # (attention module, original processor)
     scheduler: object = None                           # the original scheduler, when swapped
 
 
 def _override(module, name, function, backend, record):
     setattr(module, PATCH_ATTRIBUTE, backend)
-    setattr(module, name, types.MethodType(function, module))
-    record.methods.append((module, name))
+    _install(module, name, types.MethodType(function, module), record)
+
+
+def _install(module, name, replacement, record):
+    """Set ``module.name = replacement`` (an instance attribute), remembering what it shadowed."""
+    record.methods.append((module, name, vars(module).get(name), replacement))
+    setattr(module, name, replacement)
 
 
 def _check_patchable(pipe):
@@ -226,15 +234,18 @@ def _check_patchable(pipe):
                          "split inference (plain FreeNoise works) or leave this pipeline unpatched.")
 
 
-def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: bool = True, scheduler: bool = True):
+def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: bool = True, scheduler: bool = True,
+                   cuda_graph: bool = False):
     """Run ``pipe`` (``AnimateDiffPipeline``, ``AnimateDiffVideoToVideoPipeline``, ``AnimateDiffControlNetPipeline``,
     ``AnimateLCMPipeline``, ...) on the fused kernels; returns ``pipe``.
 
     ``backend`` forces one kernel backend for the patched ops (``"auto"``: the dispatcher picks per call).
     ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
     in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
-    GEGLU) and ``scheduler`` switch the three parts. Patching again with the same options does nothing; with
-    other options the first patch is undone first. Undo with :func:`unpatch_pipeline`.
+    GEGLU) and ``scheduler`` switch the three parts. ``cuda_graph`` replays the UNet's forward from a CUDA graph
+    captured per input signature (GPU inputs without gradients only; see :mod:`animatelcm.cuda_graphs`). Patching
+    again with the same options does nothing; with other options the first patch is undone first. Undo with
+    :func:`unpatch_pipeline`.
     """
     from diffusers import LCMScheduler as DiffusersLCMScheduler
     from diffusers.models.activations import GEGLU
@@ -247,7 +258,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"patch_pipeline: backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
     _check_patchable(pipe)
-    options = (backend, attention, norms, scheduler)
+    options = (backend, attention, norms, scheduler, cuda_graph)
     existing = getattr(pipe, PATCH_ATTRIBUTE, None)
     if existing is not None:
         if existing.options == options:
@@ -276,6 +287,10 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         for module in vae.modules():
             if isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
                 _override(module, "forward", fused_resnet_forward, backend, record)
+    if cuda_graph:
+        from .cuda_graphs import GraphedForward
+
+        _install(pipe.unet, "forward", GraphedForward(pipe.unet, pipe.unet.forward), record)
     if scheduler and type(pipe.scheduler) is DiffusersLCMScheduler:
         record.scheduler = pipe.scheduler
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
@@ -289,8 +304,12 @@ def unpatch_pipeline(pipe):
     record = getattr(pipe, PATCH_ATTRIBUTE, None)
     if record is None:
         return pipe
-    for module, name in record.methods:
-        delattr(module, name)
+    for module, name, shadowed, installed in reversed(record.methods):
+        if vars(module).get(name) is installed:  # else something wrapped it since (an offload hook): leave that
+            if shadowed is None:
+                delattr(module, name)
+            else:
+                setattr(module, name, shadowed)
         if hasattr(module, PATCH_ATTRIBUTE):
             delattr(module, PATCH_ATTRIBUTE)
     for attn, processor in record.processors:

@@ -160,6 +160,8 @@ def main(argv=None):
     peak = device_peak_tflops(args.device, args.peak_tflops)
     flops = {g: call_flops(base, size, args.device, g) for g in args.guidance} if peak else {}
     providers = {"diffusers eager": lambda p: p, "patched": lambda p: patch_pipeline(p)}
+    if args.device == "cuda":
+        providers["patched + CUDA graph"] = lambda p: patch_pipeline(p, cuda_graph=True)
     if not args.no_compile:
         mode = args.compile_mode or ("max-autotune" if args.device == "cuda" else "default")
 

@@ -228,3 +228,92 @@ def test_patched_blocks_trace_without_graph_breaks(components):
             torch._dynamo.reset()
             compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
             torch.testing.assert_close(call(compiled), call(module), atol=1e-5, rtol=1e-5)
+
+
+class RerunGraph:
+    """A stand-in for torch.cuda.CUDAGraph on the CPU: capture runs the call once and keeps it; replay runs it again
+    into the captured output tensors, as a graph replay writes into its static outputs."""
+
+    captures = 0
+
+    def __init__(self, pool):
+        pass
+
+    def warm_up(self, fn):
+        fn()
+
+    def capture(self, fn):
+        RerunGraph.captures += 1
+        self.fn, self.outputs = fn, fn()
+        return self.outputs
+
+    def replay(self):
+        for static, fresh in zip(torch.utils._pytree.tree_leaves(self.outputs),
+                                 torch.utils._pytree.tree_leaves(self.fn())):
+            static.copy_(fresh)
+
+
+def test_graphed_forward_replays_with_each_calls_inputs(components, monkeypatch):
+    """The capture-and-replay plumbing of cuda_graph=True, on the CPU with RerunGraph: every replay sees its own
+    latents, timestep (tensor or number) and prompt embeddings through the static buffers; a new signature captures
+    again; outputs are copies, not the static buffers."""
+    from animatelcm.cuda_graphs import GraphedForward
+
+    unet = build("animatediff", components)[0].unet.eval()
+    graphed = GraphedForward(unet, unet.forward, graph_factory=RerunGraph)
+    monkeypatch.setattr(graphed, "_eligible", lambda sample: not torch.is_grad_enabled())
+    RerunGraph.captures = 0
+    text_width = unet.config.cross_attention_dim
+    with torch.no_grad():
+        outputs = []
+        for step, timestep in enumerate([torch.tensor(999), 759, torch.tensor(499.0), 259]):
+            sample = torch.randn(1, 4, FRAMES, 8, 8)
+            text = torch.randn(FRAMES, 7, text_width)  # per frame, as the pipelines pass it
+            got = graphed(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+            want = unet.forward(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+            outputs.append((got, want))
+        assert RerunGraph.captures == 2  # int64 timesteps (tensor or number), then a float32 one
+    for got, want in outputs:  # copies: later replays did not overwrite earlier results
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        graphed(torch.randn(2, 4, FRAMES, 8, 8), 10, encoder_hidden_states=torch.randn(2 * FRAMES, 7, text_width),
+                return_dict=False)
+    assert len(graphed.entries) == RerunGraph.captures
+    graphed.reset()
+    assert not graphed.entries
+
+
+def test_cuda_graph_option_on_the_cpu_runs_the_model_as_is(components):
+    pipe, args = build("animatediff", components)
+    reference = latents(pipe, args, 2.0)
+    patch_pipeline(pipe, cuda_graph=True)
+    assert type(vars(pipe.unet)["forward"]).__name__ == "GraphedForward"
+    torch.testing.assert_close(latents(pipe, args, 2.0), reference, atol=1e-4, rtol=1e-3)
+    unpatch_pipeline(pipe)
+    assert "forward" not in vars(pipe.unet)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_matches_eager_on_the_gpu(components):
+    pipe, args = build("animatediff", components)
+    pipe.to("cuda")
+    args["latents"] = args["latents"].cuda()
+    patch_pipeline(pipe)
+    reference = latents(pipe, args, 2.0)
+    patch_pipeline(pipe, cuda_graph=True)
+    first, second = latents(pipe, args, 2.0), latents(pipe, args, 2.0)  # capture, then replay
+    torch.testing.assert_close(first, reference, atol=1e-4, rtol=1e-3)
+    torch.testing.assert_close(second, reference, atol=1e-4, rtol=1e-3)
+    assert len(vars(pipe.unet)["forward"].entries) == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_patched_pipeline_with_model_cpu_offload(components):
+    pipe, args = build("animatediff", components)
+    pipe.enable_model_cpu_offload()
+    reference = latents(pipe, args, 2.0)
+    patch_pipeline(pipe)
+    torch.testing.assert_close(latents(pipe, args, 2.0), reference, atol=1e-4, rtol=1e-3)
+    unpatch_pipeline(pipe)
+    assert torch.equal(latents(pipe, args, 2.0), reference)

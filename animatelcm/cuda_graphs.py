@@ -1,0 +1,125 @@
+"""CUDA-graph replay of a UNet's forward for fixed shapes (``patch_pipeline(pipe, cuda_graph=True)``).
+
+A denoising loop calls the UNet with the same shapes every step; on a GPU at batch 1 much of a call is kernel launch
+overhead. :class:`GraphedForward` replaces ``unet.forward``: the first call with a new input signature (the shapes,
+dtypes and devices of every tensor argument and the values of the others) warms the forward up on a side stream and
+captures it into a CUDA graph whose inputs are static buffers; later calls copy their tensors into those buffers,
+replay the graph and return a copy of its output. Calls it cannot serve run the original forward: CPU inputs,
+gradients enabled, a model with accelerate offload hooks, an argument that is neither a tensor nor a hashable
+value, or ``torch.compile`` tracing.
+
+What a graph bakes in, it keeps: the weights are read from the memory they had at capture, so in-place changes
+(fusing a LoRA into the weights) show up in replays, but modules swapped or added afterwards (loading an unfused
+LoRA, ``set_adapters``) do not: call :meth:`GraphedForward.reset` (or patch again) after such changes. Timesteps
+given as Python numbers or CPU tensors are moved into a device buffer first, so each replay sees its own step's.
+
+Only the UNet is captured, not the scheduler step: the step's Python bookkeeping (the step index picking the
+coefficients) runs once at capture and would be frozen into a graph.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.utils import _pytree as pytree
+
+WARMUP_CALLS = 2
+
+
+class _CudaGraph:
+    """One ``torch.cuda.CUDAGraph``: ``capture(fn)`` runs ``fn`` under capture and returns its outputs."""
+
+    def __init__(self, pool):
+        self.graph = torch.cuda.CUDAGraph()
+        self.pool = pool
+
+    def warm_up(self, fn):
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_CALLS):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+
+    def capture(self, fn):
+        with torch.cuda.graph(self.graph, pool=self.pool):
+            return fn()
+
+    def replay(self):
+        self.graph.replay()
+
+
+class _Entry:
+    def __init__(self, graph, static_inputs, outputs):
+        self.graph, self.static_inputs, self.outputs = graph, static_inputs, outputs
+
+
+class GraphedForward:
+    """``unet.forward`` with CUDA-graph replay (see the module docstring).
+
+    ``original`` is the forward it replaces (called as ``original(*args, **kwargs)``). ``graph_factory(pool)``
+    makes the capture object; the default is a ``torch.cuda.CUDAGraph`` sharing one memory pool across signatures.
+    """
+
+    def __init__(self, module, original, graph_factory=None):
+        self.module = module
+        self.original = original
+        self.graph_factory = graph_factory or _CudaGraph
+        self.entries: dict = {}
+        self._pool = None
+
+    def reset(self):
+        """Forget every captured graph (the next call per signature captures again)."""
+        self.entries.clear()
+        self._pool = None
+
+    def __call__(self, sample, timestep, *args, **kwargs):
+        if not self._eligible(sample):
+            return self.original(sample, timestep, *args, **kwargs)
+        if not torch.is_tensor(timestep) or timestep.device != sample.device:
+            timestep = torch.as_tensor(timestep, device=sample.device)
+        leaves, spec = pytree.tree_flatten(((sample, timestep, *args), kwargs))
+        key = self._signature(leaves, spec)
+        if key is None:
+            return self.original(sample, timestep, *args, **kwargs)
+        entry = self.entries.get(key)
+        if entry is None:
+            entry = self.entries[key] = self._capture(leaves, spec)
+        else:
+            for static, value in zip(entry.static_inputs, leaves):
+                if torch.is_tensor(value):
+                    static.copy_(value)
+            entry.graph.replay()
+        return pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, entry.outputs)
+
+    def _eligible(self, sample) -> bool:
+        return (torch.is_tensor(sample) and sample.is_cuda and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling() and getattr(self.module, "_hf_hook", None) is None)
+
+    @staticmethod
+    def _signature(leaves, spec):
+        parts = []
+        for value in leaves:
+            if torch.is_tensor(value):
+                parts.append(("tensor", tuple(value.shape), value.stride(), value.dtype, value.device))
+            else:
+                try:
+                    hash(value)
+                except TypeError:
+                    return None
+                parts.append(("value", value))
+        return spec, tuple(parts)
+
+    def _capture(self, leaves, spec):
+        if self._pool is None and self.graph_factory is _CudaGraph:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = self.graph_factory(self._pool)
+        static_inputs = [value.clone() if torch.is_tensor(value) else value for value in leaves]
+        (sample, timestep, *args), kwargs = pytree.tree_unflatten(static_inputs, spec)
+
+        def call():
+            return self.original(sample, timestep, *args, **kwargs)
+
+        graph.warm_up(call)
+        outputs = graph.capture(call)
+        graph.replay()  # capture records the kernels without running them
+        return _Entry(graph, static_inputs, outputs)

@@ -8,8 +8,9 @@
 #   device run  command: bash benchmarks/gpu_check.sh   carry: [".gpu_carry"]   timeout_s: 600
 #
 # Every step writes its log and results under $OUT as soon as it ends, so a step that runs out of time loses only
-# itself. Steps (about 10 minutes on an H100 in all, compile excluded; set GPU_CHECK_COMPILE=1 to add the
-# torch.compile providers, whose max-autotune compile can take longer than one call allows):
+# itself; the step timeouts add up to one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on
+# a machine still warm from an earlier call (the build is kept there). GPU_CHECK_COMPILE=1 adds the torch.compile
+# providers to the end-to-end step, whose max-autotune compile can take longer than one call allows. Steps:
 #   1. build: ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
 #   2. tests: the op and patching tests, which on a GPU also run the cuda and triton backends;
 #   3. kernel benchmark (SD1.5 shapes, fp16): benchmarks/results/kernels_gpu.md;
@@ -20,34 +21,44 @@ OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
 export PYTHONPATH="$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH}"
+STEPS=" ${GPU_CHECK_STEPS:-build tests kernels e2e} "
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
-log "1. build"
-{ nvidia-smi; "$PYTHON" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
-  > "$OUT/machine.txt" 2>&1
-if ! ANIMATELCM_CUDA=1 ANIMATELCM_CUDA_ARCHS="${ANIMATELCM_CUDA_ARCHS:-90}" \
-     "$PYTHON" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-  log "build failed: see build.log"; tail -30 "$OUT/build.log"; exit 1
+if wanted build; then
+  log "1. build"
+  { nvidia-smi; "$PYTHON" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
+    > "$OUT/machine.txt" 2>&1
+  if ! ANIMATELCM_CUDA=1 ANIMATELCM_CUDA_ARCHS="${ANIMATELCM_CUDA_ARCHS:-90}" \
+       "$PYTHON" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
+    log "build failed: see build.log"; tail -30 "$OUT/build.log"; exit 1
+  fi
+  "$PYTHON" -m animatelcm.info > "$OUT/info.txt" 2>&1
+  cat "$OUT/info.txt"
 fi
-"$PYTHON" -m animatelcm.info > "$OUT/info.txt" 2>&1
-cat "$OUT/info.txt"
 
-log "2. tests"
-timeout 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
-  tests/test_consistency_op.py tests/test_geglu_op.py tests/test_scheduler.py tests/test_patching.py \
-  > "$OUT/tests.log" 2>&1
-log "tests: $(tail -1 "$OUT/tests.log")"
+if wanted tests; then
+  log "2. tests"
+  timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
+    tests/test_consistency_op.py tests/test_geglu_op.py tests/test_scheduler.py tests/test_patching.py \
+    > "$OUT/tests.log" 2>&1
+  log "tests: $(tail -1 "$OUT/tests.log")"
+fi
 
-log "3. kernel benchmark"
-ANIMATELCM_BENCH_NAME=kernels_gpu timeout 180 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py \
-  -k cuda --benchmark-disable-gc > "$OUT/kernels.log" 2>&1
-cp benchmarks/results/kernels_gpu.md benchmarks/results/kernels_gpu.csv "$OUT/" 2>/dev/null
-log "kernels: $(tail -1 "$OUT/kernels.log")"
+if wanted kernels; then
+  log "3. kernel benchmark"
+  ANIMATELCM_BENCH_NAME=kernels_gpu timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py \
+    -k cuda --benchmark-disable-gc > "$OUT/kernels.log" 2>&1
+  cp benchmarks/results/kernels_gpu.md benchmarks/results/kernels_gpu.csv "$OUT/" 2>/dev/null
+  log "kernels: $(tail -1 "$OUT/kernels.log")"
+fi
 
-log "4. end-to-end"
-compile_flag=--no-compile
-[ "${GPU_CHECK_COMPILE:-0}" = 1 ] && compile_flag=""
-timeout 300 "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile $compile_flag \
-  > "$OUT/end_to_end.log" 2>&1
-cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$OUT/" 2>/dev/null
-log "end-to-end: $(tail -3 "$OUT/end_to_end.log" | tr '\n' ' ')"
+if wanted e2e; then
+  log "4. end-to-end"
+  compile_flag=--no-compile
+  [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && compile_flag=""
+  timeout 220 "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile $compile_flag \
+    > "$OUT/end_to_end.log" 2>&1
+  cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$OUT/" 2>/dev/null
+  log "end-to-end: $(tail -3 "$OUT/end_to_end.log" | tr '\n' ' ')"
+fi

@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
     gen.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     gen.add_argument("--decode-chunk-size", type=_positive_int, default=16, help="frames per VAE decode call")
+    gen.add_argument("--no-fused", action="store_true",
+                     help="run diffusers' own modules instead of the fused kernels (animatelcm.patch_pipeline, "
+                          "the default; same frames within 1e-3)")
 
     tr = sub.add_parser("train", help="run one training stage from a YAML config",
                         description="Run one stage of decoupled consistency learning (see configs/ and README).")
@@ -317,6 +320,13 @@ def generate(args) -> Path:
     if default is not None:
         height, width = height or default.height, width or default.width
         fps = fps or default.fps
+    if not args.no_fused:
+        from . import patching
+
+        try:
+            patching.patch_pipeline(pipe)
+        except (TypeError, ValueError) as error:  # a pipeline the patch does not cover: run it as it is
+            print(f"NOTE: running without the fused kernels: {error}", file=sys.stderr)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=height,
                   width=width, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,

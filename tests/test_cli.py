@@ -28,6 +28,20 @@ def test_generate_default_model_gif(tmp_path):
     assert iio.imread(out).shape[:3] == (16, 96, 96)  # the default model's 32x32, enlarged 3x
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_generate_runs_on_the_fused_kernels_unless_told_not_to(tmp_path, monkeypatch, fused):
+    import animatelcm.patching as patching
+
+    patched = []
+    real_patch = patching.patch_pipeline
+    monkeypatch.setattr(patching, "patch_pipeline", lambda pipe, **k: patched.append(pipe) or real_patch(pipe, **k))
+    argv = ["generate", "--prompt", "a blue square moving up", "--out", str(tmp_path / "clip.gif"), "--steps", "1",
+            "--frames", "4"] + ([] if fused else ["--no-fused"])
+    assert main(argv) == 0
+    assert len(patched) == int(fused)
+    assert not patched or patching.is_patched(patched[0])
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path):
     cases = [
         (["generate", "--prompt", "x", "--steps", "0"], "--steps"),

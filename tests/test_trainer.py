@@ -336,6 +336,11 @@ def test_latent_cache_is_built_once_and_matches_the_vae(world, tmp_path):
     ({"stage": "diffusion_image", "train": {"timestep_range": [900, 1000], "timestep_range_share": 0}},
      "timestep_range_share must be in \\(0, 1\\]"),
     ({"stage": "diffusion_image", "train": {"timestep_range_share": 0.5}}, "needs train.timestep_range"),
+    ({"train": {"hidden_frames": 0.25}}, "applies to the diffusion_video stage only"),
+    ({"stage": "diffusion_video", "model": {"tiny": TINY}, "train": {"hidden_frames": 1.0}},
+     "hidden_frames must be in \\[0, 1\\)"),
+    ({"stage": "diffusion_video", "model": {"tiny": TINY}, "train": {"hidden_frames_min_timestep": 1000}},
+     "hidden_frames_min_timestep must be in"),
 ])
 def test_bad_configs_fail_before_training(tmp_path, change, message):
     cfg = config("image_cd", tmp_path / "bad", {"tiny": TINY})
@@ -563,3 +568,49 @@ def test_image_frames_draws_distinct_random_frames_per_clip(tmp_path):
     assert batch["latents"].shape[0] == 2 * 3 and batch["condition"]["text"].shape[0] == 2 * 3
     with pytest.raises(ConfigError, match="image_frames"):
         load_config(config("diffusion_image", tmp_path / "x", {"tiny": TINY}, data=dict(image_frames=9)))
+
+
+def test_hidden_frames_inputs_and_targets_agree():
+    """train.hidden_frames: hidden frames (only in clips at t >= the minimum) get the last timestep's input, and
+    every frame's noise target still explains its input at the clip's t: add_noise(x0, target, t) == input."""
+    from types import SimpleNamespace
+
+    from diffusers import DDPMScheduler
+
+    from animatelcm.training import stages
+
+    scheduler = DDPMScheduler(beta_schedule="linear")
+    stage = SimpleNamespace(parts={"noise_scheduler": scheduler},
+                            run=SimpleNamespace(train=SimpleNamespace(hidden_frames=0.5, hidden_frames_min_timestep=500)))
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, 16, 3, 3, generator=generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.tensor([800, 300])
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    hidden_noisy, target = stages.DiffusionStage.hide_frames(stage, latents, noisy, noise, timesteps, generator)
+    changed = (hidden_noisy != noisy).flatten(3).any(-1).any(1)  # [clip, frame]
+    assert 0 < int(changed[0].sum()) < 16 and not changed[1].any()  # about half of clip 0; none at t = 300
+    torch.testing.assert_close(scheduler.add_noise(latents, target, timesteps), hidden_noisy, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(target[1], noise[1])
+    abar = scheduler.alphas_cumprod[-1]
+    hidden_part = hidden_noisy[0][:, changed[0]] - abar.sqrt() * latents[0][:, changed[0]]
+    assert hidden_part.std() > 0.9 * (1 - abar).sqrt()  # the hidden frames carry the last timestep's noise level
+
+
+def test_hidden_frames_run_in_a_diffusion_video_stage(world, tmp_path, monkeypatch):
+    from animatelcm.training import stages
+
+    calls = []
+    original = stages.DiffusionStage.hide_frames
+
+    def counting(self, *args):
+        calls.append(1)
+        return original(self, *args)
+
+    monkeypatch.setattr(stages.DiffusionStage, "hide_frames", counting)
+    trainer = Trainer(load_config(config("diffusion_video", tmp_path / "hidden", {"base": world["base"]},
+                                         train=dict(max_steps=2, hidden_frames=0.5, hidden_frames_min_timestep=0))))
+    trainer.train()
+    assert len(calls) == 2
+    rows = list(csv.DictReader((tmp_path / "hidden" / "metrics.csv").open()))
+    assert rows and all(float(r["loss"]) == float(r["loss"]) for r in rows)  # finite, not NaN

@@ -102,6 +102,8 @@ class TrainConfig:
     loss_weighting: str = "uniform"     # diffusion stages: uniform | v (see LOSS_WEIGHTINGS)
     timestep_range: list[int] | None = None  # [low, high): t (diffusion) or t_{n+k} (consistency) for a share
     timestep_range_share: float = 1.0   # the rest of the batch draws t uniformly from every timestep
+    hidden_frames: float = 0.0          # diffusion_video: share of frames hidden from their own input (0: none)
+    hidden_frames_min_timestep: int = 500  # ... in clips with t at least this
     mixed_precision: str = "no"         # no | fp16 | bf16
     gradient_checkpointing: bool = False
     checkpoint_every: int = 0           # 0: only the final checkpoint
@@ -341,6 +343,12 @@ def _check(config: RunConfig) -> None:
         fail(f"train.timestep_range_share must be in (0, 1], got {train.timestep_range_share}")
     if train.timestep_range_share != 1.0 and train.timestep_range is None:
         fail("train.timestep_range_share needs train.timestep_range (the range the share is drawn from)")
+    if not 0.0 <= train.hidden_frames < 1.0:
+        fail(f"train.hidden_frames must be in [0, 1) (a share of each clip's frames), got {train.hidden_frames}")
+    if train.hidden_frames and config.stage != "diffusion_video":
+        fail(f"train.hidden_frames applies to the diffusion_video stage only; remove it for {config.stage}")
+    if not 0 <= train.hidden_frames_min_timestep < 1000:
+        fail(f"train.hidden_frames_min_timestep must be in [0, 1000), got {train.hidden_frames_min_timestep}")
     if distill.w_min > distill.w_max:
         fail(f"distill.w_min={distill.w_min} exceeds distill.w_max={distill.w_max}")
     if distill.target not in ("ema", "online"):

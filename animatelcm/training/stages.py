@@ -210,6 +210,8 @@ class DiffusionStage(Stage):
         timesteps = self.timesteps(latents.shape[0], scheduler.config.num_train_timesteps, generator)
         timesteps = timesteps.to(latents.device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
+        if self.video and self.run.train.hidden_frames > 0:
+            noisy, noise = self.hide_frames(latents, noisy, noise, timesteps, generator)
         if scheduler.config.prediction_type == "v_prediction":
             target = scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -219,6 +221,26 @@ class DiffusionStage(Stage):
         if self.run.train.loss_weighting == "v":  # epsilon error / alpha_bar_t = the v-prediction error
             error = error / scheduler.alphas_cumprod.to(error.device)[timesteps]
         return error.mean()
+
+    def hide_frames(self, latents, noisy, noise, timesteps, generator):
+        """``train.hidden_frames``: in each clip whose ``t >= train.hidden_frames_min_timestep``, that share of the
+        frames (drawn per frame) gets the input of the last timestep (``latents [B, C, F, h, w]`` noised with fresh
+        noise: its own content hidden), and its noise target becomes the noise that explains that input at the
+        clip's ``t`` given the true clean frame, ``(x_in - sqrt(abar_t) x0) / sqrt(1 - abar_t)``: the motion modules
+        must fill those frames in from the others (issue 6: the teacher's frames otherwise drift apart in colour).
+        Returns ``(noisy, noise)`` with the hidden frames' input and target noise replaced."""
+        abar = self.parts["noise_scheduler"].alphas_cumprod.to(latents.device, torch.float32)
+        batch, _, frames = latents.shape[:3]
+        eligible = (timesteps >= self.run.train.hidden_frames_min_timestep).view(batch, 1, 1, 1, 1)
+        chosen = torch.rand(batch, 1, frames, 1, 1, generator=generator).to(latents.device)
+        hidden = eligible & (chosen < self.run.train.hidden_frames)
+        fresh = torch.randn(latents.shape, generator=generator).to(latents)
+        hidden_input = (abar[-1].sqrt() * latents.float() + (1 - abar[-1]).sqrt() * fresh.float()).to(noisy.dtype)
+        noisy = torch.where(hidden, hidden_input, noisy)
+        alpha = abar[timesteps].sqrt().view(batch, 1, 1, 1, 1)
+        sigma = (1 - abar[timesteps]).sqrt().view(batch, 1, 1, 1, 1)
+        explaining = ((noisy.float() - alpha * latents.float()) / sigma).to(noise.dtype)
+        return noisy, torch.where(hidden, explaining, noise)
 
     def timesteps(self, batch: int, num_train_timesteps: int, generator) -> torch.Tensor:
         """``[batch]`` int64 training timesteps: uniform over ``[0, num_train_timesteps)``, except that each sample

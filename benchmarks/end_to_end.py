@@ -123,21 +123,40 @@ def profile_breakdown(pipe, size, device, guidance, rows=15) -> str:
     return "\n".join(lines)
 
 
-def time_providers(pipes: dict, size, device, guidance, runs, output_type) -> dict:
-    """Median/min/max seconds and peak memory per provider. One warm-up call each (it also compiles), then `runs`
-    rounds that call every provider once, in alternating order (ABBA), so a drift of the machine's speed during
-    the benchmark weighs on every provider alike instead of on whichever ran last."""
-    for pipe in pipes.values():
-        run_once(pipe, size, device, guidance, output_type)
+def time_providers(pipes: dict, size, device, guidance, runs, output_type) -> tuple[dict, dict]:
+    """Median/min/max seconds and peak memory per provider, and the providers that failed with their errors. One
+    warm-up call each (it also compiles), then `runs` rounds that call every provider once, in alternating order
+    (ABBA), so a drift of the machine's speed during the benchmark weighs on every provider alike instead of on
+    whichever ran last. A provider whose call raises (out of memory, a kernel's launch limit) is reported as failed
+    and left out of the later rounds, so one failure does not lose the other providers' numbers."""
+    failures = {}
+
+    def attempt(name):
+        try:
+            return run_once(pipes[name], size, device, guidance, output_type)
+        except (RuntimeError, ValueError) as error:  # torch.cuda.OutOfMemoryError is a RuntimeError
+            failures[name] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:200]}"
+            print(f"{name}: failed: {failures[name]}", flush=True)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            return None
+
+    for name in pipes:
+        attempt(name)
     samples = {name: [] for name in pipes}
     peaks = {name: float("nan") for name in pipes}
     for round_index in range(runs):
         order = list(pipes) if round_index % 2 == 0 else list(reversed(pipes))
         for name in order:
-            seconds, peak = run_once(pipes[name], size, device, guidance, output_type)
+            result = None if name in failures else attempt(name)
+            if result is None:
+                continue
+            seconds, peak = result
             samples[name].append(seconds)
             peaks[name] = peak if peaks[name] != peaks[name] else max(peaks[name], peak)
-    return {name: (statistics.median(times), min(times), max(times), peaks[name]) for name, times in samples.items()}
+    timings = {name: (statistics.median(times), min(times), max(times), peaks[name])
+               for name, times in samples.items() if name not in failures}
+    return timings, failures
 
 
 def main(argv=None):
@@ -171,27 +190,46 @@ def main(argv=None):
         providers[f"torch.compile(unet, {mode})"] = compiled
         providers[f"patched + torch.compile(unet, {mode})"] = lambda p: compiled(patch_pipeline(p))
     pipes = {name: prepare(copy.deepcopy(base)) for name, prepare in providers.items()}
-    rows = []
-    for guidance in args.guidance:
-        for output_type in ("latent", "np"):
-            timings = time_providers(pipes, size, args.device, guidance, args.runs, output_type)
-            for name, (median, low, high, peak_gib) in timings.items():
-                latents_only = output_type == "latent"
-                mfu = flops[guidance] / median / (peak * 1e12) if (flops and latents_only) else float("nan")
-                rows.append(dict(provider=name, guidance=guidance, output=("latents" if latents_only
-                                                                         else "with VAE decode"),
-                                 median_s=median, min_s=low, max_s=high, peak_gib=peak_gib,
-                                 step_s=median / STEPS if latents_only else float("nan"), mfu=mfu))
-                print(f"{name:40s} guidance {guidance} {rows[-1]['output']:16s} {median:8.3f} s "
-                      f"[{low:.3f}, {high:.3f}]", flush=True)
     machine = f"{platform.machine()} {torch.get_num_threads()} threads" if args.device == "cpu" else \
         torch.cuda.get_device_name()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     RESULTS.mkdir(parents=True, exist_ok=True)
     name = "end_to_end" if args.device == "cpu" else "end_to_end_cuda"
-    append_rows(RESULTS / f"{name}.csv",
-                [{"date": stamp, "device": machine, "unet_params": unet_parameters(base), **row} for row in rows])
     command = f"python benchmarks/end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    rows = []
+    for guidance in args.guidance:
+        for output_type in ("latent", "np"):
+            timings, failures = time_providers(pipes, size, args.device, guidance, args.runs, output_type)
+            latents_only = output_type == "latent"
+            block = []
+            for provider in pipes:
+                row = dict(provider=provider, guidance=guidance,
+                           output="latents" if latents_only else "with VAE decode", failed=failures.get(provider, ""))
+                median, low, high, peak_gib = timings.get(provider, (float("nan"),) * 4)
+                mfu = flops[guidance] / median / (peak * 1e12) if (flops and latents_only) else float("nan")
+                row.update(median_s=median, min_s=low, max_s=high, peak_gib=peak_gib,
+                           step_s=median / STEPS if latents_only else float("nan"), mfu=mfu)
+                block.append(row)
+                if not row["failed"]:
+                    print(f"{provider:40s} guidance {guidance} {row['output']:16s} {median:8.3f} s "
+                          f"[{low:.3f}, {high:.3f}]", flush=True)
+            rows += block
+            # Written after every block, so a run stopped part-way keeps what it measured.
+            append_rows(RESULTS / f"{name}.csv", [{"date": stamp, "device": machine,
+                                                  "unet_params": unet_parameters(base), **row} for row in block])
+            (RESULTS / f"{name}.md").write_text(results_table(rows, size, dtype, machine, base, command, stamp,
+                                                              flops, peak))
+    if args.profile:
+        patched = pipes["patched"]
+        breakdown = profile_breakdown(patched, size, args.device, args.guidance[0])
+        (RESULTS / f"{name.replace('end_to_end', 'end_to_end_profile')}.md").write_text(
+            f"# Where the time goes: one patched latents call, guidance {args.guidance[0]}, on {machine}\n\n"
+            f"Command: `{command}`. Run {stamp}. Self time per op ({'GPU' if args.device == 'cuda' else 'CPU'}).\n\n"
+            + breakdown + "\n")
+
+
+def results_table(rows, size, dtype, machine, base, command, stamp, flops, peak) -> str:
+    """The markdown results file: header, FLOPs, and one table row per provider, guidance and output."""
     lines = [f"# End-to-end: 16 frames at {size}x{size}, {STEPS} steps, {str(dtype).replace('torch.', '')}, on {machine}",
              "", f"UNet + motion modules: {unet_parameters(base) / 1e6:.1f} M parameters, random weights. "
              f"Command: `{command}`. Run {stamp}."]
@@ -201,20 +239,17 @@ def main(argv=None):
     lines += ["", "| provider | guidance | output | median s | min-max s | s per step | peak GiB | MFU | "
               "speed-up vs diffusers eager |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
-        base_row = next(r for r in rows if r["provider"] == "diffusers eager" and r["guidance"] == row["guidance"]
-                        and r["output"] == row["output"])
+        if row["failed"]:
+            lines.append(f"| {row['provider']} | {row['guidance']} | {row['output']} | failed: {row['failed']} "
+                         "| | | | | |")
+            continue
+        base_row = next((r for r in rows if r["provider"] == "diffusers eager" and r["guidance"] == row["guidance"]
+                         and r["output"] == row["output"] and not r["failed"]), None)
+        speed_up = f"{base_row['median_s'] / row['median_s']:.2f}x" if base_row else "-"
         lines.append(f"| {row['provider']} | {row['guidance']} | {row['output']} | {row['median_s']:.3f} | "
                      f"{row['min_s']:.3f}-{row['max_s']:.3f} | {_number(row['step_s'], '.3f')} | "
-                     f"{_number(row['peak_gib'], '.2f')} | {_number(100 * row['mfu'], '.1f', ' %')} | "
-                     f"{base_row['median_s'] / row['median_s']:.2f}x |")
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + "\n")
-    if args.profile:
-        patched = pipes["patched"]
-        breakdown = profile_breakdown(patched, size, args.device, args.guidance[0])
-        (RESULTS / f"{name.replace('end_to_end', 'end_to_end_profile')}.md").write_text(
-            f"# Where the time goes: one patched latents call, guidance {args.guidance[0]}, on {machine}\n\n"
-            f"Command: `{command}`. Run {stamp}. Self time per op ({'GPU' if args.device == 'cuda' else 'CPU'}).\n\n"
-            + breakdown + "\n")
+                     f"{_number(row['peak_gib'], '.2f')} | {_number(100 * row['mfu'], '.1f', ' %')} | {speed_up} |")
+    return "\n".join(lines) + "\n"
 
 
 def append_rows(path: Path, rows: list[dict]) -> None:

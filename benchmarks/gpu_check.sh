@@ -8,7 +8,8 @@
 #   device run  command: bash benchmarks/gpu_check.sh   carry: [".gpu_carry"]   timeout_s: 600
 #
 # Every step writes its log and results under $OUT as soon as it ends, so a step that runs out of time loses only
-# itself; the step timeouts add up to one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on
+# itself; the step timeouts (SIGINT, so pytest still writes its results) and a build of under a minute fit one
+# device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on
 # a machine still warm from an earlier call (the build is kept there). GPU_CHECK_COMPILE=1 adds the torch.compile
 # providers to the end-to-end step, whose max-autotune compile can take longer than one call allows. Steps:
 #   1. build: ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
@@ -20,6 +21,7 @@ set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 PYTHON=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH}"
 STEPS=" ${GPU_CHECK_STEPS:-build tests kernels e2e} "
 log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$OUT/steps.log"; }
@@ -39,15 +41,16 @@ fi
 
 if wanted tests; then
   log "2. tests"
-  timeout 150 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
+  timeout -s INT -k 15 120 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
     tests/test_consistency_op.py tests/test_geglu_op.py tests/test_scheduler.py tests/test_patching.py \
     > "$OUT/tests.log" 2>&1
   log "tests: $(tail -1 "$OUT/tests.log")"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20 | tee -a "$OUT/steps.log"
 fi
 
 if wanted kernels; then
   log "3. kernel benchmark"
-  ANIMATELCM_BENCH_NAME=kernels_gpu timeout 170 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py \
+  ANIMATELCM_BENCH_NAME=kernels_gpu timeout -s INT -k 15 150 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py \
     -k cuda --benchmark-disable-gc > "$OUT/kernels.log" 2>&1
   cp benchmarks/results/kernels_gpu.md benchmarks/results/kernels_gpu.csv "$OUT/" 2>/dev/null
   log "kernels: $(tail -1 "$OUT/kernels.log")"
@@ -57,7 +60,7 @@ if wanted e2e; then
   log "4. end-to-end"
   compile_flag=--no-compile
   [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && compile_flag=""
-  timeout 220 "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile $compile_flag \
+  timeout -s INT -k 15 230 "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile $compile_flag \
     > "$OUT/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$OUT/" 2>/dev/null
   log "end-to-end: $(tail -3 "$OUT/end_to_end.log" | tr '\n' ' ')"

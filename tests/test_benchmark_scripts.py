@@ -51,3 +51,24 @@ def test_end_to_end_table_profile_and_csv(tiny_benchmark):
     assert {"date", "provider", "median_s", "step_s", "mfu", "guidance"} <= set(reader.fieldnames)
     assert records[0]["date"] == "earlier" and records[0]["mfu"] == ""
     assert len(records) == 1 + 8
+
+
+def test_end_to_end_reports_a_failing_provider_and_keeps_the_others(tiny_benchmark, monkeypatch):
+    def patch_that_breaks(pipe):
+        def forward(*args, **kwargs):
+            raise RuntimeError("CUDA error: invalid configuration argument\nsecond line")
+        pipe.unet.forward = forward
+        return pipe
+
+    monkeypatch.setattr(end_to_end, "patch_pipeline", patch_that_breaks)
+    end_to_end.main(["--runs", "2", "--no-compile", "--guidance", "1"])
+
+    table = (tiny_benchmark / "end_to_end.md").read_text().splitlines()
+    failed = [line for line in table if line.startswith("| patched |")]
+    assert len(failed) == 2 and all(
+        "failed: RuntimeError: CUDA error: invalid configuration argument |" in line for line in failed)
+    eager = [line.split(" | ") for line in table if line.startswith("| diffusers eager |")]
+    assert len(eager) == 2 and all(float(row[3]) > 0 and row[-1] == "1.00x |" for row in eager)
+    with (tiny_benchmark / "end_to_end.csv").open(newline="") as handle:
+        records = list(csv.DictReader(handle))
+    assert [r["failed"] != "" for r in records] == [False, True, False, True]

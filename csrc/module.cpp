@@ -160,12 +160,15 @@ PYBIND11_MODULE(_C, m) {
       "group_norm_cuda",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias, int64_t batch, int64_t frames,
          int64_t channels, int64_t spatial, int64_t groups, float eps, bool silu, bool permute_output, int scalar_type,
-         std::uintptr_t stats, std::uintptr_t stream) {
+         std::uintptr_t workspace, std::uintptr_t stream) {
         group_norm_cuda(make_group_norm_args(x, y, weight, bias, batch, frames, channels, spatial, groups, eps, silu,
                                              permute_output, scalar_type),
-                        reinterpret_cast<float*>(stats), stream);
+                        reinterpret_cast<double*>(workspace), stream);
       },
-      "GroupNorm(+SiLU) over device buffers (as group_norm_cpu) plus a 2*batch*groups float stats buffer and stream.");
+      "GroupNorm(+SiLU) over device buffers (as group_norm_cpu) plus a float64 workspace of "
+      "group_norm_cuda_workspace_doubles(batch, frames, channels, spatial, groups) elements and a stream.");
+  m.def("group_norm_cuda_workspace_doubles", &group_norm_cuda_workspace_doubles,
+        "Size, in float64 elements, of the workspace group_norm_cuda needs for these sizes.");
   m.def(
       "unpermute_residual_cuda",
       [](std::uintptr_t y, std::uintptr_t residual, std::uintptr_t out, int64_t batch, int64_t frames,

@@ -60,4 +60,12 @@ def backends_usable_here(implementations):
     return [impl.backend for impl in implementations if impl.backend != "eager" and impl.available() is None]
 
 
+def backend_device(backend):
+    """The device a backend's test inputs live on: CUDA for the cuda backend and for triton on a GPU; the CPU for
+    the rest, and for triton under TRITON_INTERPRET=1 (as in CI)."""
+    if backend == "cuda" or (backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1"):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 CPU_ISAS = ["baseline", "avx2", "avx512"]

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from animatelcm import ops
 from animatelcm.ops import native
 from animatelcm.ops.attention import IMPLEMENTATIONS
-from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
+from conftest import CPU_ISAS, assert_close_to_reference, backend_device, backends_usable_here
 
 BACKENDS = backends_usable_here(IMPLEMENTATIONS)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -13,17 +13,17 @@ FRAMES = [1, 7, 13, 16, 24, 32]
 HEAD_DIMS = [8, 40, 72, 80, 160]
 
 
-def make(shape, dtype, seed, layout="contiguous"):
-    """q, k, v of `shape` [N, heads, F, D]; layout 'projection' gives the [N, F, heads, D] tensor seen through a
-    transpose (what attention processors produce), without a copy."""
+def make(shape, dtype, seed, layout="contiguous", device="cpu"):
+    """q, k, v of `shape` [N, heads, F, D] on `device`; layout 'projection' gives the [N, F, heads, D] tensor seen
+    through a transpose (what attention processors produce), without a copy."""
     generator = torch.Generator().manual_seed(seed)
     n, heads, frames, dim = shape
     tensors = []
     for _ in range(3):
         if layout == "projection":
-            t = torch.randn(n, frames, heads, dim, generator=generator).to(dtype).transpose(1, 2)
+            t = torch.randn(n, frames, heads, dim, generator=generator).to(device, dtype).transpose(1, 2)
         else:
-            t = torch.randn(shape, generator=generator).to(dtype)
+            t = torch.randn(shape, generator=generator).to(device, dtype)
         tensors.append(t)
     return tensors
 
@@ -45,7 +45,7 @@ def shapes_for(backend):
 @pytest.mark.parametrize("layout", ["contiguous", "projection"])
 def test_matches_float64_reference(backend, dtype, layout, monkeypatch, poisoned_outputs):
     for index, shape in enumerate(shapes_for(backend)):
-        q, k, v = make(shape, dtype, seed=index, layout=layout)
+        q, k, v = make(shape, dtype, seed=index, layout=layout, device=backend_device(backend))
         out = run(backend, monkeypatch, q, k, v)
         assert out.shape == q.shape
         assert_close_to_reference(out, ops.temporal_attention_reference(q.double(), k.double(), v.double()), dtype)
@@ -83,14 +83,15 @@ def test_calls_larger_than_the_cache_stream_their_output(isa, monkeypatch, poiso
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_output_keeps_projection_layout_and_odd_leading_dims(backend, monkeypatch):
-    q, k, v = make((5, 3, 16, 40), torch.float32, seed=3, layout="projection")
+    device = backend_device(backend)
+    q, k, v = make((5, 3, 16, 40), torch.float32, seed=3, layout="projection", device=device)
     out = run(backend, monkeypatch, q, k, v)
     assert out.stride() == q.stride()  # written straight into [N, F, heads, D] memory
-    five_d = torch.randn(2, 3, 4, 9, 8)  # three leading dims, a sliced (non-mergeable) view
+    five_d = torch.randn(2, 3, 4, 9, 8, device=device)  # three leading dims, a sliced (non-mergeable) view
     sliced = five_d[:, 1:]
     out = run(backend, monkeypatch, sliced, sliced, sliced)
     assert_close_to_reference(out, ops.temporal_attention_reference(*(sliced.double(),) * 3), torch.float32)
-    two_d = torch.randn(6, 8)
+    two_d = torch.randn(6, 8, device=device)
     assert_close_to_reference(run(backend, monkeypatch, two_d, two_d, two_d),
                               ops.temporal_attention_reference(*(two_d.double(),) * 3), torch.float32)
 
@@ -120,8 +121,10 @@ def test_large_head_dim_and_frames_fall_back_to_eager():
 
 @pytest.mark.parametrize("backend", BACKENDS + ["eager"])
 def test_gradients_match_autograd_of_reference(backend, monkeypatch):
-    q, k, v = (t.requires_grad_() for t in make((2, 3, 13, 40), torch.float32, seed=5, layout="projection"))
-    grad = torch.randn(q.shape)
+    device = backend_device(backend)
+    q, k, v = (t.requires_grad_() for t in make((2, 3, 13, 40), torch.float32, seed=5, layout="projection",
+                                                device=device))
+    grad = torch.randn(q.shape, device=device)
     out = run(backend, monkeypatch, q, k, v)
     got = torch.autograd.grad(out, (q, k, v), grad)
     qr, kr, vr = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -150,7 +153,7 @@ def test_traces_under_torch_compile_without_graph_breaks():
 
 def test_nan_reaches_rows_that_attend_to_it(monkeypatch):
     for backend in BACKENDS:
-        q, k, v = make((1, 1, 6, 8), torch.float32, seed=6)
+        q, k, v = make((1, 1, 6, 8), torch.float32, seed=6, device=backend_device(backend))
         v[0, 0, 2, 3] = float("nan")
         out = run(backend, monkeypatch, q, k, v)
         assert torch.isnan(out[..., 3]).all() and torch.isfinite(out[..., [0, 1, 2, 4, 5, 6, 7]]).all()

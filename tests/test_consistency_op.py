@@ -3,7 +3,7 @@ import torch
 
 from animatelcm import ops
 from animatelcm.ops.consistency import IMPLEMENTATIONS
-from conftest import CPU_ISAS, TOLERANCE, assert_close_to_reference, backends_usable_here
+from conftest import CPU_ISAS, TOLERANCE, assert_close_to_reference, backend_device, backends_usable_here
 
 USABLE_HERE = backends_usable_here(IMPLEMENTATIONS)
 
@@ -13,12 +13,12 @@ def coefficients(generator):
     return c.float()
 
 
-def inputs(shape, dtype, generator, noise=True, contiguous=True):
+def inputs(shape, dtype, generator, noise=True, contiguous=True, device="cpu"):
     make = lambda: torch.randn(shape, generator=generator, dtype=torch.float64)  # noqa: E731
     tensors = [make(), make(), make() if noise else None]
     if not contiguous:  # same values seen through a transposed view
         tensors = [None if t is None else t.transpose(-1, -2).contiguous().transpose(-1, -2) for t in tensors]
-    return [None if t is None else t.to(dtype) for t in tensors]
+    return [None if t is None else t.to(device, dtype) for t in tensors]
 
 
 def run_backend(backend, monkeypatch, *args, **kwargs):
@@ -32,8 +32,10 @@ def run_backend(backend, monkeypatch, *args, **kwargs):
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 def test_matches_float64_reference(backend, dtype, shape, prediction_type, monkeypatch, poisoned_outputs):
     generator = torch.Generator().manual_seed(hash((shape, str(dtype), prediction_type)) % 2**31)
-    model_output, sample, noise = inputs(shape, dtype, generator, contiguous=len(shape) < 2 or shape[-1] % 2 == 1)
-    coefs = coefficients(generator)
+    device = backend_device(backend)
+    model_output, sample, noise = inputs(shape, dtype, generator, contiguous=len(shape) < 2 or shape[-1] % 2 == 1,
+                                         device=device)
+    coefs = coefficients(generator).to(device)
     for noise_arg, clip in ((noise, None), (None, 0.8)):
         prev, denoised = run_backend(backend, monkeypatch, model_output, sample, coefs, noise=noise_arg,
                                      prediction_type=prediction_type, clip_range=clip)
@@ -60,9 +62,11 @@ def test_cpp_is_bitwise_equal_to_reference_in_float32(isa, monkeypatch):
 
 def test_nan_propagates_elementwise(monkeypatch):
     for backend in USABLE_HERE:
-        sample = torch.randn(4, 5)
+        device = backend_device(backend)
+        sample = torch.randn(4, 5, device=device)
         sample[1, 2] = float("nan")
-        prev, denoised = run_backend(backend, monkeypatch, torch.randn(4, 5), sample, coefficients(torch.Generator().manual_seed(0)))
+        prev, denoised = run_backend(backend, monkeypatch, torch.randn(4, 5, device=device), sample,
+                                     coefficients(torch.Generator().manual_seed(0)).to(device))
         assert torch.isnan(denoised[1, 2]) and torch.isfinite(denoised).sum() == 19
 
 

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from animatelcm import ops
 from animatelcm.ops.geglu import IMPLEMENTATIONS, LINEAR_GEGLU_IMPLEMENTATIONS
-from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
+from conftest import CPU_ISAS, assert_close_to_reference, backend_device, backends_usable_here
 
 BACKENDS = backends_usable_here(IMPLEMENTATIONS)
 geglu_module = importlib.import_module("animatelcm.ops.geglu")  # `ops.geglu` is the function
@@ -18,8 +18,8 @@ SHAPES = [(3, 7, 2 * 40), (2, 16, 2 * 1280), (5, 2), (1, 1, 1, 2 * 13)]
 def test_matches_float64_reference(backend, dtype, monkeypatch, poisoned_outputs):
     for index, shape in enumerate(SHAPES):
         generator = torch.Generator().manual_seed(index)
-        x = (torch.randn(shape, generator=generator) * 3).to(dtype)
-        bias = torch.randn(shape[-1], generator=generator).to(dtype)
+        x = (torch.randn(shape, generator=generator) * 3).to(backend_device(backend), dtype)
+        bias = torch.randn(shape[-1], generator=generator).to(x.device, dtype)
         out = ops.geglu(x, backend=backend)
         assert out.shape == (*shape[:-1], shape[-1] // 2)
         assert_close_to_reference(out, ops.geglu_reference(x.double()), dtype)
@@ -96,9 +96,9 @@ def test_linear_geglu_matches_float64_reference(backend, dtype, blocked, monkeyp
         monkeypatch.setattr(geglu_module, "core_cache_bytes", lambda: 256)
     for index, (lead, k, width) in enumerate(LINEAR_SHAPES):
         generator = torch.Generator().manual_seed(index)
-        x = torch.randn(*lead, k, generator=generator).to(dtype)
-        weight = (torch.randn(width, k, generator=generator) / k**0.5).to(dtype)
-        bias = torch.randn(width, generator=generator).to(dtype)
+        x = torch.randn(*lead, k, generator=generator).to(backend_device(backend), dtype)
+        weight = (torch.randn(width, k, generator=generator) / k**0.5).to(x.device, dtype)
+        bias = torch.randn(width, generator=generator).to(x.device, dtype)
         for b in (None, bias):
             out = ops.linear_geglu(x, weight, b, backend=backend)
             assert out.shape == (*lead, width // 2) and out.is_contiguous()

@@ -4,15 +4,18 @@ import torch.nn.functional as F
 
 from animatelcm import ops
 from animatelcm.ops.group_norm import GROUP_NORM_SILU, TEMPORAL_GROUP_NORM, UNPERMUTE_RESIDUAL
-from conftest import CPU_ISAS, assert_close_to_reference, backends_usable_here
+from conftest import CPU_ISAS, assert_close_to_reference, backend_device, backends_usable_here
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (N, C, spatial dims, groups): odd sizes on purpose, SD1.5-like ones too.
-# (2, 16, 37, 16): rows of whole vectors; (1, 8, 5, 25): unaligned rows, tails (both also on the streaming path).
+# (2, 16, 37, 16): rows of whole vectors; (1, 8, 5, 25): unaligned rows, tails (both also on the streaming path);
+# (2, 8, 64, 72): groups of several 8192-element chunks (the CUDA statistics split).
 PLAIN_SHAPES = [((3, 12, 5, 7), 4), ((2, 32, 9), 8), ((1, 64, 8, 8), 32), ((5, 6, 1, 1), 3), ((2, 40, 3, 3, 3), 2),
-                ((2, 16, 37, 16), 4), ((1, 8, 5, 25), 2)]
-# (B, F, C, H, W, groups)
-TEMPORAL_SHAPES = [(1, 16, 32, 4, 4, 8), (2, 7, 24, 3, 5, 4), (3, 13, 16, 1, 1, 16), (1, 1, 8, 17, 3, 2)]
+                ((2, 16, 37, 16), 4), ((1, 8, 5, 25), 2), ((2, 8, 64, 72), 2)]
+# (B, F, C, H, W, groups); the last ones: groups of several 8192-element chunks per frame (the CUDA statistics
+# split), channels and positions across 32-wide tiles with partial ones (the CUDA transposes).
+TEMPORAL_SHAPES = [(1, 16, 32, 4, 4, 8), (2, 7, 24, 3, 5, 4), (3, 13, 16, 1, 1, 16), (1, 1, 8, 17, 3, 2),
+                   (1, 3, 40, 48, 48, 4), (2, 2, 72, 5, 9, 8)]
 
 
 def run(backend, monkeypatch, fn, *args, **kwargs):
@@ -20,8 +23,8 @@ def run(backend, monkeypatch, fn, *args, **kwargs):
     return fn(*args, **kwargs)
 
 
-def affine(channels, generator, dtype=torch.float32):
-    return (torch.randn(channels, generator=generator).to(dtype), torch.randn(channels, generator=generator).to(dtype))
+def affine(channels, generator, dtype=torch.float32, device="cpu"):
+    return tuple(torch.randn(channels, generator=generator).to(device, dtype) for _ in range(2))
 
 
 @pytest.mark.parametrize("backend", backends_usable_here(GROUP_NORM_SILU))
@@ -30,8 +33,8 @@ def affine(channels, generator, dtype=torch.float32):
 def test_group_norm_silu_matches_reference(backend, dtype, silu, monkeypatch, poisoned_outputs):
     for index, (shape, groups) in enumerate(PLAIN_SHAPES):
         generator = torch.Generator().manual_seed(index)
-        x = (torch.randn(shape, generator=generator) * 3 + 1).to(dtype)
-        weight, bias = affine(shape[1], generator)
+        x = (torch.randn(shape, generator=generator) * 3 + 1).to(backend_device(backend), dtype)
+        weight, bias = affine(shape[1], generator, device=x.device)
         for w, b in ((weight, bias), (None, None)):
             out = run(backend, monkeypatch, ops.group_norm_silu, x, groups, w, b, 1e-5, silu)
             want = ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu)
@@ -53,9 +56,9 @@ def test_channels_last_input_keeps_its_layout(backend, dtype, isa, monkeypatch, 
     monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
     for index, (shape, groups) in enumerate(CHANNELS_LAST_SHAPES):
         generator = torch.Generator().manual_seed(index)
-        x = (torch.randn(shape, generator=generator) * 3 + 50 * (index % 2)).to(dtype)
+        x = (torch.randn(shape, generator=generator) * 3 + 50 * (index % 2)).to(backend_device(backend), dtype)
         x = x.contiguous(memory_format=torch.channels_last)
-        weight, bias = affine(shape[1], generator)
+        weight, bias = affine(shape[1], generator, device=x.device)
         for w, b, silu in ((weight, bias, True), (None, None, False)):
             out = run(backend, monkeypatch, ops.group_norm_silu, x, groups, w, b, 1e-5, silu)
             assert out.shape == x.shape
@@ -127,8 +130,8 @@ def test_matches_torch_functional_and_accepts_views(monkeypatch):
 def test_temporal_group_norm_matches_diffusers_layout(backend, dtype, monkeypatch, poisoned_outputs):
     for index, (batch, frames, channels, h, w_, groups) in enumerate(TEMPORAL_SHAPES):
         generator = torch.Generator().manual_seed(10 + index)
-        x = torch.randn(batch * frames, channels, h, w_, generator=generator).to(dtype)
-        weight, bias = affine(channels, generator)
+        x = torch.randn(batch * frames, channels, h, w_, generator=generator).to(backend_device(backend), dtype)
+        weight, bias = affine(channels, generator, device=x.device)
         out = run(backend, monkeypatch, ops.temporal_group_norm, x, frames, groups, weight, bias, 1e-6)
         assert out.shape == (batch * h * w_, frames, channels)
         assert_close_to_reference(out, ops.temporal_group_norm_reference(x.double(), frames, groups, weight, bias, 1e-6), dtype)
@@ -139,8 +142,8 @@ def test_temporal_group_norm_matches_diffusers_layout(backend, dtype, monkeypatc
 def test_unpermute_residual(backend, dtype, monkeypatch, poisoned_outputs):
     for index, (batch, frames, channels, h, w_, _) in enumerate(TEMPORAL_SHAPES):
         generator = torch.Generator().manual_seed(20 + index)
-        residual = torch.randn(batch * frames, channels, h, w_, generator=generator).to(dtype)
-        y = torch.randn(batch * h * w_, frames, channels, generator=generator).to(dtype)
+        residual = torch.randn(batch * frames, channels, h, w_, generator=generator).to(backend_device(backend), dtype)
+        y = torch.randn(batch * h * w_, frames, channels, generator=generator).to(residual.device, dtype)
         out = run(backend, monkeypatch, ops.temporal_unpermute_residual, y, residual, frames)
         want = ops.temporal_unpermute_residual_reference(y.double(), residual.double(), frames)
         assert_close_to_reference(out, want, dtype)
@@ -173,17 +176,18 @@ def test_reference_equals_diffusers_motion_module_norm():
 @pytest.mark.parametrize("backend", backends_usable_here(GROUP_NORM_SILU) + ["eager"])
 def test_gradients(backend, monkeypatch):
     monkeypatch.setenv("ANIMATELCM_BACKEND", backend)
+    device = backend_device(backend)
     generator = torch.Generator().manual_seed(3)
-    x = torch.randn(3, 8, 5, 5, generator=generator, requires_grad=True)
-    w, b = (t.requires_grad_() for t in affine(8, generator))
-    grad = torch.randn(x.shape, generator=generator)
+    x = torch.randn(3, 8, 5, 5, generator=generator).to(device).requires_grad_()
+    w, b = (t.requires_grad_() for t in affine(8, generator, device=device))
+    grad = torch.randn(x.shape, generator=generator).to(device)
     got = torch.autograd.grad(ops.group_norm_silu(x, 2, w, b), (x, w, b), grad)
     want = torch.autograd.grad(F.silu(F.group_norm(x, 2, w, b, 1e-5)), (x, w, b), grad)
     for g, e in zip(got, want):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
 
-    xt = torch.randn(2 * 3, 8, 2, 3, generator=generator, requires_grad=True)
-    grad_t = torch.randn(2 * 2 * 3, 3, 8, generator=generator)
+    xt = torch.randn(2 * 3, 8, 2, 3, generator=generator).to(device).requires_grad_()
+    grad_t = torch.randn(2 * 2 * 3, 3, 8, generator=generator).to(device)
     got = torch.autograd.grad(ops.temporal_group_norm(xt, 3, 2, w, b), (xt, w, b), grad_t)
     want = torch.autograd.grad(ops.temporal_group_norm_reference(xt, 3, 2, w, b), (xt, w, b), grad_t)
     for g, e in zip(got, want):
@@ -241,7 +245,7 @@ def test_bad_inputs_raise_clear_errors():
 def test_nan_stays_in_its_group(monkeypatch):
     for backend in backends_usable_here(GROUP_NORM_SILU):
         for layout in (torch.contiguous_format, torch.channels_last):
-            x = torch.randn(2, 4, 3, 3)
+            x = torch.randn(2, 4, 3, 3, device=backend_device(backend))
             x[1, 2, 1, 1] = float("nan")
             out = run(backend, monkeypatch, ops.group_norm_silu, x.contiguous(memory_format=layout), 2)
             assert torch.isnan(out[1, 2:]).all() and torch.isfinite(out[0]).all()

@@ -156,12 +156,13 @@ def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight,
         out = torch.empty_like(x)
     weight, bias = _affine_fp32(weight), _affine_fp32(bias)
     if out.numel():
-        # The CUDA kernel needs a (mean, rstd) scratch buffer per group, alive until the launch is enqueued.
-        stats = torch.empty(2 * batch * num_groups, dtype=torch.float32, device=x.device) if x.is_cuda else None
+        # The CUDA kernels need a workspace (partial sums, then mean and rstd per group), alive until enqueued.
+        workspace = torch.empty(native_module().group_norm_cuda_workspace_doubles(
+            batch, frames, channels, spatial, num_groups), dtype=torch.float64, device=x.device) if x.is_cuda else None
         getattr(native_module(), kernel_name)(
             pointer(x), pointer(out), pointer(weight), pointer(bias), batch, frames, channels, spatial, num_groups,
             float(eps), bool(silu), bool(permute), SCALAR_TYPE_CODES[x.dtype],
-            *(() if stats is None else (pointer(stats),)), *extra(x))
+            *(() if workspace is None else (pointer(workspace),)), *extra(x))
     return out
 
 

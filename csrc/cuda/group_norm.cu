@@ -1,9 +1,14 @@
-// CUDA GroupNorm family (same contract as csrc/cpu/group_norm.cpp):
-//   statistics: one block per (batch, group) over (C/G, frames, spatial), shifted sums (x - first element) in fp32
-//               per thread, combined in fp64 across the block; mean and rstd to a small device buffer.
-//   apply:      grid-stride over the output, [N, C, S] or the permuted [B, S, F, C] layout, optional SiLU (the
-//               same silu() as the CPU kernels).
-//   unpermute:  out [B*F, C, S] = permute(y [B*S, F, C]) + residual.
+// CUDA GroupNorm family (same contract as csrc/cpu/group_norm.cpp), three launches for a norm:
+//   partials: per (batch, group), the F segments of C/G x S contiguous elements are cut into chunks, one block per
+//             chunk (grid (batch * groups, frames * chunks), so even two batches x 32 groups fill the GPU); each sums
+//             x - shift and its square (shift: the group's first element) in fp32 per thread, fp64 across the block;
+//             16-byte loads when the segment length and x allow.
+//   finalize: one thread per group adds its partials in fp64: mean and rstd to the stats buffer.
+//   apply:    [N, C, S] -> [N, C, S]: row-wise launch (a row is one channel's S positions, one scale and shift),
+//             16-byte loads and stores when S and the buffers allow; or the motion module's [B*F, C, S] ->
+//             [B, S, F, C], a 32 x 32 tile transpose through shared memory so reads and writes are both coalesced.
+//   unpermute: out [B*F, C, S] = permute(y [B*S, F, C]) + residual, the same tile transpose the other way.
+#include <algorithm>
 #include <stdexcept>
 
 #include "../fast_math.h"
@@ -14,121 +19,269 @@
 namespace animatelcm {
 namespace {
 
-constexpr int kStatsThreads = 512;
+constexpr int kStatsThreads = 256;
+constexpr int64_t kChunk = 8192;  // elements per statistics block (a multiple of every vector width)
+constexpr int kTile = 32, kTileRows = 8;
+
+// Chunks per (batch, group, frame) segment and their length; frames * chunks blocks go on grid axis y (<= 65535).
+struct StatsPlan {
+  int64_t chunk, chunks;
+};
+StatsPlan stats_plan(int64_t frames, int64_t channels, int64_t spatial, int64_t groups) {
+  if (frames > 65535) throw std::invalid_argument("group_norm: more than 65535 frames per group");
+  const int64_t length = channels / groups * spatial;
+  int64_t chunk = kChunk, chunks = std::max<int64_t>(1, (length + chunk - 1) / chunk);
+  const int64_t most = std::max<int64_t>(1, 65535 / frames);
+  if (chunks > most) {
+    chunk = ((length + most - 1) / most + 7) / 8 * 8;
+    chunks = (length + chunk - 1) / chunk;
+  }
+  return {chunk, chunks};
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
 
 template <typename T>
-__global__ void group_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int64_t frames,
-                                   int64_t channels, int64_t spatial, int64_t groups, float eps) {
-  const int64_t index = blockIdx.x;  // batch * groups + group
-  const int64_t b = index / groups, g = index % groups, per_group = channels / groups;
-  const int64_t block_len = per_group * spatial, count = frames * block_len;
-  const T* base = x + (b * frames * channels + g * per_group) * spatial;
-  const float shift = to_float(base[0]);
+__device__ __forceinline__ const T* group_start(const T* x, int64_t bg, int64_t frames, int64_t channels,
+                                                int64_t spatial, int64_t groups) {
+  const int64_t b = bg / groups, g = bg % groups;
+  return x + (b * frames * channels + g * (channels / groups)) * spatial;
+}
+
+template <typename T, int V>
+__global__ void group_partials_kernel(const T* __restrict__ x, double* __restrict__ partials, int64_t frames,
+                                      int64_t channels, int64_t spatial, int64_t groups, int64_t chunk,
+                                      int64_t chunks) {
+  const int64_t bg = blockIdx.x, f = blockIdx.y / chunks, piece = blockIdx.y % chunks;
+  const int64_t length = channels / groups * spatial;
+  const T* first = group_start(x, bg, frames, channels, spatial, groups);
+  const float shift = to_float(first[0]);
+  const T* segment = first + f * channels * spatial;
+  const int64_t begin = piece * chunk, end = begin + chunk < length ? begin + chunk : length;
   float sum = 0.f, squares = 0.f;
-  for (int64_t i = threadIdx.x; i < count; i += blockDim.x) {
-    const int64_t f = i / block_len, r = i % block_len;
-    const float centred = to_float(base[f * channels * spatial + r]) - shift;
-    sum += centred;
-    squares += centred * centred;
+  for (int64_t i = begin + threadIdx.x * V; i < end; i += kStatsThreads * V) {
+    const Pack<T, V> p = *reinterpret_cast<const Pack<T, V>*>(segment + i);
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      const float centred = to_float(p.v[l]) - shift;
+      sum += centred;
+      squares += centred * centred;
+    }
   }
-  __shared__ double shared_sum[kStatsThreads], shared_squares[kStatsThreads];
-  shared_sum[threadIdx.x] = sum;
-  shared_squares[threadIdx.x] = squares;
+  sum = warp_sum(sum);
+  squares = warp_sum(squares);
+  __shared__ double warp_sums[kStatsThreads / 32], warp_squares[kStatsThreads / 32];
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) {
+    warp_sums[warp] = sum;
+    warp_squares[warp] = squares;
+  }
   __syncthreads();
-  for (int width = blockDim.x / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) {
-      shared_sum[threadIdx.x] += shared_sum[threadIdx.x + width];
-      shared_squares[threadIdx.x] += shared_squares[threadIdx.x + width];
+  if (threadIdx.x == 0) {
+    double total = 0.0, total_squares = 0.0;
+    for (int w = 0; w < kStatsThreads / 32; ++w) {
+      total += warp_sums[w];
+      total_squares += warp_squares[w];
+    }
+    double* out = partials + 2 * (bg * gridDim.y + blockIdx.y);
+    out[0] = total;
+    out[1] = total_squares;
+  }
+}
+
+template <typename T>
+__global__ void group_finalize_kernel(const T* __restrict__ x, const double* __restrict__ partials,
+                                      float* __restrict__ stats, int64_t batch_groups, int64_t per_group,
+                                      int64_t frames, int64_t channels, int64_t spatial, int64_t groups, float eps) {
+  const int64_t bg = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (bg >= batch_groups) return;
+  double sum = 0.0, squares = 0.0;
+  for (int64_t i = 0; i < per_group; ++i) {
+    sum += partials[2 * (bg * per_group + i)];
+    squares += partials[2 * (bg * per_group + i) + 1];
+  }
+  const double count = static_cast<double>(frames * (channels / groups) * spatial);
+  const double mean_shifted = sum / count;
+  const double variance = squares / count - mean_shifted * mean_shifted;
+  stats[2 * bg] = static_cast<float>(mean_shifted + to_float(group_start(x, bg, frames, channels, spatial, groups)[0]));
+  stats[2 * bg + 1] = rsqrtf(static_cast<float>(variance > 0.0 ? variance : 0.0) + eps);
+}
+
+// y = x * scale + shift for channel c of batch b (scale and shift fold the statistics and the affine).
+__device__ __forceinline__ void channel_affine(const float* stats, const float* weight, const float* bias, int64_t b,
+                                               int64_t c, int64_t channels, int64_t groups, float& scale,
+                                               float& shift) {
+  const int64_t stat = 2 * (b * groups + c / (channels / groups));
+  scale = stats[stat + 1] * (weight != nullptr ? weight[c] : 1.0f);
+  shift = (bias != nullptr ? bias[c] : 0.0f) - stats[stat] * scale;
+}
+
+template <bool kSilu>
+__device__ __forceinline__ float activate(float v) {
+  return kSilu ? silu(v) : v;
+}
+
+template <typename T, int V, bool kSilu>
+__global__ void group_apply_rows_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ stats,
+                                        const float* __restrict__ weight, const float* __restrict__ bias,
+                                        int64_t rows, int64_t frames, int64_t channels, int64_t spatial,
+                                        int64_t groups, int threads_per_row) {
+  const RowSlot slot = row_slot(threads_per_row);
+  if (slot.row >= rows) return;
+  const int64_t c = slot.row % channels, b = slot.row / channels / frames;
+  float scale, shift;
+  channel_affine(stats, weight, bias, b, c, channels, groups, scale, shift);
+  const T* in = x + slot.row * spatial;
+  T* out = y + slot.row * spatial;
+  for (int64_t v = slot.first; v < spatial / V; v += slot.stride) {
+    const Pack<T, V> p = *reinterpret_cast<const Pack<T, V>*>(in + v * V);
+    Pack<T, V> r;
+#pragma unroll
+    for (int l = 0; l < V; ++l) r.v[l] = from_float<T>(activate<kSilu>(to_float(p.v[l]) * scale + shift));
+    *reinterpret_cast<Pack<T, V>*>(out + v * V) = r;
+  }
+}
+
+// x [B*F, C, S] -> y [B, S, F, C]: blocks of kTile x kTileRows threads over (S tile, C tile, B*F).
+template <typename T, bool kSilu>
+__global__ void group_apply_permute_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ stats,
+                                           const float* __restrict__ weight, const float* __restrict__ bias,
+                                           int64_t batch_frames, int64_t frames, int64_t channels, int64_t spatial,
+                                           int64_t groups) {
+  __shared__ float tile[kTile][kTile + 1];
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTile, c0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  const int64_t c_out = c0 + threadIdx.x;
+  for (int64_t bf = blockIdx.z; bf < batch_frames; bf += gridDim.z) {
+    const int64_t b = bf / frames, f = bf % frames;
+    for (int j = threadIdx.y; j < kTile; j += kTileRows) {  // read along s
+      const int64_t c = c0 + j, s = s0 + threadIdx.x;
+      if (c < channels && s < spatial) tile[j][threadIdx.x] = to_float(x[(bf * channels + c) * spatial + s]);
+    }
+    __syncthreads();
+    if (c_out < channels) {  // write along c
+      float scale, shift;
+      channel_affine(stats, weight, bias, b, c_out, channels, groups, scale, shift);
+      for (int j = threadIdx.y; j < kTile; j += kTileRows) {
+        const int64_t s = s0 + j;
+        if (s < spatial) {
+          y[((b * spatial + s) * frames + f) * channels + c_out] =
+              from_float<T>(activate<kSilu>(tile[threadIdx.x][j] * scale + shift));
+        }
+      }
     }
     __syncthreads();
   }
-  if (threadIdx.x == 0) {
-    const double mean_shifted = shared_sum[0] / count;
-    const double variance = shared_squares[0] / count - mean_shifted * mean_shifted;
-    stats[2 * index] = static_cast<float>(mean_shifted + shift);
-    stats[2 * index + 1] = rsqrtf(static_cast<float>(variance > 0.0 ? variance : 0.0) + eps);
-  }
 }
 
-template <typename T, bool kSilu, bool kPermute>
-__global__ void group_apply_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ stats,
-                                   const float* __restrict__ weight, const float* __restrict__ bias, int64_t batch,
-                                   int64_t frames, int64_t channels, int64_t spatial, int64_t groups) {
-  const int64_t total = batch * frames * channels * spatial, per_group = channels / groups;
-  for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < total;
-       o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    int64_t b, f, c, s;
-    if (kPermute) {  // o indexes [B, S, F, C]
-      c = o % channels;
-      f = (o / channels) % frames;
-      s = (o / (channels * frames)) % spatial;
-      b = o / (channels * frames * spatial);
-    } else {  // o indexes [B*F, C, S]
-      s = o % spatial;
-      c = (o / spatial) % channels;
-      const int64_t bf = o / (spatial * channels);
-      b = bf / frames;
-      f = bf % frames;
-    }
-    const int64_t stat = 2 * (b * groups + c / per_group);
-    const float w = weight ? weight[c] : 1.f, bb = bias ? bias[c] : 0.f;
-    const float scale = stats[stat + 1] * w, shift = bb - stats[stat] * scale;
-    const float v = to_float(x[((b * frames + f) * channels + c) * spatial + s]) * scale + shift;
-    y[o] = from_float<T>(kSilu ? silu(v) : v);
-  }
-}
-
+// out [B*F, C, S] = permute(y [B*S, F, C]) + residual: blocks over (S tile, C tile, B*F).
 template <typename T>
 __global__ void unpermute_residual_kernel(const T* __restrict__ y, const T* __restrict__ residual, T* __restrict__ out,
-                                          int64_t batch, int64_t frames, int64_t channels, int64_t spatial) {
-  const int64_t total = batch * frames * channels * spatial;
-  for (int64_t o = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; o < total;
-       o += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t s = o % spatial, c = (o / spatial) % channels, bf = o / (spatial * channels);
+                                          int64_t batch_frames, int64_t frames, int64_t channels, int64_t spatial) {
+  __shared__ float tile[kTile][kTile + 1];
+  const int64_t s0 = static_cast<int64_t>(blockIdx.x) * kTile, c0 = static_cast<int64_t>(blockIdx.y) * kTile;
+  for (int64_t bf = blockIdx.z; bf < batch_frames; bf += gridDim.z) {
     const int64_t b = bf / frames, f = bf % frames;
-    out[o] = from_float<T>(to_float(y[((b * spatial + s) * frames + f) * channels + c]) + to_float(residual[o]));
+    for (int j = threadIdx.y; j < kTile; j += kTileRows) {  // read along c
+      const int64_t s = s0 + j, c = c0 + threadIdx.x;
+      if (s < spatial && c < channels) tile[j][threadIdx.x] = to_float(y[((b * spatial + s) * frames + f) * channels + c]);
+    }
+    __syncthreads();
+    for (int j = threadIdx.y; j < kTile; j += kTileRows) {  // write along s
+      const int64_t c = c0 + j, s = s0 + threadIdx.x;
+      if (c < channels && s < spatial) {
+        const int64_t o = (bf * channels + c) * spatial + s;
+        out[o] = from_float<T>(tile[threadIdx.x][j] + to_float(residual[o]));
+      }
+    }
+    __syncthreads();
   }
 }
 
+dim3 tile_grid(int64_t batch_frames, int64_t channels, int64_t spatial) {
+  const int64_t gx = (spatial + kTile - 1) / kTile, gy = (channels + kTile - 1) / kTile;
+  if (gx > 0x7fffffffLL || gy > 65535) throw std::invalid_argument("group_norm: too many channels for one launch");
+  return dim3(static_cast<unsigned>(gx), static_cast<unsigned>(gy),
+              static_cast<unsigned>(std::min<int64_t>(batch_frames, 65535)));
+}
+
 template <typename T>
-void group_norm_launch(const GroupNormArgs& a, float* stats, cudaStream_t stream) {
+void group_norm_launch(const GroupNormArgs& a, double* workspace, cudaStream_t stream) {
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
-  group_stats_kernel<T><<<static_cast<unsigned>(a.batch * a.groups), kStatsThreads, 0, stream>>>(
-      x, stats, a.frames, a.channels, a.spatial, a.groups, a.eps);
-  check_launch("group_norm statistics");
-  constexpr int kThreads = 256;
-  const int grid = grid_for(a.batch * a.frames * a.channels * a.spatial, kThreads);
-#define ALCM_APPLY(silu_on, permute)                                                                           \
-  group_apply_kernel<T, silu_on, permute><<<grid, kThreads, 0, stream>>>(x, y, stats, a.weight, a.bias, a.batch, \
-                                                                         a.frames, a.channels, a.spatial, a.groups)
-  if (a.permute_output) {
-    if (a.silu) ALCM_APPLY(true, true); else ALCM_APPLY(false, true);
+  const StatsPlan plan = stats_plan(a.frames, a.channels, a.spatial, a.groups);
+  const int64_t batch_groups = a.batch * a.groups, per_group = a.frames * plan.chunks;
+  float* stats = reinterpret_cast<float*>(workspace);  // 2 floats per group in the first batch_groups doubles
+  double* partials = workspace + batch_groups;
+  const dim3 stats_grid(static_cast<unsigned>(batch_groups), static_cast<unsigned>(per_group));
+  constexpr int V = kVector<T>;
+  if ((a.channels / a.groups * a.spatial) % V == 0 && aligned16(x)) {
+    group_partials_kernel<T, V><<<stats_grid, kStatsThreads, 0, stream>>>(x, partials, a.frames, a.channels, a.spatial,
+                                                                          a.groups, plan.chunk, plan.chunks);
   } else {
-    if (a.silu) ALCM_APPLY(true, false); else ALCM_APPLY(false, false);
+    group_partials_kernel<T, 1><<<stats_grid, kStatsThreads, 0, stream>>>(x, partials, a.frames, a.channels, a.spatial,
+                                                                          a.groups, plan.chunk, plan.chunks);
   }
-#undef ALCM_APPLY
+  check_launch("group_norm partial sums");
+  group_finalize_kernel<T><<<static_cast<unsigned>((batch_groups + 127) / 128), 128, 0, stream>>>(
+      x, partials, stats, batch_groups, per_group, a.frames, a.channels, a.spatial, a.groups, a.eps);
+  check_launch("group_norm statistics");
+  if (a.permute_output) {
+    const dim3 grid = tile_grid(a.batch * a.frames, a.channels, a.spatial), block(kTile, kTileRows);
+    if (a.silu) {
+      group_apply_permute_kernel<T, true><<<grid, block, 0, stream>>>(x, y, stats, a.weight, a.bias, a.batch * a.frames,
+                                                                      a.frames, a.channels, a.spatial, a.groups);
+    } else {
+      group_apply_permute_kernel<T, false><<<grid, block, 0, stream>>>(x, y, stats, a.weight, a.bias,
+                                                                       a.batch * a.frames, a.frames, a.channels,
+                                                                       a.spatial, a.groups);
+    }
+  } else {
+    const int64_t rows = a.batch * a.frames * a.channels;
+    const bool vectorised = a.spatial % V == 0 && aligned16(x) && aligned16(y);
+    const RowGrid rg = row_grid(rows, vectorised ? a.spatial / V : a.spatial);
+#define ALCM_APPLY_ROWS(width, silu_on)                                                                            \
+  group_apply_rows_kernel<T, width, silu_on><<<rg.grid, kRowThreads, 0, stream>>>(                                 \
+      x, y, stats, a.weight, a.bias, rows, a.frames, a.channels, a.spatial, a.groups, rg.threads_per_row)
+    if (vectorised) {
+      if (a.silu) ALCM_APPLY_ROWS(V, true); else ALCM_APPLY_ROWS(V, false);
+    } else {
+      if (a.silu) ALCM_APPLY_ROWS(1, true); else ALCM_APPLY_ROWS(1, false);
+    }
+#undef ALCM_APPLY_ROWS
+  }
   check_launch("group_norm apply");
 }
 
 template <typename T>
 void unpermute_launch(const UnpermuteResidualArgs& a, cudaStream_t stream) {
-  constexpr int kThreads = 256;
-  unpermute_residual_kernel<T><<<grid_for(a.batch * a.frames * a.channels * a.spatial, kThreads), kThreads, 0, stream>>>(
-      static_cast<const T*>(a.y), static_cast<const T*>(a.residual), static_cast<T*>(a.out), a.batch, a.frames,
-      a.channels, a.spatial);
+  unpermute_residual_kernel<T><<<tile_grid(a.batch * a.frames, a.channels, a.spatial), dim3(kTile, kTileRows), 0,
+                                 stream>>>(static_cast<const T*>(a.y), static_cast<const T*>(a.residual),
+                                           static_cast<T*>(a.out), a.batch * a.frames, a.frames, a.channels,
+                                           a.spatial);
   check_launch("unpermute_residual");
 }
 
 }  // namespace
 
-void group_norm_cuda(const GroupNormArgs& args, float* stats, std::uintptr_t stream) {
+int64_t group_norm_cuda_workspace_doubles(int64_t batch, int64_t frames, int64_t channels, int64_t spatial,
+                                          int64_t groups) {
+  if (groups <= 0 || channels % groups) throw std::invalid_argument("group_norm: bad group count");
+  const StatsPlan plan = stats_plan(frames, channels, spatial, groups);
+  return batch * groups * (1 + 2 * frames * plan.chunks);
+}
+
+void group_norm_cuda(const GroupNormArgs& args, double* workspace, std::uintptr_t stream) {
   if (args.groups <= 0 || args.channels % args.groups) throw std::invalid_argument("group_norm: bad group count");
+  if (args.batch * args.groups > 0x7fffffffLL) throw std::invalid_argument("group_norm: too many groups for one launch");
   auto s = reinterpret_cast<cudaStream_t>(stream);
   switch (args.scalar_type) {
-    case kFloat32: return group_norm_launch<float>(args, stats, s);
-    case kFloat16: return group_norm_launch<__half>(args, stats, s);
-    case kBFloat16: return group_norm_launch<__nv_bfloat16>(args, stats, s);
+    case kFloat32: return group_norm_launch<float>(args, workspace, s);
+    case kFloat16: return group_norm_launch<__half>(args, workspace, s);
+    case kBFloat16: return group_norm_launch<__nv_bfloat16>(args, workspace, s);
     default: throw std::invalid_argument("group_norm: unsupported scalar type code");
   }
 }

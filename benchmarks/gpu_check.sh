@@ -24,7 +24,9 @@ PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH}"
 STEPS=" ${GPU_CHECK_STEPS:-build tests kernels e2e} "
-log() { echo "[gpu_check $(date +%T)] $*" | tee -a "$OUT/steps.log"; }
+# At most 8 files come back from the device tool: machine.txt, tests.log, kernels.log, kernels_gpu.{md,csv},
+# end_to_end.log, end_to_end_cuda.md, end_to_end_profile_cuda.md (build.log only when the build fails).
+log() { echo "[gpu_check $(date +%T)] $*"; }
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 
 if wanted build; then
@@ -32,20 +34,19 @@ if wanted build; then
   { nvidia-smi; "$PYTHON" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
     > "$OUT/machine.txt" 2>&1
   if ! ANIMATELCM_CUDA=1 ANIMATELCM_CUDA_ARCHS="${ANIMATELCM_CUDA_ARCHS:-90}" \
-       "$PYTHON" -m pip install --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1; then
-    log "build failed: see build.log"; tail -30 "$OUT/build.log"; exit 1
+       "$PYTHON" -m pip install --no-build-isolation --no-deps -e . > /tmp/gpu_check_build.log 2>&1; then
+    cp /tmp/gpu_check_build.log "$OUT/build.log"; log "build failed: see build.log"; tail -30 "$OUT/build.log"; exit 1
   fi
-  "$PYTHON" -m animatelcm.info > "$OUT/info.txt" 2>&1
-  cat "$OUT/info.txt"
+  "$PYTHON" -m animatelcm.info 2>&1 | tee -a "$OUT/machine.txt"
 fi
 
 if wanted tests; then
   log "2. tests"
-  timeout -s INT -k 15 120 "$PYTHON" -m pytest -q -rfE -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
+  timeout -s INT -k 15 150 "$PYTHON" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
     tests/test_consistency_op.py tests/test_geglu_op.py tests/test_scheduler.py tests/test_patching.py \
     > "$OUT/tests.log" 2>&1
   log "tests: $(tail -1 "$OUT/tests.log")"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20 | tee -a "$OUT/steps.log"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -20
 fi
 
 if wanted kernels; then

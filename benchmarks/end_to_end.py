@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import datetime
 import platform
 import statistics
@@ -34,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from animatelcm import patch_pipeline  # noqa: E402
+from benchmarks.harness import append_rows  # noqa: E402
 from animatelcm.testing import TinyConfig, tiny_components  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -106,13 +106,16 @@ def call_flops(pipe, size, device, guidance):
 
 def profile_breakdown(pipe, size, device, guidance, rows=15) -> str:
     """A markdown table of the ops taking the most time in one latents call of ``pipe`` (torch.profiler)."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     run_once(pipe, size, device, guidance, "latent")
     with profile(activities=activities) as prof:
         run_once(pipe, size, device, guidance, "latent")
-    events = prof.key_averages()
+    # Ops only (not also the kernels they launch, which would count each kernel twice): on a GPU the kernels' time
+    # each op launched itself, on the CPU each op's own time.
+    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
     attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attribute) for e in events) or 1.0
     top = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:rows]
@@ -255,25 +258,6 @@ def results_table(rows, size, dtype, machine, base, command, stamp, flops, peak)
                      f"{row['min_s']:.3f}-{row['max_s']:.3f} | {_number(row['step_s'], '.3f')} | "
                      f"{_number(row['peak_gib'], '.2f')} | {_number(100 * row['mfu'], '.1f', ' %')} | {speed_up} |")
     return "\n".join(lines) + "\n"
-
-
-def append_rows(path: Path, rows: list[dict]) -> None:
-    """Append ``rows`` to the CSV at ``path``; a file written with fewer columns (older runs) is rewritten with the
-    new ones, its old rows left blank there."""
-    fields = list(rows[0])
-    old_rows = []
-    if path.exists():
-        with path.open(newline="") as handle:
-            reader = csv.DictReader(handle)
-            if reader.fieldnames != fields:
-                old_rows = list(reader)
-                fields = list(dict.fromkeys([*(reader.fieldnames or []), *fields]))
-    mode = "w" if old_rows or not path.exists() else "a"
-    with path.open(mode, newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
-        if mode == "w":
-            writer.writeheader()
-        writer.writerows(old_rows + rows)
 
 
 def _number(value, spec, suffix=""):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from animatelcm import LCMScheduler, ops
-from benchmarks.harness import make_row, time_with_pytest_benchmark
+from benchmarks.harness import device_seconds_per_call, make_row, time_with_pytest_benchmark
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 SETS = 4  # rotating input sets per measurement
@@ -32,8 +32,8 @@ def compiled(fn):
 
 def run(benchmark, record, op, provider, baseline, shape, device, input_sets, fn, bytes_moved):
     samples = time_with_pytest_benchmark(benchmark, fn, input_sets, torch.device(device), configs(device)["rounds"])
-    record(make_row(op, provider, shape, configs(device)["dtype"], torch.device(device), samples, bytes_moved, None),
-           baseline)
+    record(make_row(op, provider, shape, configs(device)["dtype"], torch.device(device), samples, bytes_moved, None,
+                    device_seconds_per_call(fn, input_sets, torch.device(device))), baseline)
 
 
 def forced(backend, fn):

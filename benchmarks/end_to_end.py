@@ -113,15 +113,17 @@ def profile_breakdown(pipe, size, device, guidance, rows=15) -> str:
     run_once(pipe, size, device, guidance, "latent")
     with profile(activities=activities) as prof:
         run_once(pipe, size, device, guidance, "latent")
-    # Ops only (not also the kernels they launch, which would count each kernel twice): on a GPU the kernels' time
-    # each op launched itself, on the CPU each op's own time.
-    events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
+    # One level only, so nothing is counted twice: on a GPU the kernels themselves (an op's device time would repeat
+    # its kernels', and kernels launched from the native module belong to no aten op), on the CPU the ops.
+    wanted = DeviceType.CUDA if device == "cuda" else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == wanted]
     attribute = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
     total = sum(getattr(e, attribute) for e in events) or 1.0
     top = sorted(events, key=lambda e: getattr(e, attribute), reverse=True)[:rows]
-    lines = ["| op | calls | self time ms | share |", "|---|---|---|---|"]
+    lines = [f"| {'kernel' if device == 'cuda' else 'op'} | calls | self time ms | share |", "|---|---|---|---|"]
     for e in top:
-        lines.append(f"| `{e.key}` | {e.count} | {getattr(e, attribute) / 1e3:.1f} | "
+        name = e.key if len(e.key) <= 100 else e.key[:97] + "..."
+        lines.append(f"| `{name}` | {e.count} | {getattr(e, attribute) / 1e3:.1f} | "
                      f"{100 * getattr(e, attribute) / total:.1f} % |")
     return "\n".join(lines)
 

@@ -35,7 +35,7 @@ def test_group_norm_silu_matches_reference(backend, dtype, silu, monkeypatch, po
         generator = torch.Generator().manual_seed(index)
         x = (torch.randn(shape, generator=generator) * 3 + 1).to(backend_device(backend), dtype)
         weight, bias = affine(shape[1], generator, device=x.device)
-        for w, b in ((weight, bias), (None, None)):
+        for w, b in ((weight, bias), (weight.to(dtype), bias.to(dtype)), (None, None)):
             out = run(backend, monkeypatch, ops.group_norm_silu, x, groups, w, b, 1e-5, silu)
             want = ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu)
             assert out.shape == x.shape
@@ -59,7 +59,8 @@ def test_channels_last_input_keeps_its_layout(backend, dtype, isa, monkeypatch, 
         x = (torch.randn(shape, generator=generator) * 3 + 50 * (index % 2)).to(backend_device(backend), dtype)
         x = x.contiguous(memory_format=torch.channels_last)
         weight, bias = affine(shape[1], generator, device=x.device)
-        for w, b, silu in ((weight, bias, True), (None, None, False)):
+        # affine in fp32 and in x's dtype (what a half-precision module passes: converted to fp32 for the kernel)
+        for w, b, silu in ((weight, bias, True), (weight.to(dtype), bias.to(dtype), False), (None, None, False)):
             out = run(backend, monkeypatch, ops.group_norm_silu, x, groups, w, b, 1e-5, silu)
             assert out.shape == x.shape
             assert shape[1] == 1 or shape[2] * shape[3] == 1 or out.is_contiguous(memory_format=torch.channels_last)

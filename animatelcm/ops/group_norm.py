@@ -181,9 +181,10 @@ def _native_group_norm_silu(kernel_name, extra, x, num_groups, weight, bias, eps
     for the [N, C, S] kernels, and the result takes x's layout back."""
     if kernel_name == "group_norm_cpu" and is_channels_last(x):
         out = torch.empty_like(x, memory_format=torch.channels_last)
+        weight, bias = _affine_fp32(weight), _affine_fp32(bias)  # held here: the kernel reads them by address
         if out.numel():
             native_module().group_norm_channels_last_cpu(
-                pointer(x), pointer(out), pointer(_affine_fp32(weight)), pointer(_affine_fp32(bias)), x.shape[0],
+                pointer(x), pointer(out), pointer(weight), pointer(bias), x.shape[0],
                 x.shape[1], x.shape[2] * x.shape[3], num_groups, float(eps), bool(silu), SCALAR_TYPE_CODES[x.dtype])
         return out
     out = _native_group_norm(kernel_name, extra, x, x.shape[0], 1, num_groups, weight, bias, eps, silu, False)

@@ -36,6 +36,12 @@ def run(benchmark, record, op, provider, baseline, shape, device, input_sets, fn
                     device_seconds_per_call(fn, input_sets, torch.device(device))), baseline)
 
 
+def kernel_backends(device):
+    """Our backends measured on a device: the C++ kernels on the CPU; the CUDA and Triton kernels on a GPU (the
+    Triton interpreter's CPU timings would mean nothing)."""
+    return ["cpp"] if device == "cpu" else ["cuda", "triton"]
+
+
 def forced(backend, fn):
     """fn with ANIMATELCM_BACKEND forced for the duration of each call."""
     import os
@@ -91,14 +97,15 @@ def diffusers_group_norm_silu(x, w, b):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("provider", ["F.group_norm + F.silu", "torch.compile", "cpp", "cuda", "copy (floor)"])
+@pytest.mark.parametrize("provider", ["F.group_norm + F.silu", "torch.compile", "cpp", "cuda", "triton",
+                                      "copy (floor)"])
 def test_group_norm_silu(benchmark, record, device, provider):
     providers = {
         "F.group_norm + F.silu": diffusers_group_norm_silu,
         "torch.compile": compiled(diffusers_group_norm_silu),
         "copy (floor)": lambda x, w, b: x.clone(),
-        ("cpp" if device == "cpu" else "cuda"): forced("cpp" if device == "cpu" else "cuda",
-                                                       lambda x, w, b: ops.group_norm_silu(x, 32, w, b)),
+        **{backend: forced(backend, lambda x, w, b: ops.group_norm_silu(x, 32, w, b))
+           for backend in kernel_backends(device)},
     }
     if provider not in providers:
         pytest.skip(f"{provider} does not run on {device}")
@@ -111,17 +118,19 @@ def test_group_norm_silu(benchmark, record, device, provider):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("provider", ["F.group_norm + F.silu", "torch.compile", "cpp", "copy (floor)"])
+@pytest.mark.parametrize("provider", ["F.group_norm + F.silu", "torch.compile", "cpp", "cuda", "triton",
+                                      "copy (floor)"])
 def test_group_norm_silu_channels_last(benchmark, record, device, provider):
     """The VAE decoder's ResNet blocks: channels-last activations from its convolutions ([16, 64, 128, 128] is a
-    quarter-width decoder at 256x256 pixels, 16 frames)."""
+    quarter-width decoder at 256x256 pixels, 16 frames). The CUDA kernel copies to and from the contiguous layout;
+    the C++ and Triton kernels read and write channels-last."""
     providers = {
         "F.group_norm + F.silu": diffusers_group_norm_silu,
         "torch.compile": compiled(diffusers_group_norm_silu),
         "copy (floor)": lambda x, w, b: x.clone(),
+        **{backend: forced(backend, lambda x, w, b: ops.group_norm_silu(x, 32, w, b))
+           for backend in kernel_backends(device)},
     }
-    if device == "cpu":
-        providers["cpp"] = forced("cpp", lambda x, w, b: ops.group_norm_silu(x, 32, w, b))
     if provider not in providers:
         pytest.skip(f"{provider} does not run on {device}")
     cfg = configs(device)
@@ -144,12 +153,12 @@ def diffusers_unpermute(y, residual, frames=16):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "cpp", "cuda", "copy (floor)"])
+@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "cpp", "cuda", "triton", "copy (floor)"])
 def test_temporal_group_norm(benchmark, record, device, provider):
-    backend = "cpp" if device == "cpu" else "cuda"
     providers = {"diffusers ops": diffusers_temporal_norm, "torch.compile": compiled(diffusers_temporal_norm),
                  "copy (floor)": lambda x, w, b: x.clone(),
-                 backend: forced(backend, lambda x, w, b: ops.temporal_group_norm(x, 16, 32, w, b))}
+                 **{backend: forced(backend, lambda x, w, b: ops.temporal_group_norm(x, 16, 32, w, b))
+                    for backend in kernel_backends(device)}}
     if provider not in providers:
         pytest.skip(f"{provider} does not run on {device}")
     cfg = configs(device)
@@ -162,12 +171,12 @@ def test_temporal_group_norm(benchmark, record, device, provider):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "cpp", "cuda", "copy (floor)"])
+@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "cpp", "cuda", "triton", "copy (floor)"])
 def test_unpermute_residual(benchmark, record, device, provider):
-    backend = "cpp" if device == "cpu" else "cuda"
     providers = {"diffusers ops": diffusers_unpermute, "torch.compile": compiled(diffusers_unpermute),
                  "copy (floor)": lambda y, r: y.clone(),
-                 backend: forced(backend, lambda y, r: ops.temporal_unpermute_residual(y, r, 16))}
+                 **{backend: forced(backend, lambda y, r: ops.temporal_unpermute_residual(y, r, 16))
+                    for backend in kernel_backends(device)}}
     if provider not in providers:
         pytest.skip(f"{provider} does not run on {device}")
     cfg = configs(device)

@@ -118,11 +118,13 @@ def test_explain_available_backends_and_report():
 
 
 def test_environment_forces_where_implemented_and_argument_is_strict(monkeypatch):
-    x = torch.randn(2, 4, 3, 3)
-    monkeypatch.setenv("ANIMATELCM_BACKEND", "triton")  # no Triton GroupNorm: that op keeps the automatic choice
-    torch.testing.assert_close(ops.group_norm_silu(x, 2), ops.group_norm_silu_reference(x, 2))
+    model_output, sample, coefficients = torch.randn(2, 4, 3, 3), torch.randn(2, 4, 3, 3), torch.rand(6)
+    monkeypatch.setenv("ANIMATELCM_BACKEND", "triton")  # no Triton consistency step: it keeps the automatic choice
+    for got, want in zip(ops.consistency_step(model_output, sample, coefficients),
+                         ops.consistency_step_reference(model_output, sample, coefficients)):
+        torch.testing.assert_close(got, want)
     with pytest.raises(ops.BackendUnavailableError, match="no triton implementation"):
-        ops.group_norm_silu(x, 2, backend="triton")
+        ops.consistency_step(model_output, sample, coefficients, backend="triton")
 
 
 def test_native_build_info():

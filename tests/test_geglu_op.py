@@ -92,8 +92,9 @@ LINEAR_SHAPES = [((3, 7), 24, 80), ((1,), 5, 2), ((2, 3, 11), 40, 2 * 72), ((97,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("blocked", [False, True], ids=["whole", "row-blocks"])
 def test_linear_geglu_matches_float64_reference(backend, dtype, blocked, monkeypatch, poisoned_outputs):
-    if blocked:  # 256-byte "caches": blocks of a few rows, a partial last block, the blocked path always taken
+    if blocked:  # 256-byte "caches", no row floor: blocks of a few rows, a partial last block, always blocked
         monkeypatch.setattr(geglu_module, "core_cache_bytes", lambda: 256)
+        monkeypatch.setattr(geglu_module, "MIN_BLOCK_ROWS", 1)
     for index, (lead, k, width) in enumerate(LINEAR_SHAPES):
         generator = torch.Generator().manual_seed(index)
         x = torch.randn(*lead, k, generator=generator).to(backend_device(backend), dtype)

@@ -16,7 +16,7 @@ import torch
 from .dispatch import Implementation, eager_fast_path, explain, select
 from .layout import plan_attention
 from .native import SCALAR_TYPE_CODES, exceeds_last_level_cache, native_module, native_unavailable_reason, pointer, reject_unless_native
-from .triton_backend import triton_attention, triton_unavailable_reason
+from .triton_backend import triton_attention, triton_device_types, triton_unavailable_reason
 
 MAX_FRAMES = 64
 MAX_HEAD_DIM = 160
@@ -76,14 +76,8 @@ def _reject_native(device_types):
     return reject
 
 
-def _triton_device_types():
-    import os
-
-    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
-
-
 def _reject_triton(q, k, v, scale):
-    return _reject_native(_triton_device_types())(q, k, v, scale)
+    return _reject_native(triton_device_types())(q, k, v, scale)
 
 
 # cpp first: it takes only CPU tensors, so on a GPU the order gives triton, and on a CPU the C++ kernel wins over

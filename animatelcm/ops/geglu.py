@@ -8,7 +8,7 @@ the largest activation of the block). Arithmetic in float32; NaN propagates elem
 reference formulas.
 
 ``linear_geglu(x, weight, bias)`` is the projection and the activation together. On the CPU it runs in blocks of
-rows whose projection output fits one core's L2 cache: that output, the largest tensor of a transformer block
+rows (at least 1024, more if one core's L2 cache holds their projection output): that output, the largest tensor of a transformer block
 (``[16384, 640]`` floats at 32x32 latents, 16 frames, width 80), is then never materialised, so it is neither
 written to memory and read back nor allocated afresh (an allocation of more than glibc's 32 MiB mmap threshold
 costs a page fault per 4 KiB page on every call).
@@ -143,10 +143,14 @@ def _check_bias(op_name, bias, width, what, x):
 
 # linear_geglu ---------------------------------------------------------------------------------------------------
 
-# Row blocks are used only when the whole projection output is at least this many blocks: below that it stays in
-# the last-level cache anyway and the extra GEMM calls cost more than they save (on the 2-core CI machine: 2.0x at
-# [16384, 80] x [80, 640], 1.3x at [4096, 160] x [160, 1280], 0.95x at [1024, 320] x [320, 2560] with 2 MiB blocks).
-MIN_BLOCKS = 8
+# A block has at least MIN_BLOCK_ROWS rows (more when one core's L2 cache holds more), and blocks are used only when
+# the whole projection output is at least MIN_BLOCKS of them: smaller GEMMs cost more than the blocking saves.
+# Measured against diffusers' GEGLU on the two 2-core machines CI has run on: a Sapphire Rapids (2 MiB L2) with
+# 819-row blocks gave 2.0x at [16384, 80] x [80, 640], 1.3x at [4096, 160] x [160, 1280] and 0.95x at
+# [1024, 320] x [320, 2560]; an AMD EPYC Zen 4 (1 MiB L2, 32 MiB L3) gave, for 256 / 409 / 1024 / 2048-row blocks,
+# 1.7 / 2.2 / 2.3 / 2.3x on the first, 1.04 / 1.06 / 1.20 / 1.10x on the second and 0.96-1.00x on the third.
+MIN_BLOCK_ROWS = 1024
+MIN_BLOCKS = 4
 
 
 def linear_geglu_reference(x, weight, bias=None):
@@ -155,10 +159,11 @@ def linear_geglu_reference(x, weight, bias=None):
 
 
 def _linear_geglu_cpu_blocked(x, weight, bias):
-    """The CPU path: row blocks of ``x`` whose projection fits one core's L2 cache, each projected (PyTorch's GEMM)
-    into one reused buffer and activated by the native GEGLU kernel straight into its rows of the output."""
+    """The CPU path: row blocks of ``x`` (those whose projection fits one core's L2 cache, and at least
+    MIN_BLOCK_ROWS), each projected (PyTorch's GEMM) into one reused buffer and activated by the native GEGLU kernel
+    straight into its rows of the output."""
     rows_total, width = x.numel() // x.shape[-1], weight.shape[0]
-    block_rows = max(1, core_cache_bytes() // (width * x.element_size()))
+    block_rows = max(MIN_BLOCK_ROWS, core_cache_bytes() // (width * x.element_size()))
     if rows_total < MIN_BLOCKS * block_rows:
         return _native("geglu_cpu", lambda t: (), F.linear(x, weight), bias)
     flat = x.reshape(rows_total, x.shape[-1])

@@ -29,6 +29,13 @@ from .native import (
     pointer,
     reject_unless_native,
 )
+from .triton_backend import (
+    reject_unless_triton,
+    triton_group_norm_silu,
+    triton_temporal_group_norm,
+    triton_unavailable_reason,
+    triton_unpermute_residual,
+)
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -215,12 +222,24 @@ def _cuda_extra(x):
     return (cuda_stream_handle(x.device),)
 
 
-def _gn_impls(reference, run_native):
+def _reject_triton(x, *rest):
+    """The Triton kernels index a group's elements in 32-bit arithmetic."""
+    reason = reject_unless_triton(x)
+    if reason is None and x.numel() >= 2**31:
+        return f"supports tensors of fewer than 2**31 elements, got {x.numel()}"
+    return reason
+
+
+# cuda and cpp first: each takes only its own device's tensors. The Triton kernels come after the CUDA ones until a
+# GPU benchmark shows them faster (benchmarks/results/kernels_gpu.md); on the CPU they run only when forced
+# (ANIMATELCM_BACKEND=triton under TRITON_INTERPRET=1), as in CI's tests.
+def _gn_impls(reference, run_native, run_triton):
     return [
         Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), cuda_kernels_unavailable_reason,
                        reject_unless_native("cuda")),
         Implementation("cpp", lambda *a: run_native("group_norm_cpu", _cpu_extra, *a), native_unavailable_reason,
                        reject_unless_native("cpu")),
+        Implementation("triton", run_triton, triton_unavailable_reason, _reject_triton),
         Implementation("eager", reference, lambda: None, lambda *a: None),
     ]
 
@@ -228,16 +247,19 @@ def _gn_impls(reference, run_native):
 GROUP_NORM_SILU = _gn_impls(
     lambda x, g, w, b, eps, silu: group_norm_silu_reference(x, g, w, b, eps, silu).contiguous(
         memory_format=_output_format(x)),
-    _native_group_norm_silu)
+    _native_group_norm_silu,
+    lambda x, g, w, b, eps, silu: triton_group_norm_silu(x, g, w, b, eps, silu, is_channels_last(x)))
 TEMPORAL_GROUP_NORM = _gn_impls(
     lambda x, f, g, w, b, eps: temporal_group_norm_reference(x, f, g, w, b, eps),
     lambda kernel, extra, x, f, g, w, b, eps: _native_group_norm(kernel, extra, x, x.shape[0] // f, f, g, w, b, eps,
-                                                                 False, True))
+                                                                 False, True),
+    triton_temporal_group_norm)
 UNPERMUTE_RESIDUAL = [
     Implementation("cuda", lambda *a: _native_unpermute("unpermute_residual_cuda", _cuda_extra, *a),
                    cuda_kernels_unavailable_reason, reject_unless_native("cuda")),
     Implementation("cpp", lambda *a: _native_unpermute("unpermute_residual_cpu", _no_extra, *a),
                    native_unavailable_reason, reject_unless_native("cpu")),
+    Implementation("triton", triton_unpermute_residual, triton_unavailable_reason, _reject_triton),
     Implementation("eager", temporal_unpermute_residual_reference, lambda: None, lambda *a: None),
 ]
 

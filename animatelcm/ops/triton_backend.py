@@ -53,3 +53,129 @@ def triton_attention(q, k, v, scale):
         num_warps=4 if head_dim > 64 else 2,
     )
     return out
+
+
+def triton_device_types() -> tuple[str, ...]:
+    """Devices whose tensors the Triton kernels take: CUDA, and the CPU under TRITON_INTERPRET=1."""
+    return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
+
+
+def reject_unless_triton(tensor, *rest) -> str | None:
+    """An Implementation.reject for the Triton kernels: the first argument must be a float32/float16/bfloat16
+    tensor on a device Triton runs on (the ops' own checks have made the other tensors agree with it)."""
+    if tensor.device.type not in triton_device_types():
+        return f"needs {' or '.join(triton_device_types())} tensors, got {tensor.device.type}"
+    if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"supports float32/float16/bfloat16, got {tensor.dtype}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _group_norm_kernels():
+    from ..kernels import group_norm
+
+    return group_norm
+
+
+PARTIALS_BLOCK = 1024    # elements per step of a partial-sums program
+PARTIALS_PROGRAMS = 1024  # partial-sums programs a launch aims for: several per SM on an H100 (132 SMs)
+MAX_SPLIT = 1024         # chunks per group at most (the affine kernel adds them in one tile)
+TILE = 64                # the permute / unpermute tiles: TILE channels x TILE positions
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _channel_affine(x, batch, channels, groups, group_numel, inner_len, outer_stride, group_offset, batch_stride,
+                    weight, bias, eps):
+    """Per (batch, channel) fp32 ``scale, shift [batch * C]`` with ``norm(x) * weight + bias = x * scale + shift``,
+    from the groups of ``x`` addressed as the kernels' module docstring describes."""
+    kernels = _group_norm_kernels()
+    groups_total = batch * groups
+    split = max(1, min(_cdiv(group_numel, PARTIALS_BLOCK), _cdiv(PARTIALS_PROGRAMS, groups_total), MAX_SPLIT))
+    chunk = _cdiv(_cdiv(group_numel, split), PARTIALS_BLOCK) * PARTIALS_BLOCK
+    split = _cdiv(group_numel, chunk)
+    partials = torch.empty(groups_total * split * 2, dtype=torch.float32, device=x.device)
+    kernels.group_partials_kernel[(groups_total, split)](
+        x, partials, groups, group_numel, inner_len, outer_stride, group_offset, batch_stride, chunk, split,
+        SEGMENTED=inner_len != group_numel, BLOCK=PARTIALS_BLOCK, num_warps=4)
+    scale = torch.empty(batch * channels, dtype=torch.float32, device=x.device)
+    shift = torch.empty_like(scale)
+    # fp32 copies of the affine parameters, held here until the launch has read them
+    weight = None if weight is None else weight.detach().to(torch.float32).contiguous()
+    bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    block_split = _block(split)
+    block_channels = max(1, 1024 // block_split)
+    kernels.group_affine_kernel[(_cdiv(batch * channels, block_channels),)](
+        x, partials, scale if weight is None else weight, scale if bias is None else bias, scale, shift,
+        batch * channels, channels, groups, group_numel, group_offset, batch_stride, split, float(eps),
+        HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_CHANNELS=block_channels,
+        BLOCK_SPLIT=block_split)
+    return scale, shift
+
+
+def _apply_rows(x, out, scale, shift, rows, cols, positions, channel_is_col, silu):
+    block_cols = min(1024, _block(cols))
+    block_rows = max(1, 2048 // block_cols)
+    col_tiles = _cdiv(cols, block_cols)
+    _group_norm_kernels().group_apply_rows_kernel[(_cdiv(rows, block_rows) * col_tiles,)](
+        x, out, scale, shift, rows, cols, positions, col_tiles, CHANNEL_IS_COL=channel_is_col, SILU=silu,
+        BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
+
+
+def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last: bool):
+    """GroupNorm(+SiLU) of ``x [N, C, *]``: contiguous (``x`` is made so) or, with ``channels_last``, a
+    channels-last 4-D ``x`` read and written in that layout. Returns the output in that layout."""
+    if not channels_last:
+        x = x.contiguous()
+    out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    batch, channels = x.shape[:2]
+    spatial = x[0, 0].numel()
+    per_group = channels // num_groups
+    group_numel = per_group * spatial
+    if channels_last:  # [N, S, C] in memory: S runs of C/G channels, C apart
+        scale, shift = _channel_affine(x, batch, channels, num_groups, group_numel, per_group, channels, per_group,
+                                       spatial * channels, weight, bias, eps)
+        _apply_rows(x, out, scale, shift, batch * spatial, channels, spatial, True, silu)
+    else:
+        scale, shift = _channel_affine(x, batch, channels, num_groups, group_numel, group_numel, 0, group_numel,
+                                       channels * spatial, weight, bias, eps)
+        _apply_rows(x, out, scale, shift, batch * channels, spatial, 1, False, silu)
+    return out
+
+
+def triton_temporal_group_norm(x, num_frames, num_groups, weight, bias, eps):
+    """Frame-spanning GroupNorm of ``x [B*F, C, H, W]`` written as ``[B*H*W, F, C]``."""
+    x = x.contiguous()
+    batch_frames, channels = x.shape[:2]
+    spatial = x.shape[2] * x.shape[3]
+    batch = batch_frames // num_frames
+    out = x.new_empty((batch * spatial, num_frames, channels))
+    if out.numel() == 0:
+        return out
+    per_group = channels // num_groups
+    scale, shift = _channel_affine(x, batch, channels, num_groups, num_frames * per_group * spatial,
+                                   per_group * spatial, channels * spatial, per_group * spatial,
+                                   num_frames * channels * spatial, weight, bias, eps)
+    c_tiles, s_tiles = _cdiv(channels, TILE), _cdiv(spatial, TILE)
+    _group_norm_kernels().group_apply_permute_kernel[(batch_frames * c_tiles * s_tiles,)](
+        x, out, scale, shift, num_frames, channels, spatial, c_tiles, s_tiles, SILU=False, BLOCK_C=TILE,
+        BLOCK_S=TILE)
+    return out
+
+
+def triton_unpermute_residual(y, residual, num_frames):
+    """``y [B*H*W, F, C]`` back to ``[B*F, C, H, W]`` plus ``residual`` (that shape), contiguous."""
+    y, residual = y.contiguous(), residual.contiguous()
+    out = torch.empty_like(residual)
+    if out.numel() == 0:
+        return out
+    batch_frames, channels = residual.shape[:2]
+    spatial = residual[0, 0].numel()
+    c_tiles, s_tiles = _cdiv(channels, TILE), _cdiv(spatial, TILE)
+    _group_norm_kernels().unpermute_residual_kernel[(batch_frames * c_tiles * s_tiles,)](
+        y, residual, out, num_frames, channels, spatial, c_tiles, s_tiles, BLOCK_C=TILE, BLOCK_S=TILE)
+    return out

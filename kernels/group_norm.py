@@ -1,0 +1,159 @@
+"""Triton GroupNorm family (same contract as the CPU and CUDA kernels in csrc/): three launches for a norm.
+
+Statistics are per (batch, group). A group's elements are described by one addressing rule, so one partial-sums
+kernel serves every layout: element i of group (b, g) sits at
+``b * batch_stride + g * group_offset + (i // inner_len) * outer_stride + i % inner_len``:
+
+- ``[N, C, S]`` contiguous (a plain GroupNorm): the group is one run, ``inner_len = C/G * S`` (SEGMENTED off);
+- ``[B*F, C, S]`` with frame-spanning groups (the motion module's norm): F runs of ``C/G * S``, ``C * S`` apart;
+- ``[N, S, C]`` (a channels-last ``[N, C, H, W]``): S runs of ``C/G`` channels, ``C`` apart.
+
+1. ``group_partials_kernel``: grid (batch * groups, split); each program sums ``x - shift`` and its square over one
+   chunk of its group (shift: the group's first element, so the variance does not cancel), fp32 per lane.
+2. ``group_affine_kernel``: per (batch, channel), the group's partials added in fp64, then the per-channel
+   ``scale = rstd * weight`` and ``shift = bias - mean * scale`` (fp32) the apply kernels read.
+3. an apply kernel writes ``act(x * scale + shift)``: ``group_apply_rows_kernel`` for ``[rows, S]`` and
+   ``[positions, C]`` tiles in place of layout; ``group_apply_permute_kernel`` for ``[B*F, C, S] -> [B, S, F, C]``
+   (the tile is read along S and written along C; Triton stages the transpose through shared memory).
+``unpermute_residual_kernel`` is the layout change back plus the residual add, tiled the same way.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _silu(v):
+    return v / (1.0 + tl.exp(-v))
+
+
+@triton.jit
+def group_partials_kernel(
+    x_ptr, partials_ptr, groups, group_numel, inner_len, outer_stride, group_offset, batch_stride, chunk, split,
+    SEGMENTED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    bg = tl.program_id(0).to(tl.int64)
+    piece = tl.program_id(1)
+    base = (bg // groups) * batch_stride + (bg % groups) * group_offset
+    shift = tl.load(x_ptr + base).to(tl.float32)
+    start = piece * chunk
+    end = tl.minimum(start + chunk, group_numel)
+    lanes = tl.arange(0, BLOCK)
+    sums = tl.zeros([BLOCK], dtype=tl.float32)
+    squares = tl.zeros([BLOCK], dtype=tl.float32)
+    for first in range(start, end, BLOCK):
+        i = first + lanes
+        mask = i < end
+        if SEGMENTED:
+            offset = (i // inner_len).to(tl.int64) * outer_stride + i % inner_len
+        else:
+            offset = i
+        centred = tl.where(mask, tl.load(x_ptr + base + offset, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+        sums += centred
+        squares += centred * centred
+    out = partials_ptr + (bg * split + piece) * 2
+    tl.store(out, tl.sum(sums, axis=0))
+    tl.store(out + 1, tl.sum(squares, axis=0))
+
+
+@triton.jit
+def group_affine_kernel(
+    x_ptr, partials_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, batch_channels, channels, groups, group_numel,
+    group_offset, batch_stride, split, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr, BLOCK_SPLIT: tl.constexpr,
+):
+    index = tl.program_id(0).to(tl.int64) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)  # batch * C + c
+    valid = index < batch_channels
+    batch = index // channels
+    channel = index % channels
+    group = channel // (channels // groups)
+    bg = batch * groups + group
+    pieces = tl.arange(0, BLOCK_SPLIT)
+    mask = valid[:, None] & (pieces[None, :] < split)
+    partial = partials_ptr + (bg[:, None] * split + pieces[None, :]) * 2
+    total = tl.sum(tl.load(partial, mask=mask, other=0.0).to(tl.float64), axis=1)
+    total_squares = tl.sum(tl.load(partial + 1, mask=mask, other=0.0).to(tl.float64), axis=1)
+    shift = tl.load(x_ptr + batch * batch_stride + group * group_offset, mask=valid, other=0.0).to(tl.float32)
+    mean_shifted = total / group_numel
+    variance = tl.maximum(total_squares / group_numel - mean_shifted * mean_shifted, 0.0)
+    rstd = 1.0 / tl.sqrt(variance.to(tl.float32) + eps)
+    mean = mean_shifted.to(tl.float32) + shift
+    scale = rstd
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + channel, mask=valid, other=1.0)
+    offset = -mean * scale
+    if HAS_BIAS:
+        offset += tl.load(b_ptr + channel, mask=valid, other=0.0)
+    tl.store(scale_ptr + index, scale, mask=valid)
+    tl.store(shift_ptr + index, offset, mask=valid)
+
+
+@triton.jit
+def group_apply_rows_kernel(
+    x_ptr, y_ptr, scale_ptr, shift_ptr, rows, cols, positions, col_tiles,
+    CHANNEL_IS_COL: tl.constexpr, SILU: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_COLS: tl.constexpr,
+):
+    """x, y [rows, cols] contiguous, y = act(x * scale + shift). CHANNEL_IS_COL off: x is [N*C, S], row r has the
+    affine of (batch, channel) index r. On: x is [N*S, C] (channels-last, S = positions), the affine index of
+    (r, c) is (r // S) * C + c."""
+    pid = tl.program_id(0).to(tl.int64)
+    row = (pid // col_tiles) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
+    col = (pid % col_tiles) * BLOCK_COLS + tl.arange(0, BLOCK_COLS)
+    mask = (row[:, None] < rows) & (col[None, :] < cols)
+    if CHANNEL_IS_COL:
+        affine = (row // positions)[:, None] * cols + col[None, :]
+        scale = tl.load(scale_ptr + affine, mask=mask, other=0.0)
+        shift = tl.load(shift_ptr + affine, mask=mask, other=0.0)
+    else:
+        scale = tl.load(scale_ptr + row, mask=row < rows, other=0.0)[:, None]
+        shift = tl.load(shift_ptr + row, mask=row < rows, other=0.0)[:, None]
+    offsets = row[:, None] * cols + col[None, :]
+    v = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32) * scale + shift
+    if SILU:
+        v = _silu(v)
+    tl.store(y_ptr + offsets, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def group_apply_permute_kernel(
+    x_ptr, y_ptr, scale_ptr, shift_ptr, frames, channels, spatial, c_tiles, s_tiles,
+    SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """x [B*F, C, S] -> y [B, S, F, C] = act(x * scale + shift), affine per (b, c)."""
+    pid = tl.program_id(0).to(tl.int64)
+    bf = pid // (c_tiles * s_tiles)
+    tile = pid % (c_tiles * s_tiles)
+    c = (tile // s_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = (tile % s_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = bf // frames
+    f = bf % frames
+    mask = (c[:, None] < channels) & (s[None, :] < spatial)
+    scale = tl.load(scale_ptr + b * channels + c, mask=c < channels, other=0.0)
+    shift = tl.load(shift_ptr + b * channels + c, mask=c < channels, other=0.0)
+    v = tl.load(x_ptr + (bf * channels + c[:, None]) * spatial + s[None, :], mask=mask, other=0.0).to(tl.float32)
+    v = v * scale[:, None] + shift[:, None]
+    if SILU:
+        v = _silu(v)
+    out = y_ptr + ((b * spatial + s[None, :]) * frames + f) * channels + c[:, None]
+    tl.store(out, v.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def unpermute_residual_kernel(
+    y_ptr, residual_ptr, out_ptr, frames, channels, spatial, c_tiles, s_tiles,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """out [B*F, C, S] = y [B, S, F, C] seen as [B*F, C, S] + residual [B*F, C, S]."""
+    pid = tl.program_id(0).to(tl.int64)
+    bf = pid // (c_tiles * s_tiles)
+    tile = pid % (c_tiles * s_tiles)
+    c = (tile // s_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s = (tile % s_tiles) * BLOCK_S + tl.arange(0, BLOCK_S)
+    b = bf // frames
+    f = bf % frames
+    mask = (c[:, None] < channels) & (s[None, :] < spatial)
+    v = tl.load(y_ptr + ((b * spatial + s[None, :]) * frames + f) * channels + c[:, None], mask=mask,
+                other=0.0).to(tl.float32)
+    offsets = (bf * channels + c[:, None]) * spatial + s[None, :]
+    v += tl.load(residual_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offsets, v.to(out_ptr.dtype.element_ty), mask=mask)

@@ -3,7 +3,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512F__) && !defined(__CUDACC__)
+#if (defined(__AVX512F__) || defined(__AVX__) || defined(__SSE2__)) && !defined(__CUDACC__)
 #include <immintrin.h>
 #endif
 
@@ -80,16 +80,37 @@ __attribute__((always_inline)) inline VecF fast_exp(VecF x) {
   __builtin_memcpy(&scale, &bits, sizeof scale);
   return p * scale;
 }
+
+// 1 / d for finite, positive, normal d: the ISA's reciprocal estimate (14 bits with AVX-512, 12 below) refined by
+// one Newton step to within about 2 ulp of the division it replaces. A vector division costs 5-16 cycles a vector,
+// which made SiLU and GELU compute-bound on the CPU.
+__attribute__((always_inline)) inline VecF reciprocal(VecF d) {
+#if defined(__AVX512F__)
+  const VecF r = reinterpret_cast<VecF>(_mm512_rcp14_ps(reinterpret_cast<__m512>(d)));
+#elif defined(__AVX__)
+  const VecF r = reinterpret_cast<VecF>(_mm256_rcp_ps(reinterpret_cast<__m256>(d)));
+#elif defined(__SSE2__)
+  const VecF r = reinterpret_cast<VecF>(_mm_rcp_ps(reinterpret_cast<__m128>(d)));
+#else
+  return 1.0f / d;
 #endif
+  return r * (2.0f - d * r);
+}
+#endif
+
+// The scalar (and CUDA) reciprocal: a division.
+ALCM_HD_MATH float reciprocal(float d) { return 1.0f / d; }
 
 // The functions below are templates over float and (on the CPU) VecF: one definition serves the scalar loops, the
 // CUDA kernels and the explicitly vectorised CPU loops, so they all do the same arithmetic.
 
-// erf(x) to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), branch-free.
+// erf(x) to 1.5e-7 absolute (Abramowitz & Stegun 7.1.26), branch-free. |x| is capped at 10 (erf is 1 in float
+// from 3.9 on) so the reciprocal's argument stays finite; NaN is not capped (the comparison is false).
 template <typename T>
 ALCM_HD_MATH T erf_approx(T x) {
-  const T magnitude = x < 0.0f ? -x : x;
-  const T t = 1.0f / (1.0f + 0.3275911f * magnitude);
+  T magnitude = x < 0.0f ? -x : x;
+  magnitude = magnitude > 10.0f ? T{} + 10.0f : magnitude;
+  const T t = reciprocal(1.0f + 0.3275911f * magnitude);
   const T poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
   const T y = 1.0f - poly * fast_exp(-magnitude * magnitude);
   return x < 0.0f ? -y : y;
@@ -107,7 +128,7 @@ template <typename T>
 ALCM_HD_MATH T silu(T x) {
   const T magnitude = x < 0.0f ? -x : x;
   const T e = fast_exp(-magnitude);
-  return (x < 0.0f ? x * e : x) / (1.0f + e);
+  return (x < 0.0f ? x * e : x) * reciprocal(1.0f + e);
 }
 
 #if !defined(__CUDACC__) && (defined(__GNUC__) || defined(__clang__))

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import platform
 import statistics
 import sys
 import tempfile
@@ -33,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from animatelcm import patch_pipeline  # noqa: E402
-from benchmarks.harness import append_rows  # noqa: E402
+from benchmarks.harness import append_rows, cpu_model  # noqa: E402
 from animatelcm.testing import TinyConfig, tiny_components  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -200,7 +199,7 @@ def main(argv=None):
         providers[f"torch.compile(unet, {mode})"] = compiled
         providers[f"patched + torch.compile(unet, {mode})"] = lambda p: compiled(patch_pipeline(p))
     pipes = {name: prepare(copy.deepcopy(base)) for name, prepare in providers.items()}
-    machine = f"{platform.machine()} {torch.get_num_threads()} threads" if args.device == "cpu" else \
+    machine = f"{cpu_model()}, {torch.get_num_threads()} threads" if args.device == "cpu" else \
         torch.cuda.get_device_name()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     RESULTS.mkdir(parents=True, exist_ok=True)

@@ -42,6 +42,24 @@ def test_group_norm_silu_matches_reference(backend, dtype, silu, monkeypatch, po
             assert_close_to_reference(out, want, dtype)
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["one-launch", "three-launches"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_group_norm_both_paths_match_reference(fused, dtype, monkeypatch, poisoned_outputs):
+    """The Triton kernel picks one fused launch per group or three launches by the number of groups; both run."""
+    if "triton" not in backends_usable_here(GROUP_NORM_SILU):
+        pytest.skip("the triton backend is not usable here")
+    from animatelcm.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "FUSED_MIN_GROUPS", 1 if fused else 2**62)
+    for index, (shape, groups) in enumerate(PLAIN_SHAPES):
+        generator = torch.Generator().manual_seed(index)
+        x = (torch.randn(shape, generator=generator) * 3 + 40).to(backend_device("triton"), dtype)
+        weight, bias = affine(shape[1], generator, dtype, device=x.device)
+        for w, b, silu in ((weight, bias, True), (None, None, False)):
+            out = ops.group_norm_silu(x, groups, w, b, 1e-5, silu, backend="triton")
+            assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu), dtype)
+
+
 # Channels-last [N, C, H, W] (groups): channels not a multiple of any vector width, H*W across the CPU kernel's
 # 128-position blocks with a partial last one, one channel per group, a 1x1 image.
 CHANNELS_LAST_SHAPES = [((3, 40, 13, 11), 8), ((2, 7, 5, 30), 7), ((1, 64, 16, 16), 32), ((4, 6, 1, 1), 3),
@@ -72,8 +90,9 @@ def test_channels_last_input_keeps_its_layout(backend, dtype, isa, monkeypatch, 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_calls_larger_than_the_cache_stream_their_output(isa, monkeypatch, poisoned_outputs):
-    """With x and y over the last-level cache (made 64 bytes here) the CPU kernel stages each channel's run and writes
-    it with streaming stores: rows of 37 * 16 and 5 * 25 elements start and end off a vector boundary."""
+    """With x and y over the last-level cache (made 64 bytes here) the CPU kernel writes each channel's run with
+    streaming stores: straight from registers for float32 rows on a vector boundary, through a staging row for the
+    others (rows of 5 * 25 elements start off a vector boundary; 16-bit types are always staged)."""
     if "cpp" not in backends_usable_here(GROUP_NORM_SILU):
         pytest.skip("native module not built")
     from animatelcm.ops import native

@@ -81,6 +81,10 @@ PARTIALS_BLOCK = 1024    # elements per step of a partial-sums program
 PARTIALS_PROGRAMS = 1024  # partial-sums programs a launch aims for: several per SM on an H100 (132 SMs)
 MAX_SPLIT = 1024         # chunks per group at most (the affine kernel adds them in one tile)
 TILE = 64                # the permute / unpermute tiles: TILE channels x TILE positions
+# A contiguous GroupNorm with at least this many (batch, group) pairs runs as one fused launch, one program per
+# group (two programs per SM of an H100's 132); fewer groups would leave SMs idle, so they take the three launches,
+# which split each group's statistics. A guess until a GPU benchmark sets it.
+FUSED_MIN_GROUPS = 264
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -126,7 +130,8 @@ def _apply_rows(x, out, scale, shift, rows, cols, positions, channel_is_col, sil
 
 def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last: bool):
     """GroupNorm(+SiLU) of ``x [N, C, *]``: contiguous (``x`` is made so) or, with ``channels_last``, a
-    channels-last 4-D ``x`` read and written in that layout. Returns the output in that layout."""
+    channels-last 4-D ``x`` read and written in that layout. Returns the output in that layout. A contiguous x with
+    at least FUSED_MIN_GROUPS groups in all runs as one fused launch, else as three."""
     if not channels_last:
         x = x.contiguous()
     out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -140,6 +145,14 @@ def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last
         scale, shift = _channel_affine(x, batch, channels, num_groups, group_numel, per_group, channels, per_group,
                                        spatial * channels, weight, bias, eps)
         _apply_rows(x, out, scale, shift, batch * spatial, channels, spatial, True, silu)
+    elif batch * num_groups >= FUSED_MIN_GROUPS:
+        weight = None if weight is None else weight.detach().to(torch.float32).contiguous()  # held for the launch
+        bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+        block = min(2048, _block(group_numel))
+        _group_norm_kernels().group_norm_fused_kernel[(batch * num_groups,)](
+            x, out, x if weight is None else weight, x if bias is None else bias, num_groups, per_group, spatial,
+            float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK=block,
+            num_warps=8 if block >= 2048 else 4)
     else:
         scale, shift = _channel_affine(x, batch, channels, num_groups, group_numel, group_numel, 0, group_numel,
                                        channels * spatial, weight, bias, eps)

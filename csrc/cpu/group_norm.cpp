@@ -67,7 +67,7 @@ inline float activate(float v) {
 // prefetches the element `prefetch_ahead` further on (the next group's data): the SiLU arithmetic on this group,
 // which sits in L2, then overlaps the memory reads of the next instead of alternating with them (2.2x F.group_norm +
 // F.silu at [16, 320, 32, 32] on the 2-core CI machine, against 1.3x without).
-template <typename S, bool kSilu>
+template <typename S, bool kSilu, bool kStream = false>
 inline void normalize_run(const typename S::type* x, typename S::type* y, int64_t count, float scale, float shift,
                           int64_t prefetch_ahead) {
   int64_t i = 0;
@@ -75,7 +75,11 @@ inline void normalize_run(const typename S::type* x, typename S::type* y, int64_
     __builtin_prefetch(x + i + prefetch_ahead);
     VecF v = load_vector<S>(x + i) * scale + shift;
     if constexpr (kSilu) v = silu(v);
-    store_vector<S>(y + i, v);
+    if constexpr (kStream) {
+      stream_vector(y + i, v);
+    } else {
+      store_vector<S>(y + i, v);
+    }
   }
   for (; i < count; ++i) S::store(y, i, activate<kSilu>(S::load(x, i) * scale + shift));
 }
@@ -185,8 +189,10 @@ void group_norm_typed(const GroupNormArgs& a) {
   std::vector<float> mean(a.batch * G), rstd(a.batch * G);
 
   if (!a.permute_output) {
-    // With a.stream_output each channel's run is normalised into a per-thread staging row (in L1/L2) and streamed
-    // to y, skipping the read-for-ownership of y's lines.
+    // With a.stream_output each channel's run goes to y with streaming stores, skipping the read-for-ownership of
+    // y's lines: straight from registers for float32 runs on a vector boundary, else normalised into a per-thread
+    // staging row (in L1/L2) and copied out. The staged copy cost 8-13 % against plain stores on an AMD EPYC Zen 4
+    // at [16, 320, 32, 32]; the direct stores gained 2-3 % there (4-5 % for the staged ones on Sapphire Rapids).
 #pragma omp parallel
     {
       std::vector<T> staged(a.stream_output ? HW : 0);
@@ -203,6 +209,12 @@ void group_norm_typed(const GroupNormArgs& a) {
             if (!a.stream_output) {
               normalize_run<S, kSilu>(x + offset, y + offset, HW, scale, shift, per_group * HW);
               continue;
+            }
+            if constexpr (kType == kFloat32) {
+              if (reinterpret_cast<std::uintptr_t>(y + offset) % sizeof(VecF) == 0) {
+                normalize_run<S, kSilu, true>(x + offset, y + offset, HW, scale, shift, per_group * HW);
+                continue;
+              }
             }
             normalize_run<S, kSilu>(x + offset, staged.data(), HW, scale, shift, per_group * HW);
             stream_copy(y + offset, staged.data(), HW * static_cast<int64_t>(sizeof(T)));

@@ -44,6 +44,19 @@ inline void stream_copy(void* dst, const void* src, int64_t bytes) {
   std::memcpy(d, s, bytes);
 }
 
+// One float vector to an aligned address with a streaming store.
+inline void stream_vector(float* dst, VecF v) {
+#if defined(__AVX512F__)
+  _mm512_stream_ps(dst, reinterpret_cast<__m512>(v));
+#elif defined(__AVX__)
+  _mm256_stream_ps(dst, reinterpret_cast<__m256>(v));
+#elif defined(__SSE2__)
+  _mm_stream_ps(dst, reinterpret_cast<__m128>(v));
+#else
+  std::memcpy(dst, &v, sizeof v);
+#endif
+}
+
 inline void store_fence() {
 #if defined(__SSE2__)
   _mm_sfence();

@@ -6,6 +6,7 @@ import json
 import numbers
 from pathlib import Path
 
+import torch
 from diffusers import AnimateDiffPipeline, UNet2DConditionModel
 from diffusers import LCMScheduler as DiffusersLCMScheduler
 
@@ -86,10 +87,50 @@ class AnimateLCMPipeline(AnimateDiffPipeline):
 
     def __call__(self, prompt=None, num_frames: int = DEFAULT_FRAMES, height=None, width=None,
                  num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                 output_type: str = "pil", decode_chunk_size: int = 16, **kwargs):
+                 output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1, **kwargs):
         """Generate videos; arguments as :meth:`diffusers.AnimateDiffPipeline.__call__` (latents
-        ``[B, 4, F, H/8, W/8]``), with AnimateLCM defaults: 4 steps, guidance 1.0, 16 frames."""
+        ``[B, 4, F, H/8, W/8]``), with AnimateLCM defaults: 4 steps, guidance 1.0, 16 frames.
+
+        ``num_videos_per_prompt`` is honoured (diffusers' AnimateDiffPipeline silently makes one video per prompt):
+        each prompt (and negative prompt, or their embeddings) is repeated that many times, so B = prompts x
+        ``num_videos_per_prompt``, each video with its own noise."""
         self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type)
+        if not isinstance(num_videos_per_prompt, numbers.Integral) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}")
+        if num_videos_per_prompt > 1:
+            prompt, kwargs = _repeat_prompts(prompt, kwargs, num_videos_per_prompt)
         return super().__call__(prompt=prompt, num_frames=num_frames, height=height, width=width,
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 output_type=output_type, decode_chunk_size=decode_chunk_size, **kwargs)
+
+
+def _repeat_prompts(prompt, kwargs: dict, times: int):
+    """Each prompt, negative prompt and prompt embedding repeated ``times`` times in a row (the batch diffusers'
+    AnimateDiffPipeline would build for ``num_videos_per_prompt`` if it did not force it to 1)."""
+    for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"num_videos_per_prompt > 1 with {name} is not supported; call the pipeline once per "
+                             "video, or pass each prompt several times in a list")
+
+    def repeat(value):
+        if value is None:
+            return None
+        if isinstance(value, str):
+            return [value] * times
+        if isinstance(value, torch.Tensor):
+            return value.repeat_interleave(times, dim=0)
+        return [item for item in value for _ in range(times)]
+
+    kwargs = dict(kwargs)
+    for name in ("prompt_embeds", "negative_prompt_embeds"):
+        if name in kwargs:
+            kwargs[name] = repeat(kwargs[name])
+    prompt = repeat(prompt)
+    negative = kwargs.get("negative_prompt")
+    embeds = kwargs.get("prompt_embeds")
+    if isinstance(negative, str) and (prompt is not None or embeds is not None):
+        # one negative prompt for every video: diffusers wants a list as long as the batch
+        kwargs["negative_prompt"] = [negative] * (len(prompt) if prompt is not None else embeds.shape[0])
+    elif negative is not None:
+        kwargs["negative_prompt"] = repeat(negative)
+    return prompt, kwargs

@@ -41,6 +41,26 @@ def test_latents_match_with_v_prediction_and_generated_latents(components):
     assert (ours - theirs).abs().max() <= 1e-4
 
 
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_num_videos_per_prompt_is_honoured(components, guidance):
+    """diffusers' AnimateDiffPipeline forces one video per prompt; ours repeats the prompts (or their embeddings):
+    the same as passing each prompt that many times, with one noise draw for the whole batch."""
+    pipe, reference = make_pair(components)
+    common = dict(num_frames=3, height=32, width=32, num_inference_steps=2, guidance_scale=guidance,
+                  output_type="latent")
+    ours = pipe(prompt=["a red circle", "a cat"], negative_prompt="blurry", num_videos_per_prompt=2,
+                generator=torch.Generator().manual_seed(3), **common).frames
+    listed = reference(prompt=["a red circle", "a red circle", "a cat", "a cat"], negative_prompt=["blurry"] * 4,
+                       generator=torch.Generator().manual_seed(3), **common).frames
+    assert ours.shape == (4, 4, 3, 4, 4)
+    torch.testing.assert_close(ours, listed)
+    assert not torch.allclose(ours[0], ours[1])  # two videos of one prompt, from different noise
+    embeds = torch.randn(1, 77, pipe.text_encoder.config.hidden_size)
+    assert pipe(prompt_embeds=embeds, num_videos_per_prompt=3, **common).frames.shape[0] == 3
+    with pytest.raises(ValueError, match="num_videos_per_prompt"):
+        pipe(prompt="a cat", num_videos_per_prompt=0, **common)
+
+
 def test_defaults_and_output_types(components):
     pipe = AnimateLCMPipeline(**components)
     pipe.set_progress_bar_config(disable=True)

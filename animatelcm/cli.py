@@ -31,13 +31,27 @@ def _positive_int(text):
     return value
 
 
-def _non_negative_float(text):
+def _finite_float(text) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if value < 0 or value != value:
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _non_negative_float(text):
+    value = _finite_float(text)
+    if value < 0:
         raise argparse.ArgumentTypeError(f"{value} must be a non-negative number")
+    return value
+
+
+def _positive_float(text):
+    value = _finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{value} must be a positive number")
     return value
 
 
@@ -46,9 +60,12 @@ def _lora_spec(text):
     path, sep, scale = text.rpartition(":")
     if sep and path and not scale.startswith(("/", "\\")):
         try:
-            return path, float(scale)
+            value = float(scale)
         except ValueError:
-            pass
+            return text, 1.0  # a colon in the path itself
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r}: the LoRA scale must be a finite number")
+        return path, value
     return text, 1.0
 
 
@@ -68,7 +85,7 @@ def _add_model_arguments(parser) -> None:
     models.add_argument("--motion-max-frames", type=_positive_int, default=None,
                         help="override the motion module's positional table length (inferred from the file)")
     models.add_argument("--lcm-lora", help="AnimateLCM spatial LoRA (.safetensors, kohya or diffusers keys)")
-    models.add_argument("--lcm-lora-scale", type=float, default=0.8, help="scale of the LCM LoRA (default 0.8)")
+    models.add_argument("--lcm-lora-scale", type=_finite_float, default=0.8, help="scale of the LCM LoRA (default 0.8)")
     models.add_argument("--lora", action="append", default=[], type=_lora_spec, metavar="PATH[:SCALE]",
                         help="personalised LoRA stacked on top (repeatable)")
     models.add_argument("--allow-pickle", action="store_true",
@@ -91,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--guidance", type=_non_negative_float, default=1.0,
                      help="classifier-free guidance; 1.0 = off (AnimateLCM's default), up to ~2")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    gen.add_argument("--fps", type=float, default=None, help="frames per second of the file (default 8)")
+    gen.add_argument("--fps", type=_positive_float, default=None, help="frames per second of the file (default 8)")
     gen.add_argument("--out", default="outputs/animatelcm.gif", help="output file, .gif or .mp4")
     gen.add_argument("--upscale", type=_positive_int, default=1,
                      help="enlarge the written frames N times, nearest neighbour (for viewing small clips)")

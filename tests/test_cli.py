@@ -49,6 +49,9 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["generate", "--prompt", "x", "--out", str(tmp_path / "x.avi")], ".gif or .mp4"),
         (["generate", "--prompt", "x", "--frames", "40", "--out", str(tmp_path / "x.gif")], "positional table"),
         (["generate", "--prompt", "x", "--height", "30"], "multiple of 8"),
+        (["generate", "--prompt", "x", "--fps", "0"], "--fps"),
+        (["generate", "--prompt", "x", "--guidance", "nan"], "finite"),
+        (["generate", "--prompt", "x", "--lora", str(tmp_path / "style.safetensors") + ":inf"], "finite"),
         (["generate", "--prompt", "x", "--device", "cuda"], "CUDA"),
         (["generate"], "--prompt"),
     ]

@@ -98,7 +98,7 @@ class TrainConfig:
     adam_beta2: float = 0.999
     adam_weight_decay: float = 0.0
     adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0          # 0 or less: no gradient clipping
     loss_weighting: str = "uniform"     # diffusion stages: uniform | v (see LOSS_WEIGHTINGS)
     timestep_range: list[int] | None = None  # [low, high): t (diffusion) or t_{n+k} (consistency) for a share
     timestep_range_share: float = 1.0   # the rest of the batch draws t uniformly from every timestep
@@ -317,6 +317,17 @@ def _check(config: RunConfig) -> None:
         fail(f"train.checkpoint_every must be >= 0, got {train.checkpoint_every}")
     if not train.learning_rate > 0:
         fail(f"train.learning_rate must be positive, got {train.learning_rate}")
+    if train.lr_warmup_steps < 0:
+        fail(f"train.lr_warmup_steps must be >= 0, got {train.lr_warmup_steps}")
+    for name in ("adam_beta1", "adam_beta2"):
+        if not 0.0 <= getattr(train, name) < 1.0:
+            fail(f"train.{name} must be in [0, 1), got {getattr(train, name)}")
+    if not train.adam_epsilon > 0:
+        fail(f"train.adam_epsilon must be positive, got {train.adam_epsilon}")
+    if not train.adam_weight_decay >= 0:
+        fail(f"train.adam_weight_decay must be >= 0, got {train.adam_weight_decay}")
+    if train.max_grad_norm != train.max_grad_norm:
+        fail("train.max_grad_norm must be a number (0 or less: no clipping), got nan")
     if train.mixed_precision not in ("no", "fp16", "bf16"):
         fail(f"train.mixed_precision must be no, fp16 or bf16; got {train.mixed_precision!r}")
     if train.loss_weighting not in LOSS_WEIGHTINGS:

@@ -39,6 +39,27 @@ def build(kind, components):
         pipe = diffusers.AnimateDiffControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
         args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=video(1),
                     latents=torch.randn(1, 4, FRAMES, 8, 8))
+    elif kind == "video2video_controlnet":
+        controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
+        pipe = diffusers.AnimateDiffVideoToVideoControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
+        args.update(video=video(0), conditioning_frames=video(1), strength=0.8, num_inference_steps=4)
+    elif kind == "sparsectrl":  # its controlnet carries motion modules of its own, left unpatched
+        config = components["unet"].config  # (SparseControlNetModel.from_unet fails on tuple configs)
+        controlnet = diffusers.SparseControlNetModel(
+            in_channels=config.in_channels, conditioning_channels=3, block_out_channels=config.block_out_channels,
+            down_block_types=tuple("CrossAttnDownBlockMotion" if "CrossAttn" in block else "DownBlockMotion"
+                                   for block in config.down_block_types),
+            layers_per_block=config.layers_per_block, norm_num_groups=config.norm_num_groups,
+            cross_attention_dim=config.cross_attention_dim, attention_head_dim=config.attention_head_dim,
+            motion_num_attention_heads=components["motion_adapter"].config.motion_num_attention_heads,
+            conditioning_embedding_out_channels=(16, 32, 32, 32), use_simplified_condition_embedding=False).eval()
+        pipe = diffusers.AnimateDiffSparseControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=video(1)[:2],
+                    controlnet_frame_indices=[0, FRAMES - 1], latents=torch.randn(1, 4, FRAMES, 8, 8))
+    elif kind == "pag":  # perturbed-attention guidance swaps spatial attention processors; the patch leaves those
+        pipe = diffusers.AnimateDiffPAGPipeline(**common, scheduler=lcm(), pag_applied_layers=["mid"])
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, pag_scale=1.0,
+                    latents=torch.randn(1, 4, FRAMES, 8, 8))
     pipe.set_progress_bar_config(disable=True)
     return pipe, args
 
@@ -51,7 +72,8 @@ def relative_difference(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("kind", ["animatediff", "animatelcm", "video2video", "controlnet"])
+@pytest.mark.parametrize("kind", ["animatediff", "animatelcm", "video2video", "controlnet", "video2video_controlnet",
+                                  "sparsectrl", "pag"])
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, components):
     pipe, args = build(kind, components)

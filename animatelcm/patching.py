@@ -23,6 +23,7 @@ original code.
 
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass, field
 
@@ -35,6 +36,13 @@ from .ops.dispatch import BACKENDS
 from .ops.group_norm import is_channels_last
 
 PATCH_ATTRIBUTE = "_animatelcm_patch"
+
+
+@functools.lru_cache(maxsize=None)
+def _op_backend(op: str, backend: str) -> str:
+    """The ``backend`` a patched call of ``op`` passes: patch_pipeline's backend where ``op`` implements it, else
+    ``"auto"`` (as ``ANIMATELCM_BACKEND`` forces only the ops that implement the backend it names)."""
+    return backend if backend == "auto" or op in ops.ops_by_backend()[backend] else "auto"
 
 
 class TemporalAttentionProcessor:
@@ -65,7 +73,7 @@ class TemporalAttentionProcessor:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         views = [t.view(batch, frames, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)]
-        out = ops.temporal_attention(*views, backend=self.backend)  # [B, heads, F, D], memory [B, F, heads, D]
+        out = ops.temporal_attention(*views, backend=_op_backend("temporal_attention", self.backend))  # [B, heads, F, D], memory [B, F, heads, D]
         out = out.transpose(1, 2).reshape(batch, frames, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -80,14 +88,16 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
     backend = getattr(self, PATCH_ATTRIBUTE)
     residual = hidden_states
     hidden_states = ops.temporal_group_norm(hidden_states, num_frames, self.norm.num_groups, self.norm.weight,
-                                            self.norm.bias, self.norm.eps, backend=backend)  # [B*H*W, F, C]
+                                            self.norm.bias, self.norm.eps,
+                                            backend=_op_backend("temporal_group_norm", backend))  # [B*H*W, F, C]
     hidden_states = self.proj_in(input=hidden_states)
     for block in self.transformer_blocks:
         hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                               timestep=timestep, cross_attention_kwargs=cross_attention_kwargs,
                               class_labels=class_labels)
     hidden_states = self.proj_out(input=hidden_states)
-    return ops.temporal_unpermute_residual(hidden_states, residual, num_frames, backend=backend)
+    return ops.temporal_unpermute_residual(hidden_states, residual, num_frames,
+                                           backend=_op_backend("temporal_unpermute_residual", backend))
 
 
 def _group_norm_silu(x, norm, nonlinearity, backend):
@@ -97,7 +107,8 @@ def _group_norm_silu(x, norm, nonlinearity, backend):
     channels-last activations; the CPU kernel reads them as they are.)"""
     if backend == "auto" and x.device.type != "cpu" and is_channels_last(x):
         return nonlinearity(norm(x))
-    return ops.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, backend=backend)
+    return ops.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
+                              backend=_op_backend("group_norm_silu", backend))
 
 
 def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
@@ -140,8 +151,9 @@ def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     runs as it is."""
     backend = getattr(self, PATCH_ATTRIBUTE)
     if type(self.proj) is nn.Linear:
-        return ops.linear_geglu(hidden_states, self.proj.weight, self.proj.bias, backend=backend)
-    return ops.geglu(self.proj(hidden_states), backend=backend)
+        return ops.linear_geglu(hidden_states, self.proj.weight, self.proj.bias,
+                                backend=_op_backend("linear_geglu", backend))
+    return ops.geglu(self.proj(hidden_states), backend=_op_backend("geglu", backend))
 
 
 def _is_pointwise_conv(layer) -> bool:
@@ -171,7 +183,8 @@ def fused_spatial_input(self, hidden_states):
     batch, channels, height, width = hidden_states.shape
     norm = self.norm
     tokens = ops.temporal_group_norm(hidden_states, 1, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                     backend=backend).view(batch, height * width, channels)
+                                     backend=_op_backend("temporal_group_norm", backend))
+    tokens = tokens.view(batch, height * width, channels)
     tokens = _token_projection(self.proj_in, tokens, self.use_linear_projection)
     return tokens, tokens.shape[-1]
 
@@ -186,7 +199,7 @@ def fused_spatial_output(self, hidden_states, residual, batch_size, height, widt
                                                             inner_dim)
     out = _token_projection(self.proj_out, hidden_states, self.use_linear_projection)
     return ops.temporal_unpermute_residual(out.reshape(batch_size * height * width, 1, out.shape[-1]), residual, 1,
-                                           backend=backend)
+                                           backend=_op_backend("temporal_unpermute_residual", backend))
 
 
 def _resnet_is_fusable(module) -> bool:
@@ -239,7 +252,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     """Run ``pipe`` (``AnimateDiffPipeline``, ``AnimateDiffVideoToVideoPipeline``, ``AnimateDiffControlNetPipeline``,
     ``AnimateLCMPipeline``, ...) on the fused kernels; returns ``pipe``.
 
-    ``backend`` forces one kernel backend for the patched ops (``"auto"``: the dispatcher picks per call).
+    ``backend`` forces one kernel backend for every patched op that implements it (an error says why when it
+    cannot run an op's inputs); the ops without it, and all of them under ``"auto"``, let the dispatcher pick.
     ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
     in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
     GEGLU) and ``scheduler`` switch the three parts. ``cuda_graph`` replays the UNet's forward from a CUDA graph

@@ -10,7 +10,7 @@ def collect() -> dict:
     import torch
 
     from . import __version__
-    from .ops import backend_report, build_info
+    from .ops import backend_report, build_info, cpu_gemm_library
 
     return {
         "animatelcm": __version__,
@@ -20,6 +20,7 @@ def collect() -> dict:
         "cuda_available": torch.cuda.is_available(),
         "build": build_info(),
         "backends": backend_report(),
+        "cpu_gemm": cpu_gemm_library(),
     }
 
 
@@ -38,6 +39,8 @@ def format_report(info: dict) -> str:
     lines.append("backends:")
     for name, reason in info["backends"].items():
         lines.append(f"  {name:<7} {'usable' if reason is None else 'unusable: ' + reason}")
+    lines.append(f"large float32 CPU matrix products (patched nn.Linear, linear_geglu): {info['cpu_gemm']} "
+                 "(ANIMATELCM_CPU_GEMM)")
     return "\n".join(lines)
 
 

@@ -14,6 +14,9 @@ What is patched, all through diffusers' public hooks (attention processors and m
   convolutions around them run as the equal matrix products on the tokens (module methods);
 - every GEGLU feed-forward (motion modules and spatial transformers): its projection and ``h * gelu(gate)``
   together (:func:`animatelcm.ops.linear_geglu`; on the CPU in cache-sized row blocks) (module forward);
+- where :func:`animatelcm.ops.cpu_gemm_library` picks oneDNN (AMD CPUs with AVX-512, or
+  ``ANIMATELCM_CPU_GEMM=onednn``, read when patching), every plain ``nn.Linear`` of the UNet and the VAE runs
+  :func:`animatelcm.ops.linear` (large float32 CPU products on oneDNN, the rest ``F.linear``) (module forward);
 - a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config;
 - with ``cuda_graph=True``, the UNet's forward replays CUDA graphs captured per input signature
   (:mod:`animatelcm.cuda_graphs`).
@@ -28,7 +31,6 @@ import types
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import ops
@@ -156,6 +158,11 @@ def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     return ops.geglu(self.proj(hidden_states), backend=_op_backend("geglu", backend))
 
 
+def fast_linear_forward(self, input):
+    """``nn.Linear.forward`` on :func:`animatelcm.ops.linear`: ``input [..., in]`` -> ``[..., out]``."""
+    return ops.linear(input, self.weight, self.bias)
+
+
 def _is_pointwise_conv(layer) -> bool:
     """A plain (LoRA-free) 1x1 convolution: the same arithmetic as ``nn.Linear`` on channels-last tokens."""
     return (type(layer) is nn.Conv2d and layer.kernel_size == (1, 1) and layer.stride == (1, 1)
@@ -164,7 +171,7 @@ def _is_pointwise_conv(layer) -> bool:
 
 def _token_projection(layer, tokens, linear: bool):
     """``layer`` (an ``nn.Linear``-like module, or a plain 1x1 convolution) on ``tokens [..., C]``."""
-    return layer(tokens) if linear else F.linear(tokens, layer.weight.flatten(1), layer.bias)
+    return layer(tokens) if linear else ops.linear(tokens, layer.weight.flatten(1), layer.bias)
 
 
 def _spatial_tokens_fusable(self, layer, x, backend) -> bool:
@@ -248,7 +255,7 @@ def _check_patchable(pipe):
 
 
 def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: bool = True, scheduler: bool = True,
-                   cuda_graph: bool = False):
+                   cuda_graph: bool = False, linear: bool = True):
     """Run ``pipe`` (``AnimateDiffPipeline``, ``AnimateDiffVideoToVideoPipeline``, ``AnimateDiffControlNetPipeline``,
     ``AnimateLCMPipeline``, ...) on the fused kernels; returns ``pipe``.
 
@@ -256,7 +263,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     cannot run an op's inputs); the ops without it, and all of them under ``"auto"``, let the dispatcher pick.
     ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
     in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
-    GEGLU) and ``scheduler`` switch the three parts. ``cuda_graph`` replays the UNet's forward from a CUDA graph
+    GEGLU) and ``scheduler`` switch the three parts; ``linear`` the ``nn.Linear`` layers' CPU GEMM library (see the
+    module docstring; nothing is installed where :func:`animatelcm.ops.cpu_gemm_library` keeps PyTorch's). ``cuda_graph`` replays the UNet's forward from a CUDA graph
     captured per input signature (GPU inputs without gradients only; see :mod:`animatelcm.cuda_graphs`). Patching
     again with the same options does nothing; with other options the first patch is undone first. Undo with
     :func:`unpatch_pipeline`.
@@ -272,13 +280,14 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"patch_pipeline: backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
     _check_patchable(pipe)
-    options = (backend, attention, norms, scheduler, cuda_graph)
+    options = (backend, attention, norms, scheduler, cuda_graph, linear)
     existing = getattr(pipe, PATCH_ATTRIBUTE, None)
     if existing is not None:
         if existing.options == options:
             return pipe
         unpatch_pipeline(pipe)
     record = PatchRecord(backend=backend, options=options)
+    onednn_linear = linear and ops.cpu_gemm_library() == "onednn"
     for module in pipe.unet.modules():
         if isinstance(module, AnimateDiffTransformer3D):
             if norms:
@@ -296,11 +305,14 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         elif norms and isinstance(module, Transformer2DModel):
             _override(module, "_operate_on_continuous_inputs", fused_spatial_input, backend, record)
             _override(module, "_get_output_for_continuous_inputs", fused_spatial_output, backend, record)
+        elif onednn_linear and type(module) is nn.Linear:
+            _override(module, "forward", fast_linear_forward, backend, record)
     vae = getattr(pipe, "vae", None)
-    if norms and vae is not None:  # the VAE's ResNet blocks (decode, and encode for video-to-video) too
-        for module in vae.modules():
-            if isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
-                _override(module, "forward", fused_resnet_forward, backend, record)
+    for module in vae.modules() if vae is not None else ():  # decode, and encode for video-to-video
+        if norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
+            _override(module, "forward", fused_resnet_forward, backend, record)
+        elif onednn_linear and type(module) is nn.Linear:
+            _override(module, "forward", fast_linear_forward, backend, record)
     if cuda_graph:
         from .cuda_graphs import GraphedForward
 

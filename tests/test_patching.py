@@ -1,8 +1,11 @@
+import importlib
+
 import diffusers
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 from animatelcm import AnimateLCMPipeline, LCMScheduler, ops, patch_pipeline, unpatch_pipeline
 from animatelcm.ops.group_norm import is_channels_last
@@ -162,6 +165,38 @@ def test_loras_fused_and_unfused(components, tmp_path):
     pipe.fuse_lora()
     assert relative_difference(latents(pipe, args, 1.0), reference) <= 1e-3
     assert LORA_TARGETS
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")
+@pytest.mark.parametrize("kind", ["animatediff", "controlnet", "lora"])
+def test_linear_layers_on_onednn(kind, components, monkeypatch, tmp_path):
+    """With ANIMATELCM_CPU_GEMM=onednn every plain nn.Linear of the UNet and VAE (LoRA layers' inner ones too) runs
+    ops.linear, here on oneDNN for every product (the tiny model's are below the size threshold); with "torch"
+    nothing is installed."""
+    linear_module = importlib.import_module("animatelcm.ops.linear")
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_MACS", 0)
+    on_onednn = []
+    monkeypatch.setattr(linear_module, "uses_onednn",
+                        lambda *a, _real=linear_module.uses_onednn: on_onednn.append(_real(*a)) or on_onednn[-1])
+    pipe, args = build("animatediff" if kind == "lora" else kind, components)
+    if kind == "lora":
+        from test_loading import lora_deltas, write_kohya
+
+        write_kohya(tmp_path / "lora.safetensors", lora_deltas(pipe.unet, 4, torch.Generator().manual_seed(0)), 4.0)
+        pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors", adapter_name="style")
+    linears = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if type(m) is nn.Linear]
+    reference = latents(pipe, args, 2.0)
+    monkeypatch.setenv(linear_module.CPU_GEMM_ENV, "torch")
+    patch_pipeline(pipe)
+    assert not any("forward" in vars(m) for m in linears) and not on_onednn
+    monkeypatch.setenv(linear_module.CPU_GEMM_ENV, "onednn")
+    patch_pipeline(pipe, attention=False)  # other options: patched again, now with the linear layers
+    assert all("forward" in vars(m) for m in linears)
+    assert relative_difference(latents(pipe, args, 2.0), reference) <= 1e-3
+    assert on_onednn and all(on_onednn)
+    unpatch_pipeline(pipe)
+    assert not any("forward" in vars(m) for m in linears)
+    assert torch.equal(latents(pipe, args, 2.0), reference)
 
 
 def test_free_noise_and_decode_chunks(components):

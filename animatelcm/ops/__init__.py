@@ -13,6 +13,7 @@ from .consistency import (
 )
 from .dispatch import BACKENDS, BackendUnavailableError
 from .geglu import geglu, geglu_reference, linear_geglu, linear_geglu_reference
+from .linear import cpu_gemm_library, linear
 from .group_norm import (
     explain_group_norm_silu,
     group_norm_silu,
@@ -76,6 +77,7 @@ __all__ = [
     "backend_report",
     "build_info",
     "consistency_step",
+    "cpu_gemm_library",
     "consistency_step_reference",
     "explain_consistency_step",
     "explain_group_norm_silu",
@@ -84,6 +86,7 @@ __all__ = [
     "geglu_reference",
     "group_norm_silu",
     "group_norm_silu_reference",
+    "linear",
     "linear_geglu",
     "linear_geglu_reference",
     "ops_by_backend",

@@ -92,9 +92,10 @@ PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 def eager_fast_path(*tensors) -> bool:
     """Whether an op call may skip the torch.library layer (its dispatch costs ~20 us a call): only plain tensors,
-    no gradient needed, not being traced by torch.compile. Everything else goes through the registered custom op,
-    which carries the fake implementation and autograd."""
-    if torch.compiler.is_compiling():
+    no gradient needed, not being traced by torch.compile, no profiler recording (so torch.profiler sees the op by
+    its name). Everything else goes through the registered custom op, which carries the fake implementation and
+    autograd."""
+    if torch.compiler.is_compiling() or torch._C._autograd._profiler_enabled():
         return False
     grad_enabled = torch.is_grad_enabled()
     for tensor in tensors:

@@ -16,6 +16,7 @@ costs a page fault per 4 KiB page on every call).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import Implementation, eager_fast_path, select
+from .linear import linear, uses_onednn
 from .native import (
     SCALAR_TYPE_CODES,
     core_cache_bytes,
@@ -160,22 +162,25 @@ def linear_geglu_reference(x, weight, bias=None):
 
 def _linear_geglu_cpu_blocked(x, weight, bias):
     """The CPU path: row blocks of ``x`` (those whose projection fits one core's L2 cache, and at least
-    MIN_BLOCK_ROWS), each projected (PyTorch's GEMM) into one reused buffer and activated by the native GEGLU kernel
-    straight into its rows of the output."""
+    MIN_BLOCK_ROWS), each projected (:func:`animatelcm.ops.linear.linear`'s GEMM library: PyTorch's into one reused
+    buffer, or oneDNN) and activated by the native GEGLU kernel straight into its rows of the output."""
     rows_total, width = x.numel() // x.shape[-1], weight.shape[0]
     block_rows = max(MIN_BLOCK_ROWS, core_cache_bytes() // (width * x.element_size()))
     if rows_total < MIN_BLOCKS * block_rows:
-        return _native("geglu_cpu", lambda t: (), F.linear(x, weight), bias)
+        return _native("geglu_cpu", lambda t: (), linear(x, weight), bias)
     flat = x.reshape(rows_total, x.shape[-1])
     out = torch.empty((*x.shape[:-1], width // 2), dtype=x.dtype, device=x.device)
     flat_out = out.view(rows_total, width // 2)
-    buffer = torch.empty((block_rows, width), dtype=x.dtype, device=x.device)
-    weight_t = weight.t()
     bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
     kernel, code = native_module().geglu_cpu, SCALAR_TYPE_CODES[x.dtype]
+    if uses_onednn(flat[:block_rows], weight, None):
+        project = functools.partial(linear, weight=weight)  # oneDNN has no out=: a block-sized allocation each
+    else:
+        buffer, weight_t = torch.empty((block_rows, width), dtype=x.dtype, device=x.device), weight.t()
+        project = lambda block: torch.mm(block, weight_t, out=buffer[:len(block)])  # noqa: E731
     for first in range(0, rows_total, block_rows):
         rows = min(block_rows, rows_total - first)
-        projected = torch.mm(flat[first:first + rows], weight_t, out=buffer[:rows])
+        projected = project(flat[first:first + rows])
         kernel(pointer(projected), pointer(bias), pointer(flat_out[first:first + rows]), rows, width // 2, code)
     return out
 

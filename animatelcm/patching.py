@@ -8,6 +8,8 @@ What is patched, all through diffusers' public hooks (attention processors and m
 - their self-attentions: ``TemporalAttentionProcessor`` runs :func:`animatelcm.ops.temporal_attention` on the q/k/v
   projections seen as ``[B, heads, F, D]`` views (no copies); the positional embedding stays where diffusers adds it
   (on the normed input, in the transformer block), the GEGLU feed-forward and output projection are diffusers' own;
+- on the CPU, the spatial transformers' self-attention too (``SpatialSelfAttentionProcessor``: the same op's C++
+  kernel over the H*W tokens), under ``backend="auto"`` or ``"cpp"``;
 - ResNet blocks of the UNet and of the VAE: GroupNorm + SiLU fused, twice per block (module forward);
 - spatial transformers (``Transformer2DModel``): their GroupNorm fused with the permute to ``[B, H*W, C]`` tokens
   and the permute back fused with the residual add (the motion-module kernels with one frame), the 1x1
@@ -34,7 +36,9 @@ import torch
 from torch import nn
 
 from . import ops
-from .ops.dispatch import BACKENDS
+from .ops.attention import MAX_HEAD_DIM
+from .ops.dispatch import BACKENDS, forced_backend
+from .ops.native import native_unavailable_reason
 from .ops.group_norm import is_channels_last
 
 PATCH_ATTRIBUTE = "_animatelcm_patch"
@@ -60,8 +64,7 @@ class TemporalAttentionProcessor:
         self.fallback = fallback
         self.backend = backend
 
-    @staticmethod
-    def handles(attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
+    def handles(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
         return (attention_mask is None and encoder_hidden_states is None and hidden_states.dim() == 3
                 and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None
                 and attn.norm_k is None and not getattr(attn, "fused_projections", False))
@@ -81,6 +84,24 @@ class TemporalAttentionProcessor:
         if attn.residual_connection:
             out = out + residual
         return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
+
+
+class SpatialSelfAttentionProcessor(TemporalAttentionProcessor):
+    """Spatial self-attention (``attn1`` of the spatial transformers' blocks: ``[B*F, H*W, C]`` tokens) on the C++
+    kernel of :func:`animatelcm.ops.temporal_attention`, whose streaming-softmax path takes the H*W-long sequences.
+    CPU inputs only, and only where that kernel is what the op would run (the native module is built, the head dim
+    fits, ``ANIMATELCM_BACKEND`` names no GPU backend); everything else, GPU inputs included (PyTorch's flash
+    attention there), goes to the processor it replaced. Measured on 2 AMD EPYC Zen 4 cores, float32, against
+    PyTorch's SDPA: 1.08x at ``[16, 2, 1024, 40]``, 1.18x at ``[16, 2, 256, 80]``."""
+
+    def __init__(self, fallback, backend: str = "auto"):
+        super().__init__(fallback, backend)
+        self.kernel_built = native_unavailable_reason() is None
+
+    def handles(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
+        return (hidden_states.device.type == "cpu" and self.kernel_built
+                and attn.inner_dim // attn.heads <= MAX_HEAD_DIM and forced_backend() in (None, "cpp", "eager")
+                and super().handles(attn, hidden_states, encoder_hidden_states, attention_mask))
 
 
 def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, class_labels=None,
@@ -302,9 +323,16 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             _override(module, "forward", fused_resnet_forward, backend, record)
         elif norms and type(module) is GEGLU:
             _override(module, "forward", fused_geglu_forward, backend, record)
-        elif norms and isinstance(module, Transformer2DModel):
-            _override(module, "_operate_on_continuous_inputs", fused_spatial_input, backend, record)
-            _override(module, "_get_output_for_continuous_inputs", fused_spatial_output, backend, record)
+        elif isinstance(module, Transformer2DModel):
+            if norms:
+                _override(module, "_operate_on_continuous_inputs", fused_spatial_input, backend, record)
+                _override(module, "_get_output_for_continuous_inputs", fused_spatial_output, backend, record)
+            if attention and backend in ("auto", "cpp"):
+                for block in module.transformer_blocks:
+                    attn = getattr(block, "attn1", None)
+                    if attn is not None and not attn.is_cross_attention:
+                        record.processors.append((attn, attn.processor))
+                        attn.set_processor(SpatialSelfAttentionProcessor(attn.processor, backend))
         elif onednn_linear and type(module) is nn.Linear:
             _override(module, "forward", fast_linear_forward, backend, record)
     vae = getattr(pipe, "vae", None)

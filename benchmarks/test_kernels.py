@@ -90,6 +90,19 @@ def test_temporal_attention(benchmark, record, device, provider):
         2 * numel if provider == "copy (floor)" else 4 * numel)
 
 
+@pytest.mark.parametrize("provider", ["sdpa (torch)", "cpp", "copy (floor)"])
+def test_spatial_self_attention(benchmark, record, provider):
+    """CPU only: the end-to-end benchmark's first-level spatial self-attention (32x32 latents, 16 frames, 2 heads of
+    40), which patch_pipeline runs on the C++ kernel's streaming-softmax path on the CPU."""
+    providers = {"sdpa (torch)": F.scaled_dot_product_attention, "cpp": forced("cpp", ops.temporal_attention),
+                 "copy (floor)": lambda q, k, v: q.clone()}
+    shape = (16, 2, 1024, 40)
+    sets = [tuple(torch.randn(shape) for _ in range(3)) for _ in range(SETS)]
+    numel = sets[0][0].numel() * sets[0][0].element_size()
+    run(benchmark, record, "spatial_self_attention", provider, "sdpa (torch)", shape, "cpu", sets, providers[provider],
+        2 * numel if provider == "copy (floor)" else 4 * numel)
+
+
 # ---- GroupNorm + SiLU ------------------------------------------------------------------------------------------
 
 def diffusers_group_norm_silu(x, w, b):
@@ -246,3 +259,21 @@ def test_linear_geglu(benchmark, record, device, provider):
     moved = 2 * rows * k * element if provider == "copy (floor)" else rows * (k + width // 2) * element
     run(benchmark, record, "linear_geglu", provider, "diffusers GEGLU", (rows, k, width), device, sets,
         providers[provider], moved)
+
+
+# ---- CPU matrix products: PyTorch's BLAS against oneDNN (ops.linear) -----------------------------------------------
+
+@pytest.mark.parametrize("shape", [(16384, 80, 80), (16384, 320, 80), (1024, 320, 2560)])
+@pytest.mark.parametrize("provider", ["F.linear (torch)", "ops.linear (oneDNN)"])
+def test_cpu_linear(benchmark, record, shape, provider, monkeypatch):
+    """CPU only: x [M, K] @ weight [N, K].T + bias at the end-to-end benchmark's motion-module shapes, on PyTorch's
+    BLAS and on oneDNN (ops.linear with ANIMATELCM_CPU_GEMM=onednn). Compute-bound: read the times."""
+    if provider.startswith("ops.linear"):
+        if not torch.backends.mkldnn.is_available():
+            pytest.skip("PyTorch built without oneDNN")
+        monkeypatch.setenv("ANIMATELCM_CPU_GEMM", "onednn")
+    rows, k, n = shape
+    sets = [(torch.randn(rows, k), torch.randn(n, k) / k**0.5, torch.randn(n)) for _ in range(SETS)]
+    fn = F.linear if provider.startswith("F.linear") else ops.linear
+    run(benchmark, record, f"linear_{rows}x{k}x{n}", provider, "F.linear (torch)", shape, "cpu", sets, fn,
+        4 * (rows * (k + n) + n * k))

@@ -111,9 +111,37 @@ def test_matches_sdpa_semantics():
                                F.scaled_dot_product_attention(q, k, v, scale=0.5), atol=1e-5, rtol=1e-5)
 
 
-def test_large_head_dim_and_frames_fall_back_to_eager():
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("layout", ["contiguous", "projection"])
+def test_long_sequences_on_the_cpu(isa, layout, monkeypatch, poisoned_outputs):
+    """Beyond 64 frames the C++ kernel streams the softmax over key blocks (64 keys) and query blocks (16-64
+    queries by ISA): lengths off every block boundary, every head dim, and scores whose maximum moves between key
+    blocks (late keys larger, early keys larger) so the running max rescales what is accumulated."""
+    if "cpp" not in BACKENDS:
+        pytest.skip("native module not built")
+    monkeypatch.setenv("ANIMATELCM_CPU_ISA", isa)
+    for index, (frames, dim) in enumerate([(65, 8), (127, 40), (129, 72), (200, 80), (333, 160)]):
+        for dtype in DTYPES:
+            q, k, v = make((2, 3, frames, dim), dtype, seed=index, layout=layout)
+            out = run("cpp", monkeypatch, q, k, v)
+            assert out.shape == q.shape
+            assert_close_to_reference(out, ops.temporal_attention_reference(q.double(), k.double(), v.double()), dtype)
+    q, k, v = make((1, 2, 300, 40), torch.float32, seed=9, layout=layout)
+    ramp = torch.linspace(0.1, 4.0, 300)[:, None]
+    for keys in (k * ramp, k * ramp.flip(0)):
+        out = run("cpp", monkeypatch, q * 3, keys, v)
+        reference = ops.temporal_attention_reference(q.double() * 3, keys.double(), v.double())
+        assert_close_to_reference(out, reference, torch.float32)
+
+
+def test_large_head_dim_and_frames_fall_back_to_eager(monkeypatch):
     report = dict(ops.explain_temporal_attention(*make((1, 1, 65, 8), torch.float32, 0)))
-    assert report["eager"] is None and "frames <= 64" in report["cpp"]
+    assert report["eager"] is None and report["cpp"] == native.native_unavailable_reason()  # any length on the CPU
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the Triton kernel's own limits, as on a GPU
+    from animatelcm.ops.attention import _reject_triton
+
+    q = torch.randn(1, 1, 65, 8)
+    assert "frames <= 64" in _reject_triton(q, q, q, 1.0)
     q = torch.randn(1, 1, 4, 200)
     assert "head_dim" in dict(ops.explain_temporal_attention(q, q, q))["cpp"]
     torch.testing.assert_close(ops.temporal_attention(q, q, q), ops.temporal_attention_reference(q, q, q))
@@ -182,3 +210,11 @@ def test_auto_prefers_cpp_over_the_triton_interpreter_on_cpu():
     report = ops.explain_temporal_attention(q, q, q)
     first_accepting = next(backend for backend, reason in report if reason is None)
     assert first_accepting == ("cpp" if "cpp" in BACKENDS else "eager" if "triton" not in BACKENDS else "triton")
+
+
+def test_profiler_sees_the_op_by_name():
+    """Inference calls skip the torch.library layer, except while torch.profiler records."""
+    q = torch.randn(2, 2, 8, 16)
+    with torch.profiler.profile() as profile:
+        ops.temporal_attention(q, q, q)
+    assert any(event.key == "animatelcm::temporal_attention" for event in profile.key_averages())

@@ -9,7 +9,7 @@ from torch import nn
 
 from animatelcm import AnimateLCMPipeline, LCMScheduler, ops, patch_pipeline, unpatch_pipeline
 from animatelcm.ops.group_norm import is_channels_last
-from animatelcm.patching import TemporalAttentionProcessor, is_patched
+from animatelcm.patching import SpatialSelfAttentionProcessor, TemporalAttentionProcessor, is_patched
 
 FRAMES, SIZE = 8, 64
 
@@ -112,7 +112,8 @@ def test_fused_paths_really_run(components, monkeypatch):
     spatial_transformers = [m for m in pipe.unet.modules() if type(m).__name__ == "Transformer2DModel"]
     assert spatial_transformers
     assert calls["temporal_group_norm"] == 3 * (motion_modules + len(spatial_transformers))
-    assert calls["temporal_attention"] == 3 * 2 * motion_modules
+    spatial_blocks = sum(len(m.transformer_blocks) for m in spatial_transformers)
+    assert calls["temporal_attention"] == 3 * (2 * motion_modules + spatial_blocks)  # + spatial self-attention
     assert calls["group_norm_silu"] > 0 and calls["consistency_step"] == 3
     geglus = sum(type(m).__name__ == "GEGLU" for m in pipe.unet.modules())
     assert calls["linear_geglu"] == 3 * geglus
@@ -280,6 +281,32 @@ def test_spatial_transformer_paths_match_diffusers(linear_projection, layout, mo
             calls.clear()
             torch.testing.assert_close(model(x, encoder_hidden_states=text).sample, want, atol=1e-5, rtol=1e-5)
             assert len(calls) == (0 if backend == "auto" and layout == "channels_last" else 1), backend
+
+
+def test_spatial_self_attention_runs_the_cpu_kernel_only_where_it_applies(monkeypatch):
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+    fallback_calls = []
+
+    def fallback(*args, **kwargs):
+        fallback_calls.append(1)
+        return AttnProcessor2_0()(*args, **kwargs)
+
+    attn = Attention(query_dim=64, heads=2, dim_head=32).eval()
+    attn.set_processor(SpatialSelfAttentionProcessor(fallback))
+    tokens, text = torch.randn(3, 100, 64), torch.randn(3, 7, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(tokens), AttnProcessor2_0()(attn, tokens), atol=1e-5, rtol=1e-5)
+        assert fallback_calls == ([] if "cpp" in ops.available_backends() else [1])
+        fallback_calls.clear()
+        attn(tokens, encoder_hidden_states=text)  # cross-attention
+        monkeypatch.setenv("ANIMATELCM_BACKEND", "triton")  # a GPU backend forced: its kernels stop at 64 frames
+        attn(tokens)
+        monkeypatch.delenv("ANIMATELCM_BACKEND")
+        wide = Attention(query_dim=64, heads=1, dim_head=200).eval()  # head dim beyond the kernel's 160
+        wide.set_processor(SpatialSelfAttentionProcessor(fallback))
+        wide(tokens)
+    assert len(fallback_calls) == 3
 
 
 def test_patched_blocks_trace_without_graph_breaks(components):

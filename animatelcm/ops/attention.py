@@ -1,7 +1,9 @@
 """Temporal attention: ``softmax(q k^T * scale) v`` over short sequences (the frames of a clip).
 
 Same semantics as ``torch.nn.functional.scaled_dot_product_attention`` without mask or dropout, for q, k, v of one
-shape ``[..., F, D]`` (e.g. ``[N, heads, F, D]``), specialised for F = 1..64 and D <= 160. Strided views (the
+shape ``[..., F, D]`` (e.g. ``[N, heads, F, D]``), specialised for F = 1..64 and D <= 160. The C++ (CPU) kernel also
+takes longer sequences (a streaming-softmax path; ``patch_pipeline`` runs the spatial self-attention on it on the
+CPU); the GPU kernels stop at 64 and leave longer ones to the eager reference. Strided views (the
 ``[N, F, heads, D]`` projection layout seen through a transpose) are read in place; the output has q's layout.
 NaN policy: a NaN in q, k or v reaches every output row that attends to it; nothing is checked or replaced.
 Autograd: the backward uses the reference math (recomputes the softmax in float32).
@@ -65,25 +67,27 @@ def _cpp(q, k, v, scale):
     return out
 
 
-def _reject_native(device_types):
+def _reject_native(device_types, max_frames):
     device_and_dtype = reject_unless_native(*device_types)
 
     def reject(q, k, v, scale):
         reason = device_and_dtype(q)
-        if reason is None and (q.shape[-2] > MAX_FRAMES or q.shape[-1] > MAX_HEAD_DIM):
-            return f"supports frames <= {MAX_FRAMES} and head_dim <= {MAX_HEAD_DIM}, got {q.shape[-2]}, {q.shape[-1]}"
+        if reason is None and q.shape[-1] > MAX_HEAD_DIM:
+            return f"supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
+        if reason is None and max_frames is not None and q.shape[-2] > max_frames:
+            return f"supports frames <= {max_frames}, got {q.shape[-2]}"
         return reason
     return reject
 
 
 def _reject_triton(q, k, v, scale):
-    return _reject_native(triton_device_types())(q, k, v, scale)
+    return _reject_native(triton_device_types(), MAX_FRAMES)(q, k, v, scale)
 
 
 # cpp first: it takes only CPU tensors, so on a GPU the order gives triton, and on a CPU the C++ kernel wins over
 # the Triton interpreter (which accepts CPU tensors when TRITON_INTERPRET=1, for forced testing only).
 IMPLEMENTATIONS = [
-    Implementation("cpp", _cpp, native_unavailable_reason, _reject_native(("cpu",))),
+    Implementation("cpp", _cpp, native_unavailable_reason, _reject_native(("cpu",), None)),
     Implementation("triton", triton_attention, triton_unavailable_reason, _reject_triton),
     Implementation("eager", _eager, lambda: None, lambda *a: None),
 ]

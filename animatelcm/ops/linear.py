@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .dispatch import eager_fast_path
+from .dispatch import plain_inference_call
 
 CPU_GEMM_ENV = "ANIMATELCM_CPU_GEMM"
 CPU_GEMM_LIBRARIES = ("torch", "onednn")
@@ -69,7 +69,7 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return (x.device.type == "cpu" and x.dtype is torch.float32 and weight.dtype is torch.float32
             and weight.device.type == "cpu" and x.dim() >= 2 and weight.dim() == 2 and weight.shape[1] == x.shape[-1]
             and (bias is None or (bias.dtype is torch.float32 and bias.dim() == 1 and bias.device.type == "cpu"))
-            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and eager_fast_path(x, weight, bias)
+            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and plain_inference_call(x, weight, bias)
             and cpu_gemm_library() == "onednn")
 
 

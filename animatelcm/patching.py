@@ -17,8 +17,9 @@ What is patched, all through diffusers' public hooks (attention processors and m
 - every GEGLU feed-forward (motion modules and spatial transformers): its projection and ``h * gelu(gate)``
   together (:func:`animatelcm.ops.linear_geglu`; on the CPU in cache-sized row blocks) (module forward);
 - where :func:`animatelcm.ops.cpu_gemm_library` picks oneDNN (AMD CPUs with AVX-512, or
-  ``ANIMATELCM_CPU_GEMM=onednn``, read when patching), every plain ``nn.Linear`` of the UNet and the VAE runs
-  :func:`animatelcm.ops.linear` (large float32 CPU products on oneDNN, the rest ``F.linear``) (module forward);
+  ``ANIMATELCM_CPU_GEMM=onednn``) and the UNet is on the CPU, both read when patching, every plain ``nn.Linear``
+  of the UNet and the VAE runs :func:`animatelcm.ops.linear` (large float32 CPU products on oneDNN, the rest
+  ``F.linear``) (module forward);
 - a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config;
 - with ``cuda_graph=True``, the UNet's forward replays CUDA graphs captured per input signature
   (:mod:`animatelcm.cuda_graphs`).
@@ -28,7 +29,6 @@ original code.
 
 from __future__ import annotations
 
-import functools
 import types
 from dataclasses import dataclass, field
 
@@ -44,11 +44,24 @@ from .ops.group_norm import is_channels_last
 PATCH_ATTRIBUTE = "_animatelcm_patch"
 
 
-@functools.lru_cache(maxsize=None)
-def _op_backend(op: str, backend: str) -> str:
-    """The ``backend`` a patched call of ``op`` passes: patch_pipeline's backend where ``op`` implements it, else
-    ``"auto"`` (as ``ANIMATELCM_BACKEND`` forces only the ops that implement the backend it names)."""
-    return backend if backend == "auto" or op in ops.ops_by_backend()[backend] else "auto"
+@dataclass(frozen=True)
+class PatchBackend:
+    """patch_pipeline's ``backend`` (``name``) and what a patched call of each op passes for it (``self[op]``): that
+    backend where the op implements it, else ``"auto"`` (as ``ANIMATELCM_BACKEND`` forces only the ops that
+    implement the backend it names). Resolved once when patching, so the patched forwards read constants (nothing
+    for torch.compile to trace through)."""
+
+    name: str
+    per_op: dict
+
+    @classmethod
+    def resolve(cls, name: str) -> "PatchBackend":
+        implemented = ops.ops_by_backend()
+        every_op = dict.fromkeys(op for names in implemented.values() for op in names)
+        return cls(name, {op: name if name == "auto" or op in implemented[name] else "auto" for op in every_op})
+
+    def __getitem__(self, op: str) -> str:
+        return self.per_op[op]
 
 
 class TemporalAttentionProcessor:
@@ -60,9 +73,9 @@ class TemporalAttentionProcessor:
     4-D input, extra norms) go to ``fallback``, the processor it replaced.
     """
 
-    def __init__(self, fallback, backend: str = "auto"):
+    def __init__(self, fallback, backend: "str | PatchBackend" = "auto"):
         self.fallback = fallback
-        self.backend = backend
+        self.backend = backend if isinstance(backend, PatchBackend) else PatchBackend.resolve(backend)
 
     def handles(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
         return (attention_mask is None and encoder_hidden_states is None and hidden_states.dim() == 3
@@ -78,7 +91,7 @@ class TemporalAttentionProcessor:
         query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         views = [t.view(batch, frames, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)]
-        out = ops.temporal_attention(*views, backend=_op_backend("temporal_attention", self.backend))  # [B, heads, F, D], memory [B, F, heads, D]
+        out = ops.temporal_attention(*views, backend=self.backend["temporal_attention"])  # [B, heads, F, D], memory [B, F, heads, D]
         out = out.transpose(1, 2).reshape(batch, frames, attn.heads * head_dim).to(query.dtype)
         out = attn.to_out[1](attn.to_out[0](out))
         if attn.residual_connection:
@@ -94,7 +107,7 @@ class SpatialSelfAttentionProcessor(TemporalAttentionProcessor):
     attention there), goes to the processor it replaced. Measured on 2 AMD EPYC Zen 4 cores, float32, against
     PyTorch's SDPA: 1.08x at ``[16, 2, 1024, 40]``, 1.18x at ``[16, 2, 256, 80]``."""
 
-    def __init__(self, fallback, backend: str = "auto"):
+    def __init__(self, fallback, backend: "str | PatchBackend" = "auto"):
         super().__init__(fallback, backend)
         self.kernel_built = native_unavailable_reason() is None
 
@@ -112,7 +125,7 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
     residual = hidden_states
     hidden_states = ops.temporal_group_norm(hidden_states, num_frames, self.norm.num_groups, self.norm.weight,
                                             self.norm.bias, self.norm.eps,
-                                            backend=_op_backend("temporal_group_norm", backend))  # [B*H*W, F, C]
+                                            backend=backend["temporal_group_norm"])  # [B*H*W, F, C]
     hidden_states = self.proj_in(input=hidden_states)
     for block in self.transformer_blocks:
         hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
@@ -120,7 +133,7 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
                               class_labels=class_labels)
     hidden_states = self.proj_out(input=hidden_states)
     return ops.temporal_unpermute_residual(hidden_states, residual, num_frames,
-                                           backend=_op_backend("temporal_unpermute_residual", backend))
+                                           backend=backend["temporal_unpermute_residual"])
 
 
 def _group_norm_silu(x, norm, nonlinearity, backend):
@@ -128,10 +141,10 @@ def _group_norm_silu(x, norm, nonlinearity, backend):
     ``backend="auto"``: the GPU kernels read [N, C, H, W] and would copy it first, which costs more than the fusion
     saves; PyTorch normalises that layout in place. (The VAE decoder's convolutions hand its ResNet blocks
     channels-last activations; the CPU kernel reads them as they are.)"""
-    if backend == "auto" and x.device.type != "cpu" and is_channels_last(x):
+    if backend.name == "auto" and x.device.type != "cpu" and is_channels_last(x):
         return nonlinearity(norm(x))
     return ops.group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                              backend=_op_backend("group_norm_silu", backend))
+                              backend=backend["group_norm_silu"])
 
 
 def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
@@ -175,8 +188,8 @@ def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     backend = getattr(self, PATCH_ATTRIBUTE)
     if type(self.proj) is nn.Linear:
         return ops.linear_geglu(hidden_states, self.proj.weight, self.proj.bias,
-                                backend=_op_backend("linear_geglu", backend))
-    return ops.geglu(self.proj(hidden_states), backend=_op_backend("geglu", backend))
+                                backend=backend["linear_geglu"])
+    return ops.geglu(self.proj(hidden_states), backend=backend["geglu"])
 
 
 def fast_linear_forward(self, input):
@@ -197,7 +210,7 @@ def _token_projection(layer, tokens, linear: bool):
 
 def _spatial_tokens_fusable(self, layer, x, backend) -> bool:
     return ((self.use_linear_projection or _is_pointwise_conv(layer)) and isinstance(self.norm, nn.GroupNorm)
-            and not (backend == "auto" and is_channels_last(x)))
+            and not (backend.name == "auto" and is_channels_last(x)))
 
 
 def fused_spatial_input(self, hidden_states):
@@ -211,7 +224,7 @@ def fused_spatial_input(self, hidden_states):
     batch, channels, height, width = hidden_states.shape
     norm = self.norm
     tokens = ops.temporal_group_norm(hidden_states, 1, norm.num_groups, norm.weight, norm.bias, norm.eps,
-                                     backend=_op_backend("temporal_group_norm", backend))
+                                     backend=backend["temporal_group_norm"])
     tokens = tokens.view(batch, height * width, channels)
     tokens = _token_projection(self.proj_in, tokens, self.use_linear_projection)
     return tokens, tokens.shape[-1]
@@ -227,7 +240,7 @@ def fused_spatial_output(self, hidden_states, residual, batch_size, height, widt
                                                             inner_dim)
     out = _token_projection(self.proj_out, hidden_states, self.use_linear_projection)
     return ops.temporal_unpermute_residual(out.reshape(batch_size * height * width, 1, out.shape[-1]), residual, 1,
-                                           backend=_op_backend("temporal_unpermute_residual", backend))
+                                           backend=backend["temporal_unpermute_residual"])
 
 
 def _resnet_is_fusable(module) -> bool:
@@ -285,7 +298,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
     in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
     GEGLU) and ``scheduler`` switch the three parts; ``linear`` the ``nn.Linear`` layers' CPU GEMM library (see the
-    module docstring; nothing is installed where :func:`animatelcm.ops.cpu_gemm_library` keeps PyTorch's). ``cuda_graph`` replays the UNet's forward from a CUDA graph
+    module docstring; nothing is installed where :func:`animatelcm.ops.cpu_gemm_library` keeps PyTorch's or the
+    UNet is not on the CPU). ``cuda_graph`` replays the UNet's forward from a CUDA graph
     captured per input signature (GPU inputs without gradients only; see :mod:`animatelcm.cuda_graphs`). Patching
     again with the same options does nothing; with other options the first patch is undone first. Undo with
     :func:`unpatch_pipeline`.
@@ -308,39 +322,41 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             return pipe
         unpatch_pipeline(pipe)
     record = PatchRecord(backend=backend, options=options)
-    onednn_linear = linear and ops.cpu_gemm_library() == "onednn"
+    resolved = PatchBackend.resolve(backend)
+    onednn_linear = (linear and ops.cpu_gemm_library() == "onednn"
+                     and any(p.device.type == "cpu" for p in pipe.unet.parameters()))
     for module in pipe.unet.modules():
         if isinstance(module, AnimateDiffTransformer3D):
             if norms:
-                _override(module, "forward", fused_motion_module_forward, backend, record)
+                _override(module, "forward", fused_motion_module_forward, resolved, record)
             if attention:
                 for block in module.transformer_blocks:
                     for attn in (getattr(block, "attn1", None), getattr(block, "attn2", None)):
                         if attn is not None and not attn.is_cross_attention:
                             record.processors.append((attn, attn.processor))
-                            attn.set_processor(TemporalAttentionProcessor(attn.processor, backend))
+                            attn.set_processor(TemporalAttentionProcessor(attn.processor, resolved))
         elif norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
-            _override(module, "forward", fused_resnet_forward, backend, record)
+            _override(module, "forward", fused_resnet_forward, resolved, record)
         elif norms and type(module) is GEGLU:
-            _override(module, "forward", fused_geglu_forward, backend, record)
+            _override(module, "forward", fused_geglu_forward, resolved, record)
         elif isinstance(module, Transformer2DModel):
             if norms:
-                _override(module, "_operate_on_continuous_inputs", fused_spatial_input, backend, record)
-                _override(module, "_get_output_for_continuous_inputs", fused_spatial_output, backend, record)
+                _override(module, "_operate_on_continuous_inputs", fused_spatial_input, resolved, record)
+                _override(module, "_get_output_for_continuous_inputs", fused_spatial_output, resolved, record)
             if attention and backend in ("auto", "cpp"):
                 for block in module.transformer_blocks:
                     attn = getattr(block, "attn1", None)
                     if attn is not None and not attn.is_cross_attention:
                         record.processors.append((attn, attn.processor))
-                        attn.set_processor(SpatialSelfAttentionProcessor(attn.processor, backend))
+                        attn.set_processor(SpatialSelfAttentionProcessor(attn.processor, resolved))
         elif onednn_linear and type(module) is nn.Linear:
-            _override(module, "forward", fast_linear_forward, backend, record)
+            _override(module, "forward", fast_linear_forward, resolved, record)
     vae = getattr(pipe, "vae", None)
     for module in vae.modules() if vae is not None else ():  # decode, and encode for video-to-video
         if norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
-            _override(module, "forward", fused_resnet_forward, backend, record)
+            _override(module, "forward", fused_resnet_forward, resolved, record)
         elif onednn_linear and type(module) is nn.Linear:
-            _override(module, "forward", fast_linear_forward, backend, record)
+            _override(module, "forward", fast_linear_forward, resolved, record)
     if cuda_graph:
         from .cuda_graphs import GraphedForward
 

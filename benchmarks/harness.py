@@ -164,14 +164,17 @@ def markdown_table(rows: list[Row], baselines: dict[str, str]) -> str:
         on_gpu = any(r.device_ms == r.device_ms for r in op_rows)
         header = ("| provider | median ms | p20-p80 ms | GB/s | of copy BW | speed-up vs "
                   + (base.provider if base else "-") + " |")
+        floor = (f"copy floor: {first.copy_gb_per_s:.1f} GB/s" if first.copy_gb_per_s == first.copy_gb_per_s
+                 else "no copy floor (compute-bound)")
         lines += [f"### {op} [{first.shape}] {first.dtype} on {first.device}", "",
-                  f"copy floor: {first.copy_gb_per_s:.1f} GB/s; bytes moved per call: {first.bytes / 1e6:.1f} MB", "",
+                  f"{floor}; bytes moved per call: {first.bytes / 1e6:.1f} MB", "",
                   header + (" GPU time ms | GPU GB/s | of copy BW (GPU time) |" if on_gpu else ""),
                   "|---|---|---|---|---|---|" + ("---|---|---|" if on_gpu else "")]
         for r in op_rows:
             speedup = f"{base.median_ms / r.median_ms:.2f}x" if base else "-"
+            fraction = f"{100 * r.fraction_of_copy:.0f}%" if r.fraction_of_copy == r.fraction_of_copy else "-"
             line = (f"| {r.provider} | {r.median_ms:.3f} | {r.p20_ms:.3f}-{r.p80_ms:.3f} | {r.gb_per_s:.1f} | "
-                    f"{100 * r.fraction_of_copy:.0f}% | {speedup} |")
+                    f"{fraction} | {speedup} |")
             if on_gpu:
                 line += (f" {r.device_ms:.3f} | {r.device_gb_per_s:.1f} | {100 * r.device_fraction_of_copy:.0f}% |"
                          if r.device_ms == r.device_ms else " - | - | - |")

@@ -259,7 +259,7 @@ def test_spatial_transformer_paths_match_diffusers(linear_projection, layout, mo
     takes diffusers' path, a forced backend the fused one."""
     import types
 
-    from animatelcm.patching import PATCH_ATTRIBUTE, fused_spatial_input, fused_spatial_output
+    from animatelcm.patching import PATCH_ATTRIBUTE, PatchBackend, fused_spatial_input, fused_spatial_output
 
     torch.manual_seed(0)
     model = diffusers.Transformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=16,
@@ -277,7 +277,7 @@ def test_spatial_transformer_paths_match_diffusers(linear_projection, layout, mo
         model._operate_on_continuous_inputs = types.MethodType(fused_spatial_input, model)
         model._get_output_for_continuous_inputs = types.MethodType(fused_spatial_output, model)
         for backend in ("auto", "cpp", "eager"):
-            setattr(model, PATCH_ATTRIBUTE, backend)
+            setattr(model, PATCH_ATTRIBUTE, PatchBackend.resolve(backend))
             calls.clear()
             torch.testing.assert_close(model(x, encoder_hidden_states=text).sample, want, atol=1e-5, rtol=1e-5)
             assert len(calls) == (0 if backend == "auto" and layout == "channels_last" else 1), backend

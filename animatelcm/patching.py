@@ -1,6 +1,7 @@
 """``patch_pipeline``: make a diffusers AnimateDiff pipeline run on the fused kernels, same outputs.
 
-What is patched, all through diffusers' public hooks (attention processors and module forwards), all recorded so
+What is patched, in the UNet and in the pipeline's ControlNet if it has one (the same diffusers blocks run there
+every step), all through diffusers' public hooks (attention processors and module forwards), all recorded so
 ``unpatch_pipeline`` restores the original objects exactly:
 
 - motion modules (``AnimateDiffTransformer3D``): the frame-spanning GroupNorm fused with the permute to
@@ -10,7 +11,7 @@ What is patched, all through diffusers' public hooks (attention processors and m
   (on the normed input, in the transformer block), the GEGLU feed-forward and output projection are diffusers' own;
 - on the CPU, the spatial transformers' self-attention too (``SpatialSelfAttentionProcessor``: the same op's C++
   kernel over the H*W tokens), under ``backend="auto"`` or ``"cpp"``;
-- ResNet blocks of the UNet and of the VAE: GroupNorm + SiLU fused, twice per block (module forward);
+- ResNet blocks (and the VAE's): GroupNorm + SiLU fused, twice per block (module forward);
 - spatial transformers (``Transformer2DModel``): their GroupNorm fused with the permute to ``[B, H*W, C]`` tokens
   and the permute back fused with the residual add (the motion-module kernels with one frame), the 1x1
   convolutions around them run as the equal matrix products on the tokens (module methods);
@@ -18,7 +19,7 @@ What is patched, all through diffusers' public hooks (attention processors and m
   together (:func:`animatelcm.ops.linear_geglu`; on the CPU in cache-sized row blocks) (module forward);
 - where :func:`animatelcm.ops.cpu_gemm_library` picks oneDNN (AMD CPUs with AVX-512, or
   ``ANIMATELCM_CPU_GEMM=onednn``) and the UNet is on the CPU, both read when patching, every plain ``nn.Linear``
-  of the UNet and the VAE runs :func:`animatelcm.ops.linear` (large float32 CPU products on oneDNN, the rest
+  (the VAE's too) runs :func:`animatelcm.ops.linear` (large float32 CPU products on oneDNN, the rest
   ``F.linear``) (module forward);
 - a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config;
 - with ``cuda_graph=True``, the UNet's forward replays CUDA graphs captured per input signature
@@ -325,7 +326,9 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     resolved = PatchBackend.resolve(backend)
     onednn_linear = (linear and ops.cpu_gemm_library() == "onednn"
                      and any(p.device.type == "cpu" for p in pipe.unet.parameters()))
-    for module in pipe.unet.modules():
+    controlnet = getattr(pipe, "controlnet", None)  # a ControlNetModel, SparseControlNetModel or MultiControlNetModel
+    denoisers = [pipe.unet] + ([controlnet] if isinstance(controlnet, nn.Module) else [])
+    for module in (module for model in denoisers for module in model.modules()):
         if isinstance(module, AnimateDiffTransformer3D):
             if norms:
                 _override(module, "forward", fused_motion_module_forward, resolved, record)

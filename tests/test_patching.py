@@ -42,11 +42,17 @@ def build(kind, components):
         pipe = diffusers.AnimateDiffControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
         args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=video(1),
                     latents=torch.randn(1, 4, FRAMES, 8, 8))
+    elif kind == "multicontrolnet":
+        controlnets = [diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
+                       for _ in range(2)]
+        pipe = diffusers.AnimateDiffControlNetPipeline(**common, controlnet=controlnets, scheduler=lcm())
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=[video(1), video(2)],
+                    controlnet_conditioning_scale=[1.0, 0.5], latents=torch.randn(1, 4, FRAMES, 8, 8))
     elif kind == "video2video_controlnet":
         controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
         pipe = diffusers.AnimateDiffVideoToVideoControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
         args.update(video=video(0), conditioning_frames=video(1), strength=0.8, num_inference_steps=4)
-    elif kind == "sparsectrl":  # its controlnet carries motion modules of its own, left unpatched
+    elif kind == "sparsectrl":  # its controlnet carries motion modules of its own, patched like the UNet's
         config = components["unet"].config  # (SparseControlNetModel.from_unet fails on tuple configs)
         controlnet = diffusers.SparseControlNetModel(
             in_channels=config.in_channels, conditioning_channels=3, block_out_channels=config.block_out_channels,
@@ -59,7 +65,7 @@ def build(kind, components):
         pipe = diffusers.AnimateDiffSparseControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
         args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=video(1)[:2],
                     controlnet_frame_indices=[0, FRAMES - 1], latents=torch.randn(1, 4, FRAMES, 8, 8))
-    elif kind == "pag":  # perturbed-attention guidance swaps spatial attention processors; the patch leaves those
+    elif kind == "pag":  # perturbed-attention guidance swaps spatial attention processors during its calls
         pipe = diffusers.AnimateDiffPAGPipeline(**common, scheduler=lcm(), pag_applied_layers=["mid"])
         args.update(num_frames=FRAMES, height=SIZE, width=SIZE, pag_scale=1.0,
                     latents=torch.randn(1, 4, FRAMES, 8, 8))
@@ -75,14 +81,17 @@ def relative_difference(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("kind", ["animatediff", "animatelcm", "video2video", "controlnet", "video2video_controlnet",
-                                  "sparsectrl", "pag"])
+@pytest.mark.parametrize("kind", ["animatediff", "animatelcm", "video2video", "controlnet", "multicontrolnet",
+                                  "video2video_controlnet", "sparsectrl", "pag"])
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, components):
     pipe, args = build(kind, components)
     reference = latents(pipe, args, guidance)
     patch_pipeline(pipe)
     assert is_patched(pipe) and isinstance(pipe.scheduler, LCMScheduler)
+    if "controlnet" in kind or kind == "sparsectrl":  # the ControlNet's blocks are patched too
+        resnets = [m for m in pipe.controlnet.modules() if type(m).__name__ == "ResnetBlock2D"]
+        assert resnets and all("forward" in vars(m) for m in resnets)
     patched = latents(pipe, args, guidance)
     assert relative_difference(patched, reference) <= 1e-3
     unpatch_pipeline(pipe)

@@ -11,7 +11,8 @@ every step), all through diffusers' public hooks (attention processors and modul
   (on the normed input, in the transformer block), the GEGLU feed-forward and output projection are diffusers' own;
 - on the CPU, the spatial transformers' self-attention too (``SpatialSelfAttentionProcessor``: the same op's C++
   kernel over the H*W tokens), under ``backend="auto"`` or ``"cpp"``;
-- ResNet blocks (and the VAE's): GroupNorm + SiLU fused, twice per block (module forward);
+- ResNet blocks (and the VAE's): GroupNorm + SiLU fused, twice per block; on the CPU, for channels-last
+  activations (the VAE decoder's), the second convolution with the residual add fused (module forward);
 - spatial transformers (``Transformer2DModel``): their GroupNorm fused with the permute to ``[B, H*W, C]`` tokens
   and the permute back fused with the residual add (the motion-module kernels with one frame), the 1x1
   convolutions around them run as the equal matrix products on the tokens (module methods);
@@ -38,7 +39,7 @@ from torch import nn
 
 from . import ops
 from .ops.attention import MAX_HEAD_DIM
-from .ops.dispatch import BACKENDS, forced_backend
+from .ops.dispatch import BACKENDS, forced_backend, plain_inference_call
 from .ops.native import native_unavailable_reason
 from .ops.group_norm import is_channels_last
 
@@ -172,13 +173,31 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
         hidden_states = hidden_states + temb
     hidden_states = _group_norm_silu(hidden_states, norm2, self.nonlinearity, backend)
     hidden_states = self.dropout(hidden_states)
-    hidden_states = self.conv2(hidden_states)
     if self.conv_shortcut is not None:
         if self.training:
             input_tensor = input_tensor.contiguous()
         input_tensor = self.conv_shortcut(input_tensor)
-    output = input_tensor + hidden_states
+    output = _residual_plus_conv(input_tensor, self.conv2, hidden_states)
     return output if self.output_scale_factor == 1 else output / self.output_scale_factor
+
+
+def _residual_plus_conv(residual, conv, x):
+    """``residual + conv(x)``. A float32 CPU inference call on channels-last tensors with a plain ``nn.Conv2d`` runs
+    as one oneDNN convolution with the add fused into its output (``torch.ops.mkldnn._convolution_pointwise``, the
+    op inductor fuses into; the same sums). Measured on 2 AMD EPYC Zen 4 cores against the two ops: 1.19x and
+    1.20x at the VAE decoder's ``[16, 32, 256, 256]`` and ``[16, 64, 128, 128]``, no different on the UNet's
+    contiguous ``[16, 80, 32, 32]``, which keeps the two ops."""
+    if (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+            and x.device.type == "cpu" and x.dtype is torch.float32 and is_channels_last(x)
+            and is_channels_last(residual) and residual.dtype is torch.float32
+            and torch.backends.mkldnn.is_available() and plain_inference_call(x, residual, conv.weight, conv.bias)):
+        spatial = [(size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 for size, pad, dilation, kernel, stride
+                   in zip(x.shape[2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride)]
+        if tuple(residual.shape) == (x.shape[0], conv.out_channels, *spatial):
+            return torch.ops.mkldnn._convolution_pointwise.binary(
+                x, residual, conv.weight, conv.bias, list(conv.padding), list(conv.stride), list(conv.dilation),
+                conv.groups, "add", None, None, [], None)
+    return residual + conv(x)
 
 
 def fused_geglu_forward(self, hidden_states, *args, **kwargs):

@@ -250,14 +250,41 @@ def test_channels_last_resnet_input_runs_fused_on_the_cpu(components, monkeypatc
     patch_pipeline(pipe)
     block = next(m for m in pipe.vae.modules() if "forward" in vars(m))
     x = torch.randn(2, block.in_channels, 8, 8).to(memory_format=torch.channels_last)
-    calls = []
+    calls, convolutions = [], []
     fused = ops.group_norm_silu
     monkeypatch.setattr(ops, "group_norm_silu", lambda x, *a, **k: calls.append(is_channels_last(x)) or fused(x, *a, **k))
+    fused_convolution = torch.ops.mkldnn._convolution_pointwise.binary
+    monkeypatch.setattr(torch.ops.mkldnn._convolution_pointwise, "binary",
+                        lambda *a: convolutions.append(1) or fused_convolution(*a), raising=False)
     with torch.no_grad():
         patched = block(x, None)
         unpatch_pipeline(pipe)
         torch.testing.assert_close(patched, block(x, None), atol=1e-5, rtol=1e-5)
     assert calls and calls[0]
+    assert convolutions == ([1] if torch.backends.mkldnn.is_available() else [])  # conv2 + residual, one oneDNN op
+
+
+def test_convolution_with_the_residual_add(monkeypatch):
+    """The fused oneDNN convolution+add against the two ops, on the shapes and options it takes and those it
+    leaves to them (contiguous input, stride 2, padding mode, a residual of another shape)."""
+    from animatelcm.patching import _residual_plus_conv
+
+    torch.manual_seed(0)
+    cases = [(nn.Conv2d(8, 8, 3, padding=1), (2, 8, 9, 7)), (nn.Conv2d(8, 12, 1), (2, 8, 5, 5)),
+             (nn.Conv2d(8, 8, 3, padding=2, dilation=2), (1, 8, 6, 6)),
+             (nn.Conv2d(8, 8, 3, stride=2, padding=1), (2, 8, 9, 9)),
+             (nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), (2, 8, 6, 6))]
+    with torch.no_grad():
+        for conv, shape in cases:
+            for memory_format in (torch.channels_last, torch.contiguous_format):
+                x = torch.randn(shape).to(memory_format=memory_format)
+                out = conv(x)
+                residual = torch.randn(out.shape).to(memory_format=memory_format)
+                torch.testing.assert_close(_residual_plus_conv(residual, conv, x), residual + out, atol=1e-6,
+                                           rtol=1e-6)
+        conv, x = nn.Conv2d(8, 8, 3, padding=1), torch.randn(2, 8, 6, 6).to(memory_format=torch.channels_last)
+        broadcast = torch.randn(2, 8, 1, 1).to(memory_format=torch.channels_last)  # not the output's shape
+        torch.testing.assert_close(_residual_plus_conv(broadcast, conv, x), broadcast + conv(x))
 
 
 @pytest.mark.parametrize("linear_projection", [False, True])

@@ -31,12 +31,26 @@ def test_linear_matches_float64_on_each_library(library, with_bias, monkeypatch)
 
 
 @pytest.mark.skipif("onednn" not in LIBRARIES, reason="PyTorch built without oneDNN")
-def test_onednn_takes_strided_inputs_and_leaves_the_rest_to_pytorch(monkeypatch):
+def test_strided_inputs_and_the_rest_go_to_pytorch(monkeypatch):
+    """oneDNN takes contiguous float32 inference calls; strided views (which its op misreads: a slice of the last
+    dimension, say), other dtypes, 1-D inputs and autograd go to F.linear. Random strides and sizes, with every
+    product sent to oneDNN where it qualifies."""
     monkeypatch.setenv(linear_module.CPU_GEMM_ENV, "onednn")
-    x = torch.randn(3, 80, 2000).transpose(1, 2)  # [3, 2000, 80], non-contiguous
-    weight = torch.randn(200, 160)[:, ::2]  # [200, 80], non-contiguous
+    monkeypatch.setattr(linear_module, "ONEDNN_MIN_MACS", 0)
+    generator = torch.Generator().manual_seed(0)
+    for index in range(60):
+        k, n = 1 + index % 37, 1 + (index * 7) % 41
+        x = torch.randn(3, 5, 2 * k, generator=generator)
+        x = [x[..., :k], x[..., ::2], x[..., :k].contiguous(), x[..., :k].transpose(0, 1)][index % 4]
+        weight = torch.randn(n, 2 * k, generator=generator)
+        weight = weight[:, ::2] if index % 3 == 0 else weight[:, :k].contiguous()
+        bias = [None, torch.randn(2 * n, generator=generator)[::2], torch.randn(n, generator=generator)][index % 3]
+        contiguous = x.is_contiguous() and weight.is_contiguous() and (bias is None or bias.is_contiguous())
+        assert linear_module.uses_onednn(x, weight, bias) == contiguous
+        reference = F.linear(x.double(), weight.double(), None if bias is None else bias.double())
+        torch.testing.assert_close(ops.linear(x, weight, bias).double(), reference, atol=1e-5, rtol=1e-5)
+    x, weight = torch.randn(3, 2000, 80), torch.randn(200, 80)
     assert linear_module.uses_onednn(x, weight, None)
-    torch.testing.assert_close(ops.linear(x, weight), F.linear(x, weight), atol=1e-5, rtol=1e-5)
     assert not linear_module.uses_onednn(x.bfloat16(), weight.bfloat16(), None)
     assert not linear_module.uses_onednn(x[0, 0], weight, None)  # 1-D input
     trainable = weight.clone().requires_grad_()

@@ -93,3 +93,25 @@ def test_linear_geglu_blocks_on_each_library(library, monkeypatch):
     out = ops.linear_geglu(x, weight, bias, backend="cpp")
     reference = ops.linear_geglu_reference(x.double(), weight.double(), bias.double())
     torch.testing.assert_close(out.double(), reference, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_compiled_graphs_choose_the_library_when_they_run(library, monkeypatch):
+    """Traced without gradients, a large float32 CPU product becomes the custom op animatelcm::linear (no graph
+    break), which picks the library at run time; with gradients it stays F.linear, and they flow."""
+    monkeypatch.setenv(linear_module.CPU_GEMM_ENV, library)
+    x, weight, bias = torch.randn(2, 1000, 96), torch.randn(400, 96) / 10, torch.randn(400)
+    assert x.numel() * 400 >= linear_module.ONEDNN_MIN_MACS
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, w, b: ops.linear(a, w, b) * 2, backend="aot_eager", fullgraph=True)
+    decisions = []
+    monkeypatch.setattr(linear_module, "uses_onednn",
+                        lambda *a, _real=linear_module.uses_onednn: decisions.append(_real(*a)) or decisions[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, weight, bias), F.linear(x, weight, bias) * 2, atol=1e-4, rtol=1e-5)
+    assert decisions == [library == "onednn"]  # made once, inside the custom op, when the graph ran
+    trainable = weight.clone().requires_grad_()
+    compiled(x, trainable, bias).sum().backward()
+    torch.testing.assert_close(trainable.grad, 2 * x.sum((0, 1)).expand(400, 96), atol=1e-2, rtol=1e-5)
+    torch.library.opcheck(linear_module._linear_op, (x, weight, bias))
+    torch.library.opcheck(linear_module._linear_op, (x[:, :5], weight, None))

@@ -20,6 +20,7 @@ import functools
 import os
 import re
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -77,10 +78,32 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             and cpu_gemm_library() == "onednn")
 
 
+@torch.library.custom_op("animatelcm::linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """What a graph compiled with torch.compile calls for a float32 CPU inference product: the library is chosen
+    when it runs, as in eager mode."""
+    out = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "") if uses_onednn(x, weight, bias) \
+        else F.linear(x, weight, bias)
+    return out if out.is_contiguous() else out.contiguous()
+
+
+@_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: ``x [..., K]``, ``weight [N, K]``, ``bias [N]`` or None -> ``[..., N]``,
     on oneDNN when :func:`uses_onednn` (see the module docstring), else ``F.linear`` itself (which also raises
-    PyTorch's errors for mismatched inputs)."""
+    PyTorch's errors for mismatched inputs). Traced by torch.compile without gradients, a float32 CPU product of
+    at least ONEDNN_MIN_MACS multiply-adds becomes the custom op ``animatelcm::linear``, which makes the same choice
+    when the compiled graph runs (inductor would call PyTorch's BLAS)."""
+    if torch.compiler.is_compiling():
+        if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype is torch.float32
+                and weight.dtype is torch.float32 and x.dim() >= 2 and weight.dim() == 2
+                and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS):
+            return _linear_op(x, weight, bias)
+        return F.linear(x, weight, bias)
     if uses_onednn(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)

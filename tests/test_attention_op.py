@@ -111,6 +111,25 @@ def test_matches_sdpa_semantics():
                                F.scaled_dot_product_attention(q, k, v, scale=0.5), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["eager"])
+def test_other_key_lengths_and_value_widths_as_sdpa(backend, monkeypatch):
+    """k, v of another length than q, or v of another width: SDPA's semantics, on the eager reference (the kernels
+    say why they decline), with gradients, under the custom op's fake implementation too."""
+    generator = torch.Generator().manual_seed(3)
+    for q_shape, k_shape, v_shape in [((2, 3, 7, 8), (2, 3, 9, 8), (2, 3, 9, 8)), ((5, 16, 40), (5, 1, 40), (5, 1, 24)),
+                                      ((2, 2, 4, 8), (2, 2, 4, 8), (2, 2, 4, 3))]:
+        q, k, v = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in (q_shape, k_shape, v_shape))
+        if backend != "eager":
+            assert "self-attention" in dict(ops.explain_temporal_attention(q.float(), k.float(), v.float()))[backend]
+        out = run("auto" if backend != "eager" else "eager", monkeypatch, q, k, v, scale=0.4)
+        assert out.shape == (*q_shape[:-1], v_shape[-1])
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.4))
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        assert torch.autograd.gradcheck(lambda a, b, c: ops.temporal_attention(a, b, c, scale=0.4), leaves)
+        torch.library.opcheck(torch.ops.animatelcm.temporal_attention.default, (q.float(), k.float(), v.float(), 0.4,
+                                                                                "auto"))
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("layout", ["contiguous", "projection"])
 def test_long_sequences_on_the_cpu(isa, layout, monkeypatch, poisoned_outputs):
@@ -190,7 +209,11 @@ def test_nan_reaches_rows_that_attend_to_it(monkeypatch):
 def test_bad_inputs_raise_clear_errors():
     q = torch.randn(2, 3, 4, 8)
     with pytest.raises(ValueError, match="one shape"):
-        ops.temporal_attention(q, q, q[:, :, :3])
+        ops.temporal_attention(q, q, q[:, :, :3])  # k and v of different lengths
+    with pytest.raises(ValueError, match="same leading dims"):
+        ops.temporal_attention(q, q[:1], q[:1])
+    with pytest.raises(ValueError, match=r"\[\.\.\., S, D\]"):
+        ops.temporal_attention(q, q[..., :4], q)
     with pytest.raises(TypeError, match="floating dtype"):
         ops.temporal_attention(q.long(), q.long(), q.long())
     with pytest.raises(TypeError, match="floating dtype"):

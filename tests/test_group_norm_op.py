@@ -262,6 +262,25 @@ def test_bad_inputs_raise_clear_errors():
         ops.temporal_unpermute_residual(torch.randn(16, 2, 6).double(), x, 2)
 
 
+@pytest.mark.parametrize("backend", backends_usable_here(GROUP_NORM_SILU))
+def test_empty_tensors(backend, monkeypatch):
+    """No rows (batch 0) or no positions: empty outputs of the right shape and layout, as PyTorch's."""
+    weight, bias = affine(6, torch.Generator().manual_seed(0), device=backend_device(backend))
+    for shape in [(0, 6, 4, 4), (2, 6, 0, 4), (0, 6)]:
+        x = torch.randn(shape, device=backend_device(backend))
+        out = run(backend, monkeypatch, ops.group_norm_silu, x, 3, weight, bias)
+        assert out.shape == x.shape
+        if x.dim() == 4:
+            channels_last = run(backend, monkeypatch, ops.group_norm_silu, x.to(memory_format=torch.channels_last), 3)
+            assert channels_last.shape == x.shape
+    for frames_first in [torch.randn(0, 6, 4, 4), torch.randn(8, 6, 0, 4)]:
+        rows = run(backend, monkeypatch, ops.temporal_group_norm, frames_first.to(backend_device(backend)), 4, 3)
+        assert rows.shape == (frames_first.shape[0] // 4 * frames_first.shape[2] * frames_first.shape[3], 4, 6)
+    residual = torch.randn(0, 6, 4, 4, device=backend_device(backend))
+    back = run(backend, monkeypatch, ops.temporal_unpermute_residual, residual.new_empty(0, 4, 6), residual, 4)
+    assert back.shape == residual.shape
+
+
 def test_nan_stays_in_its_group(monkeypatch):
     for backend in backends_usable_here(GROUP_NORM_SILU):
         for layout in (torch.contiguous_format, torch.channels_last):

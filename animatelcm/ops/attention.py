@@ -1,7 +1,9 @@
 """Temporal attention: ``softmax(q k^T * scale) v`` over short sequences (the frames of a clip).
 
-Same semantics as ``torch.nn.functional.scaled_dot_product_attention`` without mask or dropout, for q, k, v of one
-shape ``[..., F, D]`` (e.g. ``[N, heads, F, D]``), specialised for F = 1..64 and D <= 160. The C++ (CPU) kernel also
+Same semantics as ``torch.nn.functional.scaled_dot_product_attention`` without mask or dropout: q ``[..., L, D]``,
+k ``[..., S, D]``, v ``[..., S, Dv]`` with the same leading dims -> ``[..., L, Dv]``. The kernels are specialised for
+self-attention over frames, q, k, v of one shape ``[..., F, D]`` (e.g. ``[N, heads, F, D]``), F = 1..64 and D <= 160;
+other shapes (S != L or Dv != D) run on the eager reference. The C++ (CPU) kernel also
 takes longer sequences (a streaming-softmax path; ``patch_pipeline`` runs the spatial self-attention on it on the
 CPU); the GPU kernels stop at 64 and leave longer ones to the eager reference. Strided views (the
 ``[N, F, heads, D]`` projection layout seen through a transpose) are read in place; the output has q's layout.
@@ -32,9 +34,11 @@ def check_attention_inputs(q, k, v, scale) -> None:
             raise TypeError(f"temporal_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise ValueError(f"temporal_attention: {name} must be [..., frames, head_dim], got shape {tuple(t.shape)}")
-    if not (q.shape == k.shape == v.shape):
-        raise ValueError(f"temporal_attention: q, k, v must share one shape [..., frames, head_dim]; got "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.shape[-1] == k.shape[-1]
+            and k.shape[-2] == v.shape[-2]):
+        raise ValueError(f"temporal_attention: q, k, v must be [..., L, D], [..., S, D], [..., S, Dv] with the same "
+                         f"leading dims (self-attention: one shape [..., frames, head_dim]); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"temporal_attention: q, k, v must share one floating dtype (float32/float16/bfloat16/"
                         f"float64); got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -46,15 +50,23 @@ def check_attention_inputs(q, k, v, scale) -> None:
 
 
 def temporal_attention_reference(q, k, v, scale=None):
-    """Eager attention: q, k, v ``[..., F, D]`` -> ``[..., F, D]`` in q's dtype (float32 math; float64 stays)."""
+    """Eager attention: q ``[..., L, D]``, k ``[..., S, D]``, v ``[..., S, Dv]`` -> ``[..., L, Dv]`` in q's dtype
+    (float32 math; float64 stays)."""
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = (q.to(compute) @ k.to(compute).transpose(-1, -2)) * scale
     return (scores.softmax(dim=-1) @ v.to(compute)).to(q.dtype)
 
 
+def _output_like_q(q, v):
+    """The output buffer: q's layout when the shapes allow it (self-attention), else contiguous ``[..., L, Dv]``."""
+    if v.shape == q.shape:
+        return torch.empty_like(q)
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
 def _eager(q, k, v, scale):
-    out = torch.empty_like(q)
+    out = _output_like_q(q, v)
     out.copy_(temporal_attention_reference(q, k, v, scale))
     return out
 
@@ -72,6 +84,8 @@ def _reject_native(device_types, max_frames):
 
     def reject(q, k, v, scale):
         reason = device_and_dtype(q)
+        if reason is None and not (q.shape == k.shape == v.shape):
+            return "supports self-attention only (q, k, v of one shape)"
         if reason is None and q.shape[-1] > MAX_HEAD_DIM:
             return f"supports head_dim <= {MAX_HEAD_DIM}, got {q.shape[-1]}"
         if reason is None and max_frames is not None and q.shape[-2] > max_frames:
@@ -101,7 +115,7 @@ def _temporal_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sc
 
 @_temporal_attention_op.register_fake
 def _(q, k, v, scale, backend):
-    return torch.empty_like(q)
+    return _output_like_q(q, v)
 
 
 def _setup_context(ctx, inputs, output):
@@ -128,7 +142,9 @@ _temporal_attention_op.register_autograd(_backward, setup_context=_setup_context
 
 def temporal_attention(q, k, v, scale=None, backend="auto"):
     """Attention over frames: q, k, v ``[..., F, D]`` (one shape) -> ``[..., F, D]`` with q's layout; ``scale``
-    defaults to ``D ** -0.5``; ``backend`` picks one (``"auto"``: the dispatcher's choice)."""
+    defaults to ``D ** -0.5``; ``backend`` picks one (``"auto"``: the dispatcher's choice). As SDPA, it also takes
+    k, v of another length S and v of another width Dv (q ``[..., L, D]``, k ``[..., S, D]``, v ``[..., S, Dv]`` ->
+    ``[..., L, Dv]``); those run on the eager reference."""
     check_attention_inputs(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if eager_fast_path(q, k, v):

@@ -15,6 +15,8 @@ of its group. Autograd works (backward by the reference formulas).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -156,7 +158,7 @@ def _affine_fp32(p):
 def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight, bias, eps, silu, permute):
     x = x.contiguous()
     channels = x.shape[1]
-    spatial = x[0, 0].numel()
+    spatial = math.prod(x.shape[2:])
     if permute:
         out = torch.empty((batch * spatial, frames, channels), dtype=x.dtype, device=x.device)
     else:

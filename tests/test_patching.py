@@ -451,6 +451,22 @@ def exact_float32_on_the_gpu():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_the_cpu_is_no_further_from_float32_than_diffusers(dtype, components):
+    """In bf16/fp16 the patched pipeline differs from the unpatched one by rounding only: its latents are no further
+    from the float32 pipeline's than diffusers' own half-precision latents are (the kernels accumulate in float32)."""
+    pipe, args = build("animatediff", components)
+    args.update(num_frames=16, latents=torch.randn(1, 4, 16, 8, 8), num_inference_steps=4)
+    truth = latents(pipe, args, 2.0)
+    pipe.to(dtype=dtype)
+    args["latents"] = args["latents"].to(dtype)
+    unpatched = latents(pipe, args, 2.0).float()
+    patch_pipeline(pipe)
+    patched = latents(pipe, args, 2.0).float()
+    assert torch.isfinite(patched).all()
+    assert relative_difference(patched, truth) <= 1.25 * relative_difference(unpatched, truth)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_patched_matches_unpatched_on_the_gpu(guidance, components, exact_float32_on_the_gpu):

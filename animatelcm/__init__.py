@@ -2,8 +2,11 @@
 
 Public API (imported lazily so ``import animatelcm`` stays cheap):
     LCMScheduler, animatelcm_scheduler        fused, sync-free LCM scheduler (drop-in for diffusers')
-    AnimateLCMPipeline                        AnimateDiff pipeline with AnimateLCM defaults
+    AnimateLCMPipeline                        AnimateDiff pipeline with AnimateLCM defaults (text or image to video)
+    AnimateLCMControlNetPipeline              the same for control frames (a ControlNet)
+    ImageToVideoAdapter                       the image-to-video adapter AnimateLCMPipeline(image_adapter=...) takes
     load_motion_adapter, load_pipeline        offline loaders for the checkpoints people download
+    load_image_adapter, load_controlnet       and for the adapters the trainer writes
     export_to_gif, export_to_mp4, export_video
     patch_pipeline, unpatch_pipeline          run a diffusers AnimateDiff pipeline on the fused kernels
     ops                                       fused kernels and their dispatcher
@@ -17,9 +20,13 @@ _LAZY = {
     "LCMScheduler": "animatelcm.schedulers",
     "animatelcm_scheduler": "animatelcm.schedulers",
     "AnimateLCMPipeline": "animatelcm.pipelines",
+    "AnimateLCMControlNetPipeline": "animatelcm.pipelines",
+    "ImageToVideoAdapter": "animatelcm.adapters",
     "load_motion_adapter": "animatelcm.loading",
     "load_pipeline": "animatelcm.loading",
     "load_lora": "animatelcm.loading",
+    "load_image_adapter": "animatelcm.loading",
+    "load_controlnet": "animatelcm.loading",
     "export_to_gif": "animatelcm.export",
     "export_to_mp4": "animatelcm.export",
     "export_video": "animatelcm.export",

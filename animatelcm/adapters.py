@@ -85,7 +85,9 @@ class ImageToVideoAdapter(ModelMixin, ConfigMixin):
 @contextlib.contextmanager
 def features_before_motion_modules(unet, features: list[torch.Tensor]):
     """While active, ``features[l]`` is added to the input of the first motion module of ``unet.down_blocks[l]``
-    (the down block's features after its first ResNet/attention, before any temporal layer)."""
+    (the down block's features after its first ResNet/attention, before any temporal layer). A UNet batch that is a
+    whole multiple of the features' (classifier-free guidance's unconditional and conditional halves) gets them
+    repeated, one copy per part."""
     if len(features) != len(unet.down_blocks):
         raise ValueError(f"{len(features)} adapter feature maps for a UNet with {len(unet.down_blocks)} down blocks; "
                          "build the adapter with the UNet's block_out_channels")
@@ -93,6 +95,9 @@ def features_before_motion_modules(unet, features: list[torch.Tensor]):
     for block, feature in zip(unet.down_blocks, features):
         def add(module, args, kwargs, feature=feature):
             hidden = args[0] if args else kwargs.pop("hidden_states")
+            parts = hidden.shape[0] // max(feature.shape[0], 1)
+            if parts > 1 and hidden.shape[0] == parts * feature.shape[0]:
+                feature = feature.repeat(parts, *(1,) * (feature.dim() - 1))
             if hidden.shape != feature.shape:
                 raise ValueError(f"adapter feature {tuple(feature.shape)} does not match the UNet's "
                                  f"{tuple(hidden.shape)}; the latent size must be divisible by "

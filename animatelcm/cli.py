@@ -96,13 +96,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineErrorParser(prog="animatelcm", description="Few-step video generation with AnimateLCM.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
-    gen = sub.add_parser("generate", help="turn a prompt into a GIF or MP4",
+    gen = sub.add_parser("generate", help="turn a prompt (and an image, or control frames) into a GIF or MP4",
                          description="Generate a clip. With no model arguments the embedded default model is used.")
     gen.add_argument("--prompt", required=True, help="what the clip should show")
     gen.add_argument("--negative-prompt", default=None, help="what to avoid (only used with --guidance > 1)")
     _add_model_arguments(gen)
+    adapters = gen.add_argument_group("image to video, control frames to video")
+    adapters.add_argument("--image", help="picture to animate (PNG/JPEG/...): the clip starts from it; needs an image "
+                                          "adapter (--image-adapter, or one saved in --model)")
+    adapters.add_argument("--image-adapter", help="ImageToVideoAdapter folder (the teacher_free stage with "
+                                                  "adapter.kind: i2v writes final/i2v_adapter)")
+    adapters.add_argument("--control", help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a "
+                                            "folder of images in name order; needs --controlnet")
+    adapters.add_argument("--controlnet", help="diffusers ControlNet folder (the teacher_free stage with adapter.kind: "
+                                               "controlnet_lora writes final/controlnet)")
+    adapters.add_argument("--control-scale", type=_non_negative_float, default=1.0,
+                          help="strength of the ControlNet's residuals (default 1.0)")
+    adapters.add_argument("--control-edges", action="store_true",
+                          help="turn the control frames into Sobel edge maps first (for ControlNets trained with "
+                               "adapter.control: edges)")
     gen.add_argument("--steps", type=_positive_int, default=4, help="sampling steps (default 4)")
-    gen.add_argument("--frames", type=_positive_int, default=16, help="frames (default 16)")
+    gen.add_argument("--frames", type=_positive_int, default=None,
+                     help="frames (default 16, or the length of --control)")
     gen.add_argument("--height", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
     gen.add_argument("--guidance", type=_non_negative_float, default=1.0,
@@ -221,8 +236,9 @@ def _resolve_dtype(name: str, device):
 
 
 def _check_paths(args) -> None:
-    for flag in ("model", "base", "base_config", "motion_module", "lcm_lora"):
-        value = getattr(args, flag)
+    for flag in ("model", "base", "base_config", "motion_module", "lcm_lora", "image", "image_adapter", "control",
+                 "controlnet"):
+        value = getattr(args, flag, None)
         if value is not None and not Path(value).exists():
             raise UserError(f"--{flag.replace('_', '-')} {value}: no such file or folder")
     for path, _ in args.lora:
@@ -238,6 +254,14 @@ def _check_paths(args) -> None:
         value = getattr(args, flag, None)
         if value is not None and value % 8:
             raise UserError(f"--{flag} {value} must be a multiple of 8")
+    if args.command == "generate":
+        if bool(args.control) != bool(args.controlnet):
+            raise UserError("--control and --controlnet go together: the control frames and the ControlNet that "
+                            "reads them")
+        if args.image and args.control:
+            raise UserError("give --image or --control, not both")
+        if args.image_adapter and not args.image:
+            raise UserError("--image-adapter needs --image (the picture to animate)")
 
 
 def _load_model(args, dtype, device):
@@ -337,6 +361,7 @@ def generate(args) -> Path:
     if default is not None:
         height, width = height or default.height, width or default.width
         fps = fps or default.fps
+    pipe, call_arguments = _add_adapters(args, pipe, dtype, device, height, width)
     if not args.no_fused:
         from . import patching
 
@@ -345,16 +370,80 @@ def generate(args) -> Path:
         except (TypeError, ValueError) as error:  # a pipeline the patch does not cover: run it as it is
             print(f"NOTE: running without the fused kernels: {error}", file=sys.stderr)
     generator = torch.Generator("cpu").manual_seed(args.seed)
-    result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=args.frames, height=height,
+    frames = call_arguments.pop("num_frames")
+    result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height,
                   width=width, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                  decode_chunk_size=args.decode_chunk_size, output_type="np")
-    frames = result.frames[0]
+                  decode_chunk_size=args.decode_chunk_size, output_type="np", **call_arguments)
+    clip = result.frames[0]
     if args.upscale > 1:
-        frames = frames.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
-    out = export_video(frames, args.out, fps=fps or 8.0)
-    print(f"wrote {out} ({args.frames} frame{'s' * (args.frames != 1)}, {args.steps} step{'s' * (args.steps != 1)}, "
+        clip = clip.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
+    out = export_video(clip, args.out, fps=fps or 8.0)
+    print(f"wrote {out} ({frames} frame{'s' * (frames != 1)}, {args.steps} step{'s' * (args.steps != 1)}, "
           f"{time.perf_counter() - started:.1f} s)")
     return out
+
+
+def _read_picture(path, flag: str = "--image"):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as error:
+        raise UserError(f"{flag} {path}: not a readable image ({error})") from None
+
+
+def _read_control_frames(path, frames: int | None, height: int, width: int, edges: bool):
+    """The control clip as ``[F, 3, height, width]`` in [0, 1] (``frames`` of them, from the start; all when None),
+    optionally as edge maps."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from .adapters import edge_maps
+    from .training.data import IMAGE_SUFFIXES, DataError, decode_video
+
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise UserError(f"--control {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        pictures = [_read_picture(file, "--control") for file in files[:frames]]
+        clip = np.stack([np.asarray(picture.resize(pictures[0].size)) for picture in pictures])
+    else:
+        try:
+            clip = decode_video(path)
+        except DataError as error:
+            raise UserError(f"--control {error}") from None
+    if frames is not None and len(clip) < frames:
+        raise UserError(f"--control {path} has {len(clip)} frames, fewer than --frames {frames}")
+    clip = torch.from_numpy(clip[:frames]).permute(0, 3, 1, 2).float() / 255
+    clip = F.interpolate(clip, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return edge_maps(clip * 2 - 1) if edges else clip
+
+
+def _add_adapters(args, pipe, dtype, device, height, width):
+    """``(pipe, extra call arguments)``: the pipeline with the image adapter or ControlNet the arguments name (a
+    ControlNet pipeline for --control), and what its call needs besides the prompt (``num_frames`` always)."""
+    from .loading import load_controlnet, load_image_adapter
+    from .pipelines import AnimateLCMControlNetPipeline
+
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height, width = height or size, width or size
+    if args.image:
+        if args.image_adapter:
+            pipe.image_adapter = load_image_adapter(args.image_adapter, torch_dtype=dtype).to(device)
+        elif getattr(pipe, "image_adapter", None) is None:
+            raise UserError("--image needs an image adapter: give --image-adapter FOLDER (the teacher_free stage with "
+                            "adapter.kind: i2v writes final/i2v_adapter), or a --model saved with one")
+        return pipe, {"num_frames": args.frames or 16, "image": _read_picture(args.image)}
+    if args.control:
+        controlnet = load_controlnet(args.controlnet, torch_dtype=dtype).to(device)
+        control = _read_control_frames(args.control, args.frames, height, width, args.control_edges)
+        pipe = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+        return pipe, {"num_frames": len(control), "conditioning_frames": list(control),
+                      "controlnet_conditioning_scale": args.control_scale}
+    return pipe, {"num_frames": args.frames or 16}
 
 
 def main(argv=None) -> int:

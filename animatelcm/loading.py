@@ -1,5 +1,6 @@
 """Offline loaders for the checkpoints people download: motion modules (original AnimateDiff/AnimateLCM layout or
-diffusers), LCM and personalised LoRAs (kohya or diffusers), base SD1.5 as a diffusers folder or a single file.
+diffusers), LCM and personalised LoRAs (kohya or diffusers), base SD1.5 as a diffusers folder or a single file, and
+the adapters the trainer writes (image-to-video adapter, ControlNet).
 
 Nothing here touches a model hub: every path is local and every ``from_pretrained`` runs with
 ``local_files_only=True``. Bad files raise :class:`CheckpointError` naming the file and the problem.
@@ -268,6 +269,36 @@ def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dty
         adapter.to(torch_dtype)
     adapter.eval()
     return adapter
+
+
+def _load_model_folder(cls, path, what: str, torch_dtype=None):
+    """A diffusers-format model folder (``config.json`` + weights) of ``cls``, offline, in eval mode."""
+    folder = _require_path(path, what)
+    if not folder.is_dir() or not (folder / "config.json").is_file():
+        raise CheckpointError(f"{what} {folder}: expected a folder with config.json and the weights (as "
+                              f"{cls.__name__}.save_pretrained writes it)")
+    try:
+        model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch_dtype)
+    except (OSError, ValueError, RuntimeError, TypeError) as error:
+        raise CheckpointError(
+            f"{what} {folder}: cannot load it as a {cls.__name__}: {str(error).splitlines()[0]}") from error
+    return model.eval()
+
+
+def load_image_adapter(path, torch_dtype: torch.dtype | None = None):
+    """An :class:`animatelcm.adapters.ImageToVideoAdapter` from its folder (the ``teacher_free`` stage with
+    ``adapter.kind: i2v`` writes ``final/i2v_adapter``); set it as ``AnimateLCMPipeline.image_adapter``."""
+    from .adapters import ImageToVideoAdapter
+
+    return _load_model_folder(ImageToVideoAdapter, path, "image adapter", torch_dtype)
+
+
+def load_controlnet(path, torch_dtype: torch.dtype | None = None):
+    """A :class:`diffusers.ControlNetModel` from a diffusers folder (the ``teacher_free`` stage with
+    ``adapter.kind: controlnet_lora`` writes ``final/controlnet``), for :class:`AnimateLCMControlNetPipeline`."""
+    from diffusers import ControlNetModel
+
+    return _load_model_folder(ControlNetModel, path, "ControlNet", torch_dtype)
 
 
 def load_lora(pipe, path, adapter_name: str, scale: float = 1.0, fuse: bool = False):

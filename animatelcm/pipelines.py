@@ -1,4 +1,5 @@
-"""``AnimateLCMPipeline``: diffusers' AnimateDiffPipeline with AnimateLCM's defaults and the fused scheduler."""
+"""``AnimateLCMPipeline`` (text or image to video) and ``AnimateLCMControlNetPipeline`` (control frames to video):
+diffusers' AnimateDiff pipelines with AnimateLCM's defaults and the fused scheduler."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import numbers
 from pathlib import Path
 
 import torch
-from diffusers import AnimateDiffPipeline, UNet2DConditionModel
+from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AutoencoderKL, ControlNetModel, MotionAdapter,
+                       UNet2DConditionModel, UNetMotionModel)
 from diffusers import LCMScheduler as DiffusersLCMScheduler
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
+from .adapters import ImageToVideoAdapter, features_before_motion_modules
 from .motion_prompt import inflate, motion_cross_attention_dim
 from .schedulers import LCMScheduler, animatelcm_scheduler
 
@@ -18,35 +23,22 @@ DEFAULT_GUIDANCE = 1.0
 DEFAULT_FRAMES = 16
 
 
-class AnimateLCMPipeline(AnimateDiffPipeline):
-    """Text-to-video in a few steps with an AnimateLCM motion module and LCM LoRA.
+def _animatelcm_parts(unet, motion_adapter, scheduler):
+    """``(unet, scheduler)`` as AnimateLCM's pipelines take them: the default scheduler when None, a plain
+    ``diffusers.LCMScheduler`` upgraded to :class:`animatelcm.LCMScheduler` (same config), and a UNet2DConditionModel
+    inflated here when the motion modules attend to the prompt (diffusers' inflation knows only text-blind ones)."""
+    if scheduler is None:
+        scheduler = animatelcm_scheduler()
+    elif type(scheduler) is DiffusersLCMScheduler:
+        scheduler = LCMScheduler.from_config(scheduler.config)
+    if isinstance(unet, UNet2DConditionModel) and motion_cross_attention_dim(motion_adapter) is not None:
+        unet = inflate(unet, motion_adapter)
+    return unet, scheduler
 
-    Accepts everything :class:`diffusers.AnimateDiffPipeline` accepts. Differences: ``scheduler`` may be omitted
-    (AnimateLCM's: :func:`animatelcm_scheduler`, linear betas, ``original_inference_steps=100``); a plain
-    ``diffusers.LCMScheduler`` is replaced by :class:`animatelcm.LCMScheduler` with the same config (same results,
-    fused step); ``__call__`` defaults to 4 steps, guidance 1.0 (no negative branch) and 16 frames.
-    With the same components, latents and generator it produces what ``AnimateDiffPipeline`` with
-    ``diffusers.LCMScheduler`` produces.
 
-    Output of ``__call__``: ``frames`` as a list (per video) of PIL images (``output_type="pil"``), an array
-    ``[B, F, H, W, 3]`` in [0, 1] (``"np"``), a tensor ``[B, F, 3, H, W]`` (``"pt"``), or the latents
-    ``[B, 4, F, H/8, W/8]`` (``"latent"``).
-    """
-
-    # scheduler has a default here, so diffusers' from_pretrained must be told it is a component.
-    _optional_components = [*AnimateDiffPipeline._optional_components, "scheduler"]
-
-    def __init__(self, vae, text_encoder, tokenizer, unet, motion_adapter, scheduler=None, feature_extractor=None,
-                 image_encoder=None):
-        if scheduler is None:
-            scheduler = animatelcm_scheduler()
-        elif type(scheduler) is DiffusersLCMScheduler:
-            scheduler = LCMScheduler.from_config(scheduler.config)
-        if isinstance(unet, UNet2DConditionModel) and motion_cross_attention_dim(motion_adapter) is not None:
-            unet = inflate(unet, motion_adapter)  # diffusers' inflation knows only text-blind motion modules
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                         motion_adapter=motion_adapter, scheduler=scheduler, feature_extractor=feature_extractor,
-                         image_encoder=image_encoder)
+class _AnimateLCMDefaults:
+    """What AnimateLCM's pipelines add to diffusers': argument checks, ``num_videos_per_prompt`` honoured, and a
+    ``save_pretrained`` whose folder also loads in plain diffusers."""
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """As diffusers' ``save_pretrained``; the scheduler is recorded as ``diffusers.LCMScheduler`` (same config)
@@ -68,7 +60,8 @@ class AnimateLCMPipeline(AnimateDiffPipeline):
                 return buffer.shape[1]
         return None
 
-    def _check_call_arguments(self, num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type):
+    def _check_call_arguments(self, num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
+                              num_videos_per_prompt):
         if not isinstance(num_frames, numbers.Integral) or num_frames < 1:
             raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
         limit = self.max_frames()
@@ -84,31 +77,207 @@ class AnimateLCMPipeline(AnimateDiffPipeline):
             raise ValueError(f"decode_chunk_size must be a positive integer, got {decode_chunk_size!r}")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type must be one of 'pil', 'np', 'pt', 'latent'; got {output_type!r}")
+        if not isinstance(num_videos_per_prompt, numbers.Integral) or num_videos_per_prompt < 1:
+            raise ValueError(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}")
+
+
+class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
+    """Text-to-video (and, with an image adapter, image-to-video) in a few steps with an AnimateLCM motion module
+    and LCM LoRA.
+
+    Accepts everything :class:`diffusers.AnimateDiffPipeline` accepts. Differences: ``scheduler`` may be omitted
+    (AnimateLCM's: :func:`animatelcm_scheduler`, linear betas, ``original_inference_steps=100``); a plain
+    ``diffusers.LCMScheduler`` is replaced by :class:`animatelcm.LCMScheduler` with the same config (same results,
+    fused step); ``__call__`` defaults to 4 steps, guidance 1.0 (no negative branch) and 16 frames.
+    With the same components, latents and generator it produces what ``AnimateDiffPipeline`` with
+    ``diffusers.LCMScheduler`` produces.
+
+    ``image_adapter`` (optional, an :class:`animatelcm.adapters.ImageToVideoAdapter`, e.g. trained by the
+    ``teacher_free`` stage with ``adapter.kind: i2v``) lets ``__call__`` take an ``image``: the clip then starts
+    from that picture (saved and loaded with the pipeline like any other component).
+
+    Output of ``__call__``: ``frames`` as a list (per video) of PIL images (``output_type="pil"``), an array
+    ``[B, F, H, W, 3]`` in [0, 1] (``"np"``), a tensor ``[B, F, 3, H, W]`` (``"pt"``), or the latents
+    ``[B, 4, F, H/8, W/8]`` (``"latent"``).
+    """
+
+    # scheduler has a default here, so diffusers' from_pretrained must be told it is a component.
+    _optional_components = [*AnimateDiffPipeline._optional_components, "scheduler", "image_adapter"]
+
+    # The diffusers models' annotations are what DiffusionPipeline.from_pipe reads to carry components over.
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel | UNetMotionModel,
+                 motion_adapter: MotionAdapter, scheduler=None, feature_extractor=None, image_encoder=None,
+                 image_adapter: ImageToVideoAdapter | None = None):
+        unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                         motion_adapter=motion_adapter, scheduler=scheduler, feature_extractor=feature_extractor,
+                         image_encoder=image_encoder)
+        self.register_modules(image_adapter=image_adapter)
+
+    def __setattr__(self, name, value):
+        # diffusers records a component assigned after it was registered as None only through register_modules;
+        # without this, `pipe.image_adapter = adapter` would run but save_pretrained would leave the adapter out.
+        if (name == "image_adapter" and value is not None and name in self.__dict__
+                and self.config.image_adapter[0] is None):
+            self.register_modules(image_adapter=value)
+            return
+        super().__setattr__(name, value)
 
     def __call__(self, prompt=None, num_frames: int = DEFAULT_FRAMES, height=None, width=None,
                  num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
-                 output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1, **kwargs):
+                 output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1,
+                 image=None, **kwargs):
         """Generate videos; arguments as :meth:`diffusers.AnimateDiffPipeline.__call__` (latents
         ``[B, 4, F, H/8, W/8]``), with AnimateLCM defaults: 4 steps, guidance 1.0, 16 frames.
 
         ``num_videos_per_prompt`` is honoured (diffusers' AnimateDiffPipeline silently makes one video per prompt):
         each prompt (and negative prompt, or their embeddings) is repeated that many times, so B = prompts x
-        ``num_videos_per_prompt``, each video with its own noise."""
-        self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type)
-        if not isinstance(num_videos_per_prompt, numbers.Integral) or num_videos_per_prompt < 1:
-            raise ValueError(f"num_videos_per_prompt must be a positive integer, got {num_videos_per_prompt!r}")
-        if num_videos_per_prompt > 1:
-            prompt, kwargs = _repeat_prompts(prompt, kwargs, num_videos_per_prompt)
+        ``num_videos_per_prompt``, each video with its own noise.
+
+        ``image`` (needs ``image_adapter``): the first frame to animate, one for every video or one per prompt, as
+        PIL images, arrays ``[H, W, 3]`` / ``[N, H, W, 3]`` or tensors ``[3, H, W]`` / ``[N, 3, H, W]`` with values
+        in [0, 1]; resized to ``height`` x ``width``. Its VAE latent (the distribution's mean) drives the adapter,
+        whose features are added before the first motion module of every down block, on both halves of
+        classifier-free guidance (as the adapter was trained)."""
+        self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
+                                   num_videos_per_prompt)
+        prompts = _prompt_count(prompt, kwargs)
+        prompt, kwargs = _repeat_prompts(prompt, kwargs, num_videos_per_prompt)
+        arguments = dict(prompt=prompt, num_frames=num_frames, height=height, width=width,
+                         num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                         output_type=output_type, decode_chunk_size=decode_chunk_size, **kwargs)
+        if image is None:
+            return super().__call__(**arguments)
+        features = self._image_features(image, prompts, num_videos_per_prompt, num_frames, height, width)
+        with features_before_motion_modules(self.unet, features):
+            return super().__call__(**arguments)
+
+    @torch.no_grad()
+    def _image_features(self, image, prompts: int, num_videos_per_prompt: int, num_frames: int, height, width):
+        """The image adapter's feature maps ``[B*F, C_l, h_l, w_l]`` per down block for B = prompts x
+        ``num_videos_per_prompt`` videos."""
+        if self.image_adapter is None:
+            raise ValueError("image= needs an image adapter: build the pipeline with image_adapter="
+                             "ImageToVideoAdapter.from_pretrained(...) (the teacher_free stage with adapter.kind: i2v "
+                             "writes one to final/i2v_adapter), or leave image out for text-to-video")
+        adapter_widths = tuple(self.image_adapter.config.block_out_channels)
+        if adapter_widths != tuple(self.unet.config.block_out_channels):
+            raise ValueError(f"the image adapter was built for a UNet with block widths {adapter_widths}, this model's "
+                             f"are {tuple(self.unet.config.block_out_channels)}: use an adapter trained on this model")
+        if self.free_noise_enabled:
+            raise ValueError("image= with FreeNoise is not supported: the adapter embeds the frame index of the whole "
+                             "clip, FreeNoise denoises windows of it; call pipe.disable_free_noise() first")
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        # the pipeline's video processor does not resize; a fresh one with diffusers' defaults does
+        pixels = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(
+            _as_image_batch(image), height=height, width=width)
+        videos = prompts * num_videos_per_prompt
+        if pixels.shape[0] == prompts and num_videos_per_prompt > 1:
+            pixels = pixels.repeat_interleave(num_videos_per_prompt, dim=0)
+        elif pixels.shape[0] == 1:
+            pixels = pixels.expand(videos, -1, -1, -1)
+        if pixels.shape[0] != videos:
+            raise ValueError(f"got {pixels.shape[0]} images for {prompts} prompt(s); give one image, or one per "
+                             "prompt")
+        vae_parameter = next(self.vae.parameters())
+        latent = self.vae.encode(pixels.to(vae_parameter.device, vae_parameter.dtype)).latent_dist.mode()
+        latent = latent * self.vae.config.scaling_factor
+        adapter_parameter = next(self.image_adapter.parameters())
+        features = self.image_adapter(latent.to(adapter_parameter.device), num_frames=num_frames)
+        return [feature.to(self._execution_device) for feature in features]
+
+
+class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPipeline):
+    """Control frames (edges, depth, poses, or the frames themselves, per the ControlNet) to video in a few steps:
+    diffusers' :class:`~diffusers.AnimateDiffControlNetPipeline` with AnimateLCM's scheduler and defaults (4 steps,
+    guidance 1.0, 16 frames), ``num_videos_per_prompt`` honoured. ``controlnet`` is a diffusers ControlNetModel (or
+    several), e.g. one adapted by the ``teacher_free`` stage with ``adapter.kind: controlnet_lora``
+    (``final/controlnet``). Build one from a loaded pipeline with
+    ``AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnet)``.
+
+    ``__call__(prompt, conditioning_frames=[F images], ...)``: the control images (PIL, or arrays/tensors in [0, 1]),
+    one per frame, resized to ``height`` x ``width``; output as :class:`AnimateLCMPipeline`'s."""
+
+    _optional_components = [*AnimateDiffControlNetPipeline._optional_components, "scheduler"]
+
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel | UNetMotionModel,
+                 motion_adapter: MotionAdapter,
+                 controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+                 scheduler=None, feature_extractor=None, image_encoder=None):
+        unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                         motion_adapter=motion_adapter, controlnet=controlnet, scheduler=scheduler,
+                         feature_extractor=feature_extractor, image_encoder=image_encoder)
+
+    def __call__(self, prompt=None, num_frames: int = DEFAULT_FRAMES, height=None, width=None,
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                 output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1,
+                 conditioning_frames=None, **kwargs):
+        """Generate videos that follow ``conditioning_frames`` (one control image per frame; required); the other
+        arguments as :meth:`AnimateLCMPipeline.__call__`."""
+        self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
+                                   num_videos_per_prompt)
+        if conditioning_frames is None:
+            raise ValueError("conditioning_frames is required: one control image per frame")
+        if isinstance(conditioning_frames, (list, tuple)) and conditioning_frames and not isinstance(
+                self.controlnet, MultiControlNetModel):
+            count = len(conditioning_frames)
+            if count != num_frames:
+                raise ValueError(f"got {count} conditioning frames for num_frames={num_frames}; give one control "
+                                 "image per frame")
+        prompt, kwargs = _repeat_prompts(prompt, kwargs, num_videos_per_prompt)
         return super().__call__(prompt=prompt, num_frames=num_frames, height=height, width=width,
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                                output_type=output_type, decode_chunk_size=decode_chunk_size, **kwargs)
+                                output_type=output_type, decode_chunk_size=decode_chunk_size,
+                                conditioning_frames=conditioning_frames, **kwargs)
 
 
-def _repeat_prompts(prompt, kwargs: dict, times: int):
+    def prepare_video(self, video, width, height, batch_size, num_videos_per_prompt, device, dtype,
+                      do_classifier_free_guidance=False, guess_mode=False):
+        """The control images ``[batch_size, 3, H, W]`` (``batch_size`` = videos x frames), one copy of the clip per
+        video (diffusers' own prepares a single clip whatever the number of prompts), doubled for guidance."""
+        frames = super().prepare_video(video, width, height, batch_size, num_videos_per_prompt, device, dtype)
+        if frames.shape[0] != batch_size and batch_size % frames.shape[0] == 0:
+            frames = frames.repeat(batch_size // frames.shape[0], 1, 1, 1)
+        if do_classifier_free_guidance and not guess_mode:
+            frames = torch.cat([frames] * 2)
+        return frames
+
+
+def _prompt_count(prompt, kwargs: dict) -> int:
+    """How many prompts (or prompt embeddings) a call names."""
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, (list, tuple)):
+        return len(prompt)
+    embeds = kwargs.get("prompt_embeds")
+    return 1 if embeds is None else embeds.shape[0]
+
+
+def _as_image_batch(image):
+    """``image`` as something diffusers' image processor takes: a PIL image or a list of them, an array
+    ``[N, H, W, 3]`` or a tensor ``[N, 3, H, W]`` in [0, 1]."""
+    import numpy as np
+
+    if isinstance(image, np.ndarray) and image.ndim == 3:
+        return image[None]
+    if isinstance(image, torch.Tensor) and image.dim() == 3:
+        return image[None]
+    if isinstance(image, (np.ndarray, torch.Tensor)) or isinstance(image, (list, tuple)):
+        return image
+    if hasattr(image, "convert"):  # a PIL image
+        return image.convert("RGB")
+    raise TypeError(f"image must be a PIL image, an array [H, W, 3] / [N, H, W, 3] or a tensor [3, H, W] / "
+                    f"[N, 3, H, W]; got {type(image).__name__}")
+
+
+def _repeat_prompts(prompt, kwargs: dict, times: int = 1):
     """Each prompt, negative prompt and prompt embedding repeated ``times`` times in a row (the batch diffusers'
-    AnimateDiffPipeline would build for ``num_videos_per_prompt`` if it did not force it to 1)."""
+    AnimateDiffPipeline would build for ``num_videos_per_prompt`` if it did not force it to 1); one negative prompt
+    string is given to every prompt (diffusers wants a list as long as the prompts)."""
     for name in ("ip_adapter_image", "ip_adapter_image_embeds"):
-        if kwargs.get(name) is not None:
+        if times > 1 and kwargs.get(name) is not None:
             raise ValueError(f"num_videos_per_prompt > 1 with {name} is not supported; call the pipeline once per "
                              "video, or pass each prompt several times in a list")
 

@@ -95,3 +95,90 @@ def test_info_lists_backends():
 def test_python_m_info(module):
     result = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "backends:" in result.stdout
+
+
+@pytest.fixture
+def tiny_model_args(components, tmp_path):
+    """CLI arguments naming the tiny components saved as a base SD folder and a motion module folder."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                            tokenizer=components["tokenizer"], unet=components["unet"], scheduler=DDIMScheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd")
+    save_motion_adapter(components["motion_adapter"], tmp_path / "mm")
+    return ["--base", str(tmp_path / "sd"), "--motion-module", str(tmp_path / "mm"), "--height", "32", "--width",
+            "32", "--steps", "2", "--seed", "3"]
+
+
+def test_generate_from_an_image(components, tiny_model_args, tmp_path, capsys):
+    """--image with --image-adapter animates the picture: the clip differs from the text-only one (an adapter with
+    random weights), is reproducible, and each missing piece is a one-line error."""
+    from PIL import Image
+
+    from animatelcm.adapters import ImageToVideoAdapter
+
+    adapter = ImageToVideoAdapter(block_out_channels=tuple(components["unet"].config.block_out_channels))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.copy_(torch.randn_like(parameter) * 0.2)
+    adapter.save_pretrained(tmp_path / "i2v")
+    picture = tmp_path / "first.png"
+    Image.fromarray(torch.randint(0, 255, (40, 56, 3), dtype=torch.uint8).numpy()).save(picture)
+    image_args = ["--image", str(picture), "--image-adapter", str(tmp_path / "i2v"), "--frames", "5"]
+    for name in ("a.gif", "b.gif"):
+        assert main(["generate", "--prompt", "a cat", *tiny_model_args, *image_args, "--out", str(tmp_path / name)]) == 0
+    assert main(["generate", "--prompt", "a cat", *tiny_model_args, "--frames", "5", "--out",
+                 str(tmp_path / "text.gif")]) == 0
+    animated, again, text_only = (iio.imread(tmp_path / name) for name in ("a.gif", "b.gif", "text.gif"))
+    assert animated.shape[:3] == (5, 32, 32)
+    assert (animated == again).all() and (animated != text_only).any()
+    capsys.readouterr()
+    for argv, needle in [(["--image", str(picture)], "image adapter"),
+                         (["--image-adapter", str(tmp_path / "i2v")], "needs --image"),
+                         (["--image", str(tmp_path / "i2v" / "config.json"), "--image-adapter", str(tmp_path / "i2v")],
+                          "not a readable image"),
+                         (["--image", str(picture), "--image-adapter", str(picture)], "folder with config.json")]:
+        assert main(["generate", "--prompt", "a cat", *tiny_model_args, *argv, "--out", str(tmp_path / "x.gif")]) == 2
+        assert needle in capsys.readouterr().err, argv
+
+
+def test_generate_from_control_frames(components, tiny_model_args, tmp_path, capsys):
+    """--control (a video file or a folder of images) with --controlnet: as many frames as the clip (or --frames
+    of them), following the control images, edge maps on request; mismatches are one-line errors."""
+    from diffusers import ControlNetModel
+    from PIL import Image
+
+    torch.manual_seed(0)
+    controlnet = ControlNetModel.from_unet(components["unet"], conditioning_channels=3)
+    with torch.no_grad():  # its output convs start at zero: give them weights so the control shows
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                parameter.copy_(torch.randn_like(parameter) * 0.2)
+    controlnet.save_pretrained(tmp_path / "cn")
+    control = torch.randint(0, 255, (6, 48, 48, 3), dtype=torch.uint8).numpy()
+    iio.imwrite(tmp_path / "control.gif", control, extension=".gif", duration=125, loop=0)
+    (tmp_path / "frames").mkdir()
+    for index, frame in enumerate(control):
+        Image.fromarray(frame).save(tmp_path / "frames" / f"{index:03d}.png")
+    control_args = ["--controlnet", str(tmp_path / "cn"), "--control-scale", "2.0"]
+    runs = {"video.gif": ["--control", str(tmp_path / "control.gif")],
+            "folder.gif": ["--control", str(tmp_path / "frames")],
+            "edges.gif": ["--control", str(tmp_path / "frames"), "--control-edges"],
+            "four.gif": ["--control", str(tmp_path / "frames"), "--frames", "4"],
+            "text.gif": []}
+    for name, extra in runs.items():
+        argv = ["generate", "--prompt", "a cat", *tiny_model_args, *extra, "--out", str(tmp_path / name)]
+        assert main(argv + (control_args if extra else ["--frames", "6"])) == 0, name
+    clips = {name: iio.imread(tmp_path / name) for name in runs}
+    assert clips["video.gif"].shape[:3] == (6, 32, 32) and clips["four.gif"].shape[0] == 4
+    assert (clips["video.gif"] != clips["text.gif"]).any() and (clips["edges.gif"] != clips["folder.gif"]).any()
+    capsys.readouterr()
+    for argv, needle in [(["--control", str(tmp_path / "frames")], "go together"),
+                         (["--control", str(tmp_path / "frames"), *control_args, "--frames", "8"], "fewer than"),
+                         (["--control", str(tmp_path / "cn"), *control_args], "no images"),
+                         (["--control", str(tmp_path / "frames"), "--controlnet", str(tmp_path / "frames")],
+                          "config.json")]:
+        assert main(["generate", "--prompt", "a cat", *tiny_model_args, *argv, "--out", str(tmp_path / "x.gif")]) == 2
+        assert needle in capsys.readouterr().err, argv

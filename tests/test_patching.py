@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from animatelcm import AnimateLCMPipeline, LCMScheduler, ops, patch_pipeline, unpatch_pipeline
+from animatelcm import (AnimateLCMControlNetPipeline, AnimateLCMPipeline, ImageToVideoAdapter, LCMScheduler, ops,
+                        patch_pipeline, unpatch_pipeline)
 from animatelcm.ops.group_norm import is_channels_last
 from animatelcm.patching import SpatialSelfAttentionProcessor, TemporalAttentionProcessor, is_patched
 
@@ -34,6 +35,19 @@ def build(kind, components):
     elif kind == "animatelcm":
         pipe = AnimateLCMPipeline(**common)
         args.update(num_frames=FRAMES, height=SIZE, width=SIZE, latents=torch.randn(1, 4, FRAMES, 8, 8))
+    elif kind == "animatelcm_image":  # image-to-video: the adapter's features enter before the motion modules
+        pipe = AnimateLCMPipeline(**common)
+        pipe.image_adapter = ImageToVideoAdapter(block_out_channels=tuple(components["unet"].config.block_out_channels))
+        with torch.no_grad():
+            for parameter in pipe.image_adapter.parameters():
+                parameter.copy_(torch.randn_like(parameter) * 0.1)
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, image=video(3)[0],
+                    latents=torch.randn(1, 4, FRAMES, 8, 8))
+    elif kind == "animatelcm_controlnet":
+        controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
+        pipe = AnimateLCMControlNetPipeline(**common, controlnet=controlnet)
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=video(1),
+                    latents=torch.randn(1, 4, FRAMES, 8, 8))
     elif kind == "video2video":
         pipe = diffusers.AnimateDiffVideoToVideoPipeline(**common, scheduler=lcm())
         args.update(video=video(0), strength=0.8, num_inference_steps=4)
@@ -81,8 +95,9 @@ def relative_difference(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-@pytest.mark.parametrize("kind", ["animatediff", "animatelcm", "video2video", "controlnet", "multicontrolnet",
-                                  "video2video_controlnet", "sparsectrl", "pag"])
+@pytest.mark.parametrize("kind", ["animatediff", "animatelcm", "animatelcm_image", "animatelcm_controlnet",
+                                  "video2video", "controlnet", "multicontrolnet", "video2video_controlnet",
+                                  "sparsectrl", "pag"])
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, components):
     pipe, args = build(kind, components)

@@ -3,7 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from animatelcm import AnimateLCMPipeline, LCMScheduler
+from PIL import Image
+
+from animatelcm import AnimateLCMControlNetPipeline, AnimateLCMPipeline, ImageToVideoAdapter, LCMScheduler
+from animatelcm.adapters import ImageToVideoModel
 
 
 def make_pair(components, scheduler_config=None):
@@ -107,3 +110,131 @@ def test_bad_arguments(components, kwargs, match):
     pipe = AnimateLCMPipeline(**components)
     with pytest.raises(ValueError, match=match):
         pipe("x", **kwargs)
+
+
+def random_image_adapter(unet, seed):
+    """An image-to-video adapter with every weight random (its output convs are zero-initialised otherwise)."""
+    adapter = ImageToVideoAdapter(in_channels=4, block_out_channels=tuple(unet.config.block_out_channels)).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in adapter.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+    return adapter
+
+
+def pictures(count, size, seed):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_image_to_video_runs_the_adapter_as_the_trainer_samples_it(components, guidance):
+    """pipe(image=...) equals the training stage's sampler on ImageToVideoModel (first frame = the image's VAE latent
+    mean; with guidance both halves see the adapter), for two prompts with an image each."""
+    pipe = AnimateLCMPipeline(**components)
+    pipe.image_adapter = random_image_adapter(pipe.unet, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    frames, size, prompts = 5, 32, ["a red circle", "a blue square"]
+    images = pictures(2, size, seed=1)
+    noise = torch.randn(2, 4, frames, size // 8, size // 8, generator=torch.Generator().manual_seed(4))
+    ours = pipe(prompt=prompts, image=images, num_frames=frames, height=size, width=size, num_inference_steps=1,
+                guidance_scale=guidance, latents=noise, output_type="latent").frames
+
+    pixels = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2) / 127.5 - 1
+    first_frame = pipe.vae.encode(pixels).latent_dist.mode() * pipe.vae.config.scaling_factor
+    text, empty = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=None)
+    model = ImageToVideoModel(pipe.unet, pipe.image_adapter)
+    scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    with torch.no_grad():
+        scheduler.set_timesteps(1)
+        t = scheduler.timesteps[0]
+        condition = {"text": text, "first_frame": first_frame}
+        output = model(noise, t.expand(2), condition)
+        if guidance > 1:
+            unconditional = model(noise, t.expand(2), {"text": empty, "first_frame": first_frame})
+            output = unconditional + guidance * (output - unconditional)
+        expected = scheduler.step(output, t, noise).prev_sample
+    assert (ours - expected).abs().max() <= 1e-4
+    plain = pipe(prompt=prompts, num_frames=frames, height=size, width=size, num_inference_steps=1,
+                 guidance_scale=guidance, latents=noise, output_type="latent").frames
+    assert (ours - plain).abs().max() > 1e-2  # the image changed the clip
+
+
+def test_image_to_video_inputs(components, tmp_path):
+    """One image for every video, arrays and tensors in [0, 1], a zero-initialised adapter is a no-op, the adapter
+    saves and loads with the pipeline, and bad input says what to do."""
+    pipe = AnimateLCMPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    common = dict(num_frames=4, height=32, width=32, num_inference_steps=2, output_type="latent")
+    latents = torch.randn(2, 4, 4, 4, 4)
+    with pytest.raises(ValueError, match="image adapter"):
+        pipe("a cat", image=pictures(1, 32, 0)[0], **common)
+    plain = pipe(["a cat", "a dog"], latents=latents, generator=torch.Generator().manual_seed(0), **common).frames
+    pipe.image_adapter = ImageToVideoAdapter(block_out_channels=tuple(pipe.unet.config.block_out_channels)).eval()
+    untrained = pipe(["a cat", "a dog"], image=pictures(1, 48, 0)[0], latents=latents,
+                     generator=torch.Generator().manual_seed(0), **common).frames
+    assert torch.equal(untrained, plain)  # zero-initialised output convs: exactly the text-to-video clip
+
+    pipe.image_adapter = random_image_adapter(pipe.unet, seed=3)
+    image = pictures(1, 32, 5)[0]
+    array = np.asarray(image).astype(np.float32) / 255
+    def animate(picture, model=pipe):
+        return model("a cat", image=picture, latents=latents[:1], generator=torch.Generator().manual_seed(2),
+                     **common).frames
+
+    by_pil = animate(image)
+    by_array = animate(array)
+    by_tensor = animate(torch.from_numpy(array).permute(2, 0, 1))
+    torch.testing.assert_close(by_array, by_pil, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(by_tensor, by_pil, atol=1e-4, rtol=1e-4)
+    two = pipe("a cat", image=image, num_videos_per_prompt=2, **common).frames
+    assert two.shape == (2, 4, 4, 4, 4)
+
+    pipe.save_pretrained(tmp_path / "i2v")
+    loaded = AnimateLCMPipeline.from_pretrained(tmp_path / "i2v", local_files_only=True)
+    loaded.set_progress_bar_config(disable=True)
+    assert isinstance(loaded.image_adapter, ImageToVideoAdapter)
+    torch.testing.assert_close(animate(image, loaded), by_pil)
+
+    with pytest.raises(ValueError, match="block widths"):
+        AnimateLCMPipeline(**components, image_adapter=ImageToVideoAdapter(block_out_channels=(16, 32)))(
+            "a cat", image=image, **common)
+    with pytest.raises(ValueError, match="one per prompt"):
+        pipe(["a", "b", "c"], image=pictures(2, 32, 0), **common)
+    with pytest.raises(TypeError, match="PIL image"):
+        pipe("a cat", image="frame.png", **common)
+    pipe.enable_free_noise(context_length=4, context_stride=2)
+    with pytest.raises(ValueError, match="FreeNoise"):
+        pipe("a cat", image=image, **common)
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_controlnet_pipeline_matches_diffusers(components, guidance):
+    controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
+    pipe = AnimateLCMPipeline(**components)
+    ours = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    assert type(ours.scheduler) is LCMScheduler
+    reference = diffusers.AnimateDiffControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        motion_adapter=pipe.motion_adapter, controlnet=controlnet,
+        scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
+    for p in (ours, reference):
+        p.set_progress_bar_config(disable=True)
+    control = pictures(6, 48, seed=2)
+    common = dict(prompt="a red circle", negative_prompt="blurry", num_frames=6, height=48, width=48,
+                  num_inference_steps=3, guidance_scale=guidance, output_type="np", conditioning_frames=control,
+                  latents=torch.randn(1, 4, 6, 6, 6))
+    got = ours(generator=torch.Generator().manual_seed(1), **common).frames
+    expected = reference(generator=torch.Generator().manual_seed(1), **common).frames
+    assert got.shape == (1, 6, 48, 48, 3)
+    assert np.abs(got - expected).max() <= 1e-4
+    del common["latents"], common["prompt"]
+    assert ours("a red circle", num_videos_per_prompt=2, **common).frames.shape[0] == 2
+    two = torch.randn(2, 4, 6, 6, 6)  # several prompts: each video sees the whole control clip
+    batch = ours(["a red circle", "a cat"], **{**common, "num_inference_steps": 1}, latents=two).frames
+    alone = ours("a cat", **{**common, "num_inference_steps": 1}, latents=two[1:]).frames
+    assert np.abs(batch[1] - alone[0]).max() <= 1e-4
+    with pytest.raises(ValueError, match="one control image per frame"):
+        ours("x", **{**common, "conditioning_frames": control[:5]})
+    with pytest.raises(ValueError, match="conditioning_frames is required"):
+        ours("x", **{**common, "conditioning_frames": None})

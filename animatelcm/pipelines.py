@@ -103,6 +103,7 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
 
     # scheduler has a default here, so diffusers' from_pretrained must be told it is a component.
     _optional_components = [*AnimateDiffPipeline._optional_components, "scheduler", "image_adapter"]
+    model_cpu_offload_seq = "text_encoder->image_encoder->image_adapter->unet->vae"
 
     # The diffusers models' annotations are what DiffusionPipeline.from_pipe reads to carry components over.
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel | UNetMotionModel,
@@ -180,12 +181,9 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
         if pixels.shape[0] != videos:
             raise ValueError(f"got {pixels.shape[0]} images for {prompts} prompt(s); give one image, or one per "
                              "prompt")
-        vae_parameter = next(self.vae.parameters())
-        latent = self.vae.encode(pixels.to(vae_parameter.device, vae_parameter.dtype)).latent_dist.mode()
-        latent = latent * self.vae.config.scaling_factor
-        adapter_parameter = next(self.image_adapter.parameters())
-        features = self.image_adapter(latent.to(adapter_parameter.device), num_frames=num_frames)
-        return [feature.to(self._execution_device) for feature in features]
+        device = self._execution_device  # (with model CPU offload, the hooks bring the VAE and adapter there)
+        latent = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist.mode()
+        return self.image_adapter(latent * self.vae.config.scaling_factor, num_frames=num_frames)
 
 
 class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPipeline):

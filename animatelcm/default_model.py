@@ -2,7 +2,8 @@
 
 ``assets/default_model`` is a saved :class:`~animatelcm.AnimateLCMPipeline` (fp16 weights, a few MB): the miniature
 AnimateLCM trained end to end by ``benchmarks/mini_world.py`` on the synthetic moving-shapes world, with
-``default_model.json`` describing it. ``assets/attribute_net.safetensors`` is the evaluation network of that world
+``default_model.json`` describing it, and an image-to-video adapter trained on it teacher-free (``mini_world.py
+i2v``), so ``animatelcm generate --image`` works without an adapter flag. ``assets/attribute_net.safetensors`` is the evaluation network of that world
 (:mod:`animatelcm.evaluation`), the default of ``animatelcm eval --attribute-net``.
 """
 

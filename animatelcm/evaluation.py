@@ -213,14 +213,18 @@ def sampling_scheduler(pipe, kind: str, lcm_original_steps: int | None = None):
 
 @torch.no_grad()
 def generate_clips(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance_scale: float = 1.0,
-                   batch_size: int = 32, progress: bool = True) -> tuple[torch.Tensor, float]:
+                   batch_size: int = 32, progress: bool = True, images: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, float]:
     """Sample one clip per prompt from ``noise`` ``[N, C, F, h, w]`` with ``pipe`` (any AnimateDiff-style
-    pipeline, its scheduler as set). Returns ``(clips [N, F, 3, H, W] in [-1, 1] float32 on the CPU,
-    seconds per clip)``; the time covers text encoding, denoising and decoding."""
+    pipeline, its scheduler as set); ``images`` ``[N, 3, H, W]`` in [0, 1]: each clip's first frame, for an
+    :class:`~animatelcm.AnimateLCMPipeline` with an image adapter. Returns ``(clips [N, F, 3, H, W] in [-1, 1]
+    float32 on the CPU, seconds per clip)``; the time covers text encoding, (image encoding,) denoising and
+    decoding."""
     from tqdm.auto import tqdm
 
-    if len(prompts) != len(noise):
-        raise ValueError(f"{len(prompts)} prompts but {len(noise)} noise tensors")
+    if len(prompts) != len(noise) or (images is not None and len(images) != len(noise)):
+        raise ValueError(f"{len(prompts)} prompts, {len(noise)} noise tensors and "
+                         f"{'no' if images is None else len(images)} images: give one of each per clip")
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     pipe.set_progress_bar_config(disable=True)
@@ -231,8 +235,10 @@ def generate_clips(pipe, prompts: list[str], noise: torch.Tensor, steps: int, gu
                       unit="batch"):
         latents = noise[start:start + batch_size].to(device, dtype)
         tick = time.perf_counter()
+        first_frames = {} if images is None else {"image": images[start:start + batch_size]}
         video = pipe(prompt=prompts[start:start + batch_size], latents=latents, num_frames=frames, height=height,
-                     width=width, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt").frames
+                     width=width, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
+                     **first_frames).frames
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - tick

@@ -3,11 +3,13 @@
     python benchmarks/mini_world.py train      # every stage of configs/mini_world, resumable (rerun to continue)
     python benchmarks/mini_world.py table      # the evaluation table + plot into benchmarks/results/
     python benchmarks/mini_world.py ship       # copy the trained AnimateLCM into the package's default model
-    python benchmarks/mini_world.py all        # the three in order
+    python benchmarks/mini_world.py all        # the three in order, then i2v
     python benchmarks/mini_world.py probe      # does the teacher use each word of its prompt? (mini_probe.md)
     python benchmarks/mini_world.py capacity   # can text-blind / prompted motion modules learn prompt x frame?
     python benchmarks/mini_world.py flicker    # do the frames of a clip show one scene? (mini_flicker.md)
     python benchmarks/mini_world.py seeds      # AnimateLCM vs no init, retrained with other seeds (mini_seeds.md)
+    python benchmarks/mini_world.py i2v        # teacher-free image-to-video adapter: train, measure (mini_i2v.md),
+                                               # ship into the default model
 
 Runs live in ``runs/mini_world/``. ``train`` runs each stage as ``animatelcm train CONFIG --resume`` in a child
 process and skips stages whose ``final/`` exists, so an interrupted run continues where it stopped.
@@ -313,6 +315,123 @@ def seeds(extra_seeds: tuple[int, ...] = (1,)) -> Path:
     print(path.read_text())
     return path
 
+I2V_STEPS = [1, 2, 4]
+I2V_RUN = RUNS / "teacher_free_i2v"
+
+
+def i2v(clips: int = 256) -> Path:
+    """Teacher-free adaptation in the miniature world: train an image-to-video adapter on the trained AnimateLCM
+    (configs/mini_world/teacher_free_i2v.yaml; on the shipped default model when ``runs/mini_world/video_cd`` is
+    not there: the same network in fp16), then measure on ``clips`` held-out real clips (their first frame as the
+    image, their caption or an empty prompt) against the same model without the adapter, and ship the adapter into
+    the default model. Writes ``benchmarks/results/mini_i2v.md`` and ``.json``."""
+    import torch
+
+    from animatelcm.default_model import ATTRIBUTE_NET_PATH, DEFAULT_MODEL_DIR
+    from animatelcm.evaluation import (_caption_with, attribute_accuracy, clip_features, clip_noise,
+                                       frechet_distance, generate_clips, load_attribute_net, motion_metrics,
+                                       real_clips, shape_tracks)
+    from animatelcm.loading import load_image_adapter, load_pipeline
+
+    source = RUNS / "video_cd" / "final" / "pipeline"
+    if not source.is_dir():
+        source = DEFAULT_MODEL_DIR
+    if not (I2V_RUN / "final").is_dir():
+        command = [sys.executable, "-m", "animatelcm", "train", str(CONFIGS / "teacher_free_i2v.yaml"),
+                   "--output-dir", str(I2V_RUN), "--resume", "--set", f"model.pretrained={source}"]
+        print(f"[mini_world] teacher_free_i2v: {' '.join(command[2:])}", flush=True)
+        subprocess.run(command, check=True, cwd=ROOT)
+    import csv
+
+    with open(I2V_RUN / "metrics.csv") as log:  # one row per log interval: step, ..., seconds per step, ...
+        logged = list(csv.DictReader(log))
+    steps_trained = int(logged[-1]["step"])
+    trained = steps_trained * sum(float(row["seconds"]) for row in logged) / len(logged)
+    pipe = load_pipeline(source, torch_dtype=torch.float32)
+    adapter = load_image_adapter(I2V_RUN / "final" / "i2v_adapter", torch_dtype=torch.float32)
+    net, info = load_attribute_net(NET if NET.exists() else ATTRIBUTE_NET_PATH)  # (ship() copies NET there)
+    real, labels = real_clips(clips, info["frames"], info["size"], seed=11)  # not the training clips (seed 0)
+    captions = [_caption_with(labels, index) for index in range(clips)]
+    images = (real[:, 0] + 1) / 2
+    shape = (pipe.unet.config.in_channels, info["frames"], pipe.unet.config.sample_size, pipe.unet.config.sample_size)
+    noise = clip_noise(clips, shape, seed=7)
+    real_features = clip_features(net, real)
+    real_start, real_found = shape_tracks(real[:, :1])
+
+    def psnr(a, b):
+        return float(10 * torch.log10(4.0 / (a - b).pow(2).mean()))  # pixels in [-1, 1]: peak-to-peak 2
+
+    variants = [("text only (no adapter)", captions, None), ("image + text", captions, images),
+                ("empty prompt (no adapter)", [""] * clips, None), ("image + empty prompt", [""] * clips, images)]
+    rows = {}
+    for label, prompts, first_frames in variants:
+        pipe.image_adapter = adapter if first_frames is not None else None
+        for steps in I2V_STEPS:
+            generated, seconds = generate_clips(pipe, prompts, noise, steps, images=first_frames, progress=False)
+            accuracy = attribute_accuracy(net, generated, labels)
+            start, found = shape_tracks(generated[:, :1])
+            both = (found & real_found)[:, 0]
+            rows[f"{label}|{steps}"] = {
+                "accuracy_colour": accuracy["colour"], "accuracy_shape": accuracy["shape"],
+                "accuracy_direction": accuracy["direction"],
+                "first_frame_psnr": psnr(generated[:, 0], real[:, 0]), "clip_psnr": psnr(generated, real),
+                "start_error_px": float((start - real_start)[both, 0].norm(dim=-1).mean()) if both.any() else None,
+                "fvd_analogue": frechet_distance(real_features, clip_features(net, generated)),
+                "motion_straightness": motion_metrics(generated)["motion_straightness"],
+                "seconds_per_clip": seconds}
+            print(f"[mini_world] i2v {label}, {steps} step(s): {rows[f'{label}|{steps}']}", flush=True)
+    columns = [("first_frame_psnr", "first-frame PSNR (dB)"), ("clip_psnr", "clip PSNR vs the real clip (dB)"),
+               ("start_error_px", "start position error (px)"), ("accuracy_colour", "colour"),
+               ("accuracy_shape", "shape"), ("accuracy_direction", "direction"), ("fvd_analogue", "FVD analogue"),
+               ("motion_straightness", "straightness"), ("seconds_per_clip", "s / clip")]
+    lines = ["# Teacher-free image-to-video adapter in the miniature world", "",
+             f"`python benchmarks/mini_world.py i2v`: an `ImageToVideoAdapter` trained from scratch by the "
+             f"`teacher_free` stage (configs/mini_world/teacher_free_i2v.yaml: consistency training, no teacher; "
+             f"{steps_trained} steps of 4 clips) on the frozen AnimateLCM `{source.relative_to(ROOT)}`, in about "
+             f"{trained / 60:.0f} min on this CPU. Measured on "
+             f"{clips} held-out real clips (MovingShapes seed 11; training used seed 0): each clip's first frame is "
+             "the image, its caption (or an empty prompt) the prompt, the same initial noise in every row, LCM "
+             "sampling at guidance 1. PSNR over pixels in [-1, 1]; start position error: distance between the "
+             "shape's centre in the generated and the real first frame; colour / shape / direction: the evaluation "
+             "network's accuracy against the real clip's labels (chance 0.25 / 0.33 / 0.25).", "",
+             "| model, prompt | steps | " + " | ".join(name for _, name in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
+    for key, metrics in rows.items():
+        label, steps = key.split("|")
+        cells = ["-" if metrics[name] is None else f"{metrics[name]:.3g}" for name, _ in columns]
+        lines.append(f"| {label} | {steps} | " + " | ".join(cells) + " |")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "mini_i2v.json").write_text(json.dumps({"source": str(source.relative_to(ROOT)), "clips": clips,
+                                                       "rows": rows}, indent=1))
+    path = RESULTS / "mini_i2v.md"
+    path.write_text("\n".join(lines) + "\n")
+    print(path.read_text())
+    _ship_image_adapter(adapter)
+    return path
+
+
+def _ship_image_adapter(adapter) -> None:
+    """Save the default model again with ``adapter`` as its image adapter (fp16, like the rest)."""
+    import torch
+
+    from animatelcm.default_model import DEFAULT_MODEL_DIR
+    from animatelcm.loading import load_pipeline
+
+    pipe = load_pipeline(DEFAULT_MODEL_DIR, torch_dtype=torch.float16)
+    pipe.image_adapter = adapter.to(torch.float16)
+    temporary = DEFAULT_MODEL_DIR.with_name(".default_model.tmp")
+    shutil.rmtree(temporary, ignore_errors=True)
+    pipe.save_pretrained(str(temporary))
+    meta = json.loads((DEFAULT_MODEL_DIR / "default_model.json").read_text())
+    meta["image_adapter"] = ("an ImageToVideoAdapter trained teacher-free on this model "
+                             "(configs/mini_world/teacher_free_i2v.yaml; benchmarks/results/mini_i2v.md): "
+                             "`animatelcm generate --image first.png` animates a 32x32 picture")
+    (temporary / "default_model.json").write_text(json.dumps(meta, indent=2) + "\n")
+    shutil.rmtree(DEFAULT_MODEL_DIR)
+    temporary.rename(DEFAULT_MODEL_DIR)
+    print(f"[mini_world] shipped the image adapter into {DEFAULT_MODEL_DIR}")
+
+
 CAPACITY_TASKS = {
     "frame": "one prompt; a strip moving right across the frames (the output must depend on the frame index)",
     "prompt": "two prompts (moving right / left); a still strip on the left / right (on the prompt only)",
@@ -428,7 +547,8 @@ def capacity(steps: int = 1000, seed: int = 0) -> Path:
 
 def ship() -> Path:
     """Make the trained AnimateLCM the package's default model: the pipeline (fp16 weights) and
-    ``default_model.json`` into ``animatelcm/assets/default_model``, the evaluation network next to it."""
+    ``default_model.json`` into ``animatelcm/assets/default_model``, the evaluation network next to it. (Without an
+    image adapter: :func:`i2v` adds one.)"""
     import torch
 
     from animatelcm.default_model import ATTRIBUTE_NET_PATH, DEFAULT_MODEL_DIR
@@ -466,7 +586,8 @@ def ship() -> Path:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=["train", "table", "ship", "all", "probe", "capacity", "flicker", "seeds"])
+    parser.add_argument("action", choices=["train", "table", "ship", "all", "probe", "capacity", "flicker", "seeds",
+                                           "i2v"])
     parser.add_argument("--only", nargs="*", help="train: only these stages; table: only these rows")
     parser.add_argument("--clips", type=int, default=512, help="table: generated clips per cell (default 512)")
     parser.add_argument("--steps", type=int, default=1000, help="capacity: training steps per task (default 1000)")
@@ -477,6 +598,8 @@ def main(argv=None) -> None:
         table(args.clips, args.only)
     if args.action in ("ship", "all"):
         ship()
+    if args.action in ("i2v", "all"):  # after ship: it adds the image adapter to the shipped model
+        i2v()
     if args.action == "probe":
         probe()
     if args.action == "capacity":

@@ -8,8 +8,10 @@ Nothing here touches a model hub: every path is local and every ``from_pretraine
 
 from __future__ import annotations
 
+import functools
 import json
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -27,6 +29,17 @@ MOTION_DEFAULTS = dict(motion_num_attention_heads=8, motion_norm_num_groups=32, 
 
 class CheckpointError(ValueError):
     """A checkpoint file or folder that cannot be used; the message names the path and the problem."""
+
+
+def quiet_dtype_rename(function):
+    """Run ``function`` without the notice newer diffusers/transformers print for ``torch_dtype`` (now ``dtype``).
+    The loaders keep passing ``torch_dtype``: the older releases this package supports know only that name."""
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*`torch_dtype` is deprecated")
+            return function(*args, **kwargs)
+    return wrapper
 
 
 def _require_path(path, what: str) -> Path:
@@ -196,6 +209,7 @@ def _load_prompted_model(cls, folder: Path, torch_dtype=None, overrides=None):
     return model.to(torch_dtype).eval() if torch_dtype is not None else model.eval()
 
 
+@quiet_dtype_rename
 def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
     """Load a :class:`diffusers.MotionAdapter` from a local path.
 
@@ -271,6 +285,7 @@ def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dty
     return adapter
 
 
+@quiet_dtype_rename
 def _load_model_folder(cls, path, what: str, torch_dtype=None):
     """A diffusers-format model folder (``config.json`` + weights) of ``cls``, offline, in eval mode."""
     folder = _require_path(path, what)
@@ -368,6 +383,7 @@ def save_motion_adapter(adapter, path, layout: str = "original") -> Path:
     return path
 
 
+@quiet_dtype_rename
 def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
     """vae, text_encoder, tokenizer, unet of SD1.5 from a diffusers folder or a single-file checkpoint."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -404,6 +420,7 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
     return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
 
 
+@quiet_dtype_rename
 def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None, motion_config=None,
                   lcm_lora=None, lcm_lora_scale: float = 0.8, loras=(), allow_pickle: bool = False,
                   torch_dtype: torch.dtype | None = None, device=None):

@@ -50,12 +50,12 @@ def world(tmp_path_factory):
     _, out, *losses = run_with_evaluation(config("diffusion_image", root / "di", {"tiny": TINY}))
     results["diffusion_image"], base = losses, str(out["base"])
     _, out, *losses = run_with_evaluation(config("diffusion_video", root / "dv", {"base": base}))
-    results["diffusion_video"], motion = losses, str(out["motion_adapter"])
+    results["diffusion_video"], motion, pipeline = losses, str(out["motion_adapter"]), str(out["pipeline"])
     _, out, *losses = run_with_evaluation(config("image_cd", root / "icd", {"base": base},
                                                  distill=dict(lora_rank=4)))
     results["image_cd"], lora = losses, str(out["lora_diffusers"].parent)
-    return dict(root=root, base=base, motion=motion, lora=lora, losses=results, motion_original=str(
-        Path(motion).with_suffix(".safetensors")))
+    return dict(root=root, base=base, motion=motion, lora=lora, losses=results, pipeline=pipeline,
+                motion_original=str(Path(motion).with_suffix(".safetensors")))
 
 
 @pytest.mark.parametrize("stage", ["diffusion_image", "diffusion_video", "image_cd"])
@@ -192,6 +192,32 @@ def test_teacher_free_controlnet_lora(world, tmp_path):
     assert after < before
     controlnet = ControlNetModel.from_pretrained(str(out["controlnet"]), local_files_only=True)
     assert not any("lora" in name for name in controlnet.state_dict())
+
+
+def test_teacher_free_controlnet_lora_on_a_saved_video_pipeline(world, tmp_path):
+    """With only a saved video pipeline (no image UNet) the ControlNet starts from the video model's own spatial
+    weights, and the stage trains and exports it."""
+    trainer = Trainer(load_config(config(
+        "teacher_free", tmp_path / "cnp", {"pretrained": world["pipeline"]},
+        adapter=dict(kind="controlnet_lora", train_output_convs=True, lora_rank=4), train=dict(max_steps=3))))
+    trainer._setup()
+    controlnet, unet = trainer.stage.student.controlnet, trainer.stage.unet
+    for name in ("conv_in.weight", "time_embedding.linear_1.weight"):
+        torch.testing.assert_close(controlnet.get_parameter(name), unet.get_parameter(name))
+    assert (tmp_path / "cnp" / "final" / "controlnet" / "config.json").parent == trainer.train()["controlnet"]
+
+
+def test_extract_spatial_unet_inverts_inflation(components):
+    from diffusers import UNetMotionModel
+
+    from animatelcm.training.models import extract_spatial_unet
+
+    spatial = extract_spatial_unet(UNetMotionModel.from_unet2d(components["unet"], components["motion_adapter"]))
+    sample, text = torch.randn(2, 4, 8, 8), torch.randn(2, 77, 32)
+    timesteps = torch.tensor([10, 700])
+    with torch.no_grad():
+        torch.testing.assert_close(spatial(sample, timesteps, text).sample,
+                                   components["unet"](sample, timesteps, text).sample)
 
 
 def _cli(*args, env=None):

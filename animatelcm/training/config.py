@@ -41,7 +41,8 @@ class ModelConfig:
     e.g. a previous stage's ``final/pipeline``), or ``base`` (an SD1.5 diffusers folder, or a single file with
     ``base_config``). ``motion_adapter``: the teacher's / starting motion modules (any layout
     :func:`animatelcm.load_motion_adapter` reads). ``lora``: the stage-1 spatial LoRA for ``video_cd``.
-    ``controlnet``: a diffusers ControlNetModel folder for ``teacher_free`` ControlNet adaptation. ``vae``: a
+    ``controlnet``: a diffusers ControlNetModel folder for ``teacher_free`` ControlNet adaptation (without it the
+    ControlNet starts from the image UNet's weights, or the video model's spatial weights). ``vae``: a
     diffusers AutoencoderKL folder (e.g. an ``autoencoder`` stage's ``final/vae``) replacing the model's VAE.
     ``motion_heads``: attention heads of fresh motion modules (``diffusion_video`` without ``motion_adapter``;
     default: :func:`animatelcm.training.models.default_motion_heads`). ``motion_layers``: temporal transformer

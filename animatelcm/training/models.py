@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..loading import quiet_dtype_rename
 from ..motion_prompt import add_motion_cross_attention, inflate, motion_cross_attention_dim  # noqa: F401
 
 # The spatial layers AnimateLCM's LoRA adapts (SPEC.md section 3), never inside motion modules. peft matches the
@@ -21,6 +22,7 @@ SPATIAL_LORA_PATTERN = (r"^(?!.*motion_modules)(down_blocks|mid_block|up_blocks)
                         + "|".join(SPATIAL_LORA_LAYERS) + ")$")
 
 
+@quiet_dtype_rename
 def load_components(model_config, *, video: bool, seed: int, work_dir: Path, torch_dtype=None) -> dict:
     """``vae``, ``text_encoder``, ``tokenizer``, ``unet`` (UNet2DConditionModel, or a UNetMotionModel when the
     source is a saved video pipeline), ``motion_adapter`` (None for image stages unless given) and
@@ -138,6 +140,37 @@ def extract_motion_adapter(motion_unet):
     state = {k.replace(".base_layer.", "."): v for k, v in state.items()}
     adapter.load_state_dict(state)
     return adapter
+
+
+def extract_spatial_unet(motion_unet):
+    """The spatial part of a UNetMotionModel as a diffusers UNet2DConditionModel (a copy: every weight but the
+    motion modules'), the reverse of inflation; e.g. to build a ControlNet for a saved video pipeline."""
+    from diffusers import UNet2DConditionModel
+
+    config = motion_unet.config
+    if config.get("mid_block_layers", 1) != 1 or config.get("encoder_hid_dim_type") or config.get(
+            "addition_embed_type"):
+        raise ValueError("extract_spatial_unet: this UNetMotionModel has a mid block of several layers or extra "
+                         "embeddings, which UNet2DConditionModel does not rebuild; load the image UNet instead")
+    spatial = UNet2DConditionModel(
+        sample_size=config.sample_size, in_channels=config.in_channels, out_channels=config.out_channels,
+        down_block_types=tuple(block.replace("Motion", "2D") for block in config.down_block_types),
+        up_block_types=tuple(block.replace("Motion", "2D") for block in config.up_block_types),
+        block_out_channels=tuple(config.block_out_channels), layers_per_block=config.layers_per_block,
+        downsample_padding=config.downsample_padding, mid_block_scale_factor=config.mid_block_scale_factor,
+        act_fn=config.act_fn, norm_num_groups=config.norm_num_groups, norm_eps=config.norm_eps,
+        cross_attention_dim=config.cross_attention_dim,
+        transformer_layers_per_block=config.transformer_layers_per_block,
+        reverse_transformer_layers_per_block=config.reverse_transformer_layers_per_block,
+        use_linear_projection=config.use_linear_projection, attention_head_dim=config.num_attention_heads,
+        time_cond_proj_dim=config.time_cond_proj_dim)
+    state = {k.replace(".base_layer.", "."): v.detach().clone() for k, v in motion_unet.state_dict().items()
+             if "motion_modules" not in k and "lora_" not in k}
+    missing, unexpected = spatial.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"extract_spatial_unet: the spatial weights do not map onto UNet2DConditionModel "
+                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return spatial.to(motion_unet.dtype).eval()
 
 
 def add_spatial_lora(unet, rank: int, alpha: int | None = None, adapter_name: str = "spatial", seed: int = 0):

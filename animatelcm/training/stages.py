@@ -437,14 +437,13 @@ class TeacherFreeStage(ConsistencyStage):
 
 
 def _spatial_unet(motion_unet, parts):
-    """A UNet2DConditionModel with ``motion_unet``'s spatial weights (the ControlNet is initialised from it)."""
+    """A UNet2DConditionModel with the spatial weights the ControlNet is initialised from: the image UNet when the
+    parts have one, else the video model's own (:func:`models.extract_spatial_unet`)."""
     from diffusers import UNet2DConditionModel
 
     if isinstance(parts["unet"], UNet2DConditionModel):
         return parts["unet"]
-    raise ValueError("teacher_free with adapter.kind=controlnet_lora and no model.controlnet builds the ControlNet "
-                     "from the image UNet: give model.base (or model.tiny) + model.motion_adapter, not a saved "
-                     "video pipeline")
+    return models.extract_spatial_unet(motion_unet)
 
 
 def _replace_tuner_layers(module) -> None:

@@ -255,9 +255,10 @@ def _check_paths(args) -> None:
         if value is not None and value % 8:
             raise UserError(f"--{flag} {value} must be a multiple of 8")
     if args.command == "generate":
-        if bool(args.control) != bool(args.controlnet):
-            raise UserError("--control and --controlnet go together: the control frames and the ControlNet that "
-                            "reads them")
+        if args.controlnet and not args.control:
+            raise UserError("--controlnet needs --control (the control frames it reads)")
+        if args.control and not args.controlnet:
+            raise UserError("--control needs --controlnet (the ControlNet that reads the frames)")
         if args.image and args.control:
             raise UserError("give --image or --control, not both")
         if args.image_adapter and not args.image:

@@ -213,18 +213,22 @@ def sampling_scheduler(pipe, kind: str, lcm_original_steps: int | None = None):
 
 @torch.no_grad()
 def generate_clips(pipe, prompts: list[str], noise: torch.Tensor, steps: int, guidance_scale: float = 1.0,
-                   batch_size: int = 32, progress: bool = True, images: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, float]:
+                   batch_size: int = 32, progress: bool = True, images: torch.Tensor | None = None,
+                   control: torch.Tensor | None = None) -> tuple[torch.Tensor, float]:
     """Sample one clip per prompt from ``noise`` ``[N, C, F, h, w]`` with ``pipe`` (any AnimateDiff-style
-    pipeline, its scheduler as set); ``images`` ``[N, 3, H, W]`` in [0, 1]: each clip's first frame, for an
-    :class:`~animatelcm.AnimateLCMPipeline` with an image adapter. Returns ``(clips [N, F, 3, H, W] in [-1, 1]
-    float32 on the CPU, seconds per clip)``; the time covers text encoding, (image encoding,) denoising and
-    decoding."""
+    pipeline, its scheduler as set). ``images`` ``[N, 3, H, W]`` in [0, 1]: each clip's first frame, for an
+    :class:`~animatelcm.AnimateLCMPipeline` with an image adapter. ``control`` ``[N, F, 3, H, W]`` in [0, 1]: each
+    clip's control images, for an :class:`~animatelcm.AnimateLCMControlNetPipeline` (one clip per call: the
+    pipeline takes one control clip). Returns ``(clips [N, F, 3, H, W] in [-1, 1] float32 on the CPU, seconds per
+    clip)``; the time covers text encoding, (image encoding,) denoising and decoding."""
     from tqdm.auto import tqdm
 
-    if len(prompts) != len(noise) or (images is not None and len(images) != len(noise)):
-        raise ValueError(f"{len(prompts)} prompts, {len(noise)} noise tensors and "
-                         f"{'no' if images is None else len(images)} images: give one of each per clip")
+    for name, given in (("images", images), ("control clips", control)):
+        if len(prompts) != len(noise) or (given is not None and len(given) != len(noise)):
+            raise ValueError(f"{len(prompts)} prompts, {len(noise)} noise tensors and "
+                             f"{'no' if given is None else len(given)} {name}: give one of each per clip")
+    if control is not None:
+        batch_size = 1
     device = pipe.unet.device
     dtype = pipe.unet.dtype
     pipe.set_progress_bar_config(disable=True)
@@ -235,10 +239,12 @@ def generate_clips(pipe, prompts: list[str], noise: torch.Tensor, steps: int, gu
                       unit="batch"):
         latents = noise[start:start + batch_size].to(device, dtype)
         tick = time.perf_counter()
-        first_frames = {} if images is None else {"image": images[start:start + batch_size]}
+        conditions = {} if images is None else {"image": images[start:start + batch_size]}
+        if control is not None:
+            conditions["conditioning_frames"] = list(control[start])
         video = pipe(prompt=prompts[start:start + batch_size], latents=latents, num_frames=frames, height=height,
                      width=width, num_inference_steps=steps, guidance_scale=guidance_scale, output_type="pt",
-                     **first_frames).frames
+                     **conditions).frames
         if device.type == "cuda":
             torch.cuda.synchronize()
         seconds += time.perf_counter() - tick

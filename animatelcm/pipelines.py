@@ -233,8 +233,13 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
 
     def prepare_video(self, video, width, height, batch_size, num_videos_per_prompt, device, dtype,
                       do_classifier_free_guidance=False, guess_mode=False):
-        """The control images ``[batch_size, 3, H, W]`` (``batch_size`` = videos x frames), one copy of the clip per
-        video (diffusers' own prepares a single clip whatever the number of prompts), doubled for guidance."""
+        """The control images ``[batch_size, 3, H', W']`` (``batch_size`` = videos x frames), one copy of the clip per
+        video (diffusers' own prepares a single clip whatever the number of prompts), doubled for guidance. H' x W'
+        is the latent size times the ControlNet's downsampling, as the ``teacher_free`` stage trains it: the pixel
+        size for SD1.5 (both 8), twice it for a VAE that downsamples 4x."""
+        net = self.controlnet.nets[0] if isinstance(self.controlnet, MultiControlNetModel) else self.controlnet
+        factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+        height, width = height // self.vae_scale_factor * factor, width // self.vae_scale_factor * factor
         frames = super().prepare_video(video, width, height, batch_size, num_videos_per_prompt, device, dtype)
         if frames.shape[0] != batch_size and batch_size % frames.shape[0] == 0:
             frames = frames.repeat(batch_size // frames.shape[0], 1, 1, 1)

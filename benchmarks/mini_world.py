@@ -3,13 +3,15 @@
     python benchmarks/mini_world.py train      # every stage of configs/mini_world, resumable (rerun to continue)
     python benchmarks/mini_world.py table      # the evaluation table + plot into benchmarks/results/
     python benchmarks/mini_world.py ship       # copy the trained AnimateLCM into the package's default model
-    python benchmarks/mini_world.py all        # the three in order, then i2v
+    python benchmarks/mini_world.py all        # the three in order, then i2v and controlnet
     python benchmarks/mini_world.py probe      # does the teacher use each word of its prompt? (mini_probe.md)
     python benchmarks/mini_world.py capacity   # can text-blind / prompted motion modules learn prompt x frame?
     python benchmarks/mini_world.py flicker    # do the frames of a clip show one scene? (mini_flicker.md)
     python benchmarks/mini_world.py seeds      # AnimateLCM vs no init, retrained with other seeds (mini_seeds.md)
     python benchmarks/mini_world.py i2v        # teacher-free image-to-video adapter: train, measure (mini_i2v.md),
                                                # ship into the default model
+    python benchmarks/mini_world.py controlnet # teacher-free ControlNet on edge maps: train, measure
+                                               # (mini_controlnet.md); not shipped
 
 Runs live in ``runs/mini_world/``. ``train`` runs each stage as ``animatelcm train CONFIG --resume`` in a child
 process and skips stages whose ``final/`` exists, so an interrupted run continues where it stopped.
@@ -315,98 +317,142 @@ def seeds(extra_seeds: tuple[int, ...] = (1,)) -> Path:
     print(path.read_text())
     return path
 
-I2V_STEPS = [1, 2, 4]
-I2V_RUN = RUNS / "teacher_free_i2v"
+ADAPTER_STEPS = [1, 2, 4]
+ADAPTER_COLUMNS = [("first_frame_psnr", "first-frame PSNR (dB)"), ("clip_psnr", "clip PSNR vs the real clip (dB)"),
+                   ("start_error_px", "start position error (px)"), ("track_error_px", "track error (px)"),
+                   ("accuracy_colour", "colour"), ("accuracy_shape", "shape"), ("accuracy_direction", "direction"),
+                   ("fvd_analogue", "FVD analogue"), ("motion_straightness", "straightness"),
+                   ("seconds_per_clip", "s / clip")]
+ADAPTER_MEASURES = ("PSNR over pixels in [-1, 1]; start position / track error: mean distance between the shape's "
+                    "centre in the generated and the real clip, first frame / every frame; colour / shape / "
+                    "direction: the evaluation network's accuracy against the real clip's labels (chance 0.25 / "
+                    "0.33 / 0.25). The LCM steps' noise is not seeded: rows of 2 and 4 steps move by about 0.01 in "
+                    "accuracy when rerun.")
 
 
-def i2v(clips: int = 256) -> Path:
-    """Teacher-free adaptation in the miniature world: train an image-to-video adapter on the trained AnimateLCM
-    (configs/mini_world/teacher_free_i2v.yaml; on the shipped default model when ``runs/mini_world/video_cd`` is
-    not there: the same network in fp16), then measure on ``clips`` held-out real clips (their first frame as the
-    image, their caption or an empty prompt) against the same model without the adapter, and ship the adapter into
-    the default model. Writes ``benchmarks/results/mini_i2v.md`` and ``.json``."""
-    import torch
+def _train_teacher_free(config_name: str, run: Path) -> tuple[Path, int, float]:
+    """Train ``configs/mini_world/{config_name}`` into ``run`` (resumable) on the trained AnimateLCM, or on the
+    shipped default model (the same network in fp16) when ``runs/mini_world/video_cd`` is not there. Returns
+    ``(the frozen model's folder, steps trained, seconds of training)``."""
+    import csv
 
-    from animatelcm.default_model import ATTRIBUTE_NET_PATH, DEFAULT_MODEL_DIR
-    from animatelcm.evaluation import (_caption_with, attribute_accuracy, clip_features, clip_noise,
-                                       frechet_distance, generate_clips, load_attribute_net, motion_metrics,
-                                       real_clips, shape_tracks)
-    from animatelcm.loading import load_image_adapter, load_pipeline
+    from animatelcm.default_model import DEFAULT_MODEL_DIR
 
     source = RUNS / "video_cd" / "final" / "pipeline"
     if not source.is_dir():
         source = DEFAULT_MODEL_DIR
-    if not (I2V_RUN / "final").is_dir():
-        command = [sys.executable, "-m", "animatelcm", "train", str(CONFIGS / "teacher_free_i2v.yaml"),
-                   "--output-dir", str(I2V_RUN), "--resume", "--set", f"model.pretrained={source}"]
-        print(f"[mini_world] teacher_free_i2v: {' '.join(command[2:])}", flush=True)
+    if not (run / "final").is_dir():
+        command = [sys.executable, "-m", "animatelcm", "train", str(CONFIGS / config_name), "--output-dir",
+                   str(run), "--resume", "--set", f"model.pretrained={source}"]
+        print(f"[mini_world] {run.name}: {' '.join(command[2:])}", flush=True)
         subprocess.run(command, check=True, cwd=ROOT)
-    import csv
-
-    with open(I2V_RUN / "metrics.csv") as log:  # one row per log interval: step, ..., seconds per step, ...
+    with open(run / "metrics.csv") as log:  # one row per log interval: step, ..., seconds per step, ...
         logged = list(csv.DictReader(log))
-    steps_trained = int(logged[-1]["step"])
-    trained = steps_trained * sum(float(row["seconds"]) for row in logged) / len(logged)
-    pipe = load_pipeline(source, torch_dtype=torch.float32)
-    adapter = load_image_adapter(I2V_RUN / "final" / "i2v_adapter", torch_dtype=torch.float32)
+    steps = int(logged[-1]["step"])
+    return source, steps, steps * sum(float(row["seconds"]) for row in logged) / len(logged)
+
+
+def _adapter_rows(name: str, plain, adapted, row_labels: tuple, plain_arguments, adapted_arguments, clips: int,
+                  seed: int = 11) -> dict:
+    """Generate and measure four rows on ``clips`` held-out real clips (MovingShapes ``seed``; training used seed
+    0), at each of :data:`ADAPTER_STEPS`, from the same initial noise: the ``plain`` pipeline and the ``adapted``
+    one, each with the captions and with empty prompts (``row_labels`` in that order: plain + caption, adapted +
+    caption, plain + empty, adapted + empty). ``*_arguments(real clips)`` give their extra
+    :func:`~animatelcm.evaluation.generate_clips` arguments. Returns ``{"label|steps": metrics}``."""
+    import torch
+
+    from animatelcm.default_model import ATTRIBUTE_NET_PATH
+    from animatelcm.evaluation import (_caption_with, attribute_accuracy, clip_features, clip_noise,
+                                       frechet_distance, generate_clips, load_attribute_net, motion_metrics,
+                                       real_clips, shape_tracks)
+
     net, info = load_attribute_net(NET if NET.exists() else ATTRIBUTE_NET_PATH)  # (ship() copies NET there)
-    real, labels = real_clips(clips, info["frames"], info["size"], seed=11)  # not the training clips (seed 0)
+    real, labels = real_clips(clips, info["frames"], info["size"], seed=seed)
     captions = [_caption_with(labels, index) for index in range(clips)]
-    images = (real[:, 0] + 1) / 2
-    shape = (pipe.unet.config.in_channels, info["frames"], pipe.unet.config.sample_size, pipe.unet.config.sample_size)
-    noise = clip_noise(clips, shape, seed=7)
     real_features = clip_features(net, real)
-    real_start, real_found = shape_tracks(real[:, :1])
+    real_track, real_found = shape_tracks(real)
 
     def psnr(a, b):
         return float(10 * torch.log10(4.0 / (a - b).pow(2).mean()))  # pixels in [-1, 1]: peak-to-peak 2
 
-    variants = [("text only (no adapter)", captions, None), ("image + text", captions, images),
-                ("empty prompt (no adapter)", [""] * clips, None), ("image + empty prompt", [""] * clips, images)]
+    def track_error(generated, frames):
+        track, found = shape_tracks(generated)
+        both = (found & real_found)[:, frames]
+        distance = (track - real_track)[:, frames].norm(dim=-1)
+        return float(distance[both].mean()) if both.any() else None
+
+    variants = zip(row_labels, (plain, adapted) * 2, (True, True, False, False),
+                   (plain_arguments, adapted_arguments) * 2)
     rows = {}
-    for label, prompts, first_frames in variants:
-        pipe.image_adapter = adapter if first_frames is not None else None
-        for steps in I2V_STEPS:
-            generated, seconds = generate_clips(pipe, prompts, noise, steps, images=first_frames, progress=False)
+    for label, pipe, with_caption, conditions in variants:
+        shape = (pipe.unet.config.in_channels, info["frames"], pipe.unet.config.sample_size,
+                 pipe.unet.config.sample_size)
+        noise = clip_noise(clips, shape, seed=7)
+        prompts = captions if with_caption else [""] * clips
+        for steps in ADAPTER_STEPS:
+            generated, seconds = generate_clips(pipe, prompts, noise, steps, progress=False, **conditions(real))
             accuracy = attribute_accuracy(net, generated, labels)
-            start, found = shape_tracks(generated[:, :1])
-            both = (found & real_found)[:, 0]
             rows[f"{label}|{steps}"] = {
                 "accuracy_colour": accuracy["colour"], "accuracy_shape": accuracy["shape"],
                 "accuracy_direction": accuracy["direction"],
                 "first_frame_psnr": psnr(generated[:, 0], real[:, 0]), "clip_psnr": psnr(generated, real),
-                "start_error_px": float((start - real_start)[both, 0].norm(dim=-1).mean()) if both.any() else None,
+                "start_error_px": track_error(generated, slice(0, 1)),
+                "track_error_px": track_error(generated, slice(None)),
                 "fvd_analogue": frechet_distance(real_features, clip_features(net, generated)),
                 "motion_straightness": motion_metrics(generated)["motion_straightness"],
                 "seconds_per_clip": seconds}
-            print(f"[mini_world] i2v {label}, {steps} step(s): {rows[f'{label}|{steps}']}", flush=True)
-    columns = [("first_frame_psnr", "first-frame PSNR (dB)"), ("clip_psnr", "clip PSNR vs the real clip (dB)"),
-               ("start_error_px", "start position error (px)"), ("accuracy_colour", "colour"),
-               ("accuracy_shape", "shape"), ("accuracy_direction", "direction"), ("fvd_analogue", "FVD analogue"),
-               ("motion_straightness", "straightness"), ("seconds_per_clip", "s / clip")]
-    lines = ["# Teacher-free image-to-video adapter in the miniature world", "",
-             f"`python benchmarks/mini_world.py i2v`: an `ImageToVideoAdapter` trained from scratch by the "
-             f"`teacher_free` stage (configs/mini_world/teacher_free_i2v.yaml: consistency training, no teacher; "
-             f"{steps_trained} steps of 4 clips) on the frozen AnimateLCM `{source.relative_to(ROOT)}`, in about "
-             f"{trained / 60:.0f} min on this CPU. Measured on "
-             f"{clips} held-out real clips (MovingShapes seed 11; training used seed 0): each clip's first frame is "
-             "the image, its caption (or an empty prompt) the prompt, the same initial noise in every row, LCM "
-             "sampling at guidance 1. PSNR over pixels in [-1, 1]; start position error: distance between the "
-             "shape's centre in the generated and the real first frame; colour / shape / direction: the evaluation "
-             "network's accuracy against the real clip's labels (chance 0.25 / 0.33 / 0.25).", "",
-             "| model, prompt | steps | " + " | ".join(name for _, name in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+            print(f"[mini_world] {name} {label}, {steps} step(s): {rows[f'{label}|{steps}']}", flush=True)
+    return rows
+
+
+def _adapter_table(name: str, title: str, description: str, source: Path, clips: int, rows: dict) -> Path:
+    """``benchmarks/results/mini_{name}.md`` and ``.json`` from :func:`_adapter_rows`' rows."""
+    lines = [f"# {title}", "", description + " " + ADAPTER_MEASURES, "",
+             "| model, prompt | steps | " + " | ".join(column for _, column in ADAPTER_COLUMNS) + " |",
+             "|---|---|" + "---|" * len(ADAPTER_COLUMNS)]
     for key, metrics in rows.items():
         label, steps = key.split("|")
-        cells = ["-" if metrics[name] is None else f"{metrics[name]:.3g}" for name, _ in columns]
+        cells = ["-" if metrics[metric] is None else f"{metrics[metric]:.3g}" for metric, _ in ADAPTER_COLUMNS]
         lines.append(f"| {label} | {steps} | " + " | ".join(cells) + " |")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "mini_i2v.json").write_text(json.dumps({"source": str(source.relative_to(ROOT)), "clips": clips,
-                                                       "rows": rows}, indent=1))
-    path = RESULTS / "mini_i2v.md"
+    (RESULTS / f"mini_{name}.json").write_text(json.dumps(
+        {"source": str(source.relative_to(ROOT)), "clips": clips, "rows": rows}, indent=1))
+    path = RESULTS / f"mini_{name}.md"
     path.write_text("\n".join(lines) + "\n")
     print(path.read_text())
-    _ship_image_adapter(adapter)
+    return path
+
+
+def i2v(clips: int = 256) -> Path:
+    """Teacher-free adaptation in the miniature world: train an image-to-video adapter on the trained AnimateLCM
+    (configs/mini_world/teacher_free_i2v.yaml), measure it on ``clips`` held-out real clips (their first frame as
+    the image, their caption or an empty prompt) against the same model without it, and ship it into the default
+    model. Writes ``benchmarks/results/mini_i2v.md`` and ``.json``."""
+    import torch
+
+    from animatelcm.loading import load_image_adapter, load_pipeline
+
+    run = RUNS / "teacher_free_i2v"
+    source, steps, seconds = _train_teacher_free("teacher_free_i2v.yaml", run)
+    plain = load_pipeline(source, torch_dtype=torch.float32)
+    plain.image_adapter = None
+    animated = load_pipeline(source, torch_dtype=torch.float32)
+    animated.image_adapter = load_image_adapter(run / "final" / "i2v_adapter", torch_dtype=torch.float32)
+
+    def first_frames(real):
+        return {"images": (real[:, 0] + 1) / 2}
+
+    row_labels = ("text only (no adapter)", "image + text", "empty prompt (no adapter)", "image + empty prompt")
+    rows = _adapter_rows("i2v", plain, animated, row_labels, lambda real: {}, first_frames, clips)
+    path = _adapter_table(
+        "i2v", "Teacher-free image-to-video adapter in the miniature world",
+        f"`python benchmarks/mini_world.py i2v`: an `ImageToVideoAdapter` trained from scratch by the `teacher_free` "
+        f"stage (configs/mini_world/teacher_free_i2v.yaml: consistency training, no teacher; {steps} steps of 4 "
+        f"clips) on the frozen AnimateLCM `{source.relative_to(ROOT)}`, in about {seconds / 60:.0f} min on this CPU. "
+        f"Measured on {clips} held-out real clips (MovingShapes seed 11; training used seed 0): each clip's first "
+        "frame is the image, its caption (or an empty prompt) the prompt, the same initial noise in every row, LCM "
+        "sampling at guidance 1.", source, clips, rows)
+    _ship_image_adapter(animated.image_adapter)
     return path
 
 
@@ -430,6 +476,42 @@ def _ship_image_adapter(adapter) -> None:
     shutil.rmtree(DEFAULT_MODEL_DIR)
     temporary.rename(DEFAULT_MODEL_DIR)
     print(f"[mini_world] shipped the image adapter into {DEFAULT_MODEL_DIR}")
+
+
+def controlnet(clips: int = 256) -> Path:
+    """The ControlNet variant of :func:`i2v`: a ControlNet on Sobel edge maps, started from the AnimateLCM's own
+    spatial weights, its LoRA and output convs trained teacher-free (configs/mini_world/teacher_free_controlnet.yaml),
+    measured with each held-out clip's edge maps as the control. Not shipped: it did not follow the control (README,
+    "Teacher-free ControlNet"). Writes ``benchmarks/results/mini_controlnet.md`` and ``.json``."""
+    import torch
+
+    from animatelcm import AnimateLCMControlNetPipeline
+    from animatelcm.adapters import edge_maps
+    from animatelcm.loading import load_controlnet, load_pipeline
+
+    run = RUNS / "teacher_free_controlnet"
+    source, steps, seconds = _train_teacher_free("teacher_free_controlnet.yaml", run)
+    plain = load_pipeline(source, torch_dtype=torch.float32)
+    model = load_controlnet(run / "final" / "controlnet", torch_dtype=torch.float32)
+    controlled = AnimateLCMControlNetPipeline.from_pipe(plain, controlnet=model)
+
+    def edges(real):
+        return {"control": edge_maps(real)}
+
+    row_labels = ("caption only (no ControlNet)", "edges + caption", "empty prompt (no ControlNet)",
+                  "edges + empty prompt")
+    # batch 1 in every row (the ControlNet rows' calls take one control clip each), so the times compare
+    rows = _adapter_rows("controlnet", plain, controlled, row_labels, lambda real: {"batch_size": 1}, edges, clips)
+    path = _adapter_table(
+        "controlnet", "Teacher-free ControlNet in the miniature world",
+        f"`python benchmarks/mini_world.py controlnet`: a ControlNet started from the frozen AnimateLCM's own spatial "
+        f"weights, its LoRA (rank 16) and zero-initialised output convs trained by the `teacher_free` stage "
+        f"(configs/mini_world/teacher_free_controlnet.yaml: consistency training, no teacher; {steps} steps of 4 "
+        f"clips) on `{source.relative_to(ROOT)}`, in about {seconds / 60:.0f} min on this CPU. Measured on {clips} "
+        "held-out real clips (MovingShapes seed 11; training used seed 0): each clip's Sobel edge maps are the "
+        "control, its caption (or an empty prompt) the prompt, the same initial noise in every row, LCM sampling at "
+        "guidance 1, one clip per call.", source, clips, rows)
+    return path
 
 
 CAPACITY_TASKS = {
@@ -587,7 +669,7 @@ def ship() -> Path:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("action", choices=["train", "table", "ship", "all", "probe", "capacity", "flicker", "seeds",
-                                           "i2v"])
+                                           "i2v", "controlnet"])
     parser.add_argument("--only", nargs="*", help="train: only these stages; table: only these rows")
     parser.add_argument("--clips", type=int, default=512, help="table: generated clips per cell (default 512)")
     parser.add_argument("--steps", type=int, default=1000, help="capacity: training steps per task (default 1000)")
@@ -600,6 +682,8 @@ def main(argv=None) -> None:
         ship()
     if args.action in ("i2v", "all"):  # after ship: it adds the image adapter to the shipped model
         i2v()
+    if args.action in ("controlnet", "all"):
+        controlnet()
     if args.action == "probe":
         probe()
     if args.action == "capacity":

@@ -175,7 +175,8 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
     assert clips["video.gif"].shape[:3] == (6, 32, 32) and clips["four.gif"].shape[0] == 4
     assert (clips["video.gif"] != clips["text.gif"]).any() and (clips["edges.gif"] != clips["folder.gif"]).any()
     capsys.readouterr()
-    for argv, needle in [(["--control", str(tmp_path / "frames")], "go together"),
+    for argv, needle in [(["--control", str(tmp_path / "frames")], "needs --controlnet"),
+                         (["--controlnet", str(tmp_path / "cn")], "needs --control"),
                          (["--control", str(tmp_path / "frames"), *control_args, "--frames", "8"], "fewer than"),
                          (["--control", str(tmp_path / "cn"), *control_args], "no images"),
                          (["--control", str(tmp_path / "frames"), "--controlnet", str(tmp_path / "frames")],

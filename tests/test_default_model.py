@@ -83,7 +83,7 @@ def test_cli_red_circle_is_red_and_moves_as_prompted(tmp_path):
 
 
 # The image adapter (benchmarks/results/mini_i2v.md, 256 held-out clips, 4 steps, with the caption): the shape
-# starts 2.97 px from where the picture has it (8.15 px without the picture), first-frame PSNR 16.8 dB (14.8); on
+# starts 2.9 px from where the picture has it (8.5 px without the picture), first-frame PSNR 16.7 dB (14.9); on
 # the 32 clips drawn here 2.2-3.1 px (8.5-8.7) and 16.8-17.8 dB (14.8-15.2) (the LCM steps' noise is not seeded).
 START_ERROR_RATIO = 0.6
 FIRST_FRAME_GAIN_DB = 1.0

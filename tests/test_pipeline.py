@@ -238,3 +238,18 @@ def test_controlnet_pipeline_matches_diffusers(components, guidance):
         ours("x", **{**common, "conditioning_frames": control[:5]})
     with pytest.raises(ValueError, match="conditioning_frames is required"):
         ours("x", **{**common, "conditioning_frames": None})
+
+
+def test_controlnet_whose_downsampling_differs_from_the_vae(components):
+    """A ControlNet that downsamples its control 4x under a VAE that downsamples 8x (or the reverse, as in the
+    miniature world) gets control images of latent size x its own factor, as the teacher_free stage trains it."""
+    controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3,
+                                                     conditioning_embedding_out_channels=(8, 16, 16)).eval()
+    pipe = AnimateLCMControlNetPipeline.from_pipe(AnimateLCMPipeline(**components), controlnet=controlnet)
+    pipe.set_progress_bar_config(disable=True)
+    seen = []
+    controlnet.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["controlnet_cond"].shape),
+                                         with_kwargs=True)
+    out = pipe("a cat", num_frames=3, height=48, width=32, num_inference_steps=1, conditioning_frames=pictures(3, 40, 1),
+               output_type="latent").frames
+    assert out.shape == (1, 4, 3, 6, 4) and seen[0][-2:] == (24, 16)

@@ -8,8 +8,8 @@
 #   device run  command: bash benchmarks/gpu_check.sh   carry: [".gpu_carry"]   timeout_s: 600
 #
 # Every step writes its log and results under $OUT as soon as it ends, so a step that runs out of time loses only
-# itself; the step timeouts (SIGINT, so pytest still writes its results) and a build of under a minute fit one
-# device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on
+# itself; the step timeouts (SIGINT, so pytest still writes its results) are capped by what is left of a 580 s budget,
+# so everything fits one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on
 # a machine still warm from an earlier call (the build is kept there). GPU_CHECK_COMPILE=1 adds the torch.compile
 # providers to the end-to-end step, whose max-autotune compile can take longer than one call allows. Steps:
 #   1. build: ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
@@ -28,6 +28,10 @@ STEPS=" ${GPU_CHECK_STEPS:-build tests kernels e2e} "
 # end_to_end.log, end_to_end_cuda.md, end_to_end_profile_cuda.md (build.log only when the build fails).
 log() { echo "[gpu_check $(date +%T)] $*"; }
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
+# A step's timeout: its own cap, or what is left of GPU_CHECK_BUDGET (seconds since the script began, default 580,
+# under the device call's 600) less 10 s for copying its results, whichever is smaller.
+BUDGET=${GPU_CHECK_BUDGET:-580}
+step_limit() { local left=$((BUDGET - SECONDS - 10)); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 
 if wanted build; then
   log "1. build"
@@ -42,7 +46,7 @@ fi
 
 if wanted tests; then
   log "2. tests"
-  timeout -s INT -k 15 150 "$PYTHON" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
+  timeout -s INT -k 10 "$(step_limit 120)" "$PYTHON" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
     tests/test_consistency_op.py tests/test_geglu_op.py tests/test_scheduler.py tests/test_patching.py \
     > "$OUT/tests.log" 2>&1
   log "tests: $(tail -1 "$OUT/tests.log")"
@@ -51,7 +55,7 @@ fi
 
 if wanted kernels; then
   log "3. kernel benchmark"
-  ANIMATELCM_BENCH_NAME=kernels_gpu timeout -s INT -k 15 150 "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py \
+  ANIMATELCM_BENCH_NAME=kernels_gpu timeout -s INT -k 10 "$(step_limit 150)" "$PYTHON" -m pytest -q -p no:cacheprovider benchmarks/test_kernels.py \
     -k cuda --benchmark-disable-gc > "$OUT/kernels.log" 2>&1
   cp benchmarks/results/kernels_gpu.md benchmarks/results/kernels_gpu.csv "$OUT/" 2>/dev/null
   log "kernels: $(tail -1 "$OUT/kernels.log")"
@@ -61,7 +65,7 @@ if wanted e2e; then
   log "4. end-to-end"
   compile_flag=--no-compile
   [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && compile_flag=""
-  timeout -s INT -k 15 230 "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile $compile_flag \
+  timeout -s INT -k 10 "$(step_limit 300)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile $compile_flag \
     > "$OUT/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$OUT/" 2>/dev/null
   log "end-to-end: $(tail -3 "$OUT/end_to_end.log" | tr '\n' ' ')"

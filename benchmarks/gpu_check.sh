@@ -15,6 +15,7 @@
 #   1. build: ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
 #   2. tests: the op and patching tests, which on a GPU also run the cuda and triton backends;
 #   3. kernel benchmark (SD1.5 shapes, fp16): benchmarks/results/kernels_gpu.md;
+#   3b. tune (not in the default steps): benchmarks/tune_group_norm.py, the Triton GroupNorm launch choices;
 #   4. end-to-end: SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2,
 #      with MFU and a profile: benchmarks/results/end_to_end_cuda.md, end_to_end_profile_cuda.md.
 set -u -o pipefail
@@ -25,7 +26,8 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH}"
 STEPS=" ${GPU_CHECK_STEPS:-build tests kernels e2e} "
 # At most 8 files come back from the device tool: machine.txt, tests.log, kernels.log, kernels_gpu.{md,csv},
-# end_to_end.log, end_to_end_cuda.md, end_to_end_profile_cuda.md (build.log only when the build fails).
+# end_to_end.log, end_to_end_cuda.md, end_to_end_profile_cuda.md (build.log only when the build fails); the tune
+# step's tune.log and tune_group_norm_cuda.md make 10, so run it without the kernel step.
 log() { echo "[gpu_check $(date +%T)] $*"; }
 wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 # A step's timeout: its own cap, or what is left of GPU_CHECK_BUDGET (seconds since the script began, default 580,
@@ -46,7 +48,7 @@ fi
 
 if wanted tests; then
   log "2. tests"
-  timeout -s INT -k 10 "$(step_limit 120)" "$PYTHON" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
+  timeout -s INT -k 10 "$(step_limit 200)" "$PYTHON" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
     tests/test_consistency_op.py tests/test_geglu_op.py tests/test_scheduler.py tests/test_patching.py \
     > "$OUT/tests.log" 2>&1
   log "tests: $(tail -1 "$OUT/tests.log")"
@@ -61,11 +63,18 @@ if wanted kernels; then
   log "kernels: $(tail -1 "$OUT/kernels.log")"
 fi
 
+if wanted tune; then
+  log "3b. Triton GroupNorm launch tuning"
+  timeout -s INT -k 10 "$(step_limit 120)" "$PYTHON" benchmarks/tune_group_norm.py --out "$OUT/tune_group_norm_cuda.md" \
+    > "$OUT/tune.log" 2>&1
+  log "tune: $(tail -1 "$OUT/tune.log")"
+fi
+
 if wanted e2e; then
   log "4. end-to-end"
   compile_flag=--no-compile
   [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && compile_flag=""
-  timeout -s INT -k 10 "$(step_limit 300)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile $compile_flag \
+  timeout -s INT -k 10 "$(step_limit 300)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --backends cuda --profile $compile_flag \
     > "$OUT/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$OUT/" 2>/dev/null
   log "end-to-end: $(tail -3 "$OUT/end_to_end.log" | tr '\n' ' ')"

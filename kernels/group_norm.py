@@ -11,7 +11,8 @@ kernel serves every layout: element i of group (b, g) sits at
 1. ``group_partials_kernel``: grid (batch * groups, split); each program sums ``x - shift`` and its square over one
    chunk of its group (shift: the group's first element, so the variance does not cancel), fp32 per lane.
 2. ``group_affine_kernel``: per (batch, channel), the group's partials added in fp64, then the per-channel
-   ``scale = rstd * weight`` and ``shift = bias - mean * scale`` (fp32) the apply kernels read.
+   ``scale = rstd * weight`` and ``shift = bias - mean * scale`` (fp32) the apply kernels read. Weight and bias are
+   read in their own dtype (no conversion launches on the host).
 3. an apply kernel writes ``act(x * scale + shift)``: ``group_apply_rows_kernel`` for ``[rows, S]`` and
    ``[positions, C]`` tiles in place of layout; ``group_apply_permute_kernel`` for ``[B*F, C, S] -> [B, S, F, C]``
    (the tile is read along S and written along C; Triton stages the transpose through shared memory).
@@ -85,10 +86,10 @@ def group_affine_kernel(
     mean = mean_shifted.to(tl.float32) + shift
     scale = rstd
     if HAS_WEIGHT:
-        scale = scale * tl.load(w_ptr + channel, mask=valid, other=1.0)
+        scale = scale * tl.load(w_ptr + channel, mask=valid, other=1.0).to(tl.float32)
     offset = -mean * scale
     if HAS_BIAS:
-        offset += tl.load(b_ptr + channel, mask=valid, other=0.0)
+        offset += tl.load(b_ptr + channel, mask=valid, other=0.0).to(tl.float32)
     tl.store(scale_ptr + index, scale, mask=valid)
     tl.store(shift_ptr + index, offset, mask=valid)
 
@@ -195,10 +196,10 @@ def group_norm_fused_kernel(
         channel = first_channel + i // spatial
         scale = rstd
         if HAS_WEIGHT:
-            scale = scale * tl.load(w_ptr + channel, mask=mask, other=1.0)
+            scale = scale * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
         offset = -mean * scale
         if HAS_BIAS:
-            offset += tl.load(b_ptr + channel, mask=mask, other=0.0)
+            offset += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(x_ptr + base + i, mask=mask, other=0.0).to(tl.float32) * scale + offset
         if SILU:
             v = _silu(v)

@@ -120,7 +120,8 @@ def test_other_key_lengths_and_value_widths_as_sdpa(backend, monkeypatch):
                                       ((2, 2, 4, 8), (2, 2, 4, 8), (2, 2, 4, 3))]:
         q, k, v = (torch.randn(shape, generator=generator, dtype=torch.float64) for shape in (q_shape, k_shape, v_shape))
         if backend != "eager":
-            assert "self-attention" in dict(ops.explain_temporal_attention(q.float(), k.float(), v.float()))[backend]
+            on_device = (t.float().to(backend_device(backend)) for t in (q, k, v))
+            assert "self-attention" in dict(ops.explain_temporal_attention(*on_device))[backend]
         out = run("auto" if backend != "eager" else "eager", monkeypatch, q, k, v, scale=0.4)
         assert out.shape == (*q_shape[:-1], v_shape[-1])
         torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, scale=0.4))

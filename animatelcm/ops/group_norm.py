@@ -232,16 +232,16 @@ def _reject_triton(x, *rest):
     return reason
 
 
-# cuda and cpp first: each takes only its own device's tensors. The Triton kernels come after the CUDA ones until a
-# GPU benchmark shows them faster (benchmarks/results/kernels_gpu.md); on the CPU they run only when forced
-# (ANIMATELCM_BACKEND=triton under TRITON_INTERPRET=1), as in CI's tests.
+# cpp first (CPU tensors only; Triton takes CPU tensors only under TRITON_INTERPRET=1, as in CI's tests), then Triton
+# ahead of the CUDA C++ kernels: on an H100 the Triton kernels take 0.55-0.83x the CUDA ones' GPU time per call
+# (benchmarks/results/kernels_gpu.md, 2026-11-27). CUDA C++ keeps what Triton declines (float64, 2**31 elements).
 def _gn_impls(reference, run_native, run_triton):
     return [
-        Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), cuda_kernels_unavailable_reason,
-                       reject_unless_native("cuda")),
         Implementation("cpp", lambda *a: run_native("group_norm_cpu", _cpu_extra, *a), native_unavailable_reason,
                        reject_unless_native("cpu")),
         Implementation("triton", run_triton, triton_unavailable_reason, _reject_triton),
+        Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), cuda_kernels_unavailable_reason,
+                       reject_unless_native("cuda")),
         Implementation("eager", reference, lambda: None, lambda *a: None),
     ]
 
@@ -257,11 +257,11 @@ TEMPORAL_GROUP_NORM = _gn_impls(
                                                                  False, True),
     triton_temporal_group_norm)
 UNPERMUTE_RESIDUAL = [
-    Implementation("cuda", lambda *a: _native_unpermute("unpermute_residual_cuda", _cuda_extra, *a),
-                   cuda_kernels_unavailable_reason, reject_unless_native("cuda")),
     Implementation("cpp", lambda *a: _native_unpermute("unpermute_residual_cpu", _no_extra, *a),
                    native_unavailable_reason, reject_unless_native("cpu")),
     Implementation("triton", triton_unpermute_residual, triton_unavailable_reason, _reject_triton),
+    Implementation("cuda", lambda *a: _native_unpermute("unpermute_residual_cuda", _cuda_extra, *a),
+                   cuda_kernels_unavailable_reason, reject_unless_native("cuda")),
     Implementation("eager", temporal_unpermute_residual_reference, lambda: None, lambda *a: None),
 ]
 

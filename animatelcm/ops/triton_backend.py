@@ -91,6 +91,11 @@ def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def _contiguous_affine(weight, bias):
+    """Weight and bias as the kernels read them: contiguous, in their own dtype (converted to fp32 as loaded)."""
+    return tuple(None if p is None else p.detach().contiguous() for p in (weight, bias))
+
+
 def _channel_affine(x, batch, channels, groups, group_numel, inner_len, outer_stride, group_offset, batch_stride,
                     weight, bias, eps):
     """Per (batch, channel) fp32 ``scale, shift [batch * C]`` with ``norm(x) * weight + bias = x * scale + shift``,
@@ -106,9 +111,7 @@ def _channel_affine(x, batch, channels, groups, group_numel, inner_len, outer_st
         SEGMENTED=inner_len != group_numel, BLOCK=PARTIALS_BLOCK, num_warps=4)
     scale = torch.empty(batch * channels, dtype=torch.float32, device=x.device)
     shift = torch.empty_like(scale)
-    # fp32 copies of the affine parameters, held here until the launch has read them
-    weight = None if weight is None else weight.detach().to(torch.float32).contiguous()
-    bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
+    weight, bias = _contiguous_affine(weight, bias)
     block_split = _block(split)
     block_channels = max(1, 1024 // block_split)
     kernels.group_affine_kernel[(_cdiv(batch * channels, block_channels),)](
@@ -146,18 +149,37 @@ def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last
                                        spatial * channels, weight, bias, eps)
         _apply_rows(x, out, scale, shift, batch * spatial, channels, spatial, True, silu)
     elif batch * num_groups >= FUSED_MIN_GROUPS:
-        weight = None if weight is None else weight.detach().to(torch.float32).contiguous()  # held for the launch
-        bias = None if bias is None else bias.detach().to(torch.float32).contiguous()
-        block = min(2048, _block(group_numel))
-        _group_norm_kernels().group_norm_fused_kernel[(batch * num_groups,)](
-            x, out, x if weight is None else weight, x if bias is None else bias, num_groups, per_group, spatial,
-            float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK=block,
-            num_warps=8 if block >= 2048 else 4)
+        group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu)
     else:
-        scale, shift = _channel_affine(x, batch, channels, num_groups, group_numel, group_numel, 0, group_numel,
-                                       channels * spatial, weight, bias, eps)
-        _apply_rows(x, out, scale, shift, batch * channels, spatial, 1, False, silu)
+        group_norm_three_launches(x, out, num_groups, weight, bias, eps, silu)
     return out
+
+
+def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=None, num_warps=None):
+    """``out = act(group_norm(x))`` for contiguous ``x, out [N, C, *]`` in one launch, one program per (batch,
+    group) (``group_norm_fused_kernel``). ``block`` (elements per step, a power of two) and ``num_warps`` default to
+    the tuned choice; benchmarks/tune_group_norm.py times the others."""
+    batch, channels = x.shape[:2]
+    spatial = x[0, 0].numel()
+    per_group = channels // num_groups
+    block = block or min(2048, _block(per_group * spatial))
+    num_warps = num_warps or (8 if block >= 2048 else 4)
+    weight, bias = _contiguous_affine(weight, bias)
+    _group_norm_kernels().group_norm_fused_kernel[(batch * num_groups,)](
+        x, out, x if weight is None else weight, x if bias is None else bias, num_groups, per_group, spatial,
+        float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK=block,
+        num_warps=num_warps)
+
+
+def group_norm_three_launches(x, out, num_groups, weight, bias, eps, silu):
+    """``out = act(group_norm(x))`` for contiguous ``x, out [N, C, *]``: split partial sums, per-channel affine,
+    row-wise apply (for few groups, where one program per group would leave SMs idle)."""
+    batch, channels = x.shape[:2]
+    spatial = x[0, 0].numel()
+    group_numel = channels // num_groups * spatial
+    scale, shift = _channel_affine(x, batch, channels, num_groups, group_numel, group_numel, 0, group_numel,
+                                   channels * spatial, weight, bias, eps)
+    _apply_rows(x, out, scale, shift, batch * channels, spatial, 1, False, silu)
 
 
 def triton_temporal_group_norm(x, num_frames, num_groups, weight, bias, eps):

@@ -1,0 +1,108 @@
+"""Tune the Triton GroupNorm(+SiLU) launch on a GPU: for the GroupNorm shapes of SD1.5's UNet and VAE at 512x512
+(16 frames, guidance 1 and 2), the GPU time of the one-launch kernel at several (block, warps), the three-launch
+path, the CUDA C++ kernel and PyTorch's ops, against a same-size copy. It sets ``FUSED_MIN_GROUPS`` and the
+one-launch defaults in animatelcm/ops/triton_backend.py.
+
+    python benchmarks/tune_group_norm.py [--out benchmarks/results/tune_group_norm_cuda.md] [--dtype float16]
+
+GPU time per call: ``triton.testing.do_bench`` (CUDA events around repeated calls, L2 flushed between them), so
+host overhead is left out where the GPU is the bottleneck; the roofline column is the bytes a call must move (read
+x, write the output) over that time, as a fraction of the copy's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from animatelcm import ops  # noqa: E402
+from animatelcm.ops import triton_backend  # noqa: E402
+from animatelcm.ops.native import cuda_kernels_unavailable_reason  # noqa: E402
+
+# (batch, channels, height, width): batch 16 = 16 frames at guidance 1, 32 at guidance 2; UNet widths
+# 320/640/1280 at latents 64/32/16/8 and the up blocks' concatenations; the VAE decoder at 64..512.
+SHAPES = [(n, c, s, s) for n in (16, 32) for c, s in ((320, 64), (640, 32), (1280, 16), (1280, 8), (960, 64),
+                                                        (1920, 32), (2560, 16))]
+SHAPES += [(16, 512, 64, 64), (16, 512, 128, 128), (16, 256, 256, 256), (16, 128, 512, 512)]
+GROUPS = 32
+ONE_LAUNCH_CONFIGS = [(block, warps) for block in (1024, 2048, 4096) for warps in (4, 8, 16)
+                      if block // (32 * warps) >= 4]
+
+
+def gpu_ms(fn) -> float:
+    import triton.testing
+
+    fn()  # compile and warm up
+    return triton.testing.do_bench(fn, warmup=10, rep=40)
+
+
+def providers(x, weight, bias, out):
+    """name -> a call writing GroupNorm+SiLU of x (into out where the provider takes one)."""
+    calls = {
+        "F.group_norm + F.silu": lambda: F.silu(F.group_norm(x, GROUPS, weight, bias, 1e-5)),
+        "three launches": lambda: triton_backend.group_norm_three_launches(x, out, GROUPS, weight, bias, 1e-5, True),
+    }
+    for block, warps in ONE_LAUNCH_CONFIGS:
+        calls[f"one launch {block}/{warps}w"] = (
+            lambda b=block, w=warps: triton_backend.group_norm_one_launch(x, out, GROUPS, weight, bias, 1e-5, True,
+                                                                         block=b, num_warps=w))
+    if cuda_kernels_unavailable_reason() is None:
+        calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="cuda")
+    calls["copy (floor)"] = lambda: out.copy_(x)
+    return calls
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "tune_group_norm_cuda.md")
+    parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    dtype = getattr(torch, args.dtype)
+    lines = [f"# Triton GroupNorm+SiLU launch tuning, {args.dtype}, {GROUPS} groups, on {torch.cuda.get_device_name()}",
+             "", f"Command: `python benchmarks/tune_group_norm.py {' '.join(argv if argv is not None else sys.argv[1:])}`."
+             f" Run {datetime.datetime.now().isoformat(timespec='seconds')}. GPU ms per call (triton do_bench); "
+             "% of the copy's bandwidth in brackets; best GroupNorm in bold.", ""]
+    header = None
+    for shape in SHAPES:
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        weight = torch.randn(shape[1], device="cuda", dtype=dtype)
+        bias = torch.randn(shape[1], device="cuda", dtype=dtype)
+        out = torch.empty_like(x)
+        calls = providers(x, weight, bias, out)
+        times = {}
+        for name, call in calls.items():
+            try:
+                times[name] = gpu_ms(call)
+            except Exception as error:  # noqa: BLE001 - a config that does not compile is reported, not fatal
+                print(f"{shape} {name}: {type(error).__name__}: {str(error).splitlines()[0][:160]}", flush=True)
+                times[name] = float("nan")
+        if header is None:
+            header = list(calls)
+            lines += ["| shape | groups in all | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
+        floor = times["copy (floor)"]
+        best = min((t, n) for n, t in times.items() if n != "copy (floor)" and t == t)[1]
+        cells = []
+        for name in header:
+            t = times.get(name, float("nan"))
+            cell = "-" if t != t else f"{t:.3f} ({100 * floor / t:.0f} %)"
+            cells.append(f"**{cell}**" if name == best else cell)
+        lines.append(f"| {'x'.join(map(str, shape))} | {shape[0] * GROUPS} | " + " | ".join(cells) + " |")
+        print(lines[-1], flush=True)
+        del x, out
+        torch.cuda.empty_cache()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

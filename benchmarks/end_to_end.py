@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from animatelcm import patch_pipeline  # noqa: E402
+from animatelcm.ops.dispatch import BACKENDS  # noqa: E402
 from benchmarks.harness import append_rows, cpu_model  # noqa: E402
 from animatelcm.testing import TinyConfig, tiny_components  # noqa: E402
 
@@ -174,7 +175,7 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0])
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for the MFU column (default: known GPUs' dense fp16 peak; none on a CPU)")
-    parser.add_argument("--backends", nargs="*", default=[], choices=["cpp", "cuda", "triton"],
+    parser.add_argument("--backends", nargs="*", default=[], choices=BACKENDS,
                         help="also time patch_pipeline(backend=B) for each: every op with a B kernel forced onto it")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler breakdown of one patched latents call")

@@ -48,7 +48,7 @@ fi
 
 if wanted tests; then
   log "2. tests"
-  timeout -s INT -k 10 "$(step_limit 200)" "$PYTHON" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
+  timeout -s INT -k 10 "$(step_limit 240)" "$PYTHON" -m pytest -q -rfE --tb=short -p no:cacheprovider tests/test_attention_op.py tests/test_group_norm_op.py \
     tests/test_consistency_op.py tests/test_geglu_op.py tests/test_scheduler.py tests/test_patching.py \
     > "$OUT/tests.log" 2>&1
   log "tests: $(tail -1 "$OUT/tests.log")"

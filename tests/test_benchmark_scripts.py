@@ -72,3 +72,17 @@ def test_end_to_end_reports_a_failing_provider_and_keeps_the_others(tiny_benchma
     with (tiny_benchmark / "end_to_end.csv").open(newline="") as handle:
         records = list(csv.DictReader(handle))
     assert [r["failed"] != "" for r in records] == [False, True, False, True]
+
+
+def test_end_to_end_times_a_forced_backend_as_its_own_provider(tiny_benchmark, monkeypatch):
+    backends_patched = []
+
+    def recording_patch(pipe, **options):
+        backends_patched.append(options.get("backend", "auto"))
+        return pipe
+
+    monkeypatch.setattr(end_to_end, "patch_pipeline", recording_patch)
+    end_to_end.main(["--runs", "1", "--no-compile", "--guidance", "1", "--backends", "eager"])
+    table = (tiny_benchmark / "end_to_end.md").read_text().splitlines()
+    assert len([line for line in table if line.startswith("| patched, backend=eager | 1.0 |")]) == 2
+    assert sorted(backends_patched) == ["auto", "eager"]

@@ -60,6 +60,32 @@ def test_triton_group_norm_both_paths_match_reference(fused, dtype, monkeypatch,
             assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu), dtype)
 
 
+@pytest.mark.parametrize("block, num_warps", [(1024, 4), (2048, 8), (4096, 16), (None, None)],
+                         ids=["1024-4w", "2048-8w", "4096-16w", "default"])
+def test_triton_one_launch_configurations_match_reference(block, num_warps, poisoned_outputs):
+    """Every (block, warps) the tuning script times, and the size-based default, give the reference: groups shorter
+    than, equal to and longer than a block (with a partial last step), weight and bias in another dtype than x."""
+    if "triton" not in backends_usable_here(GROUP_NORM_SILU):
+        pytest.skip("the triton backend is not usable here")
+    from animatelcm.ops import triton_backend
+
+    generator = torch.Generator().manual_seed(7)
+    for shape, groups in (((2, 8, 5, 7), 4), ((1, 16, 32, 32), 4), ((2, 6, 73, 61), 2)):
+        x = (torch.randn(shape, generator=generator) * 2 + 5).to(backend_device("triton"), torch.float16)
+        weight, bias = affine(shape[1], generator, torch.bfloat16, device=x.device)
+        out = torch.full_like(x, float("nan"))
+        triton_backend.group_norm_one_launch(x, out, groups, weight, bias, 1e-5, True, block=block, num_warps=num_warps)
+        assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, weight, bias, 1e-5),
+                                  torch.float16)
+
+
+def test_one_launch_configuration_grows_with_the_group():
+    from animatelcm.ops.triton_backend import one_launch_config
+
+    sizes = [one_launch_config(n) for n in (1, 2560, 4096, 4097, 32768, 40960, 2**20)]
+    assert sizes == [(1024, 4)] * 3 + [(2048, 8)] * 2 + [(4096, 16)] * 2
+
+
 # Channels-last [N, C, H, W] (groups): channels not a multiple of any vector width, H*W across the CPU kernel's
 # 128-position blocks with a partial last one, one channel per group, a 1x1 image.
 CHANNELS_LAST_SHAPES = [((3, 40, 13, 11), 8), ((2, 7, 5, 30), 7), ((1, 64, 16, 16), 32), ((4, 6, 1, 1), 3),

@@ -233,7 +233,7 @@ def _reject_triton(x, *rest):
 
 
 # cpp first (CPU tensors only; Triton takes CPU tensors only under TRITON_INTERPRET=1, as in CI's tests), then Triton
-# ahead of the CUDA C++ kernels: on an H100 the Triton kernels take 0.55-0.83x the CUDA ones' GPU time per call
+# ahead of the CUDA C++ kernels: on an H100 the Triton kernels take 0.28-0.83x the CUDA ones' GPU time per call
 # (benchmarks/results/kernels_gpu.md, 2026-11-27). CUDA C++ keeps what Triton declines (float64, 2**31 elements).
 def _gn_impls(reference, run_native, run_triton):
     return [

@@ -83,7 +83,9 @@ MAX_SPLIT = 1024         # chunks per group at most (the affine kernel adds them
 TILE = 64                # the permute / unpermute tiles: TILE channels x TILE positions
 # A contiguous GroupNorm with at least this many (batch, group) pairs runs as one fused launch, one program per
 # group (two programs per SM of an H100's 132); fewer groups would leave SMs idle, so they take the three launches,
-# which split each group's statistics. A guess until a GPU benchmark sets it.
+# which split each group's statistics. On an H100 (fp16, tune_group_norm_cuda.md) every SD1.5 UNet and VAE shape
+# has 512 or more pairs, and there one launch matched or beat three (up to 7x faster at 8x8 latents, 1-3 % behind at
+# the VAE's largest); below 512 pairs the threshold is not measured yet.
 FUSED_MIN_GROUPS = 264
 
 
@@ -155,6 +157,19 @@ def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last
     return out
 
 
+def one_launch_config(group_numel: int) -> tuple[int, int]:
+    """(elements per step, warps) of the one-launch GroupNorm for groups of ``group_numel`` elements: the fastest
+    of benchmarks/tune_group_norm.py's choices on an H100 in fp16 (benchmarks/results/tune_group_norm_cuda.md):
+    1024/4 warps for SD1.5's 8x8 latents (2560-element groups), 2048/8 up to 32768 elements (16x16 and 32x32
+    latents, where 4096/16 lost up to 3x on two shapes), 4096/16 above (64x64 latents and the VAE: 5-15 % ahead of
+    2048/8)."""
+    if group_numel <= 4096:
+        return 1024, 4
+    if group_numel <= 32768:
+        return 2048, 8
+    return 4096, 16
+
+
 def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=None, num_warps=None):
     """``out = act(group_norm(x))`` for contiguous ``x, out [N, C, *]`` in one launch, one program per (batch,
     group) (``group_norm_fused_kernel``). ``block`` (elements per step, a power of two) and ``num_warps`` default to
@@ -162,8 +177,8 @@ def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=Non
     batch, channels = x.shape[:2]
     spatial = x[0, 0].numel()
     per_group = channels // num_groups
-    block = block or min(2048, _block(per_group * spatial))
-    num_warps = num_warps or (8 if block >= 2048 else 4)
+    default_block, default_warps = one_launch_config(per_group * spatial)
+    block, num_warps = block or default_block, num_warps or default_warps
     weight, bias = _contiguous_affine(weight, bias)
     _group_norm_kernels().group_norm_fused_kernel[(batch * num_groups,)](
         x, out, x if weight is None else weight, x if bias is None else bias, num_groups, per_group, spatial,

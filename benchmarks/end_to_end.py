@@ -1,13 +1,14 @@
 """End-to-end benchmark: diffusers AnimateDiffPipeline (+ LCMScheduler) eager vs patch_pipeline vs
 torch.compile(unet) vs patched + compile (on a GPU also patched + CUDA graph; with --backends, patched with one
-kernel backend forced), on random weights, every provider in the same process.
+kernel backend forced; with --channels-last, diffusers and the patch on a channels-last UNet), on random weights,
+every provider in the same process.
 
 CPU (default): an SD1.5-topology UNet at a quarter of the width (blocks 80/160/320/320, head dims 40/80/160 as in
 SD1.5, 16 GroupNorm groups since 32 does not divide 80), motion modules, a quarter-width VAE, 16 frames at 256x256,
 4 steps, guidance 1.0. GPU (--device cuda): full SD1.5 + AnimateLCM shapes, 16 frames at 512x512, fp16.
 
     python benchmarks/end_to_end.py [--device cpu|cuda] [--runs 3] [--no-compile] [--compile-mode MODE]
-                                    [--guidance 1 2] [--peak-tflops T] [--backends cuda] [--profile]
+                                    [--guidance 1 2] [--peak-tflops T] [--backends cuda] [--channels-last] [--profile]
 
 Appends to benchmarks/results/end_to_end.csv and rewrites benchmarks/results/end_to_end.md (on a GPU:
 end_to_end_cuda.{csv,md}). Each row: median/min/max seconds per pipeline call, seconds per denoising step (the
@@ -177,6 +178,9 @@ def main(argv=None):
                         help="device peak for the MFU column (default: known GPUs' dense fp16 peak; none on a CPU)")
     parser.add_argument("--backends", nargs="*", default=[], choices=BACKENDS,
                         help="also time patch_pipeline(backend=B) for each: every op with a B kernel forced onto it")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="also time diffusers and the patch with the UNet's weights (and so its activations) "
+                             "channels-last")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler breakdown of one patched latents call")
     args = parser.parse_args(argv)
@@ -196,6 +200,15 @@ def main(argv=None):
         providers["patched + CUDA graph"] = lambda p: patch_pipeline(p, cuda_graph=True)
     for backend in args.backends:
         providers[f"patched, backend={backend}"] = lambda p, b=backend: patch_pipeline(p, backend=b)
+    if args.channels_last:
+        def channels_last(p):
+            p.unet.to(memory_format=torch.channels_last)
+            return p
+        providers["diffusers eager, channels-last UNet"] = channels_last
+        providers["patched, channels-last UNet"] = lambda p: patch_pipeline(channels_last(p))
+        if args.device == "cuda":
+            providers["patched + CUDA graph, channels-last UNet"] = lambda p: patch_pipeline(channels_last(p),
+                                                                                             cuda_graph=True)
     if not args.no_compile:
         mode = args.compile_mode or ("max-autotune" if args.device == "cuda" else "default")
 

@@ -10,7 +10,8 @@
 # Every step writes its log and results under $OUT as soon as it ends, so a step that runs out of time loses only
 # itself; the step timeouts (SIGINT, so pytest still writes its results) are capped by what is left of a 580 s budget,
 # so everything fits one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on
-# a machine still warm from an earlier call (the build is kept there). GPU_CHECK_COMPILE=1 adds the torch.compile
+# a machine still warm from an earlier call (the build is kept there). GPU_CHECK_E2E_ARGS adds arguments to the
+# end-to-end step (--channels-last, say). GPU_CHECK_COMPILE=1 adds the torch.compile
 # providers to the end-to-end step, whose max-autotune compile can take longer than one call allows. Steps:
 #   1. build: ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
 #   2. tests: the op and patching tests, which on a GPU also run the cuda and triton backends;
@@ -74,7 +75,7 @@ if wanted e2e; then
   log "4. end-to-end"
   compile_flag=--no-compile
   [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && compile_flag=""
-  timeout -s INT -k 10 "$(step_limit 300)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --backends cuda --profile $compile_flag \
+  timeout -s INT -k 10 "$(step_limit 300)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --backends cuda --profile $compile_flag ${GPU_CHECK_E2E_ARGS:-} \
     > "$OUT/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$OUT/" 2>/dev/null
   log "end-to-end: $(tail -3 "$OUT/end_to_end.log" | tr '\n' ' ')"

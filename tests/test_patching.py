@@ -258,6 +258,17 @@ def test_other_schedulers_are_left_alone(components):
     assert pipe.scheduler is scheduler
 
 
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_channels_last_unet_patched_matches_unpatched(guidance, components):
+    """A UNet whose weights, and so activations, are channels-last (benchmarks/end_to_end.py --channels-last):
+    the patched pipeline gives the unpatched contiguous pipeline's latents."""
+    pipe, args = build("animatediff", components)
+    reference = latents(pipe, args, guidance)
+    pipe.unet.to(memory_format=torch.channels_last)
+    patch_pipeline(pipe)
+    assert relative_difference(latents(pipe, args, guidance), reference) <= 1e-3
+
+
 def test_channels_last_resnet_input_runs_fused_on_the_cpu(components, monkeypatch):
     # The VAE decoder's convolutions hand its ResNet blocks channels-last activations: on the CPU the patched block
     # normalises them with the channels-last kernel (no copy to [N, C, H, W]), same result as unpatched.

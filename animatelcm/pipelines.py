@@ -137,7 +137,7 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
 
         ``image`` (needs ``image_adapter``): the first frame to animate, one for every video or one per prompt, as
         PIL images, arrays ``[H, W, 3]`` / ``[N, H, W, 3]`` or tensors ``[3, H, W]`` / ``[N, 3, H, W]`` with values
-        in [0, 1]; resized to ``height`` x ``width``. Its VAE latent (the distribution's mean) drives the adapter,
+        in [0, 1], or a list of those (sizes and kinds may differ); each resized to ``height`` x ``width``. Its VAE latent (the distribution's mean) drives the adapter,
         whose features are added before the first motion module of every down block, on both halves of
         classifier-free guidance (as the adapter was trained)."""
         self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
@@ -170,9 +170,11 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
                              "clip, FreeNoise denoises windows of it; call pipe.disable_free_noise() first")
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        # the pipeline's video processor does not resize; a fresh one with diffusers' defaults does
-        pixels = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor).preprocess(
-            _as_image_batch(image), height=height, width=width)
+        # the pipeline's video processor does not resize; a fresh one with diffusers' defaults does. Each item of a
+        # list on its own, so the pictures may differ in size and kind.
+        processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        pixels = torch.cat([processor.preprocess(_as_image_batch(item), height=height, width=width)
+                            for item in (image if isinstance(image, (list, tuple)) else [image])])
         videos = prompts * num_videos_per_prompt
         if pixels.shape[0] == prompts and num_videos_per_prompt > 1:
             pixels = pixels.repeat_interleave(num_videos_per_prompt, dim=0)
@@ -194,8 +196,9 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
     (``final/controlnet``). Build one from a loaded pipeline with
     ``AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnet)``.
 
-    ``__call__(prompt, conditioning_frames=[F images], ...)``: the control images (PIL, or arrays/tensors in [0, 1]),
-    one per frame, resized to ``height`` x ``width``; output as :class:`AnimateLCMPipeline`'s."""
+    ``__call__(prompt, conditioning_frames=[F images], ...)``: the control images (PIL, or arrays ``[H, W, 3]`` /
+    tensors ``[3, H, W]`` of one shape in [0, 1]; or one array ``[F, H, W, 3]`` / tensor ``[F, 3, H, W]``), one per
+    frame, resized to ``height`` x ``width``; output as :class:`AnimateLCMPipeline`'s."""
 
     _optional_components = [*AnimateDiffControlNetPipeline._optional_components, "scheduler"]
 
@@ -218,6 +221,8 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
                                    num_videos_per_prompt)
         if conditioning_frames is None:
             raise ValueError("conditioning_frames is required: one control image per frame")
+        if not isinstance(self.controlnet, MultiControlNetModel):
+            conditioning_frames = _control_frame_list(conditioning_frames)
         if isinstance(conditioning_frames, (list, tuple)) and conditioning_frames and not isinstance(
                 self.controlnet, MultiControlNetModel):
             count = len(conditioning_frames)
@@ -229,7 +234,6 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 output_type=output_type, decode_chunk_size=decode_chunk_size,
                                 conditioning_frames=conditioning_frames, **kwargs)
-
 
     def prepare_video(self, video, width, height, batch_size, num_videos_per_prompt, device, dtype,
                       do_classifier_free_guidance=False, guess_mode=False):
@@ -248,6 +252,25 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
         return frames
 
 
+def _control_frame_list(frames):
+    """One ControlNet's control frames as the list diffusers takes: an array ``[F, H, W, 3]`` or a tensor
+    ``[F, 3, H, W]`` split into its frames; a list is checked for frames diffusers would fail to stack."""
+    import numpy as np
+
+    if isinstance(frames, (np.ndarray, torch.Tensor)):
+        if frames.ndim != 4:
+            raise ValueError(f"conditioning_frames as an array must be [F, H, W, 3] (a tensor [F, 3, H, W]), got "
+                             f"shape {tuple(frames.shape)}")
+        return list(frames)
+    if isinstance(frames, (list, tuple)):
+        shapes = {tuple(frame.shape) for frame in frames if isinstance(frame, (np.ndarray, torch.Tensor))}
+        if len(shapes) > 1:
+            raise ValueError(f"conditioning_frames given as arrays or tensors must share one shape, got "
+                             f"{sorted(shapes)}; resize them to one size first, or pass PIL images (resized for you)")
+        return list(frames)
+    return frames
+
+
 def _prompt_count(prompt, kwargs: dict) -> int:
     """How many prompts (or prompt embeddings) a call names."""
     if isinstance(prompt, str):
@@ -259,7 +282,7 @@ def _prompt_count(prompt, kwargs: dict) -> int:
 
 
 def _as_image_batch(image):
-    """``image`` as something diffusers' image processor takes: a PIL image or a list of them, an array
+    """One picture or a stack of them as diffusers' image processor takes it: a PIL image, an array
     ``[N, H, W, 3]`` or a tensor ``[N, 3, H, W]`` in [0, 1]."""
     import numpy as np
 
@@ -267,12 +290,13 @@ def _as_image_batch(image):
         return image[None]
     if isinstance(image, torch.Tensor) and image.dim() == 3:
         return image[None]
-    if isinstance(image, (np.ndarray, torch.Tensor)) or isinstance(image, (list, tuple)):
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4:
         return image
     if hasattr(image, "convert"):  # a PIL image
         return image.convert("RGB")
-    raise TypeError(f"image must be a PIL image, an array [H, W, 3] / [N, H, W, 3] or a tensor [3, H, W] / "
-                    f"[N, 3, H, W]; got {type(image).__name__}")
+    shape = f" of shape {tuple(image.shape)}" if isinstance(image, (np.ndarray, torch.Tensor)) else ""
+    raise TypeError(f"image must be a PIL image, an array [H, W, 3] / [N, H, W, 3], a tensor [3, H, W] / "
+                    f"[N, 3, H, W], or a list of those; got {type(image).__name__}{shape}")
 
 
 def _repeat_prompts(prompt, kwargs: dict, times: int = 1):

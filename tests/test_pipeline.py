@@ -189,6 +189,15 @@ def test_image_to_video_inputs(components, tmp_path):
     torch.testing.assert_close(by_tensor, by_pil, atol=1e-4, rtol=1e-4)
     two = pipe("a cat", image=image, num_videos_per_prompt=2, **common).frames
     assert two.shape == (2, 4, 4, 4, 4)
+    # one picture per prompt, of different sizes and kinds: each video as if made alone (one step: the LCM steps
+    # after the first draw their noise for the whole batch)
+    other = np.random.default_rng(0).random((48, 40, 3), dtype=np.float32)
+    one_step = {**common, "num_inference_steps": 1}
+    both = pipe(["a cat", "a dog"], image=[image, other], latents=latents, **one_step).frames
+    alone = [pipe(prompt, image=picture, latents=latents[i:i + 1], **one_step).frames
+             for i, (prompt, picture) in enumerate([("a cat", image), ("a dog", other)])]
+    torch.testing.assert_close(both, torch.cat(alone), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(alone[0], pipe("a cat", image=other, latents=latents[:1], **one_step).frames)
 
     pipe.save_pretrained(tmp_path / "i2v")
     loaded = AnimateLCMPipeline.from_pretrained(tmp_path / "i2v", local_files_only=True)
@@ -203,6 +212,8 @@ def test_image_to_video_inputs(components, tmp_path):
         pipe(["a", "b", "c"], image=pictures(2, 32, 0), **common)
     with pytest.raises(TypeError, match="PIL image"):
         pipe("a cat", image="frame.png", **common)
+    with pytest.raises(TypeError, match=r"shape \(32, 32\)"):
+        pipe("a cat", image=np.zeros((32, 32)), **common)
     pipe.enable_free_noise(context_length=4, context_stride=2)
     with pytest.raises(ValueError, match="FreeNoise"):
         pipe("a cat", image=image, **common)
@@ -238,6 +249,17 @@ def test_controlnet_pipeline_matches_diffusers(components, guidance):
         ours("x", **{**common, "conditioning_frames": control[:5]})
     with pytest.raises(ValueError, match="conditioning_frames is required"):
         ours("x", **{**common, "conditioning_frames": None})
+    # the clip as one array [F, H, W, 3] or tensor [F, 3, H, W]: the same as its frames in a list
+    arrays = np.stack([np.asarray(frame).astype(np.float32) / 255 for frame in control])
+    one_step = {**common, "num_inference_steps": 1, "latents": two[:1]}
+    by_list = ours("x", **{**one_step, "conditioning_frames": list(arrays)}).frames
+    by_array = ours("x", **{**one_step, "conditioning_frames": arrays}).frames
+    by_tensor = ours("x", **{**one_step, "conditioning_frames": torch.from_numpy(arrays).permute(0, 3, 1, 2)}).frames
+    assert np.abs(by_array - by_list).max() <= 1e-5 and np.abs(by_tensor - by_list).max() <= 1e-5
+    with pytest.raises(ValueError, match="share one shape"):
+        ours("x", **{**common, "conditioning_frames": [arrays[0]] * 5 + [arrays[0][:40]]})
+    with pytest.raises(ValueError, match=r"\[F, H, W, 3\]"):
+        ours("x", **{**common, "conditioning_frames": arrays[0]})
 
 
 def test_controlnet_whose_downsampling_differs_from_the_vae(components):

@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--steps", type=_positive_int, default=4, help="sampling steps (default 4)")
     gen.add_argument("--frames", type=_positive_int, default=None,
                      help="frames (default 16, or the length of --control)")
+    gen.add_argument("--free-noise", action="store_true",
+                     help="for clips longer than the motion module's positional table: denoise overlapping 16-frame "
+                          "windows, 4 frames apart (diffusers' FreeNoise; not with --image)")
     gen.add_argument("--height", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
     gen.add_argument("--guidance", type=_non_negative_float, default=1.0,
@@ -344,6 +347,10 @@ def evaluate(args) -> dict:
     return report
 
 
+FREE_NOISE_WINDOW = 16  # frames per FreeNoise window: the clip length AnimateLCM's motion modules were trained on
+FREE_NOISE_STRIDE = 4   # frames between window starts (diffusers' default)
+
+
 def generate(args) -> Path:
     import torch
     from diffusers.utils import logging as diffusers_logging
@@ -363,6 +370,12 @@ def generate(args) -> Path:
         height, width = height or default.height, width or default.width
         fps = fps or default.fps
     pipe, call_arguments = _add_adapters(args, pipe, dtype, device, height, width)
+    if args.free_noise:  # before the patch, which runs FreeNoise's blocks as it finds them
+        if args.image:
+            raise UserError("--free-noise with --image: the image adapter embeds the frame index of the whole clip, "
+                            "FreeNoise denoises windows of it; drop one of them")
+        pipe.enable_free_noise(context_length=min(FREE_NOISE_WINDOW, pipe.max_frames() or FREE_NOISE_WINDOW),
+                               context_stride=FREE_NOISE_STRIDE)
     if not args.no_fused:
         from . import patching
 

@@ -50,6 +50,26 @@ class _AnimateLCMDefaults:
             index["scheduler"] = ["diffusers", "LCMScheduler"]
             index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
+    def enable_free_noise(self, *args, **kwargs):
+        """diffusers' FreeNoise (longer clips in overlapping windows), refused with a reason for prompted motion
+        modules (:mod:`animatelcm.motion_prompt`), whose prompt attention FreeNoise's rebuilt blocks would drop."""
+        width = motion_cross_attention_dim(self.unet)
+        if width is not None:
+            raise ValueError(f"FreeNoise rebuilds the motion modules' blocks without their prompt attention "
+                             f"(this model's attend to the prompt: motion_cross_attention_dim={width}); generate at "
+                             f"most {self.max_frames()} frames with it")
+        return super().enable_free_noise(*args, **kwargs)
+
+    def _batched_prompts(self, prompt, kwargs: dict, num_videos_per_prompt: int):
+        """The prompts (and negative prompts, embeddings) for ``num_videos_per_prompt`` videos each; under FreeNoise
+        as given: one video a call, its prompt a string or diffusers' ``{frame: prompt}`` dict."""
+        if not self.free_noise_enabled:
+            return _repeat_prompts(prompt, kwargs, num_videos_per_prompt)
+        if num_videos_per_prompt != 1:
+            raise ValueError("num_videos_per_prompt > 1 with FreeNoise is not supported: FreeNoise makes one video a "
+                             "call; call the pipeline once per video")
+        return prompt, kwargs
+
     def max_frames(self) -> int | None:
         """Longest clip the motion modules' positional table allows (None when it cannot be read)."""
         adapter = getattr(self, "motion_adapter", None)
@@ -66,9 +86,11 @@ class _AnimateLCMDefaults:
             raise ValueError(f"num_frames must be a positive integer, got {num_frames!r}")
         limit = self.max_frames()
         if limit is not None and num_frames > limit and not self.free_noise_enabled:
+            longer = ("" if motion_cross_attention_dim(self.unet) is not None else
+                      " or enable FreeNoise (pipe.enable_free_noise(), or --free-noise on the command line) for "
+                      "longer clips")
             raise ValueError(f"num_frames={num_frames} exceeds the motion module's positional table "
-                             f"({limit} frames); generate at most {limit} frames or enable FreeNoise "
-                             "(pipe.enable_free_noise()) for longer clips")
+                             f"({limit} frames); generate at most {limit} frames{longer}")
         if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(guidance_scale, numbers.Real) or guidance_scale < 0:
@@ -143,7 +165,7 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
         self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
                                    num_videos_per_prompt)
         prompts = _prompt_count(prompt, kwargs)
-        prompt, kwargs = _repeat_prompts(prompt, kwargs, num_videos_per_prompt)
+        prompt, kwargs = self._batched_prompts(prompt, kwargs, num_videos_per_prompt)
         arguments = dict(prompt=prompt, num_frames=num_frames, height=height, width=width,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          output_type=output_type, decode_chunk_size=decode_chunk_size, **kwargs)
@@ -229,7 +251,7 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
             if count != num_frames:
                 raise ValueError(f"got {count} conditioning frames for num_frames={num_frames}; give one control "
                                  "image per frame")
-        prompt, kwargs = _repeat_prompts(prompt, kwargs, num_videos_per_prompt)
+        prompt, kwargs = self._batched_prompts(prompt, kwargs, num_videos_per_prompt)
         return super().__call__(prompt=prompt, num_frames=num_frames, height=height, width=width,
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 output_type=output_type, decode_chunk_size=decode_chunk_size,

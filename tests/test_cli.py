@@ -183,3 +183,16 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
                           "config.json")]:
         assert main(["generate", "--prompt", "a cat", *tiny_model_args, *argv, "--out", str(tmp_path / "x.gif")]) == 2
         assert needle in capsys.readouterr().err, argv
+
+
+def test_generate_longer_than_the_positional_table_with_free_noise(tiny_model_args, tmp_path):
+    """--free-noise makes clips longer than the motion module's table (32 frames here) in overlapping windows; the
+    embedded default model's prompted motion modules refuse it with the reason."""
+    args = ["generate", "--prompt", "a cat", *tiny_model_args, "--steps", "1", "--frames", "36"]
+    assert main([*args, "--free-noise", "--out", str(tmp_path / "long.gif")]) == 0
+    assert iio.imread(tmp_path / "long.gif").shape[0] == 36
+    code, _, stderr = run_cli(*args, "--out", str(tmp_path / "x.gif"))
+    assert code == 2 and "--free-noise" in stderr
+    code, _, stderr = run_cli("generate", "--prompt", "x", "--frames", "40", "--free-noise", "--out",
+                              str(tmp_path / "y.gif"))
+    assert code == 2 and "prompt attention" in stderr and "Traceback" not in stderr

@@ -275,3 +275,24 @@ def test_controlnet_whose_downsampling_differs_from_the_vae(components):
     out = pipe("a cat", num_frames=3, height=48, width=32, num_inference_steps=1, conditioning_frames=pictures(3, 40, 1),
                output_type="latent").frames
     assert out.shape == (1, 4, 3, 6, 4) and seen[0][-2:] == (24, 16)
+
+
+def test_free_noise_makes_clips_longer_than_the_table_as_diffusers(components):
+    """FreeNoise (overlapping windows) beyond the motion module's 32-frame table: a string or {frame: prompt} prompt
+    gives diffusers' AnimateDiffPipeline's clip with the same LCM scheduler; several videos a call are refused."""
+    pipe = AnimateLCMPipeline(**components)
+    reference = diffusers.AnimateDiffPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        motion_adapter=pipe.motion_adapter, scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
+    for p in (pipe, reference):
+        p.set_progress_bar_config(disable=True)
+        p.enable_free_noise(context_length=16, context_stride=8)
+    common = dict(num_frames=36, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="latent")
+    for prompt in ("a red circle", {0: "a red circle", 20: "a blue square"}):
+        latents = torch.randn(1, 4, 36, 4, 4, generator=torch.Generator().manual_seed(0))
+        ours = pipe(prompt, latents=latents, generator=torch.Generator().manual_seed(1), **common).frames
+        theirs = reference(prompt, latents=latents, generator=torch.Generator().manual_seed(1), **common).frames
+        assert ours.shape == (1, 4, 36, 4, 4)
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="FreeNoise makes one video a call"):
+        pipe("a red circle", num_videos_per_prompt=2, **common)

@@ -1,7 +1,7 @@
 """Tune the Triton GroupNorm(+SiLU) launch on a GPU: for the GroupNorm shapes of SD1.5's UNet and VAE at 512x512
-(16 frames, guidance 1 and 2), the GPU time of the one-launch kernel at several (block, warps), the three-launch
-path, the CUDA C++ kernel and PyTorch's ops, against a same-size copy. It sets ``FUSED_MIN_GROUPS`` and the
-one-launch defaults in animatelcm/ops/triton_backend.py.
+(16 frames, guidance 1 and 2), the GPU time of the one-launch kernel at several (block, warps) and with the group
+kept in registers, the three-launch path, the CUDA C++ kernel and PyTorch's ops, against a same-size copy. It sets
+``FUSED_MIN_GROUPS`` and the one-launch defaults in animatelcm/ops/triton_backend.py.
 
     python benchmarks/tune_group_norm.py [--out benchmarks/results/tune_group_norm_cuda.md] [--dtype float16]
 
@@ -34,6 +34,7 @@ SHAPES += [(16, 512, 64, 64), (16, 512, 128, 128), (16, 256, 256, 256), (16, 128
 GROUPS = 32
 ONE_LAUNCH_CONFIGS = [(block, warps) for block in (1024, 2048, 4096) for warps in (4, 8, 16)
                       if block // (32 * warps) >= 4]
+MAX_TILE = 65536  # the largest group kept in registers (a power of two: 64 fp32 values a thread at 32 warps)
 
 
 def gpu_ms(fn) -> float:
@@ -49,8 +50,12 @@ def providers(x, weight, bias, out):
         "F.group_norm + F.silu": lambda: F.silu(F.group_norm(x, GROUPS, weight, bias, 1e-5)),
         "three launches": lambda: triton_backend.group_norm_three_launches(x, out, GROUPS, weight, bias, 1e-5, True),
     }
-    for block, warps in ONE_LAUNCH_CONFIGS:
-        calls[f"one launch {block}/{warps}w"] = (
+    group_tile = 1 << (x[0, :x.shape[1] // GROUPS].numel() - 1).bit_length()  # the group, rounded up to a power of 2
+    configs = [(f"one launch {block}/{warps}w", block, warps) for block, warps in ONE_LAUNCH_CONFIGS]
+    configs += [(f"group in registers, {warps}w", group_tile if group_tile <= MAX_TILE else None, warps)
+                for warps in (8, 16, 32)]
+    for name, block, warps in configs:
+        calls[name] = None if block is None else (
             lambda b=block, w=warps: triton_backend.group_norm_one_launch(x, out, GROUPS, weight, bias, 1e-5, True,
                                                                          block=b, num_warps=w))
     if cuda_kernels_unavailable_reason() is None:
@@ -81,6 +86,9 @@ def main(argv=None):
         calls = providers(x, weight, bias, out)
         times = {}
         for name, call in calls.items():
+            if call is None:  # a choice that does not apply to this shape
+                times[name] = float("nan")
+                continue
             try:
                 times[name] = gpu_ms(call)
             except Exception as error:  # noqa: BLE001 - a config that does not compile is reported, not fatal

@@ -20,8 +20,9 @@ kernel serves every layout: element i of group (b, g) sits at
 
 ``group_norm_fused_kernel`` does a contiguous ``[N, C, S]`` GroupNorm in one launch, one program per (batch, group):
 the statistics in a first pass over the group, then the normalisation in a second pass that reads the group back
-while it is likely still in L2 (a group of SD1.5's UNet at 64x64 latents is 80 KB in fp16). With enough groups to
-fill the GPU that is one read of x from memory instead of two.
+while it is likely still in L2 (a group of SD1.5's UNet at 64x64 latents is 80 KB in fp16), or, with a block as
+large as the group (ONE_TILE), one read kept in registers. With enough groups to fill the GPU that is one read of x
+from memory instead of two.
 """
 
 import triton
@@ -169,38 +170,58 @@ def unpermute_residual_kernel(
 def group_norm_fused_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
+    ONE_TILE: tl.constexpr,
 ):
     """x, y [N, C, S] contiguous; program bg normalises group bg % groups of batch entry bg // groups, the
-    per_group * spatial contiguous elements from bg * per_group * spatial."""
+    per_group * spatial contiguous elements from bg * per_group * spatial. ONE_TILE (BLOCK >= the group): the group
+    is loaded once and kept in registers for both the statistics (two-pass, about its mean) and the output."""
     bg = tl.program_id(0).to(tl.int64)
     group_numel = per_group * spatial
     base = bg * group_numel
-    shift = tl.load(x_ptr + base).to(tl.float32)
     lanes = tl.arange(0, BLOCK)
-    sums = tl.zeros([BLOCK], dtype=tl.float32)
-    squares = tl.zeros([BLOCK], dtype=tl.float32)
-    for first in range(0, group_numel, BLOCK):
-        i = first + lanes
-        mask = i < group_numel
-        centred = tl.where(mask, tl.load(x_ptr + base + i, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
-        sums += centred
-        squares += centred * centred
-    mean_shifted = tl.sum(sums, axis=0) / group_numel
-    variance = tl.maximum(tl.sum(squares, axis=0) / group_numel - mean_shifted * mean_shifted, 0.0)
-    rstd = 1.0 / tl.sqrt(variance + eps)
-    mean = mean_shifted + shift
     first_channel = (bg % groups) * per_group
-    for first in range(0, group_numel, BLOCK):
-        i = first + lanes
-        mask = i < group_numel
-        channel = first_channel + i // spatial
+    if ONE_TILE:
+        mask = lanes < group_numel
+        v = tl.load(x_ptr + base + lanes, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(v, axis=0) / group_numel
+        centred = tl.where(mask, v - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / group_numel + eps)
+        channel = first_channel + lanes // spatial
         scale = rstd
         if HAS_WEIGHT:
             scale = scale * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
-        offset = -mean * scale
+        out = centred * scale
         if HAS_BIAS:
-            offset += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(x_ptr + base + i, mask=mask, other=0.0).to(tl.float32) * scale + offset
+            out += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
         if SILU:
-            v = _silu(v)
-        tl.store(y_ptr + base + i, v.to(y_ptr.dtype.element_ty), mask=mask)
+            out = _silu(out)
+        tl.store(y_ptr + base + lanes, out.to(y_ptr.dtype.element_ty), mask=mask)
+    else:
+        shift = tl.load(x_ptr + base).to(tl.float32)
+        sums = tl.zeros([BLOCK], dtype=tl.float32)
+        squares = tl.zeros([BLOCK], dtype=tl.float32)
+        for first in range(0, group_numel, BLOCK):
+            i = first + lanes
+            mask = i < group_numel
+            centred = tl.where(mask, tl.load(x_ptr + base + i, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+            sums += centred
+            squares += centred * centred
+        mean_shifted = tl.sum(sums, axis=0) / group_numel
+        variance = tl.maximum(tl.sum(squares, axis=0) / group_numel - mean_shifted * mean_shifted, 0.0)
+        rstd = 1.0 / tl.sqrt(variance + eps)
+        mean = mean_shifted + shift
+        for first in range(0, group_numel, BLOCK):
+            i = first + lanes
+            mask = i < group_numel
+            channel = first_channel + i // spatial
+            scale = rstd
+            if HAS_WEIGHT:
+                scale = scale * tl.load(w_ptr + channel, mask=mask, other=1.0).to(tl.float32)
+            offset = -mean * scale
+            if HAS_BIAS:
+                offset += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
+            v = tl.load(x_ptr + base + i, mask=mask, other=0.0).to(tl.float32) * scale + offset
+            if SILU:
+                v = _silu(v)
+            tl.store(y_ptr + base + i, v.to(y_ptr.dtype.element_ty), mask=mask)
+    return None

@@ -60,11 +60,12 @@ def test_triton_group_norm_both_paths_match_reference(fused, dtype, monkeypatch,
             assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu), dtype)
 
 
-@pytest.mark.parametrize("block, num_warps", [(1024, 4), (2048, 8), (4096, 16), (None, None)],
-                         ids=["1024-4w", "2048-8w", "4096-16w", "default"])
+@pytest.mark.parametrize("block, num_warps", [(1024, 4), (2048, 8), (4096, 16), (16384, 16), (None, None)],
+                         ids=["1024-4w", "2048-8w", "4096-16w", "16384-16w", "default"])
 def test_triton_one_launch_configurations_match_reference(block, num_warps, poisoned_outputs):
     """Every (block, warps) the tuning script times, and the size-based default, give the reference: groups shorter
-    than, equal to and longer than a block (with a partial last step), weight and bias in another dtype than x."""
+    than, equal to and longer than a block (with a partial last step; a group within one block is kept in registers,
+    a longer one read twice), weight and bias in another dtype than x."""
     if "triton" not in backends_usable_here(GROUP_NORM_SILU):
         pytest.skip("the triton backend is not usable here")
     from animatelcm.ops import triton_backend

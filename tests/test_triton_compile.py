@@ -27,7 +27,8 @@ CONSTEXPRS = [
     (group_norm.group_apply_rows_kernel, dict(CHANNEL_IS_COL=True, SILU=False, BLOCK_ROWS=4, BLOCK_COLS=512)),
     (group_norm.group_apply_permute_kernel, dict(SILU=False, BLOCK_C=64, BLOCK_S=64)),
     (group_norm.unpermute_residual_kernel, dict(BLOCK_C=64, BLOCK_S=64)),
-    (group_norm.group_norm_fused_kernel, dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, BLOCK=2048)),
+    (group_norm.group_norm_fused_kernel, dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, BLOCK=2048, ONE_TILE=False)),
+    (group_norm.group_norm_fused_kernel, dict(HAS_WEIGHT=False, HAS_BIAS=True, SILU=True, BLOCK=16384, ONE_TILE=True)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=16, BLOCK_D=64, FP32_DOT=False)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=32, BLOCK_D=256, FP32_DOT=True)),
 ]

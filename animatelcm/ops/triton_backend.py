@@ -173,7 +173,8 @@ def one_launch_config(group_numel: int) -> tuple[int, int]:
 def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=None, num_warps=None):
     """``out = act(group_norm(x))`` for contiguous ``x, out [N, C, *]`` in one launch, one program per (batch,
     group) (``group_norm_fused_kernel``). ``block`` (elements per step, a power of two) and ``num_warps`` default to
-    the tuned choice; benchmarks/tune_group_norm.py times the others."""
+    the tuned choice; benchmarks/tune_group_norm.py times the others. A block as large as the group keeps it in
+    registers (one read instead of two)."""
     batch, channels = x.shape[:2]
     spatial = x[0, 0].numel()
     per_group = channels // num_groups
@@ -183,7 +184,7 @@ def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=Non
     _group_norm_kernels().group_norm_fused_kernel[(batch * num_groups,)](
         x, out, x if weight is None else weight, x if bias is None else bias, num_groups, per_group, spatial,
         float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK=block,
-        num_warps=num_warps)
+        ONE_TILE=block >= per_group * spatial, num_warps=num_warps)
 
 
 def group_norm_three_launches(x, out, num_groups, weight, bias, eps, silu):

@@ -1,5 +1,5 @@
 """benchmarks/end_to_end.py on a tiny pipeline: the table's columns (per-step time, MFU), the profile, and the CSV
-kept readable when its columns change."""
+kept readable when its columns change; benchmarks/tune_group_norm.py's candidates (run on the CPU interpreter)."""
 
 import csv
 import sys
@@ -11,6 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import end_to_end  # noqa: E402
+import tune_group_norm  # noqa: E402
 
 
 @pytest.fixture
@@ -86,3 +87,32 @@ def test_end_to_end_times_a_forced_backend_as_its_own_provider(tiny_benchmark, m
     table = (tiny_benchmark / "end_to_end.md").read_text().splitlines()
     assert len([line for line in table if line.startswith("| patched, backend=eager | 1.0 |")]) == 2
     assert sorted(backends_patched) == ["auto", "eager"]
+
+
+def test_tune_group_norm_candidates_compute_the_group_norm():
+    """Every candidate the tuning script times writes GroupNorm+SiLU of x (it times them on a GPU, where the output
+    is not checked), and the groups-in-registers choice is left out where a group is longer than MAX_TILE."""
+    import torch
+
+    from animatelcm import ops
+
+    if "triton" not in ops.available_backends():
+        pytest.skip("the triton backend is not usable here")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 6, 5, generator=generator)
+    weight, bias = torch.randn(64, generator=generator), torch.randn(64, generator=generator)
+    want = ops.group_norm_silu_reference(x, tune_group_norm.GROUPS, weight, bias, 1e-5)
+    out = torch.empty_like(x)
+    calls = tune_group_norm.providers(x, weight, bias, out)
+    assert any(name.startswith("group in registers") for name in calls) and "three launches" in calls
+    for name, call in calls.items():
+        if name == "copy (floor)":
+            continue
+        out.fill_(float("nan"))
+        result = call()
+        got = result if name == "F.group_norm + F.silu" else out
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
+    long_groups = torch.empty(1, 32, 300, 300)  # 90,000 elements a group
+    assert all(call is None for name, call in tune_group_norm.providers(long_groups, weight[:32], bias[:32],
+                                                                        long_groups).items()
+               if name.startswith("group in registers"))

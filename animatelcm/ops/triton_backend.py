@@ -84,8 +84,8 @@ TILE = 64                # the permute / unpermute tiles: TILE channels x TILE p
 # A contiguous GroupNorm with at least this many (batch, group) pairs runs as one fused launch, one program per
 # group (two programs per SM of an H100's 132); fewer groups would leave SMs idle, so they take the three launches,
 # which split each group's statistics. On an H100 (fp16, tune_group_norm_cuda.md) every SD1.5 UNet and VAE shape
-# has 512 or more pairs, and there one launch matched or beat three (up to 7x faster at 8x8 latents, 1-3 % behind at
-# the VAE's largest); below 512 pairs the threshold is not measured yet.
+# has 512 or more pairs, and there one launch matched or beat three (up to 7x faster at 8x8 latents, up to 3 % behind
+# at the VAE's largest); below 512 pairs the threshold is not measured yet.
 FUSED_MIN_GROUPS = 264
 
 
@@ -160,9 +160,9 @@ def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last
 def one_launch_config(group_numel: int) -> tuple[int, int]:
     """(elements per step, warps) of the one-launch GroupNorm for groups of ``group_numel`` elements: the fastest
     of benchmarks/tune_group_norm.py's choices on an H100 in fp16 (benchmarks/results/tune_group_norm_cuda.md):
-    1024/4 warps for SD1.5's 8x8 latents (2560-element groups), 2048/8 up to 32768 elements (16x16 and 32x32
-    latents, where 4096/16 lost up to 3x on two shapes), 4096/16 above (64x64 latents and the VAE: 5-15 % ahead of
-    2048/8)."""
+    1024/4 warps for SD1.5's 8x8 latents (2560-element groups); 2048/8 up to 32768 elements (16x16 and 32x32
+    latents, where 4096/16 lost up to 3x on two shapes and won by up to 8 % on others); 4096/16 above (64x64
+    latents and the VAE: 1-12 % ahead of 2048/8)."""
     if group_numel <= 4096:
         return 1024, 4
     if group_numel <= 32768:

@@ -426,7 +426,8 @@ def _read_control_frames(path, frames: int | None, height: int, width: int, edge
         clip = np.stack([np.asarray(picture.resize(pictures[0].size)) for picture in pictures])
     else:
         try:
-            clip = decode_video(path)
+            first_frames = None if frames is None else (lambda available: list(range(min(available, frames))))
+            clip = decode_video(path, select=first_frames)
         except DataError as error:
             raise UserError(f"--control {error}") from None
     if frames is not None and len(clip) < frames:

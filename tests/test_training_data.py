@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from animatelcm.export import export_to_mp4
-from animatelcm.training.data import DataError, ImageTextDataset, VideoTextDataset
+from animatelcm.export import export_to_gif, export_to_mp4
+from animatelcm.training.data import DataError, ImageTextDataset, VideoTextDataset, decode_video
 from animatelcm.training.synthetic import COLOURS, MovingShapes
 
 
@@ -49,6 +49,40 @@ def test_short_videos_and_determinism(video_folder):
     assert np.all(np.diff(data.frame_indices(24, 1)) == 1)  # stride lowered to fit 16 frames in 24
     assert data.frame_indices(10, 1)[-6:] == [9] * 6  # too short: last frame repeated
     assert torch.equal(data[2]["pixel_values"], VideoTextDataset(folder, frames=16, stride=4, size=32, seed=5)[2]["pixel_values"])
+
+
+def write_webm(frames, path):
+    """A VP9 WebM, whose container states no frame count (so decode_video decodes it whole)."""
+    import av
+
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libvpx-vp9", rate=8)
+        stream.width, stream.height, stream.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.mark.parametrize("suffix", [".mp4", ".webm", ".gif"])
+def test_decoding_selected_frames_equals_indexing_the_whole_video(video_folder, suffix):
+    folder, shapes = video_folder
+    path = folder / "clip1.mp4"
+    if suffix != ".mp4":
+        path = folder / f"clip1{suffix}"
+        frames = list(shapes.clip(1)["frames"])
+        write_webm(frames, path) if suffix == ".webm" else export_to_gif(frames, path, fps=8)
+    whole = decode_video(path)
+    assert whole.shape[0] == 24 and whole.dtype == np.uint8
+    for pick in ([3, 3, 0, 17, 5], [23], list(range(24))[::-1]):
+        assert np.array_equal(decode_video(path, select=lambda available: pick), whole[pick])
+    calls = []
+
+    def last_frame(available):  # a container that overstates its count: the first call asks past the real end
+        calls.append(available)
+        return [0, 40] if len(calls) == 1 and suffix != ".webm" else [0, available - 1]
+
+    assert np.array_equal(decode_video(path, select=last_frame), whole[[0, 23]])
+    assert calls[-1] == 24 and len(calls) == (1 if suffix == ".webm" else 2)  # WebM states no count
 
 
 def test_webvid_and_plain_csv(video_folder, tmp_path):

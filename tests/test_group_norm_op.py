@@ -147,6 +147,13 @@ def test_every_cpu_isa_build(isa, monkeypatch, poisoned_outputs):
         w, b = affine(64, generator)
         out = run("cpp", monkeypatch, ops.group_norm_silu, x, 32, w, b)
         assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), 32, w, b), dtype)
+        # A weight of 60 and biases from -150 to 150 take the SiLU's exp past its clamps (-87, 88) on both sides.
+        wide_w, wide_b = torch.full((64,), 60.0).to(dtype), torch.linspace(-150, 150, 64).to(dtype)
+        out = run("cpp", monkeypatch, ops.group_norm_silu, x, 32, wide_w, wide_b)
+        want = ops.group_norm_silu_reference(x.double(), 32, wide_w.double(), wide_b.double())
+        before_silu = F.group_norm(x.double(), 32, wide_w.double(), wide_b.double())
+        assert before_silu.min() < -87 and before_silu.max() > 88
+        assert_close_to_reference(out, want, dtype)
         # The transposing passes work in tiles of one vector of channels x one vector of positions: 40 channels and
         # 21 or 35 positions leave partial tiles on both sides for every vector width.
         for channels, groups, (h, w_) in [(64, 32, (3, 7)), (40, 8, (5, 7))]:

@@ -16,7 +16,7 @@ import pytest
 import yaml
 import torch
 
-from animatelcm.training.config import ConfigError, load_config
+from animatelcm.training.config import ConfigError, RunConfig, load_config
 from animatelcm.training.trainer import Trainer, TrainingDiverged, _collate
 
 TINY = dict(block_out_channels=[16, 32], layers_per_block=1, norm_num_groups=8, attention_head_dim=8,
@@ -174,6 +174,17 @@ def test_teacher_free_i2v_adapter(world, tmp_path):
     noise_cur = (x_cur - alphas[t_cur].sqrt().view(-1, 1, 1, 1, 1) * x0) / (1 - alphas[t_cur]).sqrt().view(-1, 1, 1, 1, 1)
     torch.testing.assert_close(noise_next, noise_cur, rtol=1e-4, atol=1e-4)
     assert torch.all(t_next > t_cur)
+
+    empty = trainer._encode_text([""]).float()
+    assert not torch.equal(batch["condition"]["text"], empty)  # teacher_free keeps every caption by default
+    dropping = Trainer(load_config(config("teacher_free", tmp_path / "tf_drop", cfg["model"],
+                                          data=dict(uncond_prob=1.0))))
+    dropping._setup()
+    dropped = dropping._prepare_batch({"pixel_values": torch.stack([dropping.dataset[0]["pixel_values"]]),
+                                       "caption": ["a red circle moving right"]}, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(dropped["condition"]["text"], empty)
+    assert [RunConfig(stage=stage).caption_drop_probability
+            for stage in ("diffusion_image", "image_cd", "teacher_free")] == [0.1, 0.0, 0.0]
 
     before = trainer.evaluate()
     out = trainer.train()
@@ -367,6 +378,8 @@ def test_latent_cache_is_built_once_and_matches_the_vae(world, tmp_path):
      "timestep_range_share must be in \\(0, 1\\]"),
     ({"stage": "diffusion_image", "train": {"timestep_range_share": 0.5}}, "needs train.timestep_range"),
     ({"train": {"hidden_frames": 0.25}}, "applies to the diffusion_video stage only"),
+    ({"data": {"uncond_prob": 0.2}}, "image_cd takes its guidance from the teacher: remove it"),
+    ({"stage": "diffusion_image", "data": {"uncond_prob": 1.5}}, "uncond_prob must be in \\[0, 1\\]"),
     ({"stage": "diffusion_video", "model": {"tiny": TINY}, "train": {"hidden_frames": 1.0}},
      "hidden_frames must be in \\[0, 1\\)"),
     ({"stage": "diffusion_video", "model": {"tiny": TINY}, "train": {"hidden_frames_min_timestep": 1000}},

@@ -82,7 +82,7 @@ class DataConfig:
     stride: int = 4
     cache_latents: bool = False
     cache_dir: str | None = None
-    uncond_prob: float = 0.1   # diffusion stages: caption replaced by "" with this probability (for guidance)
+    uncond_prob: float | None = None  # share of captions replaced by "": see RunConfig.caption_drop_probability
     image_frames: int = 0      # image stages on video data: frames drawn at random from each clip (0 = all)
     num_workers: int = 0
 
@@ -204,6 +204,17 @@ class RunConfig:
     def is_video(self) -> bool:
         return self.stage in VIDEO_STAGES
 
+    @property
+    def caption_drop_probability(self) -> float:
+        """The share of training captions replaced by the empty prompt (``data.uncond_prob``). Diffusion stages
+        (default 0.1): what classifier-free guidance needs. ``teacher_free`` (default 0): with captions dropped, an
+        adapter has to carry what the prompt would have said (the image's colour and shape for ``i2v``), because
+        both points of each consistency pair then see the empty prompt. ``image_cd`` / ``video_cd`` take their
+        guidance from the teacher and drop none."""
+        if self.data.uncond_prob is not None:
+            return self.data.uncond_prob
+        return 0.1 if self.stage in ("diffusion_image", "diffusion_video") else 0.0
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data.pop("origin")
@@ -307,8 +318,13 @@ def _check(config: RunConfig) -> None:
     positive("data.stride", data.stride)
     if not 0 <= data.image_frames <= data.frames:
         fail(f"data.image_frames must be in [0, data.frames={data.frames}], got {data.image_frames}")
-    if not 0.0 <= data.uncond_prob <= 1.0:
-        fail(f"data.uncond_prob must be in [0, 1], got {data.uncond_prob}")
+    if data.uncond_prob is not None:
+        if not 0.0 <= data.uncond_prob <= 1.0:
+            fail(f"data.uncond_prob must be in [0, 1], got {data.uncond_prob}")
+        if data.uncond_prob > 0 and config.stage not in ("diffusion_image", "diffusion_video", "teacher_free"):
+            fail(f"data.uncond_prob applies to the diffusion stages and teacher_free; stage {config.stage} "
+                 + ("takes its guidance from the teacher" if config.stage in CD_STAGES else "has no captions")
+                 + ": remove it")
     positive("train.batch_size", train.batch_size)
     positive("train.gradient_accumulation", train.gradient_accumulation)
     positive("train.max_steps", train.max_steps)

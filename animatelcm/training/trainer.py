@@ -341,8 +341,8 @@ class Trainer:
         batch_size, frames = latents.shape[:2]
         text = self._encode_text(raw["caption"]).float()
         empty = self._encode_text([""]).float().expand_as(text)
-        if not self.stage.consistency and self.run.data.uncond_prob > 0:
-            drop = torch.rand(batch_size, generator=generator) < self.run.data.uncond_prob
+        if self.run.caption_drop_probability > 0:
+            drop = torch.rand(batch_size, generator=generator) < self.run.caption_drop_probability
             text = torch.where(drop.to(device)[:, None, None], empty, text)
         if self.stage.video:
             latents = latents.permute(0, 2, 1, 3, 4).contiguous()

@@ -109,6 +109,13 @@ __attribute__((always_inline)) inline VecF fast_exp(VecF x) {
   return exp_polynomial(r) * scale;
 }
 
+// The sum of a vector's lanes.
+__attribute__((always_inline)) inline float horizontal_sum(VecF v) {
+  float total = 0.0f;
+  for (int lane = 0; lane < kLanes; ++lane) total += v[lane];
+  return total;
+}
+
 // |x|: the sign bit cleared.
 __attribute__((always_inline)) inline VecF abs_value(VecF x) {
   VecI bits;

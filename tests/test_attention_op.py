@@ -199,6 +199,24 @@ def test_traces_under_torch_compile_without_graph_breaks():
     torch.testing.assert_close(compiled(q, k, v), ops.temporal_attention(q, k, v) * 2)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["eager"])
+def test_leading_dims_broadcast_as_in_sdpa(backend, monkeypatch):
+    """k, v of batch 1 against q of batch N (and heads against batch): stride-0 views on every backend, SDPA's
+    result, gradients summed over the broadcast dims."""
+    generator = torch.Generator().manual_seed(5)
+    for q_shape, kv_shape in [((3, 2, 16, 40), (1, 2, 16, 40)), ((3, 1, 7, 8), (1, 4, 7, 8)), ((5, 13, 72), (13, 72))]:
+        q = torch.randn(q_shape, generator=generator, dtype=torch.float64)
+        k, v = (torch.randn(kv_shape, generator=generator, dtype=torch.float64) for _ in range(2))
+        expected = F.scaled_dot_product_attention(q, k, v)
+        on_device = [t.float().to(backend_device(backend)) for t in (q, k, v)]
+        out = run(backend, monkeypatch, *on_device)
+        assert out.shape == expected.shape
+        assert_close_to_reference(out, expected, torch.float32)
+        monkeypatch.delenv("ANIMATELCM_BACKEND")
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]  # float64: the reference, under "auto"
+        assert torch.autograd.gradcheck(lambda a, b, c: ops.temporal_attention(a, b, c, backend="auto"), leaves)
+
+
 def test_nan_reaches_rows_that_attend_to_it(monkeypatch):
     for backend in BACKENDS:
         q, k, v = make((1, 1, 6, 8), torch.float32, seed=6, device=backend_device(backend))
@@ -211,8 +229,8 @@ def test_bad_inputs_raise_clear_errors():
     q = torch.randn(2, 3, 4, 8)
     with pytest.raises(ValueError, match="one shape"):
         ops.temporal_attention(q, q, q[:, :, :3])  # k and v of different lengths
-    with pytest.raises(ValueError, match="same leading dims"):
-        ops.temporal_attention(q, q[:1], q[:1])
+    with pytest.raises(ValueError, match="leading dims that broadcast"):
+        ops.temporal_attention(q, q[:1, :2], q[:1, :2])
     with pytest.raises(ValueError, match=r"\[\.\.\., S, D\]"):
         ops.temporal_attention(q, q[..., :4], q)
     with pytest.raises(TypeError, match="floating dtype"):

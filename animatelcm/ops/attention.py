@@ -1,7 +1,7 @@
 """Temporal attention: ``softmax(q k^T * scale) v`` over short sequences (the frames of a clip).
 
 Same semantics as ``torch.nn.functional.scaled_dot_product_attention`` without mask or dropout: q ``[..., L, D]``,
-k ``[..., S, D]``, v ``[..., S, Dv]`` with the same leading dims -> ``[..., L, Dv]``. The kernels are specialised for
+k ``[..., S, D]``, v ``[..., S, Dv]`` whose leading dims broadcast -> ``[..., L, Dv]``. The kernels are specialised for
 self-attention over frames, q, k, v of one shape ``[..., F, D]`` (e.g. ``[N, heads, F, D]``), F = 1..64 and D <= 160;
 other shapes (S != L or Dv != D) run on the eager reference. The C++ (CPU) kernel also
 takes longer sequences (a streaming-softmax path; ``patch_pipeline`` runs the spatial self-attention on it on the
@@ -27,6 +27,15 @@ MAX_HEAD_DIM = 160
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
+def broadcast_leading_dims(q, k, v) -> torch.Size | None:
+    """The leading dims (all but the last two) that q, k, v broadcast to, as SDPA broadcasts them, or None when
+    they do not broadcast."""
+    try:
+        return torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
+    except RuntimeError:
+        return None
+
+
 def check_attention_inputs(q, k, v, scale) -> None:
     """Raise TypeError/ValueError naming the problem when q, k, v do not fit together."""
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -34,11 +43,10 @@ def check_attention_inputs(q, k, v, scale) -> None:
             raise TypeError(f"temporal_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise ValueError(f"temporal_attention: {name} must be [..., frames, head_dim], got shape {tuple(t.shape)}")
-    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.shape[-1] == k.shape[-1]
-            and k.shape[-2] == v.shape[-2]):
-        raise ValueError(f"temporal_attention: q, k, v must be [..., L, D], [..., S, D], [..., S, Dv] with the same "
-                         f"leading dims (self-attention: one shape [..., frames, head_dim]); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if not (q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2] and broadcast_leading_dims(q, k, v) is not None):
+        raise ValueError(f"temporal_attention: q, k, v must be [..., L, D], [..., S, D], [..., S, Dv] with leading "
+                         f"dims that broadcast (self-attention: one shape [..., frames, head_dim]); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     if q.dtype not in FLOAT_DTYPES or not (q.dtype == k.dtype == v.dtype):
         raise TypeError(f"temporal_attention: q, k, v must share one floating dtype (float32/float16/bfloat16/"
                         f"float64); got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -144,9 +152,13 @@ def temporal_attention(q, k, v, scale=None, backend="auto"):
     """Attention over frames: q, k, v ``[..., F, D]`` (one shape) -> ``[..., F, D]`` with q's layout; ``scale``
     defaults to ``D ** -0.5``; ``backend`` picks one (``"auto"``: the dispatcher's choice). As SDPA, it also takes
     k, v of another length S and v of another width Dv (q ``[..., L, D]``, k ``[..., S, D]``, v ``[..., S, Dv]`` ->
-    ``[..., L, Dv]``); those run on the eager reference."""
+    ``[..., L, Dv]``); those run on the eager reference. Leading dims broadcast as SDPA's do (a k, v of batch 1
+    against a q of batch N: stride-0 views, no copies)."""
     check_attention_inputs(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    leading = broadcast_leading_dims(q, k, v)
+    if not q.shape[:-2] == k.shape[:-2] == v.shape[:-2] == leading:  # stride-0 views, no copies
+        q, k, v = (t.expand(*leading, *t.shape[-2:]) for t in (q, k, v))
     if eager_fast_path(q, k, v):
         return select("temporal_attention", IMPLEMENTATIONS, q, k, v, scale, backend=backend).run(q, k, v, scale)
     return _temporal_attention_op(q, k, v, scale, backend)

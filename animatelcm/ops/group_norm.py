@@ -102,7 +102,8 @@ def temporal_group_norm_reference(x, num_frames, num_groups, weight=None, bias=N
     h = x.to(compute).reshape(batch, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
     h = F.group_norm(h, num_groups, None if weight is None else weight.to(compute),
                      None if bias is None else bias.to(compute), eps)
-    return h.permute(0, 3, 4, 2, 1).reshape(batch * height * width, num_frames, channels).to(x.dtype)
+    rows = h.permute(0, 3, 4, 2, 1).reshape(batch * height * width, num_frames, channels)
+    return rows.to(x.dtype).contiguous()  # (a 1x1 frame's reshape is a strided view; the op promises contiguous)
 
 
 def rows_to_frames(y, num_frames, height, width):
@@ -121,8 +122,10 @@ def frames_to_rows(x, num_frames):
 
 
 def temporal_unpermute_residual_reference(y, residual, num_frames):
-    """Eager layout change back plus residual: ``y [B*H*W, F, C]``, ``residual [B*F, C, H, W]`` -> like residual."""
-    return (rows_to_frames(y, num_frames, *residual.shape[2:]) + residual).to(residual.dtype)
+    """Eager layout change back plus residual: ``y [B*H*W, F, C]``, ``residual [B*F, C, H, W]`` -> contiguous
+    ``[B*F, C, H, W]`` (the add alone would take y's channels-last strides when F = 1)."""
+    out = rows_to_frames(y, num_frames, *residual.shape[2:]) + residual
+    return out.to(residual.dtype).contiguous()
 
 
 def _group_norm_backward(x, weight, num_groups, eps, silu, grad, bias):

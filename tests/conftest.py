@@ -28,6 +28,13 @@ def _seed():
     torch.manual_seed(1234)
 
 
+@pytest.fixture(autouse=True)
+def _automatic_backend(monkeypatch):
+    """Every test starts with the dispatcher's automatic choice, whatever ANIMATELCM_BACKEND the shell exported
+    (a forced backend is strict: inputs it cannot run raise); tests that force one set it themselves."""
+    monkeypatch.delenv("ANIMATELCM_BACKEND", raising=False)
+
+
 # Per-dtype tolerance of a fast kernel against the float64 reference: |fast - ref| <= atol + rtol * |ref|.
 TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 1.6e-2)}
 

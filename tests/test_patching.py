@@ -389,6 +389,24 @@ def test_patched_blocks_trace_without_graph_breaks(components):
             torch.testing.assert_close(call(compiled), call(module), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["auto", "eager"])
+def test_patched_blocks_under_inductor(backend, components):
+    """Inductor (torch.compile's default backend) trusts each custom op's fake output strides; a one-frame clip
+    (where a reference's permute-reshape is a strided view) compiles and matches eager on every patch backend."""
+    pipe, _ = build("animatediff", components)
+    patch_pipeline(pipe, backend=backend)
+    motion = next(m for m in pipe.unet.modules() if type(m).__name__ == "AnimateDiffTransformer3D")
+    spatial = next(m for m in pipe.unet.modules() if type(m).__name__ == "Transformer2DModel")
+    x = torch.randn(2, motion.norm.num_channels, 4, 4)
+    text = torch.randn(2, 7, spatial.transformer_blocks[0].attn2.to_k.in_features)
+    with torch.no_grad():
+        for module, call in ((motion, lambda m: m(x, num_frames=1)),
+                             (spatial, lambda m: m(x, encoder_hidden_states=text, return_dict=False)[0])):
+            torch._dynamo.reset()
+            compiled = torch.compile(module, fullgraph=True)
+            torch.testing.assert_close(call(compiled), call(module), atol=1e-5, rtol=1e-5)
+
+
 class RerunGraph:
     """A stand-in for torch.cuda.CUDAGraph on the CPU: capture runs the call once and keeps it; replay runs it again
     into the captured output tensors, as a graph replay writes into its static outputs."""

@@ -11,6 +11,9 @@ every step), all through diffusers' public hooks (attention processors and modul
   (on the normed input, in the transformer block), the GEGLU feed-forward and output projection are diffusers' own;
 - on the CPU, the spatial transformers' self-attention too (``SpatialSelfAttentionProcessor``: the same op's C++
   kernel over the H*W tokens), under ``backend="auto"`` or ``"cpp"``;
+- every diffusers ``Attention`` (UNet, ControlNet, VAE) calls its current processor directly when a call has no
+  extra keyword arguments (:func:`direct_attention_forward`: diffusers' forward inspects the processor's
+  signature on every call, host time a GPU waits for) (module forward);
 - ResNet blocks (and the VAE's): GroupNorm + SiLU fused, twice per block; on the CPU, for channels-last
   activations (the VAE decoder's), the second convolution with the residual add fused (module forward);
 - spatial transformers (``Transformer2DModel``): their GroupNorm fused with the permute to ``[B, H*W, C]`` tokens
@@ -119,6 +122,19 @@ class SpatialSelfAttentionProcessor(TemporalAttentionProcessor):
                 and super().handles(attn, hidden_states, encoder_hidden_states, attention_mask))
 
 
+def direct_attention_forward(self, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                             **cross_attention_kwargs):
+    """``Attention.forward`` without its per-call ``inspect.signature`` of the processor, for calls with no extra
+    keyword arguments (then diffusers' forward calls the current processor with exactly these arguments):
+    ``hidden_states [B, N, C]`` -> ``[B, N, C]``. That lookup cost 37-65 us a call on one AMD EPYC core, host
+    time a GPU waits for when the call is host-bound. Calls with extra keyword arguments take diffusers' forward,
+    which filters them for the processor."""
+    if cross_attention_kwargs:
+        return type(self).forward(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
+    return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
+                          attention_mask=attention_mask)
+
+
 def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, class_labels=None,
                                 num_frames: int = 1, cross_attention_kwargs=None):
     """``AnimateDiffTransformer3D.forward`` with the norm+permute and permute+residual fused:
@@ -187,8 +203,8 @@ def _residual_plus_conv(residual, conv, x):
     op inductor fuses into; the same sums). Measured on 2 AMD EPYC Zen 4 cores against the two ops: 1.19x and
     1.20x at the VAE decoder's ``[16, 32, 256, 256]`` and ``[16, 64, 128, 128]``, no different on the UNet's
     contiguous ``[16, 80, 32, 32]``, which keeps the two ops."""
-    if (type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
-            and x.device.type == "cpu" and x.dtype is torch.float32 and is_channels_last(x)
+    if (is_channels_last(x) and type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+            and not isinstance(conv.padding, str) and x.device.type == "cpu" and x.dtype is torch.float32
             and is_channels_last(residual) and residual.dtype is torch.float32
             and torch.backends.mkldnn.is_available() and plain_inference_call(x, residual, conv.weight, conv.bias)):
         spatial = [(size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 for size, pad, dilation, kernel, stride
@@ -315,7 +331,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
 
     ``backend`` forces one kernel backend for every patched op that implements it (an error says why when it
     cannot run an op's inputs); the ops without it, and all of them under ``"auto"``, let the dispatcher pick.
-    ``attention`` (temporal attention), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
+    ``attention`` (temporal attention, and every attention module's direct processor call), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
     in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
     GEGLU) and ``scheduler`` switch the three parts; ``linear`` the ``nn.Linear`` layers' CPU GEMM library (see the
     module docstring; nothing is installed where :func:`animatelcm.ops.cpu_gemm_library` keeps PyTorch's or the
@@ -326,6 +342,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     """
     from diffusers import LCMScheduler as DiffusersLCMScheduler
     from diffusers.models.activations import GEGLU
+    from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
@@ -373,12 +390,16 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
                         attn.set_processor(SpatialSelfAttentionProcessor(attn.processor, resolved))
         elif onednn_linear and type(module) is nn.Linear:
             _override(module, "forward", fast_linear_forward, resolved, record)
+        elif attention and type(module) is Attention:
+            _install(module, "forward", types.MethodType(direct_attention_forward, module), record)
     vae = getattr(pipe, "vae", None)
     for module in vae.modules() if vae is not None else ():  # decode, and encode for video-to-video
         if norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
             _override(module, "forward", fused_resnet_forward, resolved, record)
         elif onednn_linear and type(module) is nn.Linear:
             _override(module, "forward", fast_linear_forward, resolved, record)
+        elif attention and type(module) is Attention:
+            _install(module, "forward", types.MethodType(direct_attention_forward, module), record)
     if cuda_graph:
         from .cuda_graphs import GraphedForward
 

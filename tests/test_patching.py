@@ -149,6 +149,39 @@ def test_fused_paths_really_run(components, monkeypatch):
                    for m in spatial_transformers)
 
 
+def test_attention_modules_call_their_processor_directly(components, monkeypatch):
+    """With attention=True every diffusers Attention of the UNet and the VAE calls its current processor without
+    diffusers' per-call inspect.signature (none runs in a pipeline call); a call with extra keyword arguments still
+    takes diffusers' forward, which filters them (and warns); unpatch removes the forwards."""
+    import inspect
+
+    from diffusers.models.attention_processor import Attention
+
+    pipe, args = build("animatediff", components)
+    attentions = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if type(m) is Attention]
+    reference = latents(pipe, args, 2.0)
+    patch_pipeline(pipe)
+    assert attentions and all("forward" in vars(m) for m in attentions)
+    lookups = []  # signatures of processors' __call__ (the pipeline itself inspects other functions)
+
+    def counting_signature(function, *rest, _real=inspect.signature, **kwargs):
+        if getattr(function, "__name__", None) == "__call__":
+            lookups.append(function)
+        return _real(function, *rest, **kwargs)
+
+    monkeypatch.setattr(inspect, "signature", counting_signature)
+    assert relative_difference(latents(pipe, args, 2.0), reference) <= 1e-3
+    assert not lookups
+    attn = next(m for m in attentions if not m.is_cross_attention)
+    tokens = torch.randn(2, 5, attn.to_q.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(tokens, not_a_processor_argument=1.0), attn(tokens))
+    assert lookups  # the extra argument went through diffusers' forward
+    unpatch_pipeline(pipe)
+    assert not any("forward" in vars(m) for m in attentions)
+    assert torch.equal(latents(pipe, args, 2.0), reference)
+
+
 def test_patch_options_and_repatching(components):
     pipe, args = build("animatediff", components)
     reference = latents(pipe, args, 1.0)

@@ -43,7 +43,8 @@ def check_attention_inputs(q, k, v, scale) -> None:
             raise TypeError(f"temporal_attention: {name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise ValueError(f"temporal_attention: {name} must be [..., frames, head_dim], got shape {tuple(t.shape)}")
-    if not (q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2] and broadcast_leading_dims(q, k, v) is not None):
+    if not (q.shape[-1] == k.shape[-1] and k.shape[-2] == v.shape[-2]
+            and (q.shape[:-2] == k.shape[:-2] == v.shape[:-2] or broadcast_leading_dims(q, k, v) is not None)):
         raise ValueError(f"temporal_attention: q, k, v must be [..., L, D], [..., S, D], [..., S, Dv] with leading "
                          f"dims that broadcast (self-attention: one shape [..., frames, head_dim]); got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -156,9 +157,9 @@ def temporal_attention(q, k, v, scale=None, backend="auto"):
     against a q of batch N: stride-0 views, no copies)."""
     check_attention_inputs(q, k, v, scale)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    leading = broadcast_leading_dims(q, k, v)
-    if not q.shape[:-2] == k.shape[:-2] == v.shape[:-2] == leading:  # stride-0 views, no copies
-        q, k, v = (t.expand(*leading, *t.shape[-2:]) for t in (q, k, v))
+    if not q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:  # (torch.broadcast_shapes costs ~40 us: only here)
+        leading = broadcast_leading_dims(q, k, v)
+        q, k, v = (t.expand(*leading, *t.shape[-2:]) for t in (q, k, v))  # stride-0 views, no copies
     if eager_fast_path(q, k, v):
         return select("temporal_attention", IMPLEMENTATIONS, q, k, v, scale, backend=backend).run(q, k, v, scale)
     return _temporal_attention_op(q, k, v, scale, backend)

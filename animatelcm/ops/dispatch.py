@@ -37,10 +37,12 @@ class Implementation:
 
 
 def forced_backend() -> str | None:
-    """The backend named by ``ANIMATELCM_BACKEND`` (None for unset or ``auto``); raises on an unknown name."""
-    value = os.environ.get(BACKEND_ENV, "auto").strip().lower()
-    if value in ("", "auto"):
+    """The backend named by ``ANIMATELCM_BACKEND`` (None for unset or ``auto``); raises on an unknown name. Read on
+    every op call, so a change takes effect at once."""
+    value = os.environ.get(BACKEND_ENV)
+    if value is None or value.strip().lower() in ("", "auto"):
         return None
+    value = value.strip().lower()
     if value not in BACKENDS:
         raise ValueError(f"{BACKEND_ENV}={value!r} is not a backend; use one of auto, {', '.join(BACKENDS)}")
     return value

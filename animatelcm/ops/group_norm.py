@@ -155,7 +155,10 @@ def _group_norm_backward(x, weight, num_groups, eps, silu, grad, bias):
 # ---- native launches -------------------------------------------------------------------------------------------
 
 def _affine_fp32(p):
-    return None if p is None else p.detach().to(torch.float32).contiguous()
+    """A weight or bias as the contiguous float32 vector the native kernels read (the tensor itself when it is one)."""
+    if p is None or (p.dtype is torch.float32 and p.is_contiguous()):
+        return p
+    return p.detach().to(torch.float32).contiguous()
 
 
 def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight, bias, eps, silu, permute):
@@ -200,7 +203,7 @@ def _native_group_norm_silu(kernel_name, extra, x, num_groups, weight, bias, eps
                 x.shape[1], x.shape[2] * x.shape[3], num_groups, float(eps), bool(silu), SCALAR_TYPE_CODES[x.dtype])
         return out
     out = _native_group_norm(kernel_name, extra, x, x.shape[0], 1, num_groups, weight, bias, eps, silu, False)
-    return out.contiguous(memory_format=_output_format(x))
+    return out if x.is_contiguous() else out.contiguous(memory_format=_output_format(x))
 
 
 def _native_unpermute(kernel_name, extra, y, residual, num_frames):

@@ -69,13 +69,14 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Whether :func:`linear` runs ``x [..., K] @ weight [N, K].T (+ bias [N])`` on oneDNN: contiguous float32 CPU
     tensors only (``torch.ops.mkldnn._linear_pointwise`` misreads some strided inputs, e.g. a slice of the last
     dimension; those get ``F.linear``)."""
-    return (x.device.type == "cpu" and x.dtype is torch.float32 and weight.dtype is torch.float32
+    # Cheapest tests first: most calls that fail, fail on size or device (this runs for every patched nn.Linear).
+    return (x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and x.dtype is torch.float32
+            and x.device.type == "cpu" and weight.dtype is torch.float32
             and weight.device.type == "cpu" and x.dim() >= 2 and weight.dim() == 2 and weight.shape[1] == x.shape[-1]
             and x.is_contiguous() and weight.is_contiguous()
             and (bias is None or (bias.dtype is torch.float32 and bias.dim() == 1 and bias.device.type == "cpu"
                                   and bias.is_contiguous()))
-            and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and plain_inference_call(x, weight, bias)
-            and cpu_gemm_library() == "onednn")
+            and plain_inference_call(x, weight, bias) and cpu_gemm_library() == "onednn")
 
 
 @torch.library.custom_op("animatelcm::linear", mutates_args=())

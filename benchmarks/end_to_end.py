@@ -6,9 +6,13 @@ every provider in the same process.
 CPU (default): an SD1.5-topology UNet at a quarter of the width (blocks 80/160/320/320, head dims 40/80/160 as in
 SD1.5, 16 GroupNorm groups since 32 does not divide 80), motion modules, a quarter-width VAE, 16 frames at 256x256,
 4 steps, guidance 1.0. GPU (--device cuda): full SD1.5 + AnimateLCM shapes, 16 frames at 512x512, fp16.
+--host-bound: the SD1.5 topology at toy width (animatelcm.testing.TinyConfig), 2 frames at 64x64, whose calls take
+so little arithmetic that their time is the host's (Python and kernel launches): what a GPU waits for when the real
+call is host-bound (guidance 1 on an H100 without CUDA graphs); results in end_to_end_host[_cuda].{csv,md}.
 
     python benchmarks/end_to_end.py [--device cpu|cuda] [--runs 3] [--no-compile] [--compile-mode MODE]
                                     [--guidance 1 2] [--peak-tflops T] [--backends cuda] [--channels-last] [--profile]
+                                    [--host-bound]
 
 Appends to benchmarks/results/end_to_end.csv and rewrites benchmarks/results/end_to_end.md (on a GPU:
 end_to_end_cuda.{csv,md}). Each row: median/min/max seconds per pipeline call, seconds per denoising step (the
@@ -40,12 +44,15 @@ from animatelcm.testing import TinyConfig, tiny_components  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STEPS = 4
+FRAMES = 16  # 2 with --host-bound
 
 
-def build(device, dtype):
+def build(device, dtype, host_bound=False):
     import diffusers
 
-    if device == "cpu":
+    if host_bound:
+        config, size = TinyConfig(), 64
+    elif device == "cpu":
         config = TinyConfig(block_out_channels=(80, 160, 320, 320), layers_per_block=2, norm_num_groups=16,
                             attention_head_dim=2, cross_attention_dim=192, text_hidden_size=192, motion_heads=2,
                             vae_block_out_channels=(32, 64, 128, 128), sample_size=32)
@@ -70,13 +77,13 @@ def unet_parameters(pipe):
 
 def run_once(pipe, size, device, guidance, output_type):
     """One timed pipeline call: (seconds, peak GPU memory in GiB or NaN on the CPU)."""
-    latents = torch.randn(1, 4, 16, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
+    latents = torch.randn(1, 4, FRAMES, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
     latents = latents.to(pipe.unet.dtype)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    pipe(prompt="a red circle moving right", num_frames=16, height=size, width=size, num_inference_steps=STEPS,
+    pipe(prompt="a red circle moving right", num_frames=FRAMES, height=size, width=size, num_inference_steps=STEPS,
          guidance_scale=guidance, latents=latents, generator=torch.Generator().manual_seed(1),
          output_type=output_type)
     if device == "cuda":
@@ -184,12 +191,16 @@ def main(argv=None):
                              "channels-last")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler breakdown of one patched latents call")
+    parser.add_argument("--host-bound", action="store_true",
+                        help="time the host's share instead: toy widths, 2 frames at 64x64 (see above)")
     args = parser.parse_args(argv)
+    global FRAMES
+    FRAMES = 2 if args.host_bound else 16
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     dtype = torch.float32 if args.device == "cpu" else torch.float16
-    base, size = build(args.device, dtype)
-    peak = device_peak_tflops(args.device, args.peak_tflops)
+    base, size = build(args.device, dtype, host_bound=True) if args.host_bound else build(args.device, dtype)
+    peak = None if args.host_bound else device_peak_tflops(args.device, args.peak_tflops)
     flops = {}
     for guidance in args.guidance if peak else ():
         try:
@@ -223,7 +234,7 @@ def main(argv=None):
         torch.cuda.get_device_name()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = "end_to_end" if args.device == "cpu" else "end_to_end_cuda"
+    name = ("end_to_end_host" if args.host_bound else "end_to_end") + ("_cuda" if args.device == "cuda" else "")
     command = f"python benchmarks/end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     rows = []
     for guidance in args.guidance:
@@ -265,7 +276,7 @@ def main(argv=None):
 
 def results_table(rows, size, dtype, machine, base, command, stamp, flops, peak) -> str:
     """The markdown results file: header, FLOPs, and one table row per provider, guidance and output."""
-    lines = [f"# End-to-end: 16 frames at {size}x{size}, {STEPS} steps, {str(dtype).replace('torch.', '')}, on {machine}",
+    lines = [f"# End-to-end: {FRAMES} frames at {size}x{size}, {STEPS} steps, {str(dtype).replace('torch.', '')}, on {machine}",
              "", f"UNet + motion modules: {unet_parameters(base) / 1e6:.1f} M parameters, random weights. "
              f"Command: `{command}`. Run {stamp}."]
     if flops:

@@ -54,6 +54,17 @@ def test_end_to_end_table_profile_and_csv(tiny_benchmark):
     assert len(records) == 1 + 8
 
 
+def test_end_to_end_host_bound_mode(tmp_path, monkeypatch):
+    """--host-bound: the toy-width SD1.5 topology, 2 frames at 64x64, its own results file, no MFU."""
+    monkeypatch.setattr(end_to_end, "RESULTS", tmp_path)
+    monkeypatch.setattr(end_to_end, "FRAMES", end_to_end.FRAMES)  # main rebinds it
+    end_to_end.main(["--host-bound", "--runs", "1", "--no-compile"])
+    table = (tmp_path / "end_to_end_host.md").read_text()
+    assert table.startswith("# End-to-end: 2 frames at 64x64")
+    rows = [line for line in table.splitlines() if line.startswith("| diffusers eager") or line.startswith("| patched")]
+    assert len(rows) == 2 * 2 and all(" | - | " in row for row in rows)  # no peak memory or MFU on the CPU
+
+
 def test_end_to_end_reports_a_failing_provider_and_keeps_the_others(tiny_benchmark, monkeypatch):
     def patch_that_breaks(pipe):
         def forward(*args, **kwargs):

@@ -18,7 +18,9 @@
 #   3. kernel benchmark (SD1.5 shapes, fp16): benchmarks/results/kernels_gpu.md;
 #   3b. tune (not in the default steps): benchmarks/tune_group_norm.py, the Triton GroupNorm launch choices;
 #   4. end-to-end: SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2,
-#      with MFU and a profile: benchmarks/results/end_to_end_cuda.md, end_to_end_profile_cuda.md.
+#      with MFU and a profile: benchmarks/results/end_to_end_cuda.md, end_to_end_profile_cuda.md;
+#   5. host (not in the default steps): the host-bound end-to-end (end_to_end.py --host-bound): the host time of
+#      a call, Triton's launches included: benchmarks/results/end_to_end_host_cuda.md (two more files back).
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
@@ -81,4 +83,12 @@ if wanted e2e; then
     > "$OUT/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$OUT/" 2>/dev/null
   log "end-to-end: $(tail -3 "$OUT/end_to_end.log" | tr '\n' ' ')"
+fi
+
+if wanted host; then
+  log "5. host-bound end-to-end (toy widths, 2 frames at 64x64: the host's Python and launches)"
+  timeout -s INT -k 10 "$(step_limit 120)" "$PYTHON" benchmarks/end_to_end.py --device cuda --host-bound --runs 10 --guidance 1 2 \
+    --backends cuda --no-compile > "$OUT/host.log" 2>&1
+  cp benchmarks/results/end_to_end_host_cuda.md "$OUT/" 2>/dev/null
+  log "host-bound: $(tail -3 "$OUT/host.log" | tr '\n' ' ')"
 fi

@@ -11,6 +11,11 @@ def merged_batch_strides(tensors: list[torch.Tensor]) -> tuple[tuple[int, int], 
     for all tensors) into at most two, as ``((batch0, batch1), [(stride0, stride1, row_stride) per tensor])``, or None
     when more than two leading groups remain (the caller copies)."""
     shape = tensors[0].shape
+    leading = len(shape) - 2
+    if leading <= 2:  # already at most two leading dims (attention's [N, heads, F, D]): their own strides
+        pad = (1,) * (2 - leading)
+        return pad + tuple(shape[:leading]), [
+            (0,) * (2 - leading) + t.stride()[:leading] + (t.stride(-2),) for t in tensors]
     groups: list[tuple[int, list[int]]] = []  # (size, stride of each tensor)
     for dim, size in enumerate(shape[:-2]):
         if size == 1:

@@ -224,4 +224,3 @@ def group_norm_fused_kernel(
             if SILU:
                 v = _silu(v)
             tl.store(y_ptr + base + i, v.to(y_ptr.dtype.element_ty), mask=mask)
-    return None

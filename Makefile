@@ -5,6 +5,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU setup pin (installs from local disk here). A torch already in the venv (e.g. a CUDA build) is kept.
 TORCH_SPEC ?= torch==2.13.0
+# Older Triton releases the kernels must also compile under (tests/test_triton_compile.py): 3.6 is what torch 2.11's
+# CUDA builds ship (the lent H100s run it); it rejected kernel code that the installed release accepts. Each goes
+# into its own folder of the venv (not importable by default).
+TRITON_COMPAT ?= 3.6.0
 STAMP := $(VENV)/.animatelcm-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 DEMO_OUT ?= outputs/demo.gif
@@ -17,6 +21,7 @@ $(STAMP): $(BUILD_INPUTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja "pytest>=8" "pytest-benchmark>=4" triton tensorboard
+	for v in $(TRITON_COMPAT); do test -d $(VENV)/triton-$$v || $(PY) -m pip install -q --no-deps --target $(VENV)/triton-$$v triton==$$v; done
 	$(PY) -m pip install -q --no-build-isolation -e .
 	@touch $@
 

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.harness import RESULTS, append_csv, markdown_table  # noqa: E402
+from benchmarks.harness import RESULTS, append_csv, markdown_table, table_key  # noqa: E402
 
 ROWS = []
 BASELINES = {}
@@ -28,7 +28,7 @@ def pytest_sessionfinish(session, exitstatus):
     if not ROWS:
         return
     for row in ROWS:  # the copy of the same tensor, measured in this run, is each op's bandwidth roofline
-        floor = next((r for r in ROWS if r.op == row.op and r.device == row.device and r.provider == "copy (floor)"), None)
+        floor = next((r for r in ROWS if table_key(r) == table_key(row) and r.provider == "copy (floor)"), None)
         row.copy_gb_per_s = floor.gb_per_s if floor else float("nan")
         row.fraction_of_copy = row.gb_per_s / row.copy_gb_per_s if floor else float("nan")
         row.device_fraction_of_copy = row.device_gb_per_s / floor.device_gb_per_s if floor else float("nan")

@@ -152,13 +152,19 @@ def append_rows(path: Path, rows: list[dict]) -> None:
         writer.writerows(old_rows + rows)
 
 
+def table_key(row: Row) -> tuple:
+    """The rows measured side by side: one op at one shape, dtype and device."""
+    return row.op, row.shape, row.dtype, row.device
+
+
 def markdown_table(rows: list[Row], baselines: dict[str, str]) -> str:
-    """One table per op: providers side by side, speed-up over the op's baseline provider, bandwidth and the
+    """One table per op and shape (``table_key``): providers side by side, speed-up over the op's baseline provider, bandwidth and the
     fraction of the measured copy bandwidth (the roofline of these memory-bound ops); on a GPU also the kernels' own
     time per call and the roofline fraction from it."""
     lines = []
-    for op in dict.fromkeys(r.op for r in rows):
-        op_rows = [r for r in rows if r.op == op]
+    for key in dict.fromkeys(map(table_key, rows)):
+        op_rows = [r for r in rows if table_key(r) == key]
+        op = op_rows[0].op
         base = next((r for r in op_rows if r.provider == baselines.get(op)), None)
         first = op_rows[0]
         on_gpu = any(r.device_ms == r.device_ms for r in op_rows)

@@ -47,6 +47,24 @@ def test_matches_float64_reference(backend, dtype, shape, prediction_type, monke
             assert_close_to_reference(got, want, dtype)
 
 
+@pytest.mark.parametrize("backend", USABLE_HERE + ["eager"])
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+def test_buffers_one_element_off_alignment(backend, dtype, monkeypatch):
+    """Contiguous inputs that start one element into their storage (not 16-byte aligned: the CUDA kernel's
+    one-element path) and element counts around its 16-byte packs."""
+    generator = torch.Generator().manual_seed(11)
+    device = backend_device(backend)
+    coefs = coefficients(generator).to(device)
+    for numel in (8, 23, 64, 1001):
+        model_output, sample, noise = (torch.randn(numel + 1, generator=generator, dtype=torch.float64)
+                                       .to(device, dtype)[1:] for _ in range(3))
+        prev, denoised = run_backend(backend, monkeypatch, model_output, sample, coefs, noise=noise)
+        ref_prev, ref_denoised = ops.consistency_step_reference(model_output.double(), sample.double(), coefs,
+                                                                noise.double())
+        assert_close_to_reference(prev, ref_prev, dtype)
+        assert_close_to_reference(denoised, ref_denoised, dtype)
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_cpp_is_bitwise_equal_to_reference_in_float32(isa, monkeypatch):
     if "cpp" not in USABLE_HERE:

@@ -1,6 +1,7 @@
 """Tune the Triton GroupNorm(+SiLU) launch on a GPU: for the GroupNorm shapes of SD1.5's UNet and VAE at 512x512
-(16 frames, guidance 1 and 2), the GPU time of the one-launch kernel at several (block, warps) and with the group
-kept in registers, the three-launch path, the CUDA C++ kernel and PyTorch's ops, against a same-size copy. It sets
+(16 frames, guidance 1 and 2), the GPU time of the one-launch kernel at several (block, warps), with the group
+kept in registers and on a persistent grid (one or two programs per SM looping over the groups), the three-launch
+path, the CUDA C++ kernel and PyTorch's ops, against a same-size copy. It sets
 ``FUSED_MIN_GROUPS`` and the one-launch defaults in animatelcm/ops/triton_backend.py.
 
     python benchmarks/tune_group_norm.py [--out benchmarks/results/tune_group_norm_cuda.md] [--dtype float16]
@@ -34,6 +35,7 @@ SHAPES += [(16, 512, 64, 64), (16, 512, 128, 128), (16, 256, 256, 256), (16, 128
 GROUPS = 32
 ONE_LAUNCH_CONFIGS = [(block, warps) for block in (1024, 2048, 4096) for warps in (4, 8, 16)
                       if block // (32 * warps) >= 4]
+PERSISTENT_PROGRAMS_PER_SM = (1, 2)
 MAX_TILE = 65536  # the largest group kept in registers (a power of two: 64 fp32 values a thread at 32 warps)
 
 
@@ -58,6 +60,13 @@ def providers(x, weight, bias, out):
         calls[name] = None if block is None else (
             lambda b=block, w=warps: triton_backend.group_norm_one_launch(x, out, GROUPS, weight, bias, 1e-5, True,
                                                                          block=b, num_warps=w))
+    # the default step and warps on a persistent grid: fewer groups in flight at once, so that a group's second
+    # read more likely finds it in L2 (all groups in flight at 64x64 latents: about 42 MB against 50 MB of L2)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 2  # 2: the interpreter
+    for per_sm in PERSISTENT_PROGRAMS_PER_SM:
+        calls[f"persistent, {per_sm}/SM"] = (
+            lambda p=per_sm * sms: triton_backend.group_norm_one_launch(x, out, GROUPS, weight, bias, 1e-5, True,
+                                                                       programs=p))
     if cuda_kernels_unavailable_reason() is None:
         calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="cuda")
     calls["copy (floor)"] = lambda: out.copy_(x)

@@ -22,7 +22,7 @@ kernel serves every layout: element i of group (b, g) sits at
 the statistics in a first pass over the group, then the normalisation in a second pass that reads the group back
 while it is likely still in L2 (a group of SD1.5's UNet at 64x64 latents is 80 KB in fp16), or, with a block as
 large as the group (ONE_TILE), one read kept in registers. With enough groups to fill the GPU that is one read of x
-from memory instead of two.
+from memory instead of two. PERSISTENT launches fewer programs, each looping over groups (a tuning candidate).
 """
 
 import triton
@@ -168,14 +168,31 @@ def unpermute_residual_kernel(
 
 @triton.jit
 def group_norm_fused_kernel(
-    x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
+    x_ptr, y_ptr, w_ptr, b_ptr, groups, total_groups, per_group, spatial, eps,
+    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
+    ONE_TILE: tl.constexpr, PERSISTENT: tl.constexpr,
+):
+    """x, y [N, C, S] contiguous, total_groups = N * groups; group bg (group bg % groups of batch entry
+    bg // groups) is the per_group * spatial contiguous elements from bg * per_group * spatial. One program per
+    group, or with PERSISTENT fewer programs, each looping over groups program_id, program_id + num_programs, ...
+    (fewer groups in flight at once). ONE_TILE (BLOCK >= the group): the group is loaded once and kept in registers
+    for both the statistics (two-pass, about its mean) and the output."""
+    if PERSISTENT:
+        for bg in range(tl.program_id(0).to(tl.int64), total_groups, tl.num_programs(0)):
+            _normalise_group(bg, x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
+                             HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE)
+    else:
+        _normalise_group(tl.program_id(0).to(tl.int64), x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
+                         HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE)
+
+
+@triton.jit
+def _normalise_group(
+    bg, x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
     ONE_TILE: tl.constexpr,
 ):
-    """x, y [N, C, S] contiguous; program bg normalises group bg % groups of batch entry bg // groups, the
-    per_group * spatial contiguous elements from bg * per_group * spatial. ONE_TILE (BLOCK >= the group): the group
-    is loaded once and kept in registers for both the statistics (two-pass, about its mean) and the output."""
-    bg = tl.program_id(0).to(tl.int64)
+    """group_norm_fused_kernel's work for group bg (int64)."""
     group_numel = per_group * spatial
     base = bg * group_numel
     lanes = tl.arange(0, BLOCK)

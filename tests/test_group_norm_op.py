@@ -80,6 +80,24 @@ def test_triton_one_launch_configurations_match_reference(block, num_warps, pois
                                   torch.float16)
 
 
+@pytest.mark.parametrize("programs", [1, 3, 7])
+def test_triton_persistent_one_launch_matches_reference(programs, poisoned_outputs):
+    """A persistent grid (fewer programs than groups, each looping over groups): every group written once, with
+    groups kept in registers and groups read twice; as many programs as groups or more is the plain grid."""
+    if "triton" not in backends_usable_here(GROUP_NORM_SILU):
+        pytest.skip("the triton backend is not usable here")
+    from animatelcm.ops import triton_backend
+
+    generator = torch.Generator().manual_seed(8)
+    for shape, groups, block in (((2, 8, 5, 7), 4, None), ((3, 6, 9, 11), 3, 64), ((1, 4, 3, 3), 4, None)):
+        x = (torch.randn(shape, generator=generator) * 2 + 5).to(backend_device("triton"), torch.float32)
+        weight, bias = affine(shape[1], generator, torch.float32, device=x.device)
+        out = torch.full_like(x, float("nan"))
+        triton_backend.group_norm_one_launch(x, out, groups, weight, bias, 1e-5, True, block=block, programs=programs)
+        assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, weight, bias, 1e-5),
+                                  torch.float32)
+
+
 def test_one_launch_configuration_grows_with_the_group():
     from animatelcm.ops.triton_backend import one_launch_config
 

@@ -79,12 +79,44 @@ def build(kind, components):
         pipe = diffusers.AnimateDiffSparseControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
         args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=video(1)[:2],
                     controlnet_frame_indices=[0, FRAMES - 1], latents=torch.randn(1, 4, FRAMES, 8, 8))
+    elif kind == "sdxl":  # SDXL topology: linear projections, two transformer layers a block, no motion mid block
+        unet, adapter, text_encoder_2 = tiny_sdxl_parts(components)
+        pipe = diffusers.AnimateDiffSDXLPipeline(
+            vae=components["vae"], text_encoder=components["text_encoder"], text_encoder_2=text_encoder_2,
+            tokenizer=components["tokenizer"], tokenizer_2=components["tokenizer"], unet=unet, motion_adapter=adapter,
+            scheduler=lcm())
+        args.update(num_frames=FRAMES, height=SIZE, width=SIZE, latents=torch.randn(1, 4, FRAMES, 8, 8))
     elif kind == "pag":  # perturbed-attention guidance swaps spatial attention processors during its calls
         pipe = diffusers.AnimateDiffPAGPipeline(**common, scheduler=lcm(), pag_applied_layers=["mid"])
         args.update(num_frames=FRAMES, height=SIZE, width=SIZE, pag_scale=1.0,
                     latents=torch.randn(1, 4, FRAMES, 8, 8))
     pipe.set_progress_bar_config(disable=True)
     return pipe, args
+
+
+def tiny_sdxl_parts(components):
+    """A tiny SDXL-shaped UNetMotionModel (text-time embeddings, linear projections, two transformer layers in its
+    cross-attention block, no motion mid block), its MotionAdapter and a second text encoder with projection."""
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(3)
+    hidden = components["text_encoder"].config.hidden_size
+    text_encoder_2 = CLIPTextModelWithProjection(components["text_encoder"].config).eval()
+    unet = diffusers.UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=2, sample_size=8, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=text_encoder_2.config.projection_dim + 6 * 8,
+        cross_attention_dim=2 * hidden, norm_num_groups=8)
+    adapter = diffusers.MotionAdapter(block_out_channels=(32, 64), motion_layers_per_block=2,
+                                      motion_norm_num_groups=8, motion_num_attention_heads=2,
+                                      use_motion_mid_block=False, motion_max_seq_length=32)
+    with torch.no_grad():  # proj_out starts at zero (an identity); make the temporal path count
+        for name, parameter in adapter.named_parameters():
+            if ".proj_out." in name:
+                parameter.copy_(torch.randn_like(parameter) * 0.05)
+    return diffusers.UNetMotionModel.from_unet2d(unet, adapter).eval(), adapter, text_encoder_2
 
 
 def latents(pipe, args, guidance):
@@ -97,7 +129,7 @@ def relative_difference(a, b):
 
 @pytest.mark.parametrize("kind", ["animatediff", "animatelcm", "animatelcm_image", "animatelcm_controlnet",
                                   "video2video", "controlnet", "multicontrolnet", "video2video_controlnet",
-                                  "sparsectrl", "pag"])
+                                  "sparsectrl", "pag", "sdxl"])
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, components):
     pipe, args = build(kind, components)

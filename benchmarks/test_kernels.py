@@ -247,14 +247,15 @@ def diffusers_geglu(x, weight, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("provider", ["diffusers GEGLU", "torch.compile", "cpp", "cuda", "copy (floor)"])
+@pytest.mark.parametrize("provider", ["diffusers GEGLU", "torch.compile", "cpp", "cuda", "triton", "copy (floor)"])
 def test_linear_geglu(benchmark, record, device, provider):
     """CPU: the first feed-forward projection of a width-80 transformer block at 32x32 latents, 16 frames (the
-    end-to-end benchmark's largest activation); GPU: SD1.5's width 320 at 64x64, 16 frames, with CFG."""
-    backend = "cpp" if device == "cpu" else "cuda"
+    end-to-end benchmark's largest activation); GPU: SD1.5's width 320 at 64x64, 16 frames, with CFG (cuda:
+    cuBLAS and the CUDA GEGLU kernel; triton: the product and the activation in one kernel)."""
+    backends = ["cpp"] if device == "cpu" else ["cuda", "triton"]
     providers = {"diffusers GEGLU": diffusers_geglu, "torch.compile": compiled(diffusers_geglu),
                  "copy (floor)": lambda x, w, b: x.clone(),
-                 backend: forced(backend, ops.linear_geglu)}
+                 **{backend: forced(backend, ops.linear_geglu) for backend in backends}}
     if provider not in providers:
         pytest.skip(f"{provider} does not run on {device}")
     cfg = configs(device)

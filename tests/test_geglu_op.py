@@ -84,8 +84,10 @@ def test_bad_inputs():
 
 
 LINEAR_BACKENDS = backends_usable_here(LINEAR_GEGLU_IMPLEMENTATIONS)
-# (leading shape of x, K, 2I): odd sizes, one row, a 4-D x
-LINEAR_SHAPES = [((3, 7), 24, 80), ((1,), 5, 2), ((2, 3, 11), 40, 2 * 72), ((97,), 16, 30)]
+# (leading shape of x, K, 2I): odd sizes, one row, a 4-D x; several of the Triton kernel's 128 x 64 output tiles
+# with partial ones and K across two of its 64-deep steps; more row tiles than one group of 8
+LINEAR_SHAPES = [((3, 7), 24, 80), ((1,), 5, 2), ((2, 3, 11), 40, 2 * 72), ((97,), 16, 30), ((5, 61), 72, 2 * 130),
+                 ((1100,), 8, 2 * 10)]
 
 
 @pytest.mark.parametrize("backend", LINEAR_BACKENDS + ["eager"])

@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from animatelcm.kernels import group_norm, temporal_attention
+from animatelcm.kernels import group_norm, linear_geglu, temporal_attention
 
 FP32_POINTERS = {"partials_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr"}
 FLOAT_SCALARS = {"eps", "scale"}
@@ -36,7 +36,16 @@ CONSTEXPRS = [
                                               PERSISTENT=True)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=16, BLOCK_D=64, FP32_DOT=False)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=32, BLOCK_D=256, FP32_DOT=True)),
+    (linear_geglu.linear_geglu_kernel, dict(HAS_BIAS=True, FP32_DOT=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,
+                                            GROUP_M=8)),
+    (linear_geglu.linear_geglu_kernel, dict(HAS_BIAS=False, FP32_DOT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,
+                                            GROUP_M=8)),
 ]
+# launch options where the ops launch with other than Triton's defaults
+OPTIONS = {linear_geglu.linear_geglu_kernel: dict(num_warps=8, num_stages=3)}
+# kernels also compiled as a launch specialises them when every pointer and integer is a multiple of 16 (SD1.5's
+# widths): the matrix product then takes another path (asynchronous copies, software pipelining)
+SPECIALISED = {linear_geglu.linear_geglu_kernel}
 
 
 def signature(fn, dtype, constexprs):
@@ -56,9 +65,12 @@ for arch, dtypes in ((90, ("fp16", "bf16", "fp32")), (80, ("bf16",))):
         for fn, constexprs in CONSTEXPRS:
             if constexprs.get("FP32_DOT") is False and dtype == "fp32":
                 continue  # fp32 inputs always take the FP32_DOT path
-            compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs),
-                                      target=GPUTarget("cuda", arch, 32))
-            assert compiled.asm["cubin"], (fn.__name__, arch, dtype)
+            divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+                         if name not in constexprs and name not in FLOAT_SCALARS}
+            for attrs in ([None, divisible] if fn in SPECIALISED else [None]):
+                compiled = triton.compile(ASTSource(fn, signature(fn, dtype, constexprs), constexprs, attrs),
+                                          target=GPUTarget("cuda", arch, 32), options=OPTIONS.get(fn))
+                assert compiled.asm["cubin"], (fn.__name__, arch, dtype)
 print("compiled")
 """
 

@@ -11,7 +11,8 @@ reference formulas.
 rows (at least 1024, more if one core's L2 cache holds their projection output): that output, the largest tensor of a transformer block
 (``[16384, 640]`` floats at 32x32 latents, 16 frames, width 80), is then never materialised, so it is neither
 written to memory and read back nor allocated afresh (an allocation of more than glibc's 32 MiB mmap threshold
-costs a page fault per 4 KiB page on every call).
+costs a page fault per 4 KiB page on every call). On a GPU the cuda backend runs cuBLAS and then the CUDA GEGLU
+kernel; the triton backend (``kernels/linear_geglu.py``) computes both in one kernel, never writing the projection.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import Implementation, eager_fast_path, select
+from . import triton_backend
 from .linear import linear, uses_onednn
 from .native import (
     SCALAR_TYPE_CODES,
@@ -190,6 +192,9 @@ LINEAR_GEGLU_IMPLEMENTATIONS = [
                                                            F.linear(x, weight), bias),
                    cuda_kernels_unavailable_reason, reject_unless_native("cuda")),
     Implementation("cpp", _linear_geglu_cpu_blocked, native_unavailable_reason, reject_unless_native("cpu")),
+    # after cuda until a GPU run has timed it against cuBLAS + the CUDA GEGLU (backend="triton" picks it)
+    Implementation("triton", lambda x, weight, bias: triton_backend.triton_linear_geglu(x, weight, bias),
+                   triton_backend.triton_unavailable_reason, triton_backend.reject_unless_triton),
     Implementation("eager", lambda x, weight, bias: linear_geglu_reference(x, weight, bias).contiguous(),
                    lambda: None, lambda *a: None),
 ]

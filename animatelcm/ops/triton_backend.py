@@ -55,6 +55,34 @@ def triton_attention(q, k, v, scale):
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _linear_geglu_kernel():
+    from ..kernels.linear_geglu import linear_geglu_kernel
+
+    return linear_geglu_kernel
+
+
+# (BLOCK_M, BLOCK_N per half, BLOCK_K, GROUP_M) of the GEGLU projection: a 128 x (2 x 64) fp32 accumulator tile.
+LINEAR_GEGLU_TILES = (128, 64, 64, 8)
+
+
+def triton_linear_geglu(x, weight, bias):
+    """``geglu(x @ weight.T + bias)`` in one Triton kernel: ``x [..., K]``, ``weight [2I, K]`` (x's dtype),
+    ``bias [2I]`` or None -> ``[..., I]``; the ``[..., 2I]`` projection is never materialised."""
+    depth, inner = x.shape[-1], weight.shape[0] // 2
+    flat = x.reshape(-1, depth).contiguous()
+    out = torch.empty((*x.shape[:-1], inner), dtype=x.dtype, device=x.device)
+    if flat.shape[0] == 0 or inner == 0:
+        return out
+    block_m, block_n, block_k, group_m = LINEAR_GEGLU_TILES
+    tiles = _cdiv(flat.shape[0], block_m) * _cdiv(inner, block_n)
+    _linear_geglu_kernel()[(tiles,)](
+        flat, weight.contiguous(), flat if bias is None else bias.contiguous(), out, flat.shape[0], inner, depth,
+        HAS_BIAS=bias is not None, FP32_DOT=_fp32_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP_M=group_m, num_warps=8, num_stages=2 if x.dtype == torch.float32 else 3)
+    return out
+
+
 def triton_device_types() -> tuple[str, ...]:
     """Devices whose tensors the Triton kernels take: CUDA, and the CPU under TRITON_INTERPRET=1."""
     return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)

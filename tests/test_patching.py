@@ -232,7 +232,7 @@ def test_patch_options_and_repatching(components):
 
 @pytest.mark.parametrize("backend", [b for b in ("cpp", "triton", "cuda") if b in ops.available_backends()])
 def test_forced_backend_runs_where_implemented(backend, components, exact_float32_on_the_gpu):
-    """patch_pipeline(backend=...) forces the ops that implement it; the others (GEGLU has no Triton kernel, temporal
+    """patch_pipeline(backend=...) forces the ops that implement it; the others (the step has no Triton kernel, temporal
     attention no CUDA one) choose automatically instead of failing. Small call: Triton runs in the interpreter here."""
     pipe, args = build("animatediff", components)
     device = "cuda" if backend == "cuda" or (backend == "triton" and torch.cuda.is_available()) else "cpu"

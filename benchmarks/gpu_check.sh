@@ -11,8 +11,9 @@
 # files; read it with `tar -xf gpu_check.tar`), rewritten as soon as a step ends, so a step that runs out of time
 # loses only itself. The step timeouts (SIGINT, so pytest still writes its results) are capped by what is left of a
 # 580 s budget, so everything fits one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on a
-# machine still warm from an earlier call (the build is kept there). GPU_CHECK_E2E_ARGS adds arguments to the
-# end-to-end step (--channels-last, --backends cuda, say). GPU_CHECK_COMPILE=1 adds the torch.compile providers to
+# machine still warm from an earlier call (the build is kept there). GPU_CHECK_E2E_ARGS sets extra arguments of the
+# end-to-end step (default --backends triton: the patch with every op that has a Triton kernel on it, which on a GPU
+# differs from the default only in the GEGLU projection; --channels-last or --backends cuda, say). GPU_CHECK_COMPILE=1 adds the torch.compile providers to
 # the end-to-end step, whose max-autotune compile can take longer than one call allows. Steps, in this order:
 #   build:   ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
 #   e2e:     SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2, with MFU
@@ -60,7 +61,7 @@ if wanted e2e; then
   compile_flag=--no-compile
   [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && compile_flag=""
   timeout -s INT -k 10 "$(step_limit 240)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile \
-    $compile_flag ${GPU_CHECK_E2E_ARGS:-} > "$RESULTS/end_to_end.log" 2>&1
+    $compile_flag ${GPU_CHECK_E2E_ARGS---backends triton} > "$RESULTS/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$RESULTS/" 2>/dev/null
   pack
   log "end-to-end: $(tail -3 "$RESULTS/end_to_end.log" | tr '\n' ' ')"

@@ -15,6 +15,18 @@ from .ops.consistency import predicted_original_sample
 SIGMA_DATA = 0.5  # diffusers' LCMScheduler boundary-condition constant
 
 
+def draw_step_noise(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Standard normal noise ``shape`` on ``device``, the values :func:`diffusers.utils.torch_utils.randn_tensor`
+    draws for the same arguments, without its host synchronisation: a CPU generator (or list of them) draws on the
+    host as diffusers does, and the draw reaches a CUDA device through pinned memory and an asynchronous copy
+    (``randn_tensor`` copies from pageable memory, which waits for every queued kernel to finish)."""
+    first = generator[0] if isinstance(generator, list) else generator
+    if first is None or first.device.type != "cpu" or device.type != "cuda":
+        return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    host = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def boundary_condition_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0):
     """(c_skip, c_out) of the consistency parameterisation f = c_skip * x_t + c_out * x0 for integer
     ``timesteps [*]``, in float32 exactly as diffusers computes them: c_skip -> 1 and c_out -> 0 as t -> 0."""
@@ -33,7 +45,8 @@ class LCMScheduler(DiffusersLCMScheduler):
     ``step`` does not synchronise with the device when the timestep is a Python number, a CPU tensor, or an element
     of ``self.timesteps`` (what pipelines pass); for any other device tensor the coefficients are gathered on the
     device, still without a sync, except that the very first call without ``set_begin_index`` must look the
-    timestep up once, exactly as diffusers does.
+    timestep up once, exactly as diffusers does. A CPU generator's noise reaches the device without a sync too
+    (:func:`draw_step_noise`), so the host can queue the next UNet call while the GPU still runs this one.
     """
 
     def set_timesteps(self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None,
@@ -151,7 +164,7 @@ class LCMScheduler(DiffusersLCMScheduler):
 
         noise = None
         if self.step_index != self.num_inference_steps - 1:
-            noise = randn_tensor(model_output.shape, generator=generator, device=model_output.device, dtype=dtype)
+            noise = draw_step_noise(model_output.shape, generator, model_output.device, dtype)
         prev_sample, denoised = consistency_step(model_output, sample, coefficients, noise=noise,
                                                  prediction_type=prediction_type, clip_range=clip_range)
         self._step_index += 1

@@ -588,6 +588,27 @@ def test_patched_matches_unpatched_on_the_gpu(guidance, components, exact_float3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_patched_denoising_steps_never_wait_for_the_gpu(guidance, components):
+    """After the first step nothing in a patched call (UNet, guidance, scheduler step with diffusers' usual CPU
+    generator) synchronises the host with the GPU, so the host queues each step while the GPU runs the one before."""
+    pipe, args = build("animatediff", components)
+    pipe.to("cuda")
+    patch_pipeline(pipe)
+    latents(pipe, args, guidance)  # first calls: kernel compiles, library handles
+
+    def strict_from_the_second_step(pipe, step, timestep, tensors):
+        torch.cuda.set_sync_debug_mode("error")
+        return tensors
+
+    try:
+        pipe(**args, guidance_scale=guidance, generator=torch.Generator().manual_seed(7),
+             callback_on_step_end=strict_from_the_second_step)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_patched_float16_frames_on_the_gpu(components):
     """The issue's bar in fp16: decoded frames within 40 dB PSNR of the unpatched fp16 pipeline."""
     pipe, args = build("animatediff", components)

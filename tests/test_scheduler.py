@@ -130,3 +130,36 @@ def test_errors():
         scheduler.step(x, "999", x)
     with pytest.raises(ValueError, match="shape"):
         scheduler.step(x, scheduler.timesteps[0], x[:, :2])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("generators", [1, 2])
+def test_cuda_steps_with_cpu_generators_match_diffusers_without_a_sync(generators):
+    """diffusers' usual CPU generator(s) on CUDA samples: the same noise and results as diffusers' step, and no host
+    synchronisation (diffusers' pageable copy of the noise waits for every queued kernel)."""
+    reference = diffusers.LCMScheduler(beta_schedule="linear", original_inference_steps=100)
+    ours = LCMScheduler.from_config(reference.config)
+    for scheduler in (reference, ours):
+        scheduler.set_timesteps(4, device="cuda")
+
+    def seeded():
+        made = [torch.Generator().manual_seed(11 + i) for i in range(generators)]
+        return made if generators > 1 else made[0]
+
+    data = torch.Generator().manual_seed(0)
+    shape = (2, 4, 3, 5, 7)
+    x_ref = x_ours = torch.randn(shape, generator=data).cuda()
+    g_ref, g_ours = seeded(), seeded()
+    for t_ref, t_ours in zip(reference.timesteps, ours.timesteps):
+        model_output = torch.randn(shape, generator=data).cuda()
+        a = reference.step(model_output, t_ref, x_ref, generator=g_ref)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            b = ours.step(model_output, t_ours, x_ours, generator=g_ours)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        torch.testing.assert_close(b.prev_sample, a.prev_sample, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(b.denoised, a.denoised, atol=1e-5, rtol=1e-5)
+        x_ref, x_ours = a.prev_sample, b.prev_sample
+    for mine, theirs in zip(g_ours if generators > 1 else [g_ours], g_ref if generators > 1 else [g_ref]):
+        assert torch.equal(mine.get_state(), theirs.get_state()), "noise draws diverged"

@@ -1,8 +1,9 @@
 """Tune the Triton GroupNorm(+SiLU) launch on a GPU: for the GroupNorm shapes of SD1.5's UNet and VAE at 512x512
 (16 frames, guidance 1 and 2), the GPU time of the one-launch kernel at several (block, warps), with the group
-kept in registers and on a persistent grid (one or two programs per SM looping over the groups), the three-launch
-path, the CUDA C++ kernel and PyTorch's ops, against a same-size copy. It sets
-``FUSED_MIN_GROUPS`` and the one-launch defaults in animatelcm/ops/triton_backend.py.
+kept in registers and on a persistent grid (one or two programs per SM looping over the groups), with the second
+pass run backwards and with cache eviction hints, the three-launch path, the CUDA C++ kernel and PyTorch's ops,
+against a same-size copy. It sets ``FUSED_MIN_GROUPS`` and the one-launch defaults in
+animatelcm/ops/triton_backend.py.
 
     python benchmarks/tune_group_norm.py [--out benchmarks/results/tune_group_norm_cuda.md] [--dtype float16]
 
@@ -67,6 +68,12 @@ def providers(x, weight, bias, out):
         calls[f"persistent, {per_sm}/SM"] = (
             lambda p=per_sm * sms: triton_backend.group_norm_one_launch(x, out, GROUPS, weight, bias, 1e-5, True,
                                                                        programs=p))
+    # the default step and warps with the second read of a group steered toward L2: backwards from the group's end
+    # (its most recently read steps first), and eviction hints (first read kept, second read and output streamed)
+    for name, reverse, l2_hints in (("reverse second pass", True, False), ("L2 hints", False, True),
+                                    ("reverse + L2 hints", True, True)):
+        calls[name] = (lambda r=reverse, h=l2_hints: triton_backend.group_norm_one_launch(
+            x, out, GROUPS, weight, bias, 1e-5, True, reverse=r, l2_hints=h))
     if cuda_kernels_unavailable_reason() is None:
         calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="cuda")
     calls["copy (floor)"] = lambda: out.copy_(x)

@@ -170,27 +170,30 @@ def unpermute_residual_kernel(
 def group_norm_fused_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, groups, total_groups, per_group, spatial, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
-    ONE_TILE: tl.constexpr, PERSISTENT: tl.constexpr,
+    ONE_TILE: tl.constexpr, PERSISTENT: tl.constexpr, REVERSE: tl.constexpr, L2_HINTS: tl.constexpr,
 ):
     """x, y [N, C, S] contiguous, total_groups = N * groups; group bg (group bg % groups of batch entry
     bg // groups) is the per_group * spatial contiguous elements from bg * per_group * spatial. One program per
     group, or with PERSISTENT fewer programs, each looping over groups program_id, program_id + num_programs, ...
     (fewer groups in flight at once). ONE_TILE (BLOCK >= the group): the group is loaded once and kept in registers
-    for both the statistics (two-pass, about its mean) and the output."""
+    for both the statistics (two-pass, about its mean) and the output. Two more tuning candidates for the second
+    read of a group to find it in L2: REVERSE runs the second pass from the group's end (the most recently read
+    steps first); L2_HINTS marks the first pass's loads evict_last, the second's evict_first and the stores
+    streaming (.cs), so the output does not push the groups still to be reread out of L2."""
     if PERSISTENT:
         for bg in range(tl.program_id(0).to(tl.int64), total_groups, tl.num_programs(0)):
             _normalise_group(bg, x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
-                             HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE)
+                             HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE, REVERSE, L2_HINTS)
     else:
         _normalise_group(tl.program_id(0).to(tl.int64), x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
-                         HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE)
+                         HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE, REVERSE, L2_HINTS)
 
 
 @triton.jit
 def _normalise_group(
     bg, x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
-    ONE_TILE: tl.constexpr,
+    ONE_TILE: tl.constexpr, REVERSE: tl.constexpr, L2_HINTS: tl.constexpr,
 ):
     """group_norm_fused_kernel's work for group bg (int64)."""
     group_numel = per_group * spatial
@@ -220,15 +223,17 @@ def _normalise_group(
         for first in range(0, group_numel, BLOCK):
             i = first + lanes
             mask = i < group_numel
-            centred = tl.where(mask, tl.load(x_ptr + base + i, mask=mask, other=0.0).to(tl.float32) - shift, 0.0)
+            v = tl.load(x_ptr + base + i, mask=mask, other=0.0, eviction_policy="evict_last" if L2_HINTS else "")
+            centred = tl.where(mask, v.to(tl.float32) - shift, 0.0)
             sums += centred
             squares += centred * centred
         mean_shifted = tl.sum(sums, axis=0) / group_numel
         variance = tl.maximum(tl.sum(squares, axis=0) / group_numel - mean_shifted * mean_shifted, 0.0)
         rstd = 1.0 / tl.sqrt(variance + eps)
         mean = mean_shifted + shift
-        for first in range(0, group_numel, BLOCK):
-            i = first + lanes
+        steps = tl.cdiv(group_numel, BLOCK)
+        for step in range(0, steps):
+            i = ((steps - 1 - step) if REVERSE else step) * BLOCK + lanes
             mask = i < group_numel
             channel = first_channel + i // spatial
             scale = rstd
@@ -237,7 +242,8 @@ def _normalise_group(
             offset = -mean * scale
             if HAS_BIAS:
                 offset += tl.load(b_ptr + channel, mask=mask, other=0.0).to(tl.float32)
-            v = tl.load(x_ptr + base + i, mask=mask, other=0.0).to(tl.float32) * scale + offset
+            v = tl.load(x_ptr + base + i, mask=mask, other=0.0, eviction_policy="evict_first" if L2_HINTS else "")
+            v = v.to(tl.float32) * scale + offset
             if SILU:
                 v = _silu(v)
-            tl.store(y_ptr + base + i, v.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_ptr + base + i, v.to(y_ptr.dtype.element_ty), mask=mask, cache_modifier=".cs" if L2_HINTS else "")

@@ -80,10 +80,12 @@ def test_triton_one_launch_configurations_match_reference(block, num_warps, pois
                                   torch.float16)
 
 
-@pytest.mark.parametrize("programs", [1, 3, 7])
-def test_triton_persistent_one_launch_matches_reference(programs, poisoned_outputs):
-    """A persistent grid (fewer programs than groups, each looping over groups): every group written once, with
-    groups kept in registers and groups read twice; as many programs as groups or more is the plain grid."""
+@pytest.mark.parametrize("programs, reverse, l2_hints", [(1, False, False), (3, False, False), (7, False, False),
+                                                         (None, True, False), (None, True, True), (3, True, True)])
+def test_triton_one_launch_tuning_candidates_match_reference(programs, reverse, l2_hints, poisoned_outputs):
+    """The tuning candidates: a persistent grid (fewer programs than groups, each looping over groups; as many
+    programs as groups or more is the plain grid), the second pass run backwards, the cache hints. Every group
+    written once and right, with groups kept in registers and groups read twice (a partial last step included)."""
     if "triton" not in backends_usable_here(GROUP_NORM_SILU):
         pytest.skip("the triton backend is not usable here")
     from animatelcm.ops import triton_backend
@@ -93,7 +95,8 @@ def test_triton_persistent_one_launch_matches_reference(programs, poisoned_outpu
         x = (torch.randn(shape, generator=generator) * 2 + 5).to(backend_device("triton"), torch.float32)
         weight, bias = affine(shape[1], generator, torch.float32, device=x.device)
         out = torch.full_like(x, float("nan"))
-        triton_backend.group_norm_one_launch(x, out, groups, weight, bias, 1e-5, True, block=block, programs=programs)
+        triton_backend.group_norm_one_launch(x, out, groups, weight, bias, 1e-5, True, block=block, programs=programs,
+                                             reverse=reverse, l2_hints=l2_hints)
         assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, weight, bias, 1e-5),
                                   torch.float32)
 

@@ -198,12 +198,15 @@ def one_launch_config(group_numel: int) -> tuple[int, int]:
     return 4096, 16
 
 
-def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=None, num_warps=None, programs=None):
+def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=None, num_warps=None, programs=None,
+                          reverse=False, l2_hints=False):
     """``out = act(group_norm(x))`` for contiguous ``x, out [N, C, *]`` in one launch, one program per (batch,
     group) (``group_norm_fused_kernel``). ``block`` (elements per step, a power of two) and ``num_warps`` default to
     the tuned choice; benchmarks/tune_group_norm.py times the others. A block as large as the group keeps it in
     registers (one read instead of two). ``programs`` (fewer than the N * num_groups groups) launches that many
-    programs instead, each looping over groups (a persistent grid, timed by the tuning script)."""
+    programs instead, each looping over groups (a persistent grid). ``reverse`` (the second pass from the group's
+    end) and ``l2_hints`` (cache eviction hints) are the kernel's other tuning candidates; all of these are timed
+    by the tuning script and off by default."""
     batch, channels = x.shape[:2]
     spatial = x[0, 0].numel()
     per_group = channels // num_groups
@@ -215,7 +218,8 @@ def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=Non
     _group_norm_kernels().group_norm_fused_kernel[(programs if persistent else total_groups,)](
         x, out, x if weight is None else weight, x if bias is None else bias, num_groups, total_groups, per_group,
         spatial, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK=block,
-        ONE_TILE=block >= per_group * spatial, PERSISTENT=persistent, num_warps=num_warps)
+        ONE_TILE=block >= per_group * spatial, PERSISTENT=persistent, REVERSE=reverse, L2_HINTS=l2_hints,
+        num_warps=num_warps)
 
 
 def group_norm_three_launches(x, out, num_groups, weight, bias, eps, silu):

@@ -1,9 +1,9 @@
-"""Tune the Triton GroupNorm(+SiLU) launch on a GPU: for the GroupNorm shapes of SD1.5's UNet and VAE at 512x512
-(16 frames, guidance 1 and 2), the GPU time of the one-launch kernel at several (block, warps), with the group
-kept in registers and on a persistent grid (one or two programs per SM looping over the groups), with the second
-pass run backwards and with cache eviction hints, the three-launch path, the CUDA C++ kernel and PyTorch's ops,
-against a same-size copy. It sets ``FUSED_MIN_GROUPS`` and the one-launch defaults in
-animatelcm/ops/triton_backend.py.
+"""Tune the GroupNorm(+SiLU) kernels on a GPU: for the GroupNorm shapes of SD1.5's UNet and VAE at 512x512 (16
+frames, guidance 1 and 2), the GPU time of the Triton one-launch kernel at several (block, warps), with the group
+kept in registers, on a persistent grid (one or two programs per SM looping over the groups), with the second pass
+run backwards and with cache eviction hints; the Triton three-launch path; the CUDA C++ kernel as dispatched (a
+group that fits in shared memory read once) and as three launches; PyTorch's ops; against a same-size copy. It sets
+``FUSED_MIN_GROUPS`` and the one-launch defaults in animatelcm/ops/triton_backend.py.
 
     python benchmarks/tune_group_norm.py [--out benchmarks/results/tune_group_norm_cuda.md] [--dtype float16]
 
@@ -25,7 +25,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from animatelcm import ops  # noqa: E402
-from animatelcm.ops import triton_backend  # noqa: E402
+from animatelcm.ops import group_norm, triton_backend  # noqa: E402
 from animatelcm.ops.native import cuda_kernels_unavailable_reason  # noqa: E402
 
 # (batch, channels, height, width): batch 16 = 16 frames at guidance 1, 32 at guidance 2; UNet widths
@@ -75,7 +75,11 @@ def providers(x, weight, bias, out):
         calls[name] = (lambda r=reverse, h=l2_hints: triton_backend.group_norm_one_launch(
             x, out, GROUPS, weight, bias, 1e-5, True, reverse=r, l2_hints=h))
     if cuda_kernels_unavailable_reason() is None:
+        # the CUDA C++ kernel as dispatched (a group that fits in shared memory is read once), and its three launches
         calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="cuda")
+        calls["cuda, three launches"] = lambda: group_norm._native_group_norm(
+            "group_norm_cuda", group_norm._cuda_extra, x, x.shape[0], 1, GROUPS, weight, bias, 1e-5, True, False,
+            resident_groups=False)
     calls["copy (floor)"] = lambda: out.copy_(x)
     return calls
 

@@ -344,3 +344,34 @@ def test_nan_stays_in_its_group(monkeypatch):
             out = run(backend, monkeypatch, ops.group_norm_silu, x.contiguous(memory_format=layout), 2)
             assert torch.isnan(out[1, 2:]).all() and torch.isfinite(out[0]).all()
             assert torch.isfinite(out[1, :2]).all()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cuda_groups_read_once_from_shared_memory_match_reference(dtype, poisoned_outputs):
+    """The CUDA kernel keeps a group that fits in shared memory there (one read of x) when there are at least two
+    groups an SM: it matches the reference and its own three launches, with and without weight, bias and SiLU. The
+    profiler shows which path ran: groups too large (fp32 at 64x64), positions not a multiple of a 16-byte pack, or
+    too few groups take the three launches."""
+    from animatelcm.ops import group_norm
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    cases = [((2 * sms // 8 + 3, 64, 16, 16), 8, True),  # 2048-element groups
+             ((-(-2 * sms // 32), 320, 64, 64), 32, dtype != torch.float32),  # SD1.5's 64x64 level: 80 KB in fp16
+             ((sms, 96, 9, 7), 32, False),  # 63 positions: no 16-byte packs
+             ((1, 64, 8, 8), 4, False)]  # 4 groups
+    for index, (shape, groups, resident) in enumerate(cases):
+        generator = torch.Generator().manual_seed(index)
+        x = (torch.randn(shape, generator=generator) * 3 + 1).to("cuda", dtype)
+        weight, bias = affine(shape[1], generator, dtype, device="cuda")
+        for w, b, silu in ((weight, bias, True), (None, None, False), (weight, None, True)):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+                got = ops.group_norm_silu(x, groups, w, b, 1e-5, silu, backend="cuda")
+                torch.cuda.synchronize()
+            ran = " ".join(event.name for event in profile.events())
+            assert ("group_norm_resident_kernel" in ran) == resident, (shape, dtype, ran[:300])
+            split = group_norm._native_group_norm("group_norm_cuda", group_norm._cuda_extra, x, shape[0], 1, groups,
+                                                  w, b, 1e-5, silu, False, resident_groups=False)
+            want = ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu)
+            assert_close_to_reference(got, want, dtype)
+            assert_close_to_reference(split, want, dtype)

@@ -161,7 +161,11 @@ def _affine_fp32(p):
     return p.detach().to(torch.float32).contiguous()
 
 
-def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight, bias, eps, silu, permute):
+def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight, bias, eps, silu, permute,
+                       **options):
+    """The native GroupNorm kernel ``kernel_name`` on ``x [batch * frames, C, *]`` (made contiguous): ``[B*F, C,
+    *]`` out, or ``[B * S, F, C]`` with ``permute``. ``options`` go to the kernel by name (``resident_groups=False``
+    makes the CUDA kernel take its three launches, for the tuning script)."""
     x = x.contiguous()
     channels = x.shape[1]
     spatial = math.prod(x.shape[2:])
@@ -177,7 +181,7 @@ def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight,
         getattr(native_module(), kernel_name)(
             pointer(x), pointer(out), pointer(weight), pointer(bias), batch, frames, channels, spatial, num_groups,
             float(eps), bool(silu), bool(permute), SCALAR_TYPE_CODES[x.dtype],
-            *(() if workspace is None else (pointer(workspace),)), *extra(x))
+            *(() if workspace is None else (pointer(workspace),)), *extra(x), **options)
     return out
 
 

@@ -56,6 +56,7 @@ struct GroupNormArgs {
   int scalar_type;
   bool channels_last = false;
   bool stream_output = false;
+  bool resident_groups = true;  // CUDA: a group that fits in shared memory is read once (group_norm.cu)
 };
 
 // out [batch*frames, channels, spatial] = permute(y [batch*spatial, frames, channels]) + residual (same as out).

@@ -8,7 +8,12 @@
 //             16-byte loads and stores when S and the buffers allow; or the motion module's [B*F, C, S] ->
 //             [B, S, F, C], a 32 x 32 tile transpose through shared memory so reads and writes are both coalesced.
 //   unpermute: out [B*F, C, S] = permute(y [B*S, F, C]) + residual, the same tile transpose the other way.
+// A plain [N, C, S] GroupNorm whose groups fit in shared memory (SD1.5's UNet in fp16: 5-80 KB a group), with enough
+// groups to fill the GPU, runs as one launch instead: one block per group reads it from memory once into shared
+// memory, takes the mean and the variance about it from there, and writes the output (one read and one write of x,
+// where the three launches read it twice).
 #include <algorithm>
+#include <atomic>
 #include <stdexcept>
 
 #include "../fast_math.h"
@@ -201,6 +206,138 @@ __global__ void unpermute_residual_kernel(const T* __restrict__ y, const T* __re
   }
 }
 
+constexpr int kResidentThreads = 512;
+constexpr int kResidentLoads = 4;  // 16-byte loads a thread keeps in flight while reading its group
+// Largest group kept in shared memory: two blocks an SM on an H100 (228 KB of shared memory an SM), one on an A100.
+constexpr int64_t kResidentMaxBytes = 100 * 1024;
+
+// Sum of every thread's v, returned to all threads of the block (kResidentThreads of them); reuses `scratch`.
+__device__ __forceinline__ float block_sum(float v, double* scratch) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x / 32;
+  if (threadIdx.x % 32 == 0) scratch[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int w = 0; w < kResidentThreads / 32; ++w) total += scratch[w];
+    scratch[kResidentThreads / 32] = total;
+  }
+  __syncthreads();
+  const float total = static_cast<float>(scratch[kResidentThreads / 32]);
+  __syncthreads();  // scratch is written again by the next call
+  return total;
+}
+
+// x, y [N, C, S] contiguous: block bg normalises group bg (C/G channels x S positions), held in dynamic shared
+// memory as V-wide (16-byte) packs (S % V == 0, x and y 16-byte aligned): one read from memory, then the mean, the
+// variance about it and the output from shared memory.
+template <typename T, int V, bool kSilu>
+__global__ void __launch_bounds__(kResidentThreads) group_norm_resident_kernel(
+    const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ weight, const float* __restrict__ bias,
+    int64_t channels, int64_t spatial, int64_t groups, float eps) {
+  extern __shared__ __align__(16) unsigned char resident_bytes[];
+  __shared__ double scratch[kResidentThreads / 32 + 1];
+  auto* group = reinterpret_cast<Pack<T, V>*>(resident_bytes);
+  const int64_t bg = blockIdx.x, per_group = channels / groups;
+  const int packs = static_cast<int>(per_group * spatial / V), packs_per_channel = static_cast<int>(spatial / V);
+  const auto* in = reinterpret_cast<const Pack<T, V>*>(x + bg * per_group * spatial);
+  auto* out = reinterpret_cast<Pack<T, V>*>(y + bg * per_group * spatial);
+  const float count = static_cast<float>(per_group * spatial);
+
+  // The group into shared memory, kResidentLoads 16-byte reads in flight a thread (raw words: an array of bf16
+  // packs would live in local memory).
+  const auto* raw_in = reinterpret_cast<const uint4*>(in);
+  auto* raw_group = reinterpret_cast<uint4*>(group);
+  for (int first = threadIdx.x; first < packs; first += kResidentThreads * kResidentLoads) {
+    uint4 words[kResidentLoads];
+#pragma unroll
+    for (int u = 0; u < kResidentLoads; ++u) {
+      if (first + u * kResidentThreads < packs) words[u] = raw_in[first + u * kResidentThreads];
+    }
+#pragma unroll
+    for (int u = 0; u < kResidentLoads; ++u) {
+      if (first + u * kResidentThreads < packs) raw_group[first + u * kResidentThreads] = words[u];
+    }
+  }
+  __syncthreads();
+  float sum = 0.f;
+  for (int i = threadIdx.x; i < packs; i += kResidentThreads) {
+    const Pack<T, V> p = group[i];
+#pragma unroll
+    for (int l = 0; l < V; ++l) sum += to_float(p.v[l]);
+  }
+  const float mean = block_sum(sum, scratch) / count;
+
+  float squares = 0.f;
+  for (int i = threadIdx.x; i < packs; i += kResidentThreads) {
+    const Pack<T, V> p = group[i];
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      const float centred = to_float(p.v[l]) - mean;
+      squares += centred * centred;
+    }
+  }
+  const float rstd = rsqrtf(block_sum(squares, scratch) / count + eps);
+
+  const int64_t first_channel = (bg % groups) * per_group;
+  for (int i = threadIdx.x; i < packs; i += kResidentThreads) {
+    const int64_t c = first_channel + i / packs_per_channel;
+    const float scale = rstd * (weight != nullptr ? weight[c] : 1.0f);
+    const float shift = (bias != nullptr ? bias[c] : 0.0f) - mean * scale;
+    const Pack<T, V> p = group[i];
+    Pack<T, V> r;
+#pragma unroll
+    for (int l = 0; l < V; ++l) r.v[l] = from_float<T>(activate<kSilu>(to_float(p.v[l]) * scale + shift));
+    out[i] = r;
+  }
+}
+
+// Dynamic shared memory above 48 KB must be allowed once per kernel and device; false if the device refuses.
+template <typename T, bool kSilu>
+bool allow_resident_shared_memory(int device) {
+  static std::atomic<uint64_t> allowed_devices{0};
+  const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
+  if (bit != 0 && (allowed_devices.load() & bit)) return true;
+  if (cudaFuncSetAttribute(group_norm_resident_kernel<T, kVector<T>, kSilu>,
+                           cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(kResidentMaxBytes)) != cudaSuccess) {
+    cudaGetLastError();  // clear it: the three launches run instead
+    return false;
+  }
+  allowed_devices.fetch_or(bit);
+  return true;
+}
+
+// Whether the resident kernel takes this GroupNorm: a plain [N, C, S] one with 16-byte packs, groups that fit in
+// kResidentMaxBytes (and the device's shared memory), and at least two groups an SM (fewer would leave SMs idle,
+// where the three launches split each group over many blocks).
+template <typename T>
+bool resident_fits(const GroupNormArgs& a, int64_t& group_bytes) {
+  group_bytes = a.channels / a.groups * a.spatial * static_cast<int64_t>(sizeof(T));
+  if (!a.resident_groups || a.permute_output || a.frames != 1 || a.spatial % kVector<T> || !aligned16(a.x) ||
+      !aligned16(a.y) || group_bytes > kResidentMaxBytes) {
+    return false;
+  }
+  int device = 0, sms = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  const int64_t static_bytes = (kResidentThreads / 32 + 1) * static_cast<int64_t>(sizeof(double));
+  if (group_bytes + static_bytes > optin || a.batch * a.groups < 2 * static_cast<int64_t>(sms)) return false;
+  return a.silu ? allow_resident_shared_memory<T, true>(device) : allow_resident_shared_memory<T, false>(device);
+}
+
+template <typename T, bool kSilu>
+void resident_launch(const GroupNormArgs& a, int64_t group_bytes, cudaStream_t stream) {
+  group_norm_resident_kernel<T, kVector<T>, kSilu>
+      <<<static_cast<unsigned>(a.batch * a.groups), kResidentThreads, static_cast<size_t>(group_bytes), stream>>>(
+          static_cast<const T*>(a.x), static_cast<T*>(a.y), a.weight, a.bias, a.channels, a.spatial, a.groups, a.eps);
+  check_launch("group_norm (resident)");
+}
+
 dim3 tile_grid(int64_t batch_frames, int64_t channels, int64_t spatial) {
   const int64_t gx = (spatial + kTile - 1) / kTile, gy = (channels + kTile - 1) / kTile;
   if (gx > 0x7fffffffLL || gy > 65535) throw std::invalid_argument("group_norm: too many channels for one launch");
@@ -210,6 +347,10 @@ dim3 tile_grid(int64_t batch_frames, int64_t channels, int64_t spatial) {
 
 template <typename T>
 void group_norm_launch(const GroupNormArgs& a, double* workspace, cudaStream_t stream) {
+  int64_t group_bytes = 0;
+  if (resident_fits<T>(a, group_bytes)) {
+    return a.silu ? resident_launch<T, true>(a, group_bytes, stream) : resident_launch<T, false>(a, group_bytes, stream);
+  }
   const auto* x = static_cast<const T*>(a.x);
   auto* y = static_cast<T*>(a.y);
   const StatsPlan plan = stats_plan(a.frames, a.channels, a.spatial, a.groups);

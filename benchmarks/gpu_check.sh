@@ -23,7 +23,8 @@
 #   tests:   the patching and op tests that run on the GPU (the cuda and triton backends, the GPU pipeline tests;
 #            GPU_CHECK_TESTS_K="" runs them all, about 400, longer than the step's cap);
 #   kernels: the kernel benchmark (SD1.5 shapes, fp16): kernels_gpu.{md,csv} (GPU_CHECK_KERNELS_K selects);
-#   tune:    (not in the default steps) benchmarks/tune_group_norm.py, the Triton GroupNorm launch choices.
+#   tune:    (not in the default steps) benchmarks/tune_group_norm.py: the Triton GroupNorm launch choices and the
+#            CUDA C++ kernel's two paths (its log has each shape's row as soon as it is timed).
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 RESULTS=/tmp/gpu_check_results
@@ -98,8 +99,8 @@ if wanted kernels; then
 fi
 
 if wanted tune; then
-  log "Triton GroupNorm launch tuning"
-  timeout -s INT -k 10 "$(step_limit 120)" "$PYTHON" benchmarks/tune_group_norm.py --out "$RESULTS/tune_group_norm_cuda.md" \
+  log "GroupNorm tuning"
+  timeout -s INT -k 10 "$(step_limit 200)" "$PYTHON" benchmarks/tune_group_norm.py --out "$RESULTS/tune_group_norm_cuda.md" \
     > "$RESULTS/tune.log" 2>&1
   pack
   log "tune: $(tail -1 "$RESULTS/tune.log")"

@@ -77,11 +77,9 @@ def providers(x, weight, bias, out):
             x, out, GROUPS, weight, bias, 1e-5, True, reverse=r, l2_hints=h))
     if cuda_kernels_unavailable_reason() is None:
         # the CUDA C++ kernel as dispatched (a group that fits in shared memory is read once), and its three launches
-        # (weight and bias in float32, as those kernels read them: the timing is the kernels', not a conversion's)
-        weight32, bias32 = weight.float(), bias.float()
-        calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight32, bias32, 1e-5, backend="cuda")
+        calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="cuda")
         calls["cuda, three launches"] = lambda: group_norm._native_group_norm(
-            "group_norm_cuda", group_norm._cuda_extra, x, x.shape[0], 1, GROUPS, weight32, bias32, 1e-5, True, False,
+            "group_norm_cuda", group_norm._cuda_extra, x, x.shape[0], 1, GROUPS, weight, bias, 1e-5, True, False,
             resident_groups=False)
     calls["copy (floor)"] = lambda: out.copy_(x)
     return calls

@@ -49,7 +49,7 @@ GroupNormArgs make_group_norm_args(std::uintptr_t x, std::uintptr_t y, std::uint
                                    int64_t batch, int64_t frames, int64_t channels, int64_t spatial, int64_t groups,
                                    float eps, bool silu, bool permute_output, int scalar_type) {
   return GroupNormArgs{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(y),
-                       reinterpret_cast<const float*>(weight), reinterpret_cast<const float*>(bias),
+                       reinterpret_cast<const void*>(weight), reinterpret_cast<const void*>(bias),
                        batch, frames, channels, spatial, groups, eps, silu, permute_output, scalar_type};
 }
 
@@ -160,19 +160,21 @@ PYBIND11_MODULE(_C, m) {
       "group_norm_cuda",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias, int64_t batch, int64_t frames,
          int64_t channels, int64_t spatial, int64_t groups, float eps, bool silu, bool permute_output, int scalar_type,
-         std::uintptr_t workspace, std::uintptr_t stream, bool resident_groups) {
+         std::uintptr_t workspace, std::uintptr_t stream, int affine_scalar_type, bool resident_groups) {
         GroupNormArgs args = make_group_norm_args(x, y, weight, bias, batch, frames, channels, spatial, groups, eps,
                                                   silu, permute_output, scalar_type);
+        args.affine_scalar_type = affine_scalar_type;
         args.resident_groups = resident_groups;
         group_norm_cuda(args, reinterpret_cast<double*>(workspace), stream);
       },
       "GroupNorm(+SiLU) over device buffers (as group_norm_cpu) plus a float64 workspace of "
-      "group_norm_cuda_workspace_doubles(batch, frames, channels, spatial, groups) elements and a stream; "
+      "group_norm_cuda_workspace_doubles(batch, frames, channels, spatial, groups) elements and a stream; weight "
+      "and bias of scalar type affine_scalar_type (both the same: float32, float16 or bfloat16); "
       "resident_groups=False always takes the three launches (for timing them).",
       py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("batch"), py::arg("frames"),
       py::arg("channels"), py::arg("spatial"), py::arg("groups"), py::arg("eps"), py::arg("silu"),
       py::arg("permute_output"), py::arg("scalar_type"), py::arg("workspace"), py::arg("stream"),
-      py::arg("resident_groups") = true);
+      py::arg("affine_scalar_type") = 0, py::arg("resident_groups") = true);
   m.def("group_norm_cuda_workspace_doubles", &group_norm_cuda_workspace_doubles,
         "Size, in float64 elements, of the workspace group_norm_cuda needs for these sizes.");
   m.def(

@@ -246,4 +246,5 @@ def _normalise_group(
             v = v.to(tl.float32) * scale + offset
             if SILU:
                 v = _silu(v)
-            tl.store(y_ptr + base + i, v.to(y_ptr.dtype.element_ty), mask=mask, cache_modifier=".cs" if L2_HINTS else "")
+            tl.store(y_ptr + base + i, v.to(y_ptr.dtype.element_ty), mask=mask,
+                     cache_modifier=".cs" if L2_HINTS else "")

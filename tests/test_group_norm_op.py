@@ -350,7 +350,7 @@ def test_nan_stays_in_its_group(monkeypatch):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_groups_read_once_from_shared_memory_match_reference(dtype, poisoned_outputs):
     """The CUDA kernel keeps a group that fits in shared memory there (one read of x) when there are at least two
-    groups an SM: it matches the reference and its own three launches, with and without weight, bias and SiLU. The
+    groups an SM: it and its own three launches match the reference, with and without weight, bias and SiLU. The
     profiler shows which path ran: groups too large (fp32 at 64x64), positions not a multiple of a 16-byte pack, or
     too few groups take the three launches."""
     from animatelcm.ops import group_norm
@@ -364,7 +364,9 @@ def test_cuda_groups_read_once_from_shared_memory_match_reference(dtype, poisone
         generator = torch.Generator().manual_seed(index)
         x = (torch.randn(shape, generator=generator) * 3 + 1).to("cuda", dtype)
         weight, bias = affine(shape[1], generator, dtype, device="cuda")
-        for w, b, silu in ((weight, bias, True), (None, None, False), (weight, None, True)):
+        # weight and bias as stored (x's dtype), absent, one absent, and of two dtypes (both then read as float32)
+        for w, b, silu in ((weight, bias, True), (None, None, False), (weight, None, True),
+                           (weight, bias.float(), True)):
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
                 got = ops.group_norm_silu(x, groups, w, b, 1e-5, silu, backend="cuda")
                 torch.cuda.synchronize()

@@ -161,6 +161,16 @@ def _affine_fp32(p):
     return p.detach().to(torch.float32).contiguous()
 
 
+def _affine_as_stored(weight, bias):
+    """(weight, bias, scalar type code) for the CUDA kernels, which read fp32, fp16 or bf16 parameters as stored:
+    the tensors themselves when contiguous and of one such dtype (no conversion launches), else both as fp32."""
+    given = [p for p in (weight, bias) if p is not None]
+    dtypes = {p.dtype for p in given}
+    if len(dtypes) == 1 and next(iter(dtypes)) in SCALAR_TYPE_CODES and all(p.is_contiguous() for p in given):
+        return weight, bias, SCALAR_TYPE_CODES[next(iter(dtypes))]
+    return _affine_fp32(weight), _affine_fp32(bias), SCALAR_TYPE_CODES[torch.float32]
+
+
 def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight, bias, eps, silu, permute,
                        **options):
     """The native GroupNorm kernel ``kernel_name`` on ``x [batch * frames, C, *]`` (made contiguous): ``[B*F, C,
@@ -173,7 +183,10 @@ def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight,
         out = torch.empty((batch * spatial, frames, channels), dtype=x.dtype, device=x.device)
     else:
         out = torch.empty_like(x)
-    weight, bias = _affine_fp32(weight), _affine_fp32(bias)
+    if x.is_cuda:
+        weight, bias, options["affine_scalar_type"] = _affine_as_stored(weight, bias)
+    else:
+        weight, bias = _affine_fp32(weight), _affine_fp32(bias)
     if out.numel():
         # The CUDA kernels need a workspace (partial sums, then mean and rstd per group), alive until enqueued.
         workspace = torch.empty(native_module().group_norm_cuda_workspace_doubles(

@@ -40,20 +40,22 @@ struct AttentionArgs {
 };
 
 // GroupNorm over x [batch*frames, channels, spatial] (contiguous); statistics per (batch, group) span the frames.
-// weight/bias: fp32 [channels] or null. permute_output writes y as [batch, spatial, frames, channels].
+// weight/bias: [channels] or null, of scalar type affine_scalar_type (the CPU kernels take fp32 only; the CUDA ones
+// also fp16/bf16). permute_output writes y as [batch, spatial, frames, channels].
 // channels_last: x and y are [batch, spatial, channels] in memory instead (frames 1, no permute_output): a
 // channels-last [N, C, H, W] tensor. stream_output (set by the caller when x and y together exceed the last-level
 // cache; [N, C, S] layout without permute_output only): write y with streaming stores.
 struct GroupNormArgs {
   const void* x;
   void* y;
-  const float* weight;
-  const float* bias;
+  const void* weight;
+  const void* bias;
   int64_t batch, frames, channels, spatial, groups;
   float eps;
   bool silu;
   bool permute_output;
   int scalar_type;
+  int affine_scalar_type = 0;  // float32 (scalar_types.h's codes)
   bool channels_last = false;
   bool stream_output = false;
   bool resident_groups = true;  // CUDA: a group that fits in shared memory is read once (group_norm.cu)

@@ -66,8 +66,8 @@ void channel_affine(const GroupNormArgs& a, const float* mean, const float* rstd
   const int64_t per_group = a.channels / a.groups;
   for (int64_t c = 0; c < a.channels; ++c) {
     const int64_t g = batch_index * a.groups + c / per_group;
-    const float w = a.weight ? a.weight[c] : 1.0f;
-    const float b = a.bias ? a.bias[c] : 0.0f;
+    const float w = a.weight ? static_cast<const float*>(a.weight)[c] : 1.0f;
+    const float b = a.bias ? static_cast<const float*>(a.bias)[c] : 0.0f;
     scale[c] = rstd[g] * w;
     shift[c] = b - mean[g] * scale[c];
   }
@@ -167,7 +167,8 @@ void group_norm_channels_last_typed(const GroupNormArgs& a) {
       const float rstd = 1.0f / std::sqrt(static_cast<float>(variance > 0.0 ? variance : 0.0) + a.eps);
       const float mean = static_cast<float>(mean_shifted + common);
       for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-        const float w = a.weight ? a.weight[c] : 1.0f, b = a.bias ? a.bias[c] : 0.0f;
+        const float w = a.weight ? static_cast<const float*>(a.weight)[c] : 1.0f;
+        const float b = a.bias ? static_cast<const float*>(a.bias)[c] : 0.0f;
         scale[n * C + c] = rstd * w;
         shift[n * C + c] = b - mean * scale[n * C + c];
       }
@@ -218,7 +219,8 @@ void group_norm_typed(const GroupNormArgs& a) {
         group_stats<S>(base, F, per_group * HW, C * HW, a.eps, &mean[index], &rstd[index]);
         for (int64_t f = 0; f < F; ++f) {
           for (int64_t c = g * per_group; c < (g + 1) * per_group; ++c) {
-            const float w = a.weight ? a.weight[c] : 1.0f, bias = a.bias ? a.bias[c] : 0.0f;
+            const float w = a.weight ? static_cast<const float*>(a.weight)[c] : 1.0f;
+            const float bias = a.bias ? static_cast<const float*>(a.bias)[c] : 0.0f;
             const float scale = rstd[index] * w, shift = bias - mean[index] * scale;
             const int64_t offset = ((b * F + f) * C + c) * HW;
             if (!a.stream_output) {
@@ -318,6 +320,7 @@ void unpermute_residual_typed(const UnpermuteResidualArgs& a) {
 
 void group_norm_cpu(const GroupNormArgs& args) {
   if (args.groups <= 0 || args.channels % args.groups) throw std::invalid_argument("group_norm: bad group count");
+  if (args.affine_scalar_type != kFloat32) throw std::invalid_argument("group_norm: the CPU kernel reads fp32 weight/bias");
   const bool s = args.silu;
   switch (args.scalar_type) {
     case kFloat32: return s ? group_norm_typed<kFloat32, true>(args) : group_norm_typed<kFloat32, false>(args);

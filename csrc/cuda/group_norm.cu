@@ -116,13 +116,30 @@ __global__ void group_finalize_kernel(const T* __restrict__ x, const double* __r
   stats[2 * bg + 1] = rsqrtf(static_cast<float>(variance > 0.0 ? variance : 0.0) + eps);
 }
 
+// GroupNorm's weight and bias (either may be absent) read as stored, float32, float16 or bfloat16 (`type`), so the
+// host launches no conversion.
+struct AffineParams {
+  const void* weight;
+  const void* bias;
+  int type;
+
+  __device__ __forceinline__ float load(const void* p, int64_t c) const {
+    if (type == kFloat16) return __half2float(static_cast<const __half*>(p)[c]);
+    if (type == kBFloat16) return __bfloat162float(static_cast<const __nv_bfloat16*>(p)[c]);
+    return static_cast<const float*>(p)[c];
+  }
+  __device__ __forceinline__ float weight_at(int64_t c) const { return weight != nullptr ? load(weight, c) : 1.0f; }
+  __device__ __forceinline__ float bias_at(int64_t c) const { return bias != nullptr ? load(bias, c) : 0.0f; }
+};
+
+AffineParams affine_params(const GroupNormArgs& a) { return {a.weight, a.bias, a.affine_scalar_type}; }
+
 // y = x * scale + shift for channel c of batch b (scale and shift fold the statistics and the affine).
-__device__ __forceinline__ void channel_affine(const float* stats, const float* weight, const float* bias, int64_t b,
-                                               int64_t c, int64_t channels, int64_t groups, float& scale,
-                                               float& shift) {
+__device__ __forceinline__ void channel_affine(const float* stats, const AffineParams& affine, int64_t b, int64_t c,
+                                               int64_t channels, int64_t groups, float& scale, float& shift) {
   const int64_t stat = 2 * (b * groups + c / (channels / groups));
-  scale = stats[stat + 1] * (weight != nullptr ? weight[c] : 1.0f);
-  shift = (bias != nullptr ? bias[c] : 0.0f) - stats[stat] * scale;
+  scale = stats[stat + 1] * affine.weight_at(c);
+  shift = affine.bias_at(c) - stats[stat] * scale;
 }
 
 template <bool kSilu>
@@ -132,14 +149,14 @@ __device__ __forceinline__ float activate(float v) {
 
 template <typename T, int V, bool kSilu>
 __global__ void group_apply_rows_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ stats,
-                                        const float* __restrict__ weight, const float* __restrict__ bias,
+                                        AffineParams affine,
                                         int64_t rows, int64_t frames, int64_t channels, int64_t spatial,
                                         int64_t groups, int threads_per_row) {
   const RowSlot slot = row_slot(threads_per_row);
   if (slot.row >= rows) return;
   const int64_t c = slot.row % channels, b = slot.row / channels / frames;
   float scale, shift;
-  channel_affine(stats, weight, bias, b, c, channels, groups, scale, shift);
+  channel_affine(stats, affine, b, c, channels, groups, scale, shift);
   const T* in = x + slot.row * spatial;
   T* out = y + slot.row * spatial;
   for (int64_t v = slot.first; v < spatial / V; v += slot.stride) {
@@ -154,7 +171,7 @@ __global__ void group_apply_rows_kernel(const T* __restrict__ x, T* __restrict__
 // x [B*F, C, S] -> y [B, S, F, C]: blocks of kTile x kTileRows threads over (S tile, C tile, B*F).
 template <typename T, bool kSilu>
 __global__ void group_apply_permute_kernel(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ stats,
-                                           const float* __restrict__ weight, const float* __restrict__ bias,
+                                           AffineParams affine,
                                            int64_t batch_frames, int64_t frames, int64_t channels, int64_t spatial,
                                            int64_t groups) {
   __shared__ float tile[kTile][kTile + 1];
@@ -169,7 +186,7 @@ __global__ void group_apply_permute_kernel(const T* __restrict__ x, T* __restric
     __syncthreads();
     if (c_out < channels) {  // write along c
       float scale, shift;
-      channel_affine(stats, weight, bias, b, c_out, channels, groups, scale, shift);
+      channel_affine(stats, affine, b, c_out, channels, groups, scale, shift);
       for (int j = threadIdx.y; j < kTile; j += kTileRows) {
         const int64_t s = s0 + j;
         if (s < spatial) {
@@ -233,7 +250,7 @@ __device__ __forceinline__ float block_sum(float v, double* scratch) {
 // variance about it and the output from shared memory.
 template <typename T, int V, bool kSilu>
 __global__ void __launch_bounds__(kResidentThreads) group_norm_resident_kernel(
-    const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ weight, const float* __restrict__ bias,
+    const T* __restrict__ x, T* __restrict__ y, AffineParams affine,
     int64_t channels, int64_t spatial, int64_t groups, float eps) {
   extern __shared__ __align__(16) unsigned char resident_bytes[];
   __shared__ double scratch[kResidentThreads / 32 + 1];
@@ -282,8 +299,8 @@ __global__ void __launch_bounds__(kResidentThreads) group_norm_resident_kernel(
   const int64_t first_channel = (bg % groups) * per_group;
   for (int i = threadIdx.x; i < packs; i += kResidentThreads) {
     const int64_t c = first_channel + i / packs_per_channel;
-    const float scale = rstd * (weight != nullptr ? weight[c] : 1.0f);
-    const float shift = (bias != nullptr ? bias[c] : 0.0f) - mean * scale;
+    const float scale = rstd * affine.weight_at(c);
+    const float shift = affine.bias_at(c) - mean * scale;
     const Pack<T, V> p = group[i];
     Pack<T, V> r;
 #pragma unroll
@@ -334,7 +351,7 @@ template <typename T, bool kSilu>
 void resident_launch(const GroupNormArgs& a, int64_t group_bytes, cudaStream_t stream) {
   group_norm_resident_kernel<T, kVector<T>, kSilu>
       <<<static_cast<unsigned>(a.batch * a.groups), kResidentThreads, static_cast<size_t>(group_bytes), stream>>>(
-          static_cast<const T*>(a.x), static_cast<T*>(a.y), a.weight, a.bias, a.channels, a.spatial, a.groups, a.eps);
+          static_cast<const T*>(a.x), static_cast<T*>(a.y), affine_params(a), a.channels, a.spatial, a.groups, a.eps);
   check_launch("group_norm (resident)");
 }
 
@@ -373,10 +390,10 @@ void group_norm_launch(const GroupNormArgs& a, double* workspace, cudaStream_t s
   if (a.permute_output) {
     const dim3 grid = tile_grid(a.batch * a.frames, a.channels, a.spatial), block(kTile, kTileRows);
     if (a.silu) {
-      group_apply_permute_kernel<T, true><<<grid, block, 0, stream>>>(x, y, stats, a.weight, a.bias, a.batch * a.frames,
+      group_apply_permute_kernel<T, true><<<grid, block, 0, stream>>>(x, y, stats, affine_params(a), a.batch * a.frames,
                                                                       a.frames, a.channels, a.spatial, a.groups);
     } else {
-      group_apply_permute_kernel<T, false><<<grid, block, 0, stream>>>(x, y, stats, a.weight, a.bias,
+      group_apply_permute_kernel<T, false><<<grid, block, 0, stream>>>(x, y, stats, affine_params(a),
                                                                        a.batch * a.frames, a.frames, a.channels,
                                                                        a.spatial, a.groups);
     }
@@ -386,7 +403,7 @@ void group_norm_launch(const GroupNormArgs& a, double* workspace, cudaStream_t s
     const RowGrid rg = row_grid(rows, vectorised ? a.spatial / V : a.spatial);
 #define ALCM_APPLY_ROWS(width, silu_on)                                                                            \
   group_apply_rows_kernel<T, width, silu_on><<<rg.grid, kRowThreads, 0, stream>>>(                                 \
-      x, y, stats, a.weight, a.bias, rows, a.frames, a.channels, a.spatial, a.groups, rg.threads_per_row)
+      x, y, stats, affine_params(a), rows, a.frames, a.channels, a.spatial, a.groups, rg.threads_per_row)
     if (vectorised) {
       if (a.silu) ALCM_APPLY_ROWS(V, true); else ALCM_APPLY_ROWS(V, false);
     } else {

@@ -224,7 +224,7 @@ __global__ void unpermute_residual_kernel(const T* __restrict__ y, const T* __re
 }
 
 constexpr int kResidentThreads = 512;
-constexpr int kResidentLoads = 4;  // 16-byte loads a thread keeps in flight while reading its group
+constexpr int kResidentLoads = 8;  // 16-byte loads a thread keeps in flight while reading its group
 // Largest group kept in shared memory: two blocks an SM on an H100 (228 KB of shared memory an SM), one on an A100.
 constexpr int64_t kResidentMaxBytes = 100 * 1024;
 
@@ -249,7 +249,7 @@ __device__ __forceinline__ float block_sum(float v, double* scratch) {
 // memory as V-wide (16-byte) packs (S % V == 0, x and y 16-byte aligned): one read from memory, then the mean, the
 // variance about it and the output from shared memory.
 template <typename T, int V, bool kSilu>
-__global__ void __launch_bounds__(kResidentThreads) group_norm_resident_kernel(
+__global__ void __launch_bounds__(kResidentThreads, 2) group_norm_resident_kernel(
     const T* __restrict__ x, T* __restrict__ y, AffineParams affine,
     int64_t channels, int64_t spatial, int64_t groups, float eps) {
   extern __shared__ __align__(16) unsigned char resident_bytes[];

@@ -11,8 +11,8 @@ so little arithmetic that their time is the host's (Python and kernel launches):
 call is host-bound (guidance 1 on an H100 without CUDA graphs); results in end_to_end_host[_cuda].{csv,md}.
 
     python benchmarks/end_to_end.py [--device cpu|cuda] [--runs 3] [--no-compile] [--compile-mode MODE]
-                                    [--guidance 1 2] [--peak-tflops T] [--backends cuda] [--channels-last] [--profile]
-                                    [--host-bound]
+                                    [--compile-baseline-only] [--guidance 1 2] [--peak-tflops T] [--backends cuda]
+                                    [--channels-last] [--profile] [--host-bound] [--results-name STEM]
 
 Appends to benchmarks/results/end_to_end.csv and rewrites benchmarks/results/end_to_end.md (on a GPU:
 end_to_end_cuda.{csv,md}). Each row: median/min/max seconds per pipeline call, seconds per denoising step (the
@@ -181,6 +181,12 @@ def main(argv=None):
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile providers")
     parser.add_argument("--compile-mode", default=None,
                         help="torch.compile mode (default: max-autotune on a GPU, default on the CPU)")
+    parser.add_argument("--compile-baseline-only", action="store_true",
+                        help="time torch.compile(unet) but not patched + torch.compile (one compile per guidance "
+                             "setting fewer: max-autotune compiles of the full UNet take minutes each)")
+    parser.add_argument("--results-name", default=None,
+                        help="stem of the results files (default end_to_end[_host][_cuda]), so a separate run "
+                             "(the max-autotune comparison, say) does not overwrite the main table")
     parser.add_argument("--guidance", type=float, nargs="+", default=[1.0])
     parser.add_argument("--peak-tflops", type=float, default=None,
                         help="device peak for the MFU column (default: known GPUs' dense fp16 peak; none on a CPU)")
@@ -228,13 +234,15 @@ def main(argv=None):
             p.unet = torch.compile(p.unet, mode=mode)
             return p
         providers[f"torch.compile(unet, {mode})"] = compiled
-        providers[f"patched + torch.compile(unet, {mode})"] = lambda p: compiled(patch_pipeline(p))
+        if not args.compile_baseline_only:
+            providers[f"patched + torch.compile(unet, {mode})"] = lambda p: compiled(patch_pipeline(p))
     pipes = {name: prepare(copy.deepcopy(base)) for name, prepare in providers.items()}
     machine = f"{cpu_model()}, {torch.get_num_threads()} threads" if args.device == "cpu" else \
         torch.cuda.get_device_name()
     stamp = datetime.datetime.now().isoformat(timespec="seconds")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    name = ("end_to_end_host" if args.host_bound else "end_to_end") + ("_cuda" if args.device == "cuda" else "")
+    name = args.results_name or (
+        ("end_to_end_host" if args.host_bound else "end_to_end") + ("_cuda" if args.device == "cuda" else ""))
     command = f"python benchmarks/end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     rows = []
     for guidance in args.guidance:

@@ -13,8 +13,8 @@
 # 580 s budget, so everything fits one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on a
 # machine still warm from an earlier call (the build is kept there). GPU_CHECK_E2E_ARGS sets extra arguments of the
 # end-to-end step (default --backends triton: the patch with every op that has a Triton kernel on it, which on a GPU
-# differs from the default only in the GEGLU projection; --channels-last or --backends cuda, say). GPU_CHECK_COMPILE=1 adds the torch.compile providers to
-# the end-to-end step, whose max-autotune compile can take longer than one call allows. Steps, in this order:
+# differs from the default only in the GEGLU projection; --channels-last or --backends cuda, say). Steps, in this
+# order:
 #   build:   ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
 #   e2e:     SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2, with MFU
 #            and a profile: end_to_end_cuda.md, end_to_end_profile_cuda.md;
@@ -23,6 +23,8 @@
 #   tests:   the patching and op tests that run on the GPU (the cuda and triton backends, the GPU pipeline tests;
 #            GPU_CHECK_TESTS_K="" runs them all, about 400, longer than the step's cap);
 #   kernels: the kernel benchmark (SD1.5 shapes, fp16): kernels_gpu.{md,csv} (GPU_CHECK_KERNELS_K selects);
+#   compile: (not in the default steps; best alone in a call) diffusers, the patch and the patch + CUDA graph
+#            against torch.compile(unet, max-autotune) at guidance 1: end_to_end_compile_cuda.md;
 #   tune:    (not in the default steps) benchmarks/tune_group_norm.py: the Triton GroupNorm launch choices and the
 #            CUDA C++ kernel's two paths (its log has each shape's row as soon as it is timed).
 set -u -o pipefail
@@ -59,10 +61,8 @@ fi
 
 if wanted e2e; then
   log "end-to-end"
-  compile_flag=--no-compile
-  [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && compile_flag=""
   timeout -s INT -k 10 "$(step_limit 240)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile \
-    $compile_flag ${GPU_CHECK_E2E_ARGS---backends triton} > "$RESULTS/end_to_end.log" 2>&1
+    --no-compile ${GPU_CHECK_E2E_ARGS---backends triton} > "$RESULTS/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$RESULTS/" 2>/dev/null
   pack
   log "end-to-end: $(tail -3 "$RESULTS/end_to_end.log" | tr '\n' ' ')"
@@ -96,6 +96,16 @@ if wanted kernels; then
   cp benchmarks/results/kernels_gpu.md benchmarks/results/kernels_gpu.csv "$RESULTS/" 2>/dev/null
   pack
   log "kernels: $(tail -1 "$RESULTS/kernels.log")"
+fi
+
+if wanted compile; then
+  log "end-to-end against torch.compile(unet, max-autotune), guidance 1 (the compile takes most of the step)"
+  timeout -s INT -k 10 "$(step_limit 540)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 \
+    --compile-mode max-autotune --compile-baseline-only --results-name end_to_end_compile_cuda \
+    > "$RESULTS/compile.log" 2>&1
+  cp benchmarks/results/end_to_end_compile_cuda.md "$RESULTS/" 2>/dev/null
+  pack
+  log "compile: $(tail -3 "$RESULTS/compile.log" | tr '\n' ' ')"
 fi
 
 if wanted tune; then

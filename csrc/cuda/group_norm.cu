@@ -309,15 +309,15 @@ __global__ void __launch_bounds__(kResidentThreads, 2) group_norm_resident_kerne
   }
 }
 
-// Dynamic shared memory above 48 KB must be allowed once per kernel and device; false if the device refuses.
+// Dynamic shared memory above 48 KB must be allowed once per kernel and device (`limit`: kResidentMaxBytes, or less
+// where the device offers less); false if the device refuses.
 template <typename T, bool kSilu>
-bool allow_resident_shared_memory(int device) {
+bool allow_resident_shared_memory(int device, int64_t limit) {
   static std::atomic<uint64_t> allowed_devices{0};
   const uint64_t bit = device >= 0 && device < 64 ? (uint64_t{1} << device) : 0;
   if (bit != 0 && (allowed_devices.load() & bit)) return true;
   if (cudaFuncSetAttribute(group_norm_resident_kernel<T, kVector<T>, kSilu>,
-                           cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           static_cast<int>(kResidentMaxBytes)) != cudaSuccess) {
+                           cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(limit)) != cudaSuccess) {
     cudaGetLastError();  // clear it: the three launches run instead
     return false;
   }
@@ -344,7 +344,9 @@ bool resident_fits(const GroupNormArgs& a, int64_t& group_bytes) {
   }
   const int64_t static_bytes = (kResidentThreads / 32 + 1) * static_cast<int64_t>(sizeof(double));
   if (group_bytes + static_bytes > optin || a.batch * a.groups < 2 * static_cast<int64_t>(sms)) return false;
-  return a.silu ? allow_resident_shared_memory<T, true>(device) : allow_resident_shared_memory<T, false>(device);
+  const int64_t limit = std::min<int64_t>(kResidentMaxBytes, optin - static_bytes);
+  return a.silu ? allow_resident_shared_memory<T, true>(device, limit)
+                : allow_resident_shared_memory<T, false>(device, limit);
 }
 
 template <typename T, bool kSilu>

@@ -151,3 +151,27 @@ def test_linear_geglu_bad_inputs():
         ops.linear_geglu([1.0], torch.randn(6, 4))
     with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \(6,\)"):
         ops.linear_geglu(x, torch.randn(6, 4), torch.randn(4))
+
+
+def test_automatic_choice_passes_over_where_a_later_backend_was_measured_faster():
+    """An implementation's pass_over steers only the automatic choice (and says why in explain); forcing that
+    backend still runs it. The Triton GEGLU projection passes float32 CUDA inputs over to cuBLAS + the CUDA GEGLU."""
+    from types import SimpleNamespace
+
+    from animatelcm.ops.dispatch import Implementation, explain, select
+
+    implementations = [
+        Implementation("triton", lambda x: "triton", lambda: None, lambda x: None,
+                       lambda x: "slower here" if x < 0 else None),
+        Implementation("eager", lambda x: "eager", lambda: None, lambda x: None),
+    ]
+    assert select("demo", implementations, 1).run(1) == "triton"
+    assert select("demo", implementations, -1).run(-1) == "eager"
+    assert select("demo", implementations, -1, backend="triton").run(-1) == "triton"
+    assert explain(implementations, -1) == [("triton", "slower here"), ("eager", None)]
+
+    pass_over = next(i for i in LINEAR_GEGLU_IMPLEMENTATIONS if i.backend == "triton").pass_over
+    assert "cuBLAS" in pass_over(SimpleNamespace(dtype=torch.float32, is_cuda=True))
+    for dtype, is_cuda in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
+        assert pass_over(SimpleNamespace(dtype=dtype, is_cuda=is_cuda)) is None
+    assert [i.backend for i in LINEAR_GEGLU_IMPLEMENTATIONS] == ["cpp", "triton", "cuda", "eager"]

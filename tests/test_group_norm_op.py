@@ -81,11 +81,13 @@ def test_triton_one_launch_configurations_match_reference(block, num_warps, pois
 
 
 @pytest.mark.parametrize("programs, reverse, l2_hints", [(1, False, False), (3, False, False), (7, False, False),
-                                                         (None, True, False), (None, True, True), (3, True, True)])
+                                                         (None, False, False), (None, True, False),
+                                                         (None, False, True), (3, True, True)])
 def test_triton_one_launch_tuning_candidates_match_reference(programs, reverse, l2_hints, poisoned_outputs):
     """The tuning candidates: a persistent grid (fewer programs than groups, each looping over groups; as many
-    programs as groups or more is the plain grid), the second pass run backwards, the cache hints. Every group
-    written once and right, with groups kept in registers and groups read twice (a partial last step included)."""
+    programs as groups or more is the plain grid), the second pass run forwards or backwards (the default), with or
+    without the cache hints (on by default). Every group written once and right, with groups kept in registers and
+    groups read twice (a partial last step included)."""
     if "triton" not in backends_usable_here(GROUP_NORM_SILU):
         pytest.skip("the triton backend is not usable here")
     from animatelcm.ops import triton_backend

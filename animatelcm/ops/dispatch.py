@@ -27,13 +27,16 @@ class Implementation:
     """One backend's implementation of one op.
 
     ``available()`` says whether the backend exists in this process (returns a reason string when not);
-    ``reject(*args, **kwargs)`` says whether it can handle these particular inputs.
+    ``reject(*args, **kwargs)`` says whether it can handle these particular inputs; ``pass_over(*args)`` (optional)
+    says why the automatic choice should skip inputs the backend can handle, because a later backend was measured
+    faster on them (a forced backend ignores it).
     """
 
     backend: str
     run: Callable
     available: Callable[[], str | None]
     reject: Callable[..., str | None]
+    pass_over: Callable[..., str | None] = lambda *args: None
 
 
 def forced_backend() -> str | None:
@@ -49,10 +52,11 @@ def forced_backend() -> str | None:
 
 
 def explain(implementations: list[Implementation], *args, **kwargs) -> list[tuple[str, str | None]]:
-    """For each implementation in order: (backend, None if it accepts these inputs else the reason it does not)."""
+    """For each implementation in order: (backend, None if the automatic choice would take it for these inputs else
+    the reason it does not)."""
     report = []
     for impl in implementations:
-        reason = impl.available() or impl.reject(*args, **kwargs)
+        reason = impl.available() or impl.reject(*args, **kwargs) or impl.pass_over(*args, **kwargs)
         report.append((impl.backend, reason))
     return report
 
@@ -63,7 +67,8 @@ def select(op_name: str, implementations: list[Implementation], *args, backend: 
     ``backend`` (the ops' argument) other than ``"auto"`` is strict: that backend or an error saying why not.
     ``ANIMATELCM_BACKEND`` forces a backend for every op that implements it (an error if it cannot run these
     inputs); ops without that backend at all keep the automatic choice, so forcing e.g. ``triton`` for a whole
-    pipeline does not break the ops Triton has no kernel for. Otherwise the first implementation that accepts.
+    pipeline does not break the ops Triton has no kernel for. Otherwise the first implementation that accepts and
+    does not pass the inputs over to a faster one.
     """
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"{op_name}: backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
@@ -84,7 +89,7 @@ def select(op_name: str, implementations: list[Implementation], *args, backend: 
                     f"Use backend='auto' (and unset {BACKEND_ENV}) to fall back automatically.")
             return impl
     for impl in implementations:
-        if not (impl.available() or impl.reject(*args)):
+        if not (impl.available() or impl.reject(*args) or impl.pass_over(*args)):
             return impl
     raise RuntimeError(f"{op_name}: no implementation accepted the inputs, not even the eager reference")
 

@@ -199,14 +199,16 @@ def one_launch_config(group_numel: int) -> tuple[int, int]:
 
 
 def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=None, num_warps=None, programs=None,
-                          reverse=False, l2_hints=False):
+                          reverse=True, l2_hints=True):
     """``out = act(group_norm(x))`` for contiguous ``x, out [N, C, *]`` in one launch, one program per (batch,
     group) (``group_norm_fused_kernel``). ``block`` (elements per step, a power of two) and ``num_warps`` default to
     the tuned choice; benchmarks/tune_group_norm.py times the others. A block as large as the group keeps it in
     registers (one read instead of two). ``programs`` (fewer than the N * num_groups groups) launches that many
-    programs instead, each looping over groups (a persistent grid). ``reverse`` (the second pass from the group's
-    end) and ``l2_hints`` (cache eviction hints) are the kernel's other tuning candidates; all of these are timed
-    by the tuning script and off by default."""
+    programs instead, each looping over groups (a persistent grid; off by default). ``reverse`` (the second pass
+    from the group's end) and ``l2_hints`` (cache eviction hints) steer a group's second read toward L2: on by
+    default, since together they were the faster choice on 15 of the tuning script's 18 SD1.5 shapes on an H100
+    (benchmarks/results/tune_group_norm_cuda.md, run 9: 67 % of the copy's bandwidth against 60 % at
+    ``[32, 320, 64, 64]``, 63 % against 52-54 % on the VAE's large groups); the script times every combination."""
     batch, channels = x.shape[:2]
     spatial = x[0, 0].numel()
     per_group = channels // num_groups

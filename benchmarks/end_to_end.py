@@ -12,14 +12,17 @@ call is host-bound (guidance 1 on an H100 without CUDA graphs); results in end_t
 
     python benchmarks/end_to_end.py [--device cpu|cuda] [--runs 3] [--no-compile] [--compile-mode MODE]
                                     [--compile-baseline-only] [--guidance 1 2] [--peak-tflops T] [--backends cuda]
-                                    [--channels-last] [--profile] [--host-bound] [--results-name STEM]
+                                    [--channels-last] [--profile] [--host-profile] [--host-bound]
+                                    [--results-name STEM]
 
 Appends to benchmarks/results/end_to_end.csv and rewrites benchmarks/results/end_to_end.md (on a GPU:
 end_to_end_cuda.{csv,md}). Each row: median/min/max seconds per pipeline call, seconds per denoising step (the
 latents call over its steps), peak GPU memory, and MFU: the FLOPs of one unpatched call (counted once with
 torch.utils.flop_counter, the same arithmetic the patched call does) over its time and the device's peak
 (--peak-tflops; on a GPU the dense fp16 peak of the H100/H200 SXM, 989.4 TFLOP/s, when not given). --profile adds a
-torch.profiler breakdown of one patched latents call (end_to_end_profile[_cuda].md).
+torch.profiler breakdown of one patched latents call (end_to_end_profile[_cuda].md); --host-profile where the
+host's time goes (cProfile, by area and function) in one latents call of diffusers and of the patch
+(end_to_end[_host][_cuda]_host_profile.md): on a GPU without CUDA graphs the guidance-1 call waits on the host.
 """
 
 from __future__ import annotations
@@ -138,6 +141,56 @@ def profile_breakdown(pipe, size, device, guidance, rows=15) -> tuple[str, float
     return "\n".join(lines), total / 1e6
 
 
+HOST_AREAS = (("animatelcm", "/animatelcm/"), ("diffusers", "/diffusers/"), ("triton (launcher, JIT)", "/triton/"),
+              ("torch.nn modules", "/torch/nn/"), ("other torch Python", "/torch/"))
+
+
+def host_area(filename: str, function: str) -> str:
+    """Where a cProfile entry's own time belongs: a package's Python, or the C++ it calls (torch ops, whose own time
+    is the launch on a GPU and the arithmetic on the CPU; other built-ins)."""
+    if filename == "~":
+        return "torch C++ ops" if "torch" in function else "other built-ins"
+    return next((area for area, marker in HOST_AREAS if marker in filename.replace("\\", "/")), "other Python")
+
+
+def host_profile(pipes: dict, size, device, guidance, rows=25) -> str:
+    """Markdown: where the host's time goes in one latents call of each pipeline (cProfile, after a warm-up call),
+    summed by area (animatelcm, diffusers, triton, torch.nn, torch C++ ops, ...), then the functions of the patched
+    call with the most own time. cProfile slows Python-heavy code more than C++, so read shares, not seconds."""
+    import cProfile
+    import pstats
+
+    areas, tops, totals = {}, None, {}
+    for name, pipe in pipes.items():
+        run_once(pipe, size, device, guidance, "latent")
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run_once(pipe, size, device, guidance, "latent")
+        profiler.disable()
+        stats = pstats.Stats(profiler).stats  # (file, line, function) -> (calls, primitive calls, own, cumulative, ...)
+        totals[name] = sum(entry[2] for entry in stats.values())
+        for (filename, _, function), entry in stats.items():
+            area = host_area(filename, function)
+            areas.setdefault(area, {}).setdefault(name, 0.0)
+            areas[area][name] += entry[2]
+        if name == "patched":
+            tops = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:rows]
+    names = list(pipes)
+    lines = ["| area | " + " | ".join(f"{n} ms (share)" for n in names) + " |", "|---|" + "---|" * len(names)]
+    for area in sorted(areas, key=lambda a: -max(areas[a].values())):
+        cells = [f"{1e3 * areas[area].get(n, 0.0):.1f} ({100 * areas[area].get(n, 0.0) / totals[n]:.0f} %)"
+                 for n in names]
+        lines.append(f"| {area} | " + " | ".join(cells) + " |")
+    lines.append("| all | " + " | ".join(f"{1e3 * totals[n]:.1f}" for n in names) + " |")
+    if tops:
+        lines += ["", "Functions of the patched call with the most own time:", "",
+                  "| function | calls | own ms | cumulative ms |", "|---|---|---|---|"]
+        for (filename, line, function), (calls, _, own, cumulative, _) in tops:
+            where = function if filename == "~" else f"{function} ({Path(filename).name}:{line})"
+            lines.append(f"| `{where[:100]}` | {calls} | {1e3 * own:.2f} | {1e3 * cumulative:.2f} |")
+    return "\n".join(lines)
+
+
 def time_providers(pipes: dict, size, device, guidance, runs, output_type) -> tuple[dict, dict]:
     """Median/min/max seconds and peak memory per provider, and the providers that failed with their errors. One
     warm-up call each (it also compiles), then `runs` rounds that call every provider once, in alternating order
@@ -197,6 +250,9 @@ def main(argv=None):
                              "channels-last")
     parser.add_argument("--profile", action="store_true",
                         help="also write a torch.profiler breakdown of one patched latents call")
+    parser.add_argument("--host-profile", action="store_true",
+                        help="also write where the host's time goes (cProfile) in one latents call of diffusers and "
+                             "of the patch (<results name>_host_profile.md)")
     parser.add_argument("--host-bound", action="store_true",
                         help="time the host's share instead: toy widths, 2 frames at 64x64 (see above)")
     args = parser.parse_args(argv)
@@ -267,6 +323,13 @@ def main(argv=None):
                                                   "unet_params": unet_parameters(base), **row} for row in block])
             (RESULTS / f"{name}.md").write_text(results_table(rows, size, dtype, machine, base, command, stamp,
                                                               flops, peak))
+    if args.host_profile:
+        (RESULTS / f"{name}_host_profile.md").write_text(
+            f"# Where the host's time goes: one latents call, guidance {args.guidance[0]}, on {machine}\n\n"
+            f"Command: `{command}`. Run {stamp}. Own time per area and function under cProfile (which slows Python "
+            "more than C++: read the shares).\n\n"
+            + host_profile({n: pipes[n] for n in ("diffusers eager", "patched")}, size, args.device, args.guidance[0])
+            + "\n")
     if args.profile:
         patched = pipes["patched"]
         breakdown, busy_s = profile_breakdown(patched, size, args.device, args.guidance[0])

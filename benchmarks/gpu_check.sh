@@ -16,10 +16,11 @@
 # cost the host less than Triton's; --channels-last or --backends triton, say). Steps, in this
 # order:
 #   build:   ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
-#   e2e:     SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2, with MFU
-#            and a profile: end_to_end_cuda.md, end_to_end_profile_cuda.md;
+#   e2e:     SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2, with MFU,
+#            a profile and where the host's time goes: end_to_end_cuda.md, end_to_end_profile_cuda.md,
+#            end_to_end_cuda_host_profile.md;
 #   host:    the host-bound end-to-end (end_to_end.py --host-bound): the host time of a call, Triton's launches
-#            included: end_to_end_host_cuda.md;
+#            included, and where it goes: end_to_end_host_cuda.md, end_to_end_host_cuda_host_profile.md;
 #   tests:   the patching and op tests that run on the GPU (the cuda and triton backends, the GPU pipeline tests;
 #            GPU_CHECK_TESTS_K="" runs them all, about 400, longer than the step's cap);
 #   kernels: the kernel benchmark (SD1.5 shapes, fp16): kernels_gpu.{md,csv} (GPU_CHECK_KERNELS_K selects);
@@ -64,8 +65,9 @@ fi
 if wanted e2e; then
   log "end-to-end"
   timeout -s INT -k 10 "$(step_limit 240)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile \
-    --no-compile ${GPU_CHECK_E2E_ARGS---backends cuda} > "$RESULTS/end_to_end.log" 2>&1
-  cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md "$RESULTS/" 2>/dev/null
+    --host-profile --no-compile ${GPU_CHECK_E2E_ARGS---backends cuda} > "$RESULTS/end_to_end.log" 2>&1
+  cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md \
+    benchmarks/results/end_to_end_cuda_host_profile.md "$RESULTS/" 2>/dev/null
   pack
   log "end-to-end: $(tail -3 "$RESULTS/end_to_end.log" | tr '\n' ' ')"
   grep -E "^\| (diffusers|patched)" "$RESULTS/end_to_end_cuda.md" 2>/dev/null
@@ -74,8 +76,9 @@ fi
 if wanted host; then
   log "host-bound end-to-end (toy widths, 2 frames at 64x64: the host's Python and launches)"
   timeout -s INT -k 10 "$(step_limit 90)" "$PYTHON" benchmarks/end_to_end.py --device cuda --host-bound --runs 10 --guidance 1 2 \
-    --backends cuda --no-compile > "$RESULTS/host.log" 2>&1
-  cp benchmarks/results/end_to_end_host_cuda.md "$RESULTS/" 2>/dev/null
+    --backends cuda --no-compile --host-profile > "$RESULTS/host.log" 2>&1
+  cp benchmarks/results/end_to_end_host_cuda.md benchmarks/results/end_to_end_host_cuda_host_profile.md "$RESULTS/" \
+    2>/dev/null
   pack
   log "host-bound: $(tail -3 "$RESULTS/host.log" | tr '\n' ' ')"
   grep -E "^\| (diffusers|patched)" "$RESULTS/end_to_end_host_cuda.md" 2>/dev/null

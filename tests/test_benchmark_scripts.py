@@ -54,15 +54,29 @@ def test_end_to_end_table_profile_and_csv(tiny_benchmark):
     assert len(records) == 1 + 8
 
 
-def test_end_to_end_host_bound_mode(tmp_path, monkeypatch):
-    """--host-bound: the toy-width SD1.5 topology, 2 frames at 64x64, its own results file, no MFU."""
+def test_end_to_end_host_bound_mode_and_host_profile(tmp_path, monkeypatch):
+    """--host-bound: the toy-width SD1.5 topology, 2 frames at 64x64, its own results file, no MFU. --host-profile:
+    the host's own time by area for diffusers and the patch, each column adding up to its call's total."""
     monkeypatch.setattr(end_to_end, "RESULTS", tmp_path)
     monkeypatch.setattr(end_to_end, "FRAMES", end_to_end.FRAMES)  # main rebinds it
-    end_to_end.main(["--host-bound", "--runs", "1", "--no-compile"])
+    end_to_end.main(["--host-bound", "--runs", "1", "--no-compile", "--host-profile"])
     table = (tmp_path / "end_to_end_host.md").read_text()
     assert table.startswith("# End-to-end: 2 frames at 64x64")
     rows = [line for line in table.splitlines() if line.startswith("| diffusers eager") or line.startswith("| patched")]
     assert len(rows) == 2 * 2 and all(" | - | " in row for row in rows)  # no peak memory or MFU on the CPU
+
+    profile = (tmp_path / "end_to_end_host_host_profile.md").read_text()
+    areas = {}
+    for line in profile.split("Functions of the patched call")[0].splitlines():
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        if len(cells) == 3 and cells[0] not in ("area", "---"):
+            areas[cells[0]] = [float(cell.split()[0]) for cell in cells[1:]]
+    total = areas.pop("all")
+    assert {"animatelcm", "diffusers", "torch.nn modules", "torch C++ ops"} <= set(areas)
+    assert areas["animatelcm"][0] == 0 < areas["animatelcm"][1]  # diffusers' call runs none of the patch
+    for column in (0, 1):
+        assert abs(sum(values[column] for values in areas.values()) - total[column]) < 0.01 * total[column] + 0.5
+    assert "| `fused_resnet_forward (patching.py:" in profile
 
 
 def test_end_to_end_reports_a_failing_provider_and_keeps_the_others(tiny_benchmark, monkeypatch):

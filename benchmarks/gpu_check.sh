@@ -29,7 +29,10 @@
 #            more than one call: its autotuning results come back as $OUT/inductor_autotune.tar.gz, to unpack into
 #            .inductor_cache (git-ignored) and carry in the next call (carry: [".gpu_carry", ".inductor_cache"]);
 #   tune:    (not in the default steps) benchmarks/tune_group_norm.py: the Triton GroupNorm launch choices and the
-#            CUDA C++ kernel's two paths (its log has each shape's row as soon as it is timed).
+#            CUDA C++ kernel's two paths (its log has each shape's row as soon as it is timed);
+#   ncu:     (not in the default steps) Nsight Compute's counters for the GroupNorm kernels at the roofline shape and a
+#            VAE one (tune_group_norm.py --ncu; GPU_CHECK_NCU_SHAPES, space-separated, and GPU_CHECK_NCU_PROVIDERS,
+#            ';'-separated column names, select): ncu_group_norm.txt.
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 RESULTS=/tmp/gpu_check_results
@@ -126,5 +129,19 @@ if wanted tune; then
     > "$RESULTS/tune.log" 2>&1
   pack
   log "tune: $(tail -1 "$RESULTS/tune.log")"
+fi
+if wanted ncu; then
+  log "Nsight Compute: the GroupNorm kernels' hardware counters at the roofline shape"
+  # what bounds them short of the copy's bandwidth: DRAM and L2 throughput, the second read's L2 hits, occupancy,
+  # warp stalls. --clock-control none: the device tool's METHOD.md says to leave the clocks alone.
+  IFS=';' read -ra NCU_PROVIDERS <<< "${GPU_CHECK_NCU_PROVIDERS:-triton (as dispatched);forward, no L2 hints;cuda;F.group_norm + F.silu}"
+  timeout -s INT -k 10 "$(step_limit 150)" ncu --clock-control none --profile-from-start off \
+    --section SpeedOfLight --section MemoryWorkloadAnalysis --section MemoryWorkloadAnalysis_Tables \
+    --section Occupancy --section LaunchStats --section WarpStateStats --section SchedulerStats \
+    "$PYTHON" benchmarks/tune_group_norm.py --ncu --shapes ${GPU_CHECK_NCU_SHAPES:-32x320x64x64 16x512x128x128} \
+    --providers "${NCU_PROVIDERS[@]}" \
+    > "$RESULTS/ncu_group_norm.txt" 2>&1
+  pack
+  log "ncu: $(grep -c 'Section: GPU Speed Of Light' "$RESULTS/ncu_group_norm.txt") kernels profiled"
 fi
 log "done in ${SECONDS} s"

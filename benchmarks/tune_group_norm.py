@@ -6,6 +6,10 @@ group that fits in shared memory read once) and as three launches; PyTorch's ops
 ``FUSED_MIN_GROUPS`` and the one-launch defaults in animatelcm/ops/triton_backend.py.
 
     python benchmarks/tune_group_norm.py [--out benchmarks/results/tune_group_norm_cuda.md] [--dtype float16]
+                                         [--shapes 32x320x64x64 ...] [--providers NAME ...] [--ncu]
+
+--ncu runs each selected call once for Nsight Compute instead (gpu_check.sh's `ncu` step: the hardware counters
+that say what bounds the kernels short of the copy's bandwidth).
 
 GPU time per call: ``triton.testing.do_bench`` (CUDA events around repeated calls, L2 flushed between them), so
 host overhead is left out where the GPU is the bottleneck; the roofline column is the bytes a call must move (read
@@ -77,6 +81,7 @@ def providers(x, weight, bias, out):
                                     ("forward, no L2 hints", False, False)):
         calls[name] = (lambda r=reverse, h=l2_hints: triton_backend.group_norm_one_launch(
             x, out, GROUPS, weight, bias, 1e-5, True, reverse=r, l2_hints=h))
+    calls["triton (as dispatched)"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="triton")
     if cuda_kernels_unavailable_reason() is None:
         # the CUDA C++ kernel as dispatched (a group that fits in shared memory is read once), and its three launches
         calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="cuda")
@@ -87,26 +92,84 @@ def providers(x, weight, bias, out):
     return calls
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"32x320x64x64"`` -> ``(32, 320, 64, 64)``."""
+    try:
+        shape = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) < 3 or min(shape) < 1 or shape[1] % GROUPS:
+        raise argparse.ArgumentTypeError(f"{text!r}: give N x C x spatial sizes, e.g. 32x320x64x64, with C a "
+                                         f"multiple of {GROUPS}")
+    return shape
+
+
+def inputs(shape, dtype):
+    """x [shape], weight and bias [C], and an output like x, on the GPU."""
+    x = torch.randn(shape, device="cuda", dtype=dtype)
+    weight = torch.randn(shape[1], device="cuda", dtype=dtype)
+    bias = torch.randn(shape[1], device="cuda", dtype=dtype)
+    return x, weight, bias, torch.empty_like(x)
+
+
+def selected(calls: dict, names) -> dict:
+    """``calls`` limited to ``names`` (None: all) and the copy floor; an unknown name is an error listing the known."""
+    if names is None:
+        return calls
+    unknown = sorted(set(names) - set(calls))
+    if unknown:
+        raise SystemExit(f"unknown provider(s) {unknown}; known: {list(calls)}")
+    return {name: call for name, call in calls.items() if name in names or name == "copy (floor)"}
+
+
+def profile_once(shapes, dtype, names):
+    """Every selected call of every shape once between cudaProfilerStart and Stop (after a warm-up that compiles),
+    for ``ncu --profile-from-start off``; prints the order, which is the order of the profiled kernels' groups."""
+    runs = []
+    for shape in shapes:
+        x, weight, bias, out = inputs(shape, dtype)
+        for name, call in selected(providers(x, weight, bias, out), names).items():
+            if call is not None:
+                call()
+                runs.append((f"{'x'.join(map(str, shape))} {name}", call))
+    torch.cuda.synchronize()
+    torch.cuda.profiler.start()
+    for label, call in runs:
+        torch.cuda.nvtx.range_push(label)
+        call()
+        torch.cuda.nvtx.range_pop()
+    torch.cuda.synchronize()
+    torch.cuda.profiler.stop()
+    print("profiled, in order:", "; ".join(label for label, _ in runs), flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path,
                         default=Path(__file__).resolve().parent / "results" / "tune_group_norm_cuda.md")
     parser.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    parser.add_argument("--shapes", nargs="+", type=parse_shape, default=SHAPES, metavar="NxCxHxW",
+                        help="the shapes to time (default: SD1.5's UNet and VAE GroupNorms, see SHAPES)")
+    parser.add_argument("--providers", nargs="+", default=None, metavar="NAME",
+                        help="time only these columns (names as in the table; the copy floor is always kept)")
+    parser.add_argument("--ncu", action="store_true",
+                        help="for Nsight Compute instead of timing: warm every call up, then run each once between "
+                             "cudaProfilerStart and Stop, in column order (ncu --profile-from-start off)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
     dtype = getattr(torch, args.dtype)
+    if args.ncu:
+        profile_once(args.shapes, dtype, args.providers)
+        return
     lines = [f"# Triton GroupNorm+SiLU launch tuning, {args.dtype}, {GROUPS} groups, on {torch.cuda.get_device_name()}",
              "", f"Command: `python benchmarks/tune_group_norm.py {' '.join(argv if argv is not None else sys.argv[1:])}`."
              f" Run {datetime.datetime.now().isoformat(timespec='seconds')}. GPU ms per call (triton do_bench); "
              "% of the copy's bandwidth in brackets; best GroupNorm in bold.", ""]
     header = None
-    for shape in SHAPES:
-        x = torch.randn(shape, device="cuda", dtype=dtype)
-        weight = torch.randn(shape[1], device="cuda", dtype=dtype)
-        bias = torch.randn(shape[1], device="cuda", dtype=dtype)
-        out = torch.empty_like(x)
-        calls = providers(x, weight, bias, out)
+    for shape in args.shapes:
+        x, weight, bias, out = inputs(shape, dtype)
+        calls = selected(providers(x, weight, bias, out), args.providers)
         times = {}
         for name, call in calls.items():
             if call is None:  # a choice that does not apply to this shape
@@ -121,7 +184,7 @@ def main(argv=None):
             header = list(calls)
             lines += ["| shape | groups in all | " + " | ".join(header) + " |", "|---|---|" + "---|" * len(header)]
         floor = times["copy (floor)"]
-        best = min((t, n) for n, t in times.items() if n != "copy (floor)" and t == t)[1]
+        best = min(((t, n) for n, t in times.items() if n != "copy (floor)" and t == t), default=(0, None))[1]
         cells = []
         for name in header:
             t = times.get(name, float("nan"))

@@ -136,9 +136,25 @@ def test_tune_group_norm_candidates_compute_the_group_norm():
             continue
         out.fill_(float("nan"))
         result = call()
-        got = result if name == "F.group_norm + F.silu" else out
+        got = result if isinstance(result, torch.Tensor) else out  # the ops return theirs, the kernels write out
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5, msg=name)
     long_groups = torch.empty(1, 32, 300, 300)  # 90,000 elements a group
     assert all(call is None for name, call in tune_group_norm.providers(long_groups, weight[:32], bias[:32],
                                                                         long_groups).items()
                if name.startswith("group in registers"))
+
+
+def test_tune_group_norm_shape_and_provider_selection():
+    """--shapes parses NxCxHxW (C a multiple of the groups); --providers keeps the named columns and the copy floor,
+    and an unknown name stops with the known ones."""
+    import argparse
+
+    assert tune_group_norm.parse_shape("32x320x64x64") == (32, 320, 64, 64)
+    for bad in ("32x320", "32x33x8x8", "axb", "0x320x8x8"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            tune_group_norm.parse_shape(bad)
+    calls = {"cuda": 1, "three launches": 2, "copy (floor)": 3}
+    assert tune_group_norm.selected(calls, None) is calls
+    assert tune_group_norm.selected(calls, ["cuda"]) == {"cuda": 1, "copy (floor)": 3}
+    with pytest.raises(SystemExit, match="known"):
+        tune_group_norm.selected(calls, ["cuda", "nonsense"])

@@ -2,7 +2,8 @@
 frames, guidance 1 and 2), the GPU time of the Triton one-launch kernel at several (block, warps), with the group
 kept in registers, on a persistent grid (one or two programs per SM looping over the groups), without its default
 backward second pass and cache eviction hints; the Triton three-launch path; the CUDA C++ kernel as dispatched (a
-group that fits in shared memory read once) and as three launches; PyTorch's ops; against a same-size copy. It sets
+group held by a cluster of blocks on sm_90, or in one block's shared memory, read once), with other cluster sizes,
+without clusters and as three launches; PyTorch's ops; against a same-size copy. It sets
 ``FUSED_MIN_GROUPS`` and the one-launch defaults in animatelcm/ops/triton_backend.py.
 
     python benchmarks/tune_group_norm.py [--out benchmarks/results/tune_group_norm_cuda.md] [--dtype float16]
@@ -83,11 +84,16 @@ def providers(x, weight, bias, out):
             x, out, GROUPS, weight, bias, 1e-5, True, reverse=r, l2_hints=h))
     calls["triton (as dispatched)"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="triton")
     if cuda_kernels_unavailable_reason() is None:
-        # the CUDA C++ kernel as dispatched (a group that fits in shared memory is read once), and its three launches
+        # the CUDA C++ kernel as dispatched (on sm_90 a group that a cluster of blocks holds in registers, else one
+        # that fits in shared memory, is read once), with other cluster sizes, without clusters, and its three launches
         calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="cuda")
-        calls["cuda, three launches"] = lambda: group_norm._native_group_norm(
-            "group_norm_cuda", group_norm._cuda_extra, x, x.shape[0], 1, GROUPS, weight, bias, 1e-5, True, False,
-            resident_groups=False)
+        for name, options in (("cuda, cluster 2 packs", dict(cluster_packs=2)),
+                              ("cuda, cluster 8 packs", dict(cluster_packs=8)),
+                              ("cuda, shared-memory groups", dict(cluster_packs=0)),
+                              ("cuda, three launches", dict(cluster_packs=0, resident_groups=False))):
+            calls[name] = lambda o=options: group_norm._native_group_norm(
+                "group_norm_cuda", group_norm._cuda_extra, x, x.shape[0], 1, GROUPS, weight, bias, 1e-5, True, False,
+                **o)
     calls["copy (floor)"] = lambda: out.copy_(x)
     return calls
 

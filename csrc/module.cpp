@@ -160,21 +160,25 @@ PYBIND11_MODULE(_C, m) {
       "group_norm_cuda",
       [](std::uintptr_t x, std::uintptr_t y, std::uintptr_t weight, std::uintptr_t bias, int64_t batch, int64_t frames,
          int64_t channels, int64_t spatial, int64_t groups, float eps, bool silu, bool permute_output, int scalar_type,
-         std::uintptr_t workspace, std::uintptr_t stream, int affine_scalar_type, bool resident_groups) {
+         std::uintptr_t workspace, std::uintptr_t stream, int affine_scalar_type, bool resident_groups,
+         int cluster_packs) {
         GroupNormArgs args = make_group_norm_args(x, y, weight, bias, batch, frames, channels, spatial, groups, eps,
                                                   silu, permute_output, scalar_type);
         args.affine_scalar_type = affine_scalar_type;
         args.resident_groups = resident_groups;
+        args.cluster_packs = cluster_packs;
         group_norm_cuda(args, reinterpret_cast<double*>(workspace), stream);
       },
       "GroupNorm(+SiLU) over device buffers (as group_norm_cpu) plus a float64 workspace of "
       "group_norm_cuda_workspace_doubles(batch, frames, channels, spatial, groups) elements and a stream; weight "
       "and bias of scalar type affine_scalar_type (both the same: float32, float16 or bfloat16); "
-      "resident_groups=False always takes the three launches (for timing them).",
+      "cluster_packs: on sm_90, a group held by a thread block cluster whose threads keep about that many 16-byte "
+      "packs each (0: never); resident_groups: a group that fits in shared memory kept there (False with "
+      "cluster_packs=0 always takes the three launches, for timing them).",
       py::arg("x"), py::arg("y"), py::arg("weight"), py::arg("bias"), py::arg("batch"), py::arg("frames"),
       py::arg("channels"), py::arg("spatial"), py::arg("groups"), py::arg("eps"), py::arg("silu"),
       py::arg("permute_output"), py::arg("scalar_type"), py::arg("workspace"), py::arg("stream"),
-      py::arg("affine_scalar_type") = 0, py::arg("resident_groups") = true);
+      py::arg("affine_scalar_type") = 0, py::arg("resident_groups") = true, py::arg("cluster_packs") = 4);
   m.def("group_norm_cuda_workspace_doubles", &group_norm_cuda_workspace_doubles,
         "Size, in float64 elements, of the workspace group_norm_cuda needs for these sizes.");
   m.def(

@@ -350,32 +350,51 @@ def test_nan_stays_in_its_group(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_cuda_groups_read_once_from_shared_memory_match_reference(dtype, poisoned_outputs):
-    """The CUDA kernel keeps a group that fits in shared memory there (one read of x) when there are at least two
-    groups an SM: it and its own three launches match the reference, with and without weight, bias and SiLU. The
-    profiler shows which path ran: groups too large (fp32 at 64x64), positions not a multiple of a 16-byte pack, or
-    too few groups take the three launches."""
+def test_cuda_groups_read_once_match_reference(dtype, poisoned_outputs):
+    """The CUDA kernel reads a group from memory once when it can: held in the registers of a thread block cluster
+    on sm_90 (up to 8 blocks of 256 threads, 8 16-byte packs a thread), else kept in one block's shared memory if
+    it fits there; both need 16-byte packs and at least two blocks an SM. Every path (as dispatched, other cluster
+    sizes, shared memory only, the three launches) matches the reference, with and without weight, bias and SiLU,
+    and the profiler shows which one ran."""
     from animatelcm.ops import group_norm
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    cases = [((2 * sms // 8 + 3, 64, 16, 16), 8, True),  # 2048-element groups
-             ((-(-2 * sms // 32), 320, 64, 64), 32, dtype != torch.float32),  # SD1.5's 64x64 level: 80 KB in fp16
-             ((sms, 96, 9, 7), 32, False),  # 63 positions: no 16-byte packs
-             ((1, 64, 8, 8), 4, False)]  # 4 groups
-    for index, (shape, groups, resident) in enumerate(cases):
+    hopper = torch.cuda.get_device_capability(0)[0] >= 9
+    # (shape, groups, fits one block's shared memory, fits a cluster)
+    cases = [((2 * sms // 8 + 3, 64, 16, 16), 8, True, True),  # 2048-element groups
+             ((-(-2 * sms // 32), 320, 64, 64), 32, dtype != torch.float32, True),  # SD1.5's 64x64 level
+             ((sms, 96, 9, 7), 32, False, False),  # 63 positions: no 16-byte packs
+             ((1, 64, 8, 8), 4, False, False),  # 4 groups
+             ((1, 32, 384, 384), 32, False, False)]  # 147456-element groups: too large for either
+
+    def kernels(call):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            out = call()
+            torch.cuda.synchronize()
+        return out, " ".join(event.name for event in profile.events())
+
+    for index, (shape, groups, fits_shared, fits_cluster) in enumerate(cases):
         generator = torch.Generator().manual_seed(index)
         x = (torch.randn(shape, generator=generator) * 3 + 1).to("cuda", dtype)
         weight, bias = affine(shape[1], generator, dtype, device="cuda")
         # weight and bias as stored (x's dtype), absent, one absent, and of two dtypes (both then read as float32)
         for w, b, silu in ((weight, bias, True), (None, None, False), (weight, None, True),
                            (weight, bias.float(), True)):
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
-                got = ops.group_norm_silu(x, groups, w, b, 1e-5, silu, backend="cuda")
-                torch.cuda.synchronize()
-            ran = " ".join(event.name for event in profile.events())
-            assert ("group_norm_resident_kernel" in ran) == resident, (shape, dtype, ran[:300])
-            split = group_norm._native_group_norm("group_norm_cuda", group_norm._cuda_extra, x, shape[0], 1, groups,
-                                                  w, b, 1e-5, silu, False, resident_groups=False)
             want = ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu)
-            assert_close_to_reference(got, want, dtype)
-            assert_close_to_reference(split, want, dtype)
+            paths = [("as dispatched", None, "cluster" if hopper and fits_cluster else
+                      "resident" if fits_shared else None),
+                     ("shared memory only", dict(cluster_packs=0), "resident" if fits_shared else None),
+                     ("three launches", dict(cluster_packs=0, resident_groups=False), None)]
+            if hopper:
+                paths += [(f"cluster of {packs} packs a thread", dict(cluster_packs=packs),
+                           "cluster" if fits_cluster else "resident" if fits_shared else None) for packs in (1, 8)]
+            for name, options, expected in paths:
+                if options is None:
+                    got, ran = kernels(lambda: ops.group_norm_silu(x, groups, w, b, 1e-5, silu, backend="cuda"))
+                else:
+                    got, ran = kernels(lambda: group_norm._native_group_norm(
+                        "group_norm_cuda", group_norm._cuda_extra, x, shape[0], 1, groups, w, b, 1e-5, silu, False,
+                        **options))
+                for path in ("cluster", "resident"):
+                    assert (f"group_norm_{path}_kernel" in ran) == (expected == path), (shape, dtype, name, ran[:300])
+                assert_close_to_reference(got, want, dtype)

@@ -174,8 +174,8 @@ def _affine_as_stored(weight, bias):
 def _native_group_norm(kernel_name, extra, x, batch, frames, num_groups, weight, bias, eps, silu, permute,
                        **options):
     """The native GroupNorm kernel ``kernel_name`` on ``x [batch * frames, C, *]`` (made contiguous): ``[B*F, C,
-    *]`` out, or ``[B * S, F, C]`` with ``permute``. ``options`` go to the kernel by name (``resident_groups=False``
-    makes the CUDA kernel take its three launches, for the tuning script)."""
+    *]`` out, or ``[B * S, F, C]`` with ``permute``. ``options`` go to the kernel by name (the CUDA kernel's
+    ``cluster_packs`` and ``resident_groups`` pick its paths, for the tuning script: both off, its three launches)."""
     x = x.contiguous()
     channels = x.shape[1]
     spatial = math.prod(x.shape[2:])

@@ -11,7 +11,12 @@
 // A plain [N, C, S] GroupNorm whose groups fit in shared memory (SD1.5's UNet in fp16: 5-80 KB a group), with enough
 // groups to fill the GPU, runs as one launch instead: one block per group reads it from memory once into shared
 // memory, takes the mean and the variance about it from there, and writes the output (one read and one write of x,
-// where the three launches read it twice).
+// where the three launches read it twice). On Hopper (sm_90) such a GroupNorm takes a cluster of up to 8 blocks a
+// group first: the group lives in the cluster's registers (a few 16-byte packs a thread, all read at once), the
+// blocks add their partial sums through distributed shared memory, and each writes its part: the same single read,
+// with many small blocks an SM in flight instead of two large ones that alternate between reading and writing.
+#include <cooperative_groups.h>
+
 #include <algorithm>
 #include <atomic>
 #include <stdexcept>
@@ -228,7 +233,9 @@ constexpr int kResidentLoads = 8;  // 16-byte loads a thread keeps in flight whi
 // Largest group kept in shared memory: two blocks an SM on an H100 (228 KB of shared memory an SM), one on an A100.
 constexpr int64_t kResidentMaxBytes = 100 * 1024;
 
-// Sum of every thread's v, returned to all threads of the block (kResidentThreads of them); reuses `scratch`.
+// Sum of every thread's v, returned to all kThreads threads of the block; `scratch` holds kThreads / 32 + 1 doubles
+// and is reused.
+template <int kThreads>
 __device__ __forceinline__ float block_sum(float v, double* scratch) {
   v = warp_sum(v);
   const int warp = threadIdx.x / 32;
@@ -236,11 +243,11 @@ __device__ __forceinline__ float block_sum(float v, double* scratch) {
   __syncthreads();
   if (threadIdx.x == 0) {
     double total = 0.0;
-    for (int w = 0; w < kResidentThreads / 32; ++w) total += scratch[w];
-    scratch[kResidentThreads / 32] = total;
+    for (int w = 0; w < kThreads / 32; ++w) total += scratch[w];
+    scratch[kThreads / 32] = total;
   }
   __syncthreads();
-  const float total = static_cast<float>(scratch[kResidentThreads / 32]);
+  const float total = static_cast<float>(scratch[kThreads / 32]);
   __syncthreads();  // scratch is written again by the next call
   return total;
 }
@@ -283,7 +290,7 @@ __global__ void __launch_bounds__(kResidentThreads, 2) group_norm_resident_kerne
 #pragma unroll
     for (int l = 0; l < V; ++l) sum += to_float(p.v[l]);
   }
-  const float mean = block_sum(sum, scratch) / count;
+  const float mean = block_sum<kResidentThreads>(sum, scratch) / count;
 
   float squares = 0.f;
   for (int i = threadIdx.x; i < packs; i += kResidentThreads) {
@@ -294,7 +301,7 @@ __global__ void __launch_bounds__(kResidentThreads, 2) group_norm_resident_kerne
       squares += centred * centred;
     }
   }
-  const float rstd = rsqrtf(block_sum(squares, scratch) / count + eps);
+  const float rstd = rsqrtf(block_sum<kResidentThreads>(squares, scratch) / count + eps);
 
   const int64_t first_channel = (bg % groups) * per_group;
   for (int i = threadIdx.x; i < packs; i += kResidentThreads) {
@@ -357,6 +364,200 @@ void resident_launch(const GroupNormArgs& a, int64_t group_bytes, cudaStream_t s
   check_launch("group_norm (resident)");
 }
 
+constexpr int kClusterThreads = 256;
+constexpr int kClusterMaxPacks = 8;  // 16-byte packs a thread holds at most (its registers)
+constexpr int kClusterMaxSize = 8;   // blocks a cluster at most (the portable limit)
+
+// A 16-byte pack's V values as floats, and back.
+template <typename T, int V>
+__device__ __forceinline__ void unpack(const uint4& words, float (&v)[V]) {
+  Pack<T, V> p;
+  memcpy(&p, &words, sizeof(words));
+#pragma unroll
+  for (int l = 0; l < V; ++l) v[l] = to_float(p.v[l]);
+}
+template <typename T, int V>
+__device__ __forceinline__ uint4 pack(const float (&v)[V]) {
+  Pack<T, V> p;
+#pragma unroll
+  for (int l = 0; l < V; ++l) p.v[l] = from_float<T>(v[l]);
+  uint4 words;
+  memcpy(&words, &p, sizeof(words));
+  return words;
+}
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// Sum of every thread's v over the cluster's blocks, returned to all their threads: each block's total goes into its
+// shared `slot`, and after a cluster barrier every thread adds the cluster's slots in rank order (one order for all,
+// so every block gets the same bits). A slot may be read by the other blocks until the cluster's next barrier.
+__device__ __forceinline__ float cluster_sum(float v, double* scratch, float* slot,
+                                             const cooperative_groups::cluster_group& cluster) {
+  const float block_total = block_sum<kClusterThreads>(v, scratch);
+  if (threadIdx.x == 0) *slot = block_total;
+  cluster.sync();
+  float total = 0.f;
+  for (unsigned r = 0; r < cluster.num_blocks(); ++r) total += *cluster.map_shared_rank(slot, r);
+  return total;
+}
+#endif
+
+// x, y [N, C, S] contiguous, S % V == 0, x and y 16-byte aligned (sm_90: thread block clusters): the cluster of
+// blocks blockIdx.x / size * size ... + size - 1 normalises group blockIdx.x / size. Its threads hold the group's
+// 16-byte packs in registers, kPacks each at most (pack rank * kClusterThreads + thread + j * size *
+// kClusterThreads: consecutive threads read consecutive packs), all loaded at once: one read of x, the mean and the
+// variance about it from the registers, the blocks' partial sums added through distributed shared memory.
+template <typename T, int V, int kPacks, bool kSilu>
+__global__ void __launch_bounds__(kClusterThreads, 3) group_norm_cluster_kernel(
+    const T* __restrict__ x, T* __restrict__ y, AffineParams affine,
+    int64_t channels, int64_t spatial, int64_t groups, float eps) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  namespace cg = cooperative_groups;
+  const cg::cluster_group cluster = cg::this_cluster();
+  __shared__ double scratch[kClusterThreads / 32 + 1];
+  __shared__ float slots[2];  // this block's part of the sum, then of the squared deviations
+  const unsigned size = cluster.num_blocks();
+  const int64_t bg = blockIdx.x / size, per_group = channels / groups, count = per_group * spatial;
+  const int packs = static_cast<int>(count / V), packs_per_channel = static_cast<int>(spatial / V);
+  const int first = static_cast<int>(cluster.block_rank()) * kClusterThreads + threadIdx.x;
+  const int stride = static_cast<int>(size) * kClusterThreads;
+  const auto* in = reinterpret_cast<const uint4*>(x + bg * count);
+  auto* out = reinterpret_cast<uint4*>(y + bg * count);
+
+  uint4 words[kPacks];
+#pragma unroll
+  for (int j = 0; j < kPacks; ++j) {
+    if (first + j * stride < packs) words[j] = in[first + j * stride];
+  }
+  float sum = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPacks; ++j) {
+    if (first + j * stride < packs) {
+      float v[V];
+      unpack<T, V>(words[j], v);
+#pragma unroll
+      for (int l = 0; l < V; ++l) sum += v[l];
+    }
+  }
+  const float mean = cluster_sum(sum, scratch, &slots[0], cluster) / static_cast<float>(count);
+  float squares = 0.f;
+#pragma unroll
+  for (int j = 0; j < kPacks; ++j) {
+    if (first + j * stride < packs) {
+      float v[V];
+      unpack<T, V>(words[j], v);
+#pragma unroll
+      for (int l = 0; l < V; ++l) squares += (v[l] - mean) * (v[l] - mean);
+    }
+  }
+  const float rstd = rsqrtf(cluster_sum(squares, scratch, &slots[1], cluster) / static_cast<float>(count) + eps);
+
+  const int64_t first_channel = (bg % groups) * per_group;
+#pragma unroll
+  for (int j = 0; j < kPacks; ++j) {
+    const int i = first + j * stride;
+    if (i < packs) {
+      const int64_t c = first_channel + i / packs_per_channel;  // a pack lies within one channel (S % V == 0)
+      const float scale = rstd * affine.weight_at(c);
+      const float shift = affine.bias_at(c) - mean * scale;
+      float v[V];
+      unpack<T, V>(words[j], v);
+#pragma unroll
+      for (int l = 0; l < V; ++l) v[l] = activate<kSilu>(v[l] * scale + shift);
+      out[i] = pack<T, V>(v);
+    }
+  }
+  cluster.sync();  // the other blocks may still be reading this block's slots[1]
+#endif
+}
+
+// Whether this build's cluster kernels were compiled for sm_90 or newer (an sm_80-only build JIT-compiled for a newer
+// device has them empty): the first call's answer, from the PTX version of one of them.
+template <typename T>
+bool cluster_kernels_built() {
+  static const bool built = [] {
+    cudaFuncAttributes attributes = {};
+    if (cudaFuncGetAttributes(&attributes, group_norm_cluster_kernel<T, kVector<T>, 1, true>) != cudaSuccess) {
+      cudaGetLastError();
+      return false;
+    }
+    return attributes.ptxVersion >= 90;
+  }();
+  return built;
+}
+
+// The cluster kernel's launch for a GroupNorm: blocks a cluster and packs a thread (0: it does not take this norm).
+struct ClusterPlan {
+  int size = 0, packs = 0;
+};
+
+// Whether the cluster kernel takes this GroupNorm: a plain [N, C, S] one with 16-byte packs on an sm_90 or newer
+// device, groups that a cluster of at most kClusterMaxSize blocks holds in kClusterMaxPacks packs a thread, and at
+// least two blocks an SM. The cluster is the smallest whose threads hold about a.cluster_packs packs each.
+template <typename T>
+ClusterPlan cluster_plan(const GroupNormArgs& a) {
+  constexpr int V = kVector<T>;
+  const int64_t packs = a.channels / a.groups * a.spatial / V;
+  if (a.cluster_packs <= 0 || a.permute_output || a.frames != 1 || a.spatial % V || !aligned16(a.x) ||
+      !aligned16(a.y) || packs > int64_t{kClusterMaxSize} * kClusterThreads * kClusterMaxPacks) {
+    return {};
+  }
+  int device = 0, major = 0, sms = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+    cudaGetLastError();
+    return {};
+  }
+  const int64_t per_thread = std::clamp<int64_t>(a.cluster_packs, 1, kClusterMaxPacks);
+  const int64_t size = std::clamp<int64_t>((packs + kClusterThreads * per_thread - 1) / (kClusterThreads * per_thread),
+                                           1, kClusterMaxSize);
+  const int64_t blocks = a.batch * a.groups * size;
+  if (major < 9 || blocks < 2 * static_cast<int64_t>(sms) || blocks > 0x7fffffffLL || !cluster_kernels_built<T>()) {
+    return {};
+  }
+  return {static_cast<int>(size), static_cast<int>((packs + size * kClusterThreads - 1) / (size * kClusterThreads))};
+}
+
+// Launches the cluster kernel; false (the error cleared) where the device cannot run such a cluster, so the caller
+// takes another path.
+template <typename T, int kPacks, bool kSilu>
+bool cluster_launch_with(const GroupNormArgs& a, int size, cudaStream_t stream) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = dim3(static_cast<unsigned>(a.batch * a.groups * size));
+  config.blockDim = dim3(kClusterThreads);
+  config.stream = stream;
+  cudaLaunchAttribute attribute = {};
+  attribute.id = cudaLaunchAttributeClusterDimension;
+  attribute.val.clusterDim.x = static_cast<unsigned>(size);
+  attribute.val.clusterDim.y = 1;
+  attribute.val.clusterDim.z = 1;
+  config.attrs = &attribute;
+  config.numAttrs = 1;
+  const cudaError_t err = cudaLaunchKernelEx(&config, group_norm_cluster_kernel<T, kVector<T>, kPacks, kSilu>,
+                                             static_cast<const T*>(a.x), static_cast<T*>(a.y), affine_params(a),
+                                             a.channels, a.spatial, a.groups, a.eps);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return true;
+}
+
+template <typename T, bool kSilu>
+bool cluster_launch(const GroupNormArgs& a, const ClusterPlan& plan, cudaStream_t stream) {
+  switch (plan.packs) {
+    case 1: return cluster_launch_with<T, 1, kSilu>(a, plan.size, stream);
+    case 2: return cluster_launch_with<T, 2, kSilu>(a, plan.size, stream);
+    case 3: return cluster_launch_with<T, 3, kSilu>(a, plan.size, stream);
+    case 4: return cluster_launch_with<T, 4, kSilu>(a, plan.size, stream);
+    case 5: return cluster_launch_with<T, 5, kSilu>(a, plan.size, stream);
+    case 6: return cluster_launch_with<T, 6, kSilu>(a, plan.size, stream);
+    case 7: return cluster_launch_with<T, 7, kSilu>(a, plan.size, stream);
+    case 8: return cluster_launch_with<T, 8, kSilu>(a, plan.size, stream);
+    default: return false;
+  }
+}
+
 dim3 tile_grid(int64_t batch_frames, int64_t channels, int64_t spatial) {
   const int64_t gx = (spatial + kTile - 1) / kTile, gy = (channels + kTile - 1) / kTile;
   if (gx > 0x7fffffffLL || gy > 65535) throw std::invalid_argument("group_norm: too many channels for one launch");
@@ -366,6 +567,11 @@ dim3 tile_grid(int64_t batch_frames, int64_t channels, int64_t spatial) {
 
 template <typename T>
 void group_norm_launch(const GroupNormArgs& a, double* workspace, cudaStream_t stream) {
+  const ClusterPlan cluster = cluster_plan<T>(a);
+  if (cluster.size > 0 &&
+      (a.silu ? cluster_launch<T, true>(a, cluster, stream) : cluster_launch<T, false>(a, cluster, stream))) {
+    return;
+  }
   int64_t group_bytes = 0;
   if (resident_fits<T>(a, group_bytes)) {
     return a.silu ? resident_launch<T, true>(a, group_bytes, stream) : resident_launch<T, false>(a, group_bytes, stream);

@@ -10,11 +10,11 @@
 # Every step's log and results go into one archive, $OUT/gpu_check.tar (the device tool brings back at most 8
 # files; read it with `tar -xf gpu_check.tar`), rewritten as soon as a step ends, so a step that runs out of time
 # loses only itself. The step timeouts (SIGINT, so pytest still writes its results) are capped by what is left of a
-# 580 s budget, so everything fits one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs a subset on a
-# machine still warm from an earlier call (the build is kept there). GPU_CHECK_E2E_ARGS sets extra arguments of the
-# end-to-end step (default --backends cuda: the patch with every op that has a CUDA C++ kernel on it, whose launches
-# cost the host less than Triton's; --channels-last or --backends triton, say). Steps, in this
-# order:
+# 580 s budget, so everything fits one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs those steps in
+# that order (default "build e2e host tests kernels"); on a machine still warm from an earlier call the build is
+# kept there. GPU_CHECK_E2E_ARGS sets extra arguments of the end-to-end step (default --backends cuda: the patch
+# with every op that has a CUDA C++ kernel on it, whose launches cost the host less than Triton's; --channels-last
+# or --backends triton, say). The steps:
 #   build:   ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
 #   e2e:     SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2, with MFU,
 #            a profile and where the host's time goes: end_to_end_cuda.md, end_to_end_profile_cuda.md,
@@ -36,24 +36,26 @@
 set -u -o pipefail
 OUT=${OUT:-/tmp/gpu_check_out}
 RESULTS=/tmp/gpu_check_results
+rm -rf "$RESULTS"  # this call's results only (a machine can keep /tmp from an earlier lease)
 mkdir -p "$OUT" "$RESULTS"
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD/.gpu_carry/site${PYTHONPATH:+:$PYTHONPATH}"
-STEPS=" ${GPU_CHECK_STEPS:-build e2e host tests kernels} "
+# the steps to run, in this order
+STEPS=${GPU_CHECK_STEPS:-build e2e host tests kernels}
+STEP_NAMES="build e2e host tests kernels compile tune ncu"
 # what the tests and kernels steps select: by default the tests that run on the GPU (CI runs the others) and every
 # kernel benchmark on CUDA tensors
 TESTS_K=${GPU_CHECK_TESTS_K-cuda or triton or gpu or offload}
 KERNELS_K=${GPU_CHECK_KERNELS_K-cuda}
 log() { echo "[gpu_check $(date +%T)] $*"; }
-wanted() { [[ "$STEPS" == *" $1 "* ]]; }
 pack() { tar -cf "$OUT/gpu_check.tar" -C "$RESULTS" .; }
 # A step's timeout: its own cap, or what is left of GPU_CHECK_BUDGET (seconds since the script began, default 580,
 # under the device call's 600) less 10 s for packing its results, whichever is smaller.
 BUDGET=${GPU_CHECK_BUDGET:-580}
 step_limit() { local left=$((BUDGET - SECONDS - 10)); echo $(( left < $1 ? (left > 1 ? left : 1) : $1 )); }
 
-if wanted build; then
+step_build() {
   log "build"
   { nvidia-smi; "$PYTHON" -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"; } \
     > "$RESULTS/machine.txt" 2>&1
@@ -63,9 +65,10 @@ if wanted build; then
   fi
   "$PYTHON" -m animatelcm.info 2>&1 | tee -a "$RESULTS/machine.txt"
   pack
-fi
+}
 
-if wanted e2e; then
+
+step_e2e() {
   log "end-to-end"
   timeout -s INT -k 10 "$(step_limit 240)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile \
     --host-profile --no-compile ${GPU_CHECK_E2E_ARGS---backends cuda} > "$RESULTS/end_to_end.log" 2>&1
@@ -74,9 +77,10 @@ if wanted e2e; then
   pack
   log "end-to-end: $(tail -3 "$RESULTS/end_to_end.log" | tr '\n' ' ')"
   grep -E "^\| (diffusers|patched)" "$RESULTS/end_to_end_cuda.md" 2>/dev/null
-fi
+}
 
-if wanted host; then
+
+step_host() {
   log "host-bound end-to-end (toy widths, 2 frames at 64x64: the host's Python and launches)"
   timeout -s INT -k 10 "$(step_limit 90)" "$PYTHON" benchmarks/end_to_end.py --device cuda --host-bound --runs 10 --guidance 1 2 \
     --backends cuda --no-compile --host-profile > "$RESULTS/host.log" 2>&1
@@ -85,9 +89,10 @@ if wanted host; then
   pack
   log "host-bound: $(tail -3 "$RESULTS/host.log" | tr '\n' ' ')"
   grep -E "^\| (diffusers|patched)" "$RESULTS/end_to_end_host_cuda.md" 2>/dev/null
-fi
+}
 
-if wanted tests; then
+
+step_tests() {
   log "tests"
   timeout -s INT -k 10 "$(step_limit 170)" "$PYTHON" -m pytest -q -rfE --tb=short -p no:cacheprovider -k "$TESTS_K" \
     tests/test_patching.py tests/test_attention_op.py tests/test_group_norm_op.py tests/test_consistency_op.py \
@@ -95,18 +100,20 @@ if wanted tests; then
   pack
   log "tests: $(tail -1 "$RESULTS/tests.log")"
   grep -E "^(FAILED|ERROR)" "$RESULTS/tests.log" | head -20
-fi
+}
 
-if wanted kernels; then
+
+step_kernels() {
   log "kernel benchmark"
   ANIMATELCM_BENCH_NAME=kernels_gpu timeout -s INT -k 10 "$(step_limit 150)" "$PYTHON" -m pytest -q -p no:cacheprovider \
     benchmarks/test_kernels.py -k "$KERNELS_K" --benchmark-disable-gc > "$RESULTS/kernels.log" 2>&1
   cp benchmarks/results/kernels_gpu.md benchmarks/results/kernels_gpu.csv "$RESULTS/" 2>/dev/null
   pack
   log "kernels: $(tail -1 "$RESULTS/kernels.log")"
-fi
+}
 
-if wanted compile; then
+
+step_compile() {
   log "end-to-end against torch.compile(unet, max-autotune), guidance 1 (the compile takes most of the step)"
   # Inductor's autotuning timings (written as each matrix product's choices are timed) and its pointwise kernels'
   # best configs accumulate in .inductor_cache across calls and leases: the full UNet's max-autotune compile takes
@@ -121,16 +128,18 @@ if wanted compile; then
      | tar -czf "$OUT/inductor_autotune.tar.gz" -T -)
   pack
   log "compile: $(grep -c 'AUTOTUNE benchmarking' "$RESULTS/compile.log") products timed this call; $(tail -3 "$RESULTS/compile.log" | tr '\n' ' ')"
-fi
+}
 
-if wanted tune; then
+
+step_tune() {
   log "GroupNorm tuning"
   timeout -s INT -k 10 "$(step_limit 200)" "$PYTHON" benchmarks/tune_group_norm.py --out "$RESULTS/tune_group_norm_cuda.md" \
     > "$RESULTS/tune.log" 2>&1
   pack
   log "tune: $(tail -1 "$RESULTS/tune.log")"
-fi
-if wanted ncu; then
+}
+
+step_ncu() {
   log "Nsight Compute: the GroupNorm kernels' hardware counters at the roofline shape"
   # what bounds them short of the copy's bandwidth: DRAM and L2 throughput, the second read's L2 hits, occupancy,
   # warp stalls. --clock-control none: the device tool's METHOD.md says to leave the clocks alone.
@@ -143,5 +152,12 @@ if wanted ncu; then
     > "$RESULTS/ncu_group_norm.txt" 2>&1
   pack
   log "ncu: $(grep -c 'Section: GPU Speed Of Light' "$RESULTS/ncu_group_norm.txt") kernels profiled"
-fi
+}
+
+for step in $STEPS; do
+  case " $STEP_NAMES " in
+    *" $step "*) "step_$step" ;;
+    *) log "unknown step '$step' (steps: $STEP_NAMES): skipped" ;;
+  esac
+done
 log "done in ${SECONDS} s"

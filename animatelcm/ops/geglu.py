@@ -11,8 +11,9 @@ reference formulas.
 rows (at least 1024, more if one core's L2 cache holds their projection output): that output, the largest tensor of a transformer block
 (``[16384, 640]`` floats at 32x32 latents, 16 frames, width 80), is then never materialised, so it is neither
 written to memory and read back nor allocated afresh (an allocation of more than glibc's 32 MiB mmap threshold
-costs a page fault per 4 KiB page on every call). On a GPU the cuda backend runs cuBLAS and then the CUDA GEGLU
-kernel; the triton backend (``kernels/linear_geglu.py``) computes both in one kernel, never writing the projection.
+costs a page fault per 4 KiB page on every call). On a GPU the triton backend (``kernels/linear_geglu.py``, the
+half-precision default) computes both in one kernel, never writing the projection; the cuda backend (the float32
+default) runs cuBLAS and then the CUDA GEGLU kernel.
 """
 
 from __future__ import annotations

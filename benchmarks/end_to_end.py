@@ -6,14 +6,15 @@ every provider in the same process.
 CPU (default): an SD1.5-topology UNet at a quarter of the width (blocks 80/160/320/320, head dims 40/80/160 as in
 SD1.5, 16 GroupNorm groups since 32 does not divide 80), motion modules, a quarter-width VAE, 16 frames at 256x256,
 4 steps, guidance 1.0. GPU (--device cuda): full SD1.5 + AnimateLCM shapes, 16 frames at 512x512, fp16.
---host-bound: the SD1.5 topology at toy width (animatelcm.testing.TinyConfig), 2 frames at 64x64, whose calls take
-so little arithmetic that their time is the host's (Python and kernel launches): what a GPU waits for when the real
-call is host-bound (guidance 1 on an H100 without CUDA graphs); results in end_to_end_host[_cuda].{csv,md}.
+--host-bound: the SD1.5 topology at toy width (animatelcm.testing.TinyConfig, 32 GroupNorm groups as in SD1.5),
+2 frames at 64x64 (--frames 16: the real call's launches, see --frames), whose calls take so little arithmetic that
+their time is the host's (Python and kernel launches): what a GPU waits for when the real call is host-bound
+(guidance 1 on an H100 without CUDA graphs); results in end_to_end_host[_cuda].{csv,md}.
 
     python benchmarks/end_to_end.py [--device cpu|cuda] [--runs 3] [--no-compile] [--compile-mode MODE]
                                     [--compile-baseline-only] [--guidance 1 2] [--peak-tflops T] [--backends cuda]
                                     [--channels-last] [--profile] [--host-profile] [--host-bound]
-                                    [--results-name STEM]
+                                    [--frames N] [--results-name STEM]
 
 Appends to benchmarks/results/end_to_end.csv and rewrites benchmarks/results/end_to_end.md (on a GPU:
 end_to_end_cuda.{csv,md}). Each row: median/min/max seconds per pipeline call, seconds per denoising step (the
@@ -53,8 +54,10 @@ FRAMES = 16  # 2 with --host-bound
 def build(device, dtype, host_bound=False):
     import diffusers
 
-    if host_bound:
-        config, size = TinyConfig(), 64
+    if host_bound:  # toy widths, SD1.5's 32 GroupNorm groups (the GPU kernels' launch choices depend on them)
+        config = TinyConfig(block_out_channels=(32, 64, 64, 64), norm_num_groups=32,
+                            vae_block_out_channels=(32, 32, 64, 64))
+        size = 64
     elif device == "cpu":
         config = TinyConfig(block_out_channels=(80, 160, 320, 320), layers_per_block=2, norm_num_groups=16,
                             attention_head_dim=2, cross_attention_dim=192, text_hidden_size=192, motion_heads=2,
@@ -253,11 +256,15 @@ def main(argv=None):
     parser.add_argument("--host-profile", action="store_true",
                         help="also write where the host's time goes (cProfile) in one latents call of diffusers and "
                              "of the patch (<results name>_host_profile.md)")
+    parser.add_argument("--frames", type=int, default=None,
+                        help="frames per clip (default 16; 2 with --host-bound). On a GPU, --host-bound --frames 16 "
+                             "keeps the real call's launches: its GroupNorms then have enough groups for Triton's "
+                             "one-launch kernel, as at the real size, where 2 frames take three launches each")
     parser.add_argument("--host-bound", action="store_true",
                         help="time the host's share instead: toy widths, 2 frames at 64x64 (see above)")
     args = parser.parse_args(argv)
     global FRAMES
-    FRAMES = 2 if args.host_bound else 16
+    FRAMES = args.frames or (2 if args.host_bound else 16)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: torch sees no CUDA device")
     dtype = torch.float32 if args.device == "cpu" else torch.float16

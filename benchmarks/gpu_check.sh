@@ -81,9 +81,9 @@ step_e2e() {
 
 
 step_host() {
-  log "host-bound end-to-end (toy widths, 2 frames at 64x64: the host's Python and launches)"
-  timeout -s INT -k 10 "$(step_limit 90)" "$PYTHON" benchmarks/end_to_end.py --device cuda --host-bound --runs 10 --guidance 1 2 \
-    --backends cuda --no-compile --host-profile > "$RESULTS/host.log" 2>&1
+  log "host-bound end-to-end (toy widths, 16 frames at 64x64: the host's Python and the real call's launches)"
+  timeout -s INT -k 10 "$(step_limit 90)" "$PYTHON" benchmarks/end_to_end.py --device cuda --host-bound --frames 16 \
+    --runs 10 --guidance 1 2 --backends cuda --no-compile --host-profile > "$RESULTS/host.log" 2>&1
   cp benchmarks/results/end_to_end_host_cuda.md benchmarks/results/end_to_end_host_cuda_host_profile.md "$RESULTS/" \
     2>/dev/null
   pack

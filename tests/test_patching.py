@@ -214,6 +214,28 @@ def test_attention_modules_call_their_processor_directly(components, monkeypatch
     assert torch.equal(latents(pipe, args, 2.0), reference)
 
 
+def test_model_dtype_is_diffusers_answer_and_unpatch_restores_the_class(components, tmp_path):
+    from diffusers.models.modeling_utils import get_parameter_dtype
+
+    pipe, args = build("controlnet", components)
+    classes = {name: type(getattr(pipe, name)) for name in ("unet", "controlnet")}
+    patch_pipeline(pipe)
+    for name, base in classes.items():
+        model = getattr(pipe, name)
+        assert type(model) is not base and isinstance(model, base) and type(model).__name__ == base.__name__
+        assert model.dtype == get_parameter_dtype(model) == torch.float32
+    pipe.unet.save_config(tmp_path)  # configs name diffusers' class
+    assert '"_class_name": "UNetMotionModel"' in (tmp_path / "config.json").read_text()
+    pipe.unet.to(torch.bfloat16)
+    assert pipe.unet.dtype == torch.bfloat16
+    # layerwise casting stores float8 and computes in float32: diffusers answers with the hook's compute dtype
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert next(pipe.unet.parameters()).dtype == torch.float8_e4m3fn
+    assert pipe.unet.dtype == get_parameter_dtype(pipe.unet) == torch.float32
+    unpatch_pipeline(pipe)
+    assert all(type(getattr(pipe, name)) is base for name, base in classes.items())
+
+
 def test_patch_options_and_repatching(components):
     pipe, args = build("animatediff", components)
     reference = latents(pipe, args, 1.0)

@@ -26,9 +26,9 @@ every step), all through diffusers' public hooks (attention processors and modul
   (the VAE's too) runs :func:`animatelcm.ops.linear` (large float32 CPU products on oneDNN, the rest
   ``F.linear``) (module forward);
 - a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config;
-- the UNet's (and ControlNet's) ``dtype`` property, which diffusers reads on every UNet call, gives diffusers'
-  answer without its walk over every module's attributes (:func:`model_dtype`; the model's class becomes a
-  subclass that differs only there, and unpatching restores the class);
+- the pipeline's ``_execution_device`` and its models' ``dtype`` and ``device``, which diffusers reads on every
+  call, give diffusers' answers without walking every module (:mod:`animatelcm.fast_properties`; each object's
+  class becomes a subclass that differs only there, and unpatching restores the class);
 - with ``cuda_graph=True``, the UNet's forward replays CUDA graphs captured per input signature
   (:mod:`animatelcm.cuda_graphs`).
 Anything the fused paths do not cover (attention masks, cross-attention, other norms or activations) runs the
@@ -37,14 +37,13 @@ original code.
 
 from __future__ import annotations
 
-import itertools
 import types
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from . import ops
+from . import fast_properties, ops
 from .ops.attention import MAX_HEAD_DIM
 from .ops.dispatch import BACKENDS, forced_backend, plain_inference_call
 from .ops.native import native_unavailable_reason
@@ -292,48 +291,6 @@ def _resnet_is_fusable(module) -> bool:
             and module.time_embedding_norm != "scale_shift")
 
 
-def _has_diffusers_hook(model: nn.Module) -> bool:
-    """Whether any module under ``model`` carries a diffusers hook registry (layerwise casting, group offloading,
-    ...), as ``get_parameter_dtype`` checks it: an attribute ``_diffusers_hook`` in the module's ``__dict__``."""
-    stack = [model]
-    while stack:
-        module = stack.pop()
-        if "_diffusers_hook" in module.__dict__:
-            return True
-        stack.extend(module._modules.values())
-    return False
-
-
-def model_dtype(model) -> torch.dtype:
-    """diffusers' ``ModelMixin.dtype`` for ``model``, the same answer as its ``get_parameter_dtype``: the first
-    floating-point parameter's (else buffer's) dtype. That function checks every module for a diffusers hook
-    through ``named_modules`` and ``hasattr`` (a miss raises inside ``nn.Module.__getattr__``): 3.4 ms on one AMD
-    EPYC core for SD1.5's UNet with motion modules, read on every UNet call; this walk takes 0.27 ms. Models with
-    a hook, with ``_keep_in_fp32_modules``, without floating-point tensors, and calls traced by torch.compile take
-    diffusers' function itself."""
-    from diffusers.models import modeling_utils
-
-    if (not torch.compiler.is_compiling() and not getattr(model, "_keep_in_fp32_modules", None)
-            and not _has_diffusers_hook(model)):
-        for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.is_floating_point():
-                return tensor.dtype
-    return modeling_utils.get_parameter_dtype(model)
-
-
-_FAST_DTYPE_CLASSES: dict = {}
-
-
-def _fast_dtype_class(base: type) -> type:
-    """The subclass of the diffusers model class ``base`` whose ``dtype`` is :func:`model_dtype` (one per class;
-    same name and module, so diffusers' pipeline registry and saved configs name ``base``)."""
-    if base not in _FAST_DTYPE_CLASSES:
-        _FAST_DTYPE_CLASSES[base] = type(base)(base.__name__, (base,), {
-            "dtype": property(model_dtype, doc=base.dtype.__doc__), "__module__": base.__module__,
-            "__qualname__": base.__qualname__, "__doc__": base.__doc__})
-    return _FAST_DTYPE_CLASSES[base]
-
-
 @dataclass
 class PatchRecord:
     """What patch_pipeline changed, to undo it exactly."""
@@ -344,7 +301,7 @@ class PatchRecord:
                                                        #  what the patch installed)
     processors: list = field(default_factory=list)     # (attention module, original processor)
     scheduler: object = None                           # the original scheduler, when swapped
-    classes: list = field(default_factory=list)        # (model, its class before the fast-dtype subclass)
+    classes: list = field(default_factory=list)        # (pipeline or model, its class before fast_properties)
 
 
 def _override(module, name, function, backend, record):
@@ -390,7 +347,6 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     from diffusers import LCMScheduler as DiffusersLCMScheduler
     from diffusers.models.activations import GEGLU
     from diffusers.models.attention_processor import Attention
-    from diffusers.models.modeling_utils import ModelMixin
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
     from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
@@ -448,11 +404,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             _override(module, "forward", fast_linear_forward, resolved, record)
         elif attention and type(module) is Attention:
             _install(module, "forward", types.MethodType(direct_attention_forward, module), record)
-    for model in denoisers:
-        base = type(model)
-        if isinstance(model, ModelMixin) and base.dtype is ModelMixin.dtype:  # (a class of its own dtype keeps it)
-            record.classes.append((model, base))
-            model.__class__ = _fast_dtype_class(base)
+    for obj in [pipe, *(m for m in dict.fromkeys(pipe.components.values()) if isinstance(m, nn.Module))]:
+        fast_properties.install(obj, record.classes)
     if cuda_graph:
         from .cuda_graphs import GraphedForward
 
@@ -480,9 +433,7 @@ def unpatch_pipeline(pipe):
             delattr(module, PATCH_ATTRIBUTE)
     for attn, processor in record.processors:
         attn.set_processor(processor)
-    for model, base in record.classes:
-        if type(model) is _FAST_DTYPE_CLASSES.get(base):
-            model.__class__ = base
+    fast_properties.restore(record.classes)
     if record.scheduler is not None:
         pipe.scheduler = record.scheduler
     delattr(pipe, PATCH_ATTRIBUTE)

@@ -214,16 +214,25 @@ def test_attention_modules_call_their_processor_directly(components, monkeypatch
     assert torch.equal(latents(pipe, args, 2.0), reference)
 
 
-def test_model_dtype_is_diffusers_answer_and_unpatch_restores_the_class(components, tmp_path):
-    from diffusers.models.modeling_utils import get_parameter_dtype
+def test_fast_properties_give_diffusers_answers_and_unpatch_restores_the_classes(components, tmp_path):
+    from diffusers import DiffusionPipeline
+    from diffusers.models.modeling_utils import get_parameter_device, get_parameter_dtype
 
     pipe, args = build("controlnet", components)
-    classes = {name: type(getattr(pipe, name)) for name in ("unet", "controlnet")}
+    reference = latents(pipe, args, 1.0)
+    names = ("unet", "controlnet", "vae", "motion_adapter")
+    classes = {name: type(getattr(pipe, name)) for name in names}
+    pipeline_class = type(pipe)
     patch_pipeline(pipe)
-    for name, base in classes.items():
+    for name, base in [*classes.items(), ("pipeline", pipeline_class)]:
+        obj = pipe if name == "pipeline" else getattr(pipe, name)
+        assert type(obj) is not base and isinstance(obj, base) and type(obj).__name__ == base.__name__, name
+    for name in names:
         model = getattr(pipe, name)
-        assert type(model) is not base and isinstance(model, base) and type(model).__name__ == base.__name__
         assert model.dtype == get_parameter_dtype(model) == torch.float32
+        assert model.device == get_parameter_device(model) == torch.device("cpu")
+    assert pipe._execution_device == DiffusionPipeline._execution_device.fget(pipe) == torch.device("cpu")
+    assert relative_difference(latents(pipe, args, 1.0), reference) <= 1e-3
     pipe.unet.save_config(tmp_path)  # configs name diffusers' class
     assert '"_class_name": "UNetMotionModel"' in (tmp_path / "config.json").read_text()
     pipe.unet.to(torch.bfloat16)
@@ -232,8 +241,38 @@ def test_model_dtype_is_diffusers_answer_and_unpatch_restores_the_class(componen
     pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
     assert next(pipe.unet.parameters()).dtype == torch.float8_e4m3fn
     assert pipe.unet.dtype == get_parameter_dtype(pipe.unet) == torch.float32
+    # an accelerate offload hook (never run here): the execution device comes from it, not from the parameters
+    from accelerate.hooks import AlignDevicesHook, add_hook_to_module
+
+    add_hook_to_module(pipe.vae, AlignDevicesHook(execution_device="meta"))
+    assert pipe._execution_device == DiffusionPipeline._execution_device.fget(pipe) == torch.device("meta")
     unpatch_pipeline(pipe)
     assert all(type(getattr(pipe, name)) is base for name, base in classes.items())
+    assert type(pipe) is pipeline_class
+
+
+def test_fast_properties_leave_classes_with_their_own_properties_alone():
+    from diffusers.models.modeling_utils import ModelMixin
+
+    from animatelcm import fast_properties
+
+    class OwnDtype(ModelMixin):
+        dtype = torch.float16
+
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(2, 2)
+
+    model, installed = OwnDtype(), []
+    fast_properties.install(model, installed)
+    assert model.dtype == torch.float16 and model.device == torch.device("cpu") and type(model) is not OwnDtype
+    fast_properties.install(model, installed)  # already fast: nothing to add
+    assert len(installed) == 1
+    fast_properties.restore(installed)
+    assert type(model) is OwnDtype
+    plain = nn.Linear(2, 2)
+    fast_properties.install(plain, installed)
+    assert type(plain) is nn.Linear and len(installed) == 1
 
 
 def test_patch_options_and_repatching(components):

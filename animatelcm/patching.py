@@ -25,7 +25,9 @@ every step), all through diffusers' public hooks (attention processors and modul
   ``ANIMATELCM_CPU_GEMM=onednn``) and the UNet is on the CPU, both read when patching, every plain ``nn.Linear``
   (the VAE's too) runs :func:`animatelcm.ops.linear` (large float32 CPU products on oneDNN, the rest
   ``F.linear``) (module forward);
-- a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config;
+- a ``diffusers.LCMScheduler`` is swapped for :class:`animatelcm.LCMScheduler` with the same config (the
+  pipeline's config keeps naming diffusers' class, so a patched pipeline's ``save_pretrained`` folder loads in plain
+  diffusers);
 - the pipeline's ``_execution_device`` and its models' ``dtype`` and ``device``, which diffusers reads on every
   call, give diffusers' answers without walking every module (:mod:`animatelcm.fast_properties`; each object's
   class becomes a subclass that differs only there, and unpatching restores the class);
@@ -412,7 +414,10 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         _install(pipe.unet, "forward", GraphedForward(pipe.unet, pipe.unet.forward), record)
     if scheduler and type(pipe.scheduler) is DiffusersLCMScheduler:
         record.scheduler = pipe.scheduler
+        entry = pipe.config.get("scheduler")
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        if entry is not None:  # save_pretrained still records diffusers' class, so the folder loads without animatelcm
+            pipe.register_to_config(scheduler=entry)
     setattr(pipe, PATCH_ATTRIBUTE, record)
     return pipe
 

@@ -251,6 +251,20 @@ def test_fast_properties_give_diffusers_answers_and_unpatch_restores_the_classes
     assert type(pipe) is pipeline_class
 
 
+def test_patched_pipeline_saves_a_folder_plain_diffusers_loads(components, tmp_path):
+    pipe, args = build("animatediff", components)
+    patch_pipeline(pipe)
+    pipe.save_pretrained(tmp_path)
+    loaded = diffusers.AnimateDiffPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is diffusers.LCMScheduler and type(loaded.unet).__name__ == "UNetMotionModel"
+    def public(config):
+        return {key: value for key, value in config.items() if not key.startswith("_")}
+
+    assert public(loaded.scheduler.config) == public(pipe.scheduler.config)
+    unpatch_pipeline(pipe)
+    assert list(pipe.config["scheduler"]) == ["diffusers", "LCMScheduler"]
+
+
 def test_fast_properties_leave_classes_with_their_own_properties_alone():
     from diffusers.models.modeling_utils import ModelMixin
 

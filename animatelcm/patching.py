@@ -302,7 +302,7 @@ class PatchRecord:
     methods: list = field(default_factory=list)        # (module, name, instance attribute it shadowed or None,
                                                        #  what the patch installed)
     processors: list = field(default_factory=list)     # (attention module, original processor)
-    scheduler: object = None                           # the original scheduler, when swapped
+    schedulers: tuple = ()                             # (the original scheduler, the patch's), when swapped
     classes: list = field(default_factory=list)        # (pipeline or model, its class before fast_properties)
 
 
@@ -413,9 +413,9 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
 
         _install(pipe.unet, "forward", GraphedForward(pipe.unet, pipe.unet.forward), record)
     if scheduler and type(pipe.scheduler) is DiffusersLCMScheduler:
-        record.scheduler = pipe.scheduler
-        entry = pipe.config.get("scheduler")
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        original, entry = pipe.scheduler, pipe.config.get("scheduler")
+        pipe.scheduler = LCMScheduler.from_config(original.config)
+        record.schedulers = (original, pipe.scheduler)
         if entry is not None:  # save_pretrained still records diffusers' class, so the folder loads without animatelcm
             pipe.register_to_config(scheduler=entry)
     setattr(pipe, PATCH_ATTRIBUTE, record)
@@ -423,8 +423,9 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
 
 
 def unpatch_pipeline(pipe):
-    """Undo :func:`patch_pipeline`: the original forwards, attention processors and scheduler come back; returns
-    ``pipe`` (unchanged if it was not patched)."""
+    """Undo :func:`patch_pipeline`: the original forwards, attention processors, scheduler and classes come back,
+    except where something else replaced the patch's since (an offload hook's forward, a processor or scheduler set
+    after patching stays); returns ``pipe`` (unchanged if it was not patched)."""
     record = getattr(pipe, PATCH_ATTRIBUTE, None)
     if record is None:
         return pipe
@@ -437,10 +438,11 @@ def unpatch_pipeline(pipe):
         if hasattr(module, PATCH_ATTRIBUTE):
             delattr(module, PATCH_ATTRIBUTE)
     for attn, processor in record.processors:
-        attn.set_processor(processor)
+        if isinstance(attn.processor, TemporalAttentionProcessor):  # else set since (an IP-Adapter's, say): leave it
+            attn.set_processor(processor)
     fast_properties.restore(record.classes)
-    if record.scheduler is not None:
-        pipe.scheduler = record.scheduler
+    if record.schedulers and pipe.scheduler is record.schedulers[1]:  # else the user's choice since: leave it
+        pipe.scheduler = record.schedulers[0]
     delattr(pipe, PATCH_ATTRIBUTE)
     return pipe
 

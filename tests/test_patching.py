@@ -251,6 +251,22 @@ def test_fast_properties_give_diffusers_answers_and_unpatch_restores_the_classes
     assert type(pipe) is pipeline_class
 
 
+def test_unpatch_keeps_what_was_set_after_patching(components):
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    pipe, args = build("animatediff", components)
+    patch_pipeline(pipe)
+    temporal = [m for m in pipe.unet.modules() if isinstance(getattr(m, "processor", None),
+                                                               TemporalAttentionProcessor)]
+    mine = AttnProcessor2_0()
+    temporal[0].set_processor(mine)
+    ddim = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.scheduler = ddim
+    unpatch_pipeline(pipe)
+    assert temporal[0].processor is mine and pipe.scheduler is ddim
+    assert not any(isinstance(m.processor, TemporalAttentionProcessor) for m in temporal[1:])
+
+
 def test_patched_pipeline_saves_a_folder_plain_diffusers_loads(components, tmp_path):
     pipe, args = build("animatediff", components)
     patch_pipeline(pipe)

@@ -346,6 +346,10 @@ def test_loras_fused_and_unfused(components, tmp_path):
     pipe.fuse_lora()
     assert relative_difference(latents(pipe, args, 1.0), reference) <= 1e-3
     assert LORA_TARGETS
+    later, _ = build("animatediff", components)  # a LoRA loaded into an already patched pipeline
+    patch_pipeline(later)
+    later.load_lora_weights(str(tmp_path), weight_name="lora.safetensors", adapter_name="style")
+    assert relative_difference(latents(later, args, 1.0), reference) <= 1e-3
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="PyTorch built without oneDNN")

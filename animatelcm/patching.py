@@ -77,10 +77,11 @@ class PatchBackend:
 class TemporalAttentionProcessor:
     """Attention processor for motion-module self-attention over frames on the fused kernel.
 
-    Input ``hidden_states [B*H*W, F, C]``; q/k/v are projected with the module's own (LoRA-aware) layers, viewed as
-    ``[B*H*W, heads, F, C/heads]`` and passed to :func:`animatelcm.ops.temporal_attention`, whose output keeps the
-    projection layout so the head merge is a free reshape. Calls it cannot serve (a mask, cross-attention, a
-    4-D input, extra norms) go to ``fallback``, the processor it replaced.
+    Input ``hidden_states [B*H*W, F, C]``; q/k/v are projected with the module's own (LoRA-aware) layers (or its
+    fused ``to_qkv`` after diffusers' ``fuse_qkv_projections``), viewed as ``[B*H*W, heads, F, C/heads]`` and
+    passed to :func:`animatelcm.ops.temporal_attention`, whose output keeps the projection layout so the head merge
+    is a free reshape. Calls it cannot serve (a mask, cross-attention, a 4-D input, extra norms) go to
+    ``fallback``, the processor it replaced.
     """
 
     def __init__(self, fallback, backend: "str | PatchBackend" = "auto"):
@@ -90,7 +91,7 @@ class TemporalAttentionProcessor:
     def handles(self, attn, hidden_states, encoder_hidden_states, attention_mask) -> bool:
         return (attention_mask is None and encoder_hidden_states is None and hidden_states.dim() == 3
                 and attn.spatial_norm is None and attn.group_norm is None and attn.norm_q is None
-                and attn.norm_k is None and not getattr(attn, "fused_projections", False))
+                and attn.norm_k is None)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
@@ -98,7 +99,10 @@ class TemporalAttentionProcessor:
             return self.fallback(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
         residual = hidden_states
         batch, frames, _ = hidden_states.shape
-        query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
+        if getattr(attn, "fused_projections", False):
+            query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)  # views of one [B, F, 3 * inner] product
+        else:
+            query, key, value = attn.to_q(hidden_states), attn.to_k(hidden_states), attn.to_v(hidden_states)
         head_dim = key.shape[-1] // attn.heads
         views = [t.view(batch, frames, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)]
         out = ops.temporal_attention(*views, backend=self.backend["temporal_attention"])  # [B, heads, F, D], memory [B, F, heads, D]

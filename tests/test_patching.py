@@ -251,6 +251,22 @@ def test_fast_properties_give_diffusers_answers_and_unpatch_restores_the_classes
     assert type(pipe) is pipeline_class
 
 
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_fused_qkv_projections_run_on_the_fused_kernel(guidance, components, monkeypatch):
+    pipe, args = build("animatediff", components)
+    reference = latents(pipe, args, guidance)
+    pipe.fuse_qkv_projections()
+    patch_pipeline(pipe)
+    calls = []
+    original = ops.temporal_attention
+    monkeypatch.setattr(ops, "temporal_attention", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    assert relative_difference(latents(pipe, args, guidance), reference) <= 1e-3
+    temporal = [m for m in pipe.unet.modules() if isinstance(getattr(m, "processor", None),
+                                                               TemporalAttentionProcessor)]
+    assert temporal and all(m.fused_projections for m in temporal)
+    assert any(shape[2] == FRAMES for shape in calls)  # the motion modules' [B*H*W, heads, F, D] calls
+
+
 def test_unpatch_keeps_what_was_set_after_patching(components):
     from diffusers.models.attention_processor import AttnProcessor2_0
 

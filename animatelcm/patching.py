@@ -325,6 +325,10 @@ def _check_patchable(pipe):
     from diffusers.models.unets.unet_motion_model import UNetMotionModel
 
     unet = getattr(pipe, "unet", None)
+    if isinstance(getattr(unet, "_orig_mod", None), UNetMotionModel):
+        raise TypeError("patch_pipeline: pipe.unet is already torch.compile'd; patch first, then compile: "
+                        "patch_pipeline(pipe); pipe.unet = torch.compile(pipe.unet) (the fused ops trace as custom "
+                        "ops)")
     if not isinstance(unet, UNetMotionModel):
         raise TypeError(f"patch_pipeline: expected a pipeline whose unet is a diffusers UNetMotionModel (AnimateDiff "
                         f"pipelines), got {type(unet).__name__}")

@@ -422,6 +422,10 @@ def test_split_inference_and_wrong_pipelines_are_refused(components):
                                            requires_safety_checker=False)
     with pytest.raises(TypeError, match="UNetMotionModel"):
         patch_pipeline(sd)
+    compiled, _ = build("animatediff", components)
+    compiled.unet = torch.compile(compiled.unet)  # (lazy: nothing compiles here)
+    with pytest.raises(TypeError, match="patch first, then compile"):
+        patch_pipeline(compiled)
     with pytest.raises(ValueError, match="backend"):
         patch_pipeline(build("animatediff", components)[0], backend="fastest")
 

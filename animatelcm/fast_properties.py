@@ -4,10 +4,10 @@ Three properties that diffusers reads on every call look at every module of a mo
 ``hasattr``, and a miss raises and catches an exception inside ``nn.Module.__getattr__``:
 
 - ``ModelMixin.dtype`` (``get_parameter_dtype``, which checks for a layerwise-casting hook). The UNet reads it on
-  every forward. It takes 3.4 ms for SD1.5's UNet with motion modules on one AMD EPYC core.
+  every forward. It takes 3.2-3.4 ms for SD1.5's UNet with motion modules on one AMD EPYC core.
 - ``ModelMixin.device`` (``get_parameter_device``, which checks for a group-offloading hook).
 - ``DiffusionPipeline._execution_device``. A pipeline reads it once per call. It makes that check for every
-  component and then reads each component's ``device``: 13.7 ms for an SD1.5 AnimateDiff pipeline.
+  component and then reads each component's ``device``: 13.7-14.3 ms for an SD1.5 AnimateDiff pipeline.
 
 On a GPU a call whose time is the host's waits for all of it (guidance 1 without CUDA graphs). Where no module
 carries a hook, that is, neither diffusers' ``_diffusers_hook`` nor accelerate's ``_hf_hook`` is in any module's
@@ -16,7 +16,7 @@ carries a hook, that is, neither diffusers' ``_diffusers_hook`` nor accelerate's
 - ``dtype`` and ``device``: those of the first parameter (else buffer);
 - ``_execution_device``: the pipeline's ``device``.
 
-Checking for the hooks takes one walk over a dict per module (0.27 ms for the UNet). Anything else goes to
+Checking for the hooks takes one walk over a dict per module (0.27-0.4 ms for the UNet). Anything else goes to
 diffusers' own code: a hook, ``_keep_in_fp32_modules``, a model without tensors, or a call traced by torch.compile.
 
 :func:`install` gives an object a subclass of its class that differs only in those properties. The subclass has
@@ -30,6 +30,7 @@ import itertools
 
 import torch
 from torch import nn
+
 
 def carries_hooks(model: nn.Module) -> bool:
     """Whether ``model`` or any module under it carries a diffusers hook registry (``_diffusers_hook``) or an

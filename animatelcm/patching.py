@@ -414,7 +414,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             _override(module, "forward", fast_linear_forward, resolved, record)
         elif attention and type(module) is Attention:
             _install(module, "forward", types.MethodType(direct_attention_forward, module), record)
-    for obj in [pipe, *(m for m in dict.fromkeys(pipe.components.values()) if isinstance(m, nn.Module))]:
+    for obj in [pipe, *dict.fromkeys(m for m in pipe.components.values() if isinstance(m, nn.Module))]:
         fast_properties.install(obj, record.classes)
     if cuda_graph:
         from .cuda_graphs import GraphedForward

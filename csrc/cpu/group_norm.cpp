@@ -81,7 +81,9 @@ inline float activate(float v) {
 // y[i] = act(x[i] * scale + shift) over one contiguous run, whole vectors then a scalar tail. Each vector also
 // prefetches the element `prefetch_ahead` further on (the next group's data): the SiLU arithmetic on this group,
 // which sits in L2, then overlaps the memory reads of the next instead of alternating with them (2.2x F.group_norm +
-// F.silu at [16, 320, 32, 32] on the 2-core CI machine, against 1.3x without).
+// F.silu at [16, 320, 32, 32] on the 2-core CI machine, against 1.3x without). The cache level of the hint does not
+// matter: into L1, L2 or non-temporal timed within 2 % of each other on an AMD EPYC (80 interleaved rounds), and
+// without the prefetch the call took 1.26-1.30x as long.
 template <typename S, bool kSilu, bool kStream = false>
 inline void normalize_run(const typename S::type* x, typename S::type* y, int64_t count, float scale, float shift,
                           int64_t prefetch_ahead) {

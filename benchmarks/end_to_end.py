@@ -14,7 +14,7 @@ their time is the host's (Python and kernel launches): what a GPU waits for when
     python benchmarks/end_to_end.py [--device cpu|cuda] [--runs 3] [--no-compile] [--compile-mode MODE]
                                     [--compile-baseline-only] [--guidance 1 2] [--peak-tflops T] [--backends cuda]
                                     [--channels-last] [--profile] [--host-profile] [--host-bound]
-                                    [--frames N] [--results-name STEM]
+                                    [--frames N] [--decode-alone] [--results-name STEM]
 
 Appends to benchmarks/results/end_to_end.csv and rewrites benchmarks/results/end_to_end.md (on a GPU:
 end_to_end_cuda.{csv,md}). Each row: median/min/max seconds per pipeline call, seconds per denoising step (the
@@ -24,6 +24,8 @@ torch.utils.flop_counter, the same arithmetic the patched call does) over its ti
 torch.profiler breakdown of one patched latents call (end_to_end_profile[_cuda].md); --host-profile where the
 host's time goes (cProfile, by area and function) in one latents call of diffusers and of the patch
 (end_to_end[_host][_cuda]_host_profile.md): on a GPU without CUDA graphs the guidance-1 call waits on the host.
+--decode-alone adds rows "VAE decode alone": each provider's ``pipe.decode_latents`` on fixed latents, the decode
+without the denoising call before it.
 """
 
 from __future__ import annotations
@@ -81,17 +83,26 @@ def unet_parameters(pipe):
     return sum(p.numel() for p in pipe.unet.parameters())
 
 
+DECODE_ALONE = "decode"  # run_once's output_type for the VAE decode alone
+
+
 def run_once(pipe, size, device, guidance, output_type):
-    """One timed pipeline call: (seconds, peak GPU memory in GiB or NaN on the CPU)."""
+    """One timed pipeline call: (seconds, peak GPU memory in GiB or NaN on the CPU). ``output_type`` "latent" or
+    "np" is the pipeline's; DECODE_ALONE times only ``pipe.decode_latents`` on fixed latents (all frames a chunk, as
+    the pipeline's default decode_chunk_size), which no guidance setting changes."""
     latents = torch.randn(1, 4, FRAMES, size // 8, size // 8, generator=torch.Generator().manual_seed(0)).to(device)
     latents = latents.to(pipe.unet.dtype)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    pipe(prompt="a red circle moving right", num_frames=FRAMES, height=size, width=size, num_inference_steps=STEPS,
-         guidance_scale=guidance, latents=latents, generator=torch.Generator().manual_seed(1),
-         output_type=output_type)
+    if output_type == DECODE_ALONE:
+        with torch.no_grad():
+            pipe.decode_latents(latents, FRAMES)
+    else:
+        pipe(prompt="a red circle moving right", num_frames=FRAMES, height=size, width=size,
+             num_inference_steps=STEPS, guidance_scale=guidance, latents=latents,
+             generator=torch.Generator().manual_seed(1), output_type=output_type)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
@@ -260,6 +271,9 @@ def main(argv=None):
                         help="frames per clip (default 16; 2 with --host-bound). On a GPU, --host-bound --frames 16 "
                              "keeps the real call's launches: its GroupNorms then have enough groups for Triton's "
                              "one-launch kernel, as at the real size, where 2 frames take three launches each")
+    parser.add_argument("--decode-alone", action="store_true",
+                        help="also time the VAE decode alone per provider (pipe.decode_latents on fixed latents, "
+                             "once: guidance does not change it), rows 'VAE decode alone'")
     parser.add_argument("--host-bound", action="store_true",
                         help="time the host's share instead: toy widths, 2 frames at 64x64 (see above)")
     args = parser.parse_args(argv)
@@ -308,28 +322,31 @@ def main(argv=None):
         ("end_to_end_host" if args.host_bound else "end_to_end") + ("_cuda" if args.device == "cuda" else ""))
     command = f"python benchmarks/end_to_end.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     rows = []
-    for guidance in args.guidance:
-        for output_type in ("latent", "np"):
-            timings, failures = time_providers(pipes, size, args.device, guidance, args.runs, output_type)
-            latents_only = output_type == "latent"
-            block = []
-            for provider in pipes:
-                row = dict(provider=provider, guidance=guidance,
-                           output="latents" if latents_only else "with VAE decode", failed=failures.get(provider, ""))
-                median, low, high, peak_gib = timings.get(provider, (float("nan"),) * 4)
-                mfu = flops[guidance] / median / (peak * 1e12) if (guidance in flops and latents_only) else float("nan")
-                row.update(median_s=median, min_s=low, max_s=high, peak_gib=peak_gib,
-                           step_s=median / STEPS if latents_only else float("nan"), mfu=mfu)
-                block.append(row)
-                if not row["failed"]:
-                    print(f"{provider:40s} guidance {guidance} {row['output']:16s} {median:8.3f} s "
-                          f"[{low:.3f}, {high:.3f}]", flush=True)
-            rows += block
-            # Written after every block, so a run stopped part-way keeps what it measured.
-            append_rows(RESULTS / f"{name}.csv", [{"date": stamp, "device": machine,
-                                                  "unet_params": unet_parameters(base), **row} for row in block])
-            (RESULTS / f"{name}.md").write_text(results_table(rows, size, dtype, machine, base, command, stamp,
-                                                              flops, peak))
+    outputs = {"latent": "latents", "np": "with VAE decode", DECODE_ALONE: "VAE decode alone"}
+    blocks = [(guidance, output_type) for guidance in args.guidance for output_type in ("latent", "np")]
+    if args.decode_alone:
+        blocks.append((args.guidance[0], DECODE_ALONE))
+    for guidance, output_type in blocks:
+        timings, failures = time_providers(pipes, size, args.device, guidance, args.runs, output_type)
+        latents_only = output_type == "latent"
+        block = []
+        for provider in pipes:
+            row = dict(provider=provider, guidance=guidance, output=outputs[output_type],
+                       failed=failures.get(provider, ""))
+            median, low, high, peak_gib = timings.get(provider, (float("nan"),) * 4)
+            mfu = flops[guidance] / median / (peak * 1e12) if (guidance in flops and latents_only) else float("nan")
+            row.update(median_s=median, min_s=low, max_s=high, peak_gib=peak_gib,
+                       step_s=median / STEPS if latents_only else float("nan"), mfu=mfu)
+            block.append(row)
+            if not row["failed"]:
+                print(f"{provider:40s} guidance {guidance} {row['output']:16s} {median:8.3f} s "
+                      f"[{low:.3f}, {high:.3f}]", flush=True)
+        rows += block
+        # Written after every block, so a run stopped part-way keeps what it measured.
+        append_rows(RESULTS / f"{name}.csv", [{"date": stamp, "device": machine,
+                                              "unet_params": unet_parameters(base), **row} for row in block])
+        (RESULTS / f"{name}.md").write_text(results_table(rows, size, dtype, machine, base, command, stamp,
+                                                          flops, peak))
     if args.host_profile:
         (RESULTS / f"{name}_host_profile.md").write_text(
             f"# Where the host's time goes: one latents call, guidance {args.guidance[0]}, on {machine}\n\n"

@@ -17,8 +17,8 @@
 # or --backends triton, say). The steps:
 #   build:   ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
 #   e2e:     SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2, with MFU,
-#            a profile and where the host's time goes: end_to_end_cuda.md, end_to_end_profile_cuda.md,
-#            end_to_end_cuda_host_profile.md;
+#            the VAE decode alone, a profile and where the host's time goes: end_to_end_cuda.md,
+#            end_to_end_profile_cuda.md, end_to_end_cuda_host_profile.md;
 #   host:    the host-bound end-to-end (end_to_end.py --host-bound): the host time of a call, Triton's launches
 #            included, and where it goes: end_to_end_host_cuda.md, end_to_end_host_cuda_host_profile.md;
 #   tests:   the patching and op tests that run on the GPU (the cuda and triton backends, the GPU pipeline tests;
@@ -71,7 +71,7 @@ step_build() {
 step_e2e() {
   log "end-to-end"
   timeout -s INT -k 10 "$(step_limit 240)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile \
-    --host-profile --no-compile ${GPU_CHECK_E2E_ARGS---backends cuda} > "$RESULTS/end_to_end.log" 2>&1
+    --decode-alone --host-profile --no-compile ${GPU_CHECK_E2E_ARGS---backends cuda} > "$RESULTS/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md \
     benchmarks/results/end_to_end_cuda_host_profile.md "$RESULTS/" 2>/dev/null
   pack

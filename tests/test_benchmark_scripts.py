@@ -33,12 +33,15 @@ def test_end_to_end_table_profile_and_csv(tiny_benchmark):
         writer = csv.DictWriter(handle, fieldnames=["date", "provider", "median_s"])
         writer.writeheader()
         writer.writerow({"date": "earlier", "provider": "diffusers eager", "median_s": "1.0"})
-    end_to_end.main(["--runs", "1", "--no-compile", "--peak-tflops", "0.001", "--profile", "--guidance", "1", "2"])
+    end_to_end.main(["--runs", "1", "--no-compile", "--peak-tflops", "0.001", "--profile", "--guidance", "1", "2",
+                     "--decode-alone"])
 
     table = (results / "end_to_end.md").read_text()
     assert "| provider | guidance | output | median s | min-max s | s per step | peak GiB | MFU |" in table
     rows = [line for line in table.splitlines() if line.startswith("| diffusers eager") or line.startswith("| patched")]
-    assert len(rows) == 2 * 2 * 2  # providers x guidance x (latents, with VAE decode)
+    assert len(rows) == 2 * 2 * 2 + 2  # providers x guidance x (latents, with VAE decode), + the decode alone
+    decode = [r.split(" | ") for r in rows if "| VAE decode alone |" in r]
+    assert len(decode) == 2 and all(float(r[3]) > 0 and r[5] == "-" and r[7] == "-" for r in decode)
     latents = [r.split(" | ") for r in rows if "| latents |" in r]
     assert all(float(r[5]) > 0 and r[7].endswith("%") for r in latents)  # seconds per step, MFU
     assert "FLOPs per latents call (unpatched, counted): guidance 1.0:" in table
@@ -51,7 +54,7 @@ def test_end_to_end_table_profile_and_csv(tiny_benchmark):
         records = list(reader)
     assert {"date", "provider", "median_s", "step_s", "mfu", "guidance"} <= set(reader.fieldnames)
     assert records[0]["date"] == "earlier" and records[0]["mfu"] == ""
-    assert len(records) == 1 + 8
+    assert len(records) == 1 + 8 + 2
 
 
 def test_end_to_end_host_bound_mode_and_host_profile(tmp_path, monkeypatch):

@@ -19,6 +19,10 @@ every step), all through diffusers' public hooks (attention processors and modul
 - spatial transformers (``Transformer2DModel``): their GroupNorm fused with the permute to ``[B, H*W, C]`` tokens
   and the permute back fused with the residual add (the motion-module kernels with one frame), the 1x1
   convolutions around them run as the equal matrix products on the tokens (module methods);
+- their transformer blocks (``BasicTransformerBlock``, pre-LayerNorm: the spatial transformers' and the motion
+  modules'): the same operations without diffusers' per-call branches and the module calls around single ops
+  (LayerNorms, positional embeddings, the feed-forward's container, evaluation-mode dropouts): host time (module
+  forward);
 - every GEGLU feed-forward (motion modules and spatial transformers): its projection and ``h * gelu(gate)``
   together (:func:`animatelcm.ops.linear_geglu`; on the CPU in cache-sized row blocks) (module forward);
 - where :func:`animatelcm.ops.cpu_gemm_library` picks oneDNN (AMD CPUs with AVX-512, or
@@ -43,6 +47,7 @@ import types
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import fast_properties, ops
@@ -107,7 +112,9 @@ class TemporalAttentionProcessor:
         views = [t.view(batch, frames, attn.heads, head_dim).transpose(1, 2) for t in (query, key, value)]
         out = ops.temporal_attention(*views, backend=self.backend["temporal_attention"])  # [B, heads, F, D], memory [B, F, heads, D]
         out = out.transpose(1, 2).reshape(batch, frames, attn.heads * head_dim).to(query.dtype)
-        out = attn.to_out[1](attn.to_out[0](out))
+        out = attn.to_out[0](out)
+        if not _identity_dropout(attn.to_out[1]):
+            out = attn.to_out[1](out)
         if attn.residual_connection:
             out = out + residual
         return out if attn.rescale_output_factor == 1 else out / attn.rescale_output_factor
@@ -142,6 +149,56 @@ def direct_attention_forward(self, hidden_states, encoder_hidden_states=None, at
         return type(self).forward(self, hidden_states, encoder_hidden_states, attention_mask, **cross_attention_kwargs)
     return self.processor(self, hidden_states, encoder_hidden_states=encoder_hidden_states,
                           attention_mask=attention_mask)
+
+
+def _identity_dropout(module) -> bool:
+    """An ``nn.Dropout`` that returns its input unchanged (evaluation mode, or p = 0)."""
+    return type(module) is nn.Dropout and (not module.training or module.p == 0)
+
+
+def _block_is_fusable(block) -> bool:
+    """A pre-LayerNorm ``BasicTransformerBlock`` (the spatial transformers' and the motion modules' blocks, with or
+    without the sinusoidal positional embedding) with diffusers' ``FeedForward``: what
+    :func:`lean_transformer_block_forward` runs."""
+    from diffusers.models.attention import FeedForward
+    from diffusers.models.embeddings import SinusoidalPositionalEmbedding
+
+    norms = ["norm1", "norm3"] + (["norm2"] if block.attn2 is not None else [])
+    return (block.norm_type == "layer_norm" and all(type(getattr(block, n, None)) is nn.LayerNorm for n in norms)
+            and (block.pos_embed is None or type(block.pos_embed) is SinusoidalPositionalEmbedding)
+            and type(block.ff) is FeedForward and not hasattr(block, "fuser"))
+
+
+def _pre_norm(norm, pos_embed, x):
+    """``pos_embed(norm(x))`` as the block computes it, without the two module calls."""
+    x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return x if pos_embed is None else x + pos_embed.pe[:, :x.shape[1]]
+
+
+def lean_transformer_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
+                                    encoder_attention_mask=None, timestep=None, cross_attention_kwargs=None,
+                                    class_labels=None, added_cond_kwargs=None):
+    """``BasicTransformerBlock.forward`` for the blocks of :func:`_block_is_fusable`: ``hidden_states [B, N, C]``
+    -> same shape. The same operations in the same order, without diffusers' per-call branches and the module
+    calls that do nothing or only one op (the LayerNorms, the positional embeddings, the feed-forward's container and
+    its evaluation-mode dropouts): host time that a GPU waits for when the call is host-bound. Calls with
+    ``cross_attention_kwargs``, chunked feed-forward or another input rank run diffusers' forward."""
+    if cross_attention_kwargs or self._chunk_size is not None or hidden_states.dim() != 3:
+        return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
+                                  encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
+                                  added_cond_kwargs)
+    normed = _pre_norm(self.norm1, self.pos_embed, hidden_states)
+    hidden_states = self.attn1(normed, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention
+                               else None, attention_mask=attention_mask) + hidden_states
+    if self.attn2 is not None:
+        normed = _pre_norm(self.norm2, self.pos_embed, hidden_states)
+        hidden_states = self.attn2(normed, encoder_hidden_states=encoder_hidden_states,
+                                   attention_mask=encoder_attention_mask) + hidden_states
+    out = _pre_norm(self.norm3, None, hidden_states)
+    for layer in self.ff.net:
+        if not _identity_dropout(layer):
+            out = layer(out)
+    return out + hidden_states
 
 
 def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None, timestep=None, class_labels=None,
@@ -197,7 +254,8 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     if temb is not None and self.time_embedding_norm == "default":  # other norms ignore temb (no projection)
         hidden_states = hidden_states + temb
     hidden_states = _group_norm_silu(hidden_states, norm2, self.nonlinearity, backend)
-    hidden_states = self.dropout(hidden_states)
+    if not _identity_dropout(self.dropout):
+        hidden_states = self.dropout(hidden_states)
     if self.conv_shortcut is not None:
         if self.training:
             input_tensor = input_tensor.contiguous()
@@ -356,6 +414,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     """
     from diffusers import LCMScheduler as DiffusersLCMScheduler
     from diffusers.models.activations import GEGLU
+    from diffusers.models.attention import BasicTransformerBlock
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
     from diffusers.models.transformers.transformer_2d import Transformer2DModel
@@ -390,6 +449,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
                             attn.set_processor(TemporalAttentionProcessor(attn.processor, resolved))
         elif norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
             _override(module, "forward", fused_resnet_forward, resolved, record)
+        elif norms and type(module) is BasicTransformerBlock and _block_is_fusable(module):
+            _install(module, "forward", types.MethodType(lean_transformer_block_forward, module), record)
         elif norms and type(module) is GEGLU:
             _override(module, "forward", fused_geglu_forward, resolved, record)
         elif isinstance(module, Transformer2DModel):

@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from animatelcm import patching
 from animatelcm import (AnimateLCMControlNetPipeline, AnimateLCMPipeline, ImageToVideoAdapter, LCMScheduler, ops,
                         patch_pipeline, unpatch_pipeline)
 from animatelcm.ops.group_norm import is_channels_last
@@ -212,6 +213,68 @@ def test_attention_modules_call_their_processor_directly(components, monkeypatch
     unpatch_pipeline(pipe)
     assert not any("forward" in vars(m) for m in attentions)
     assert torch.equal(latents(pipe, args, 2.0), reference)
+
+
+def test_transformer_blocks_run_the_lean_forward(components):
+    """Every pre-LayerNorm transformer block (spatial and motion) runs patching's own block forward: same latents,
+    and no LayerNorm, positional-embedding, feed-forward container or evaluation-mode dropout module is called."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    pipe, args = build("animatediff", components)
+    reference = latents(pipe, args, 2.0)
+    patch_pipeline(pipe)
+    blocks = [m for m in pipe.unet.modules() if type(m) is BasicTransformerBlock]
+    assert blocks and all(vars(m)["forward"].__func__ is patching.lean_transformer_block_forward for m in blocks)
+    assert any(m.pos_embed is not None for m in blocks) and any(m.pos_embed is None for m in blocks)
+    skipped = [m for block in blocks for m in (block.norm1, block.norm2, block.norm3, block.pos_embed, block.ff,
+                                                *block.ff.net, *(attn.to_out[1] for attn in (block.attn1, block.attn2)
+                                                                 if isinstance(attn.processor,
+                                                                               TemporalAttentionProcessor)))
+               if m is not None and type(m) is not diffusers.models.activations.GEGLU and type(m) is not nn.Linear]
+    assert {type(m).__name__ for m in skipped} == {"LayerNorm", "SinusoidalPositionalEmbedding", "FeedForward",
+                                                   "Dropout"}
+    called = []
+    hooks = [m.register_forward_pre_hook(lambda module, inputs: called.append(type(module).__name__))
+             for m in skipped]
+    assert relative_difference(latents(pipe, args, 2.0), reference) <= 1e-3
+    for hook in hooks:
+        hook.remove()
+    assert not called
+    unpatch_pipeline(pipe)
+    assert not any("forward" in vars(m) for m in blocks)
+
+
+def test_transformer_blocks_keep_training_dropout_and_extra_arguments(components):
+    """The lean block forward draws training-mode dropout in diffusers' order (the same masks from the same seed),
+    and calls with cross_attention_kwargs take diffusers' forward."""
+    pipe, _ = build("animatediff", components)
+    unet = pipe.unet
+    sample = torch.randn(1, 4, FRAMES, 8, 8)
+    text = torch.randn(FRAMES, 7, unet.config.cross_attention_dim)
+
+    def forward(**kwargs):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            return unet(sample, 500, encoder_hidden_states=text, return_dict=False, **kwargs)[0]
+
+    dropouts = [m for m in unet.modules() if type(m) is nn.Dropout]
+    evaluation = forward()
+    try:
+        for dropout in dropouts:
+            dropout.p = 0.3
+        unet.train()
+        reference = forward()
+        assert relative_difference(reference, evaluation) > 0.01  # the masks matter
+        patch_pipeline(pipe)
+        assert relative_difference(forward(), reference) <= 1e-3
+        fallback = forward(cross_attention_kwargs={"gligen": None})  # popped by diffusers' forward, which runs it
+        assert relative_difference(fallback, reference) <= 1e-3
+    finally:
+        unet.eval()
+        for dropout in dropouts:
+            dropout.p = 0.0
+    assert relative_difference(forward(), evaluation) <= 1e-3
+    unpatch_pipeline(pipe)
 
 
 def test_fast_properties_give_diffusers_answers_and_unpatch_restores_the_classes(components, tmp_path):
@@ -623,7 +686,7 @@ def test_graphed_forward_replays_with_each_calls_inputs(components, monkeypatch)
     text_width = unet.config.cross_attention_dim
     with torch.no_grad():
         outputs = []
-        for step, timestep in enumerate([torch.tensor(999), 759, torch.tensor(499.0), 259]):
+        for timestep in [torch.tensor(999), 759, torch.tensor(499.0), 259]:
             sample = torch.randn(1, 4, FRAMES, 8, 8)
             text = torch.randn(FRAMES, 7, text_width)  # per frame, as the pipelines pass it
             got = graphed(sample, timestep, encoder_hidden_states=text, return_dict=False)[0]

@@ -5,7 +5,6 @@ cache, and configuration errors raised before any training."""
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys

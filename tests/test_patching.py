@@ -147,6 +147,58 @@ def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, componen
     assert torch.equal(latents(pipe, args, guidance), reference)
 
 
+def random_motion_unet(seed):
+    """A UNetMotionModel from a seeded random UNet2DConditionModel + MotionAdapter config (1-3 levels, cross-attention
+    or plain blocks, head counts, linear or convolution projections, 1-2 transformer layers, mid block or not, LCM's
+    w-embedding or not), every weight perturbed so zero-initialised outputs do not hide a path; and a matching
+    input: ``(unet, sample [B, 4, F, H, W], timestep, encoder_hidden_states [B*F, 7, D], unet kwargs)``."""
+    import random
+
+    rng = random.Random(seed)
+    groups = rng.choice([4, 8, 16])
+    levels = rng.choice([1, 2, 3])
+    widths = tuple(groups * rng.choice([1, 2, 3]) * (i + 1) for i in range(levels))
+    cross = [rng.random() < 0.7 for _ in range(levels)]
+    heads = rng.choice([h for h in (1, 2, 4) if all(w % h == 0 for w in widths)])
+    motion_heads = rng.choice([h for h in (1, 2, 4, 8) if all(w % h == 0 for w in widths)])
+    layers = rng.choice([1, 2])
+    config = dict(block_out_channels=widths, layers_per_block=layers, norm_num_groups=groups, sample_size=16,
+                  down_block_types=tuple("CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross),
+                  up_block_types=tuple("CrossAttnUpBlock2D" if c else "UpBlock2D" for c in reversed(cross)),
+                  cross_attention_dim=rng.choice([16, 32]), transformer_layers_per_block=rng.choice([1, 2]),
+                  use_linear_projection=rng.random() < 0.5, attention_head_dim=heads,
+                  upcast_attention=rng.random() < 0.3, time_cond_proj_dim=rng.choice([None, 8]))
+    adapter = diffusers.MotionAdapter(block_out_channels=widths, motion_layers_per_block=layers,
+                                      motion_transformer_layers_per_block=rng.choice([1, 2]),
+                                      motion_num_attention_heads=motion_heads, motion_norm_num_groups=groups,
+                                      use_motion_mid_block=rng.random() < 0.6)
+    torch.manual_seed(seed)
+    unet = diffusers.UNetMotionModel.from_unet2d(diffusers.UNet2DConditionModel(**config), adapter).eval()
+    with torch.no_grad():
+        for parameter in unet.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    batch, frames = rng.choice([1, 2]), rng.choice([1, 5, 16])
+    sample = torch.randn(batch, 4, frames, rng.choice([8, 12, 16]), rng.choice([8, 12, 20]))
+    text = torch.randn(batch, 7, config["cross_attention_dim"]).repeat_interleave(frames, 0)
+    kwargs = {"timestep_cond": torch.randn(batch, 8)} if config["time_cond_proj_dim"] else {}
+    return unet, sample, rng.choice([1, 500, 999]), text, kwargs
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_patched_unet_matches_diffusers_on_random_configs(seed, components):
+    unet, sample, timestep, text, kwargs = random_motion_unet(seed)
+    pipe = diffusers.AnimateDiffPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                                         tokenizer=components["tokenizer"], unet=unet, motion_adapter=None,
+                                         scheduler=lcm())
+    with torch.no_grad():
+        reference = unet(sample, timestep, text, **kwargs).sample
+        patch_pipeline(pipe)
+        patched = unet(sample, timestep, text, **kwargs).sample
+        unpatch_pipeline(pipe)
+        assert relative_difference(patched, reference) <= 1e-3
+        assert torch.equal(unet(sample, timestep, text, **kwargs).sample, reference)
+
+
 def test_fused_paths_really_run(components, monkeypatch):
     calls = {"temporal_attention": 0, "temporal_group_norm": 0, "group_norm_silu": 0, "linear_geglu": 0,
              "consistency_step": 0}

@@ -18,6 +18,9 @@ carries a hook, that is, neither diffusers' ``_diffusers_hook`` nor accelerate's
 
 Checking for the hooks takes one walk over a dict per module (0.27-0.4 ms for the UNet). Anything else goes to
 diffusers' own code: a hook, ``_keep_in_fp32_modules``, a model without tensors, or a call traced by torch.compile.
+A pipeline call walks each component once, when it starts: within the call the UNet's ``dtype`` on each forward and
+the ``_execution_device`` use that answer (offload hooks are installed before a call; one installed during a call,
+by a step callback say, is seen from the next call on).
 
 :func:`install` gives an object a subclass of its class that differs only in those properties. The subclass has
 the same name and module, so saved configs and the pipeline's registry name the original class.
@@ -26,29 +29,61 @@ the same name and module, so saved configs and the pipeline's registry name the 
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import itertools
 
 import torch
 from torch import nn
 
 
+def has_own_hook(module: nn.Module) -> bool:
+    """Whether ``module`` itself carries a diffusers hook registry (``_diffusers_hook``: layerwise casting, group
+    offloading, ...) or an accelerate hook (``_hf_hook``: CPU offloading, ...). Such hooks wrap the module's
+    forward, and may cast or move its weights there."""
+    attributes = module.__dict__
+    return "_diffusers_hook" in attributes or "_hf_hook" in attributes
+
+
 def carries_hooks(model: nn.Module) -> bool:
-    """Whether ``model`` or any module under it carries a diffusers hook registry (``_diffusers_hook``) or an
-    accelerate hook (``_hf_hook``)."""
+    """Whether ``model`` or any module under it :func:`has_own_hook`."""
     stack = [model]
     while stack:
         module = stack.pop()
-        attributes = module.__dict__
-        if "_diffusers_hook" in attributes or "_hf_hook" in attributes:
+        if has_own_hook(module):
             return True
         stack.extend(module._modules.values())
     return False
 
 
+# ids of the models a running pipeline call found without hooks when it started (see :func:`_scanned_call`)
+_HOOK_FREE_IN_CALL: contextvars.ContextVar[frozenset] = contextvars.ContextVar("animatelcm_hook_free",
+                                                                               default=frozenset())
+
+
+def _hooked_model(model: nn.Module) -> bool:
+    """:func:`carries_hooks`, answered without a walk for a model the running pipeline call found hook-free."""
+    return id(model) not in _HOOK_FREE_IN_CALL.get() and carries_hooks(model)
+
+
+def _scanned_call(call):
+    """A pipeline ``__call__`` that walks each component for hooks once, when it starts, for the properties read
+    during the call; same signature and result as ``call``."""
+    @functools.wraps(call)
+    def __call__(self, *args, **kwargs):
+        models = [m for m in vars(self).values() if isinstance(m, nn.Module)]
+        token = _HOOK_FREE_IN_CALL.set(frozenset(id(m) for m in models if not carries_hooks(m)))
+        try:
+            return call(self, *args, **kwargs)
+        finally:
+            _HOOK_FREE_IN_CALL.reset(token)
+    return __call__
+
+
 def _first_tensor(model: nn.Module, floating: bool):
     """The first parameter (else buffer) of ``model``, the first floating-point one with ``floating``; None if
     there is none or diffusers' own function must answer (hooks, ``_keep_in_fp32_modules``, torch.compile)."""
-    if torch.compiler.is_compiling() or getattr(model, "_keep_in_fp32_modules", None) or carries_hooks(model):
+    if torch.compiler.is_compiling() or getattr(model, "_keep_in_fp32_modules", None) or _hooked_model(model):
         return None
     return next((t for t in itertools.chain(model.parameters(), model.buffers())
                  if not floating or t.is_floating_point()), None)
@@ -76,7 +111,7 @@ def execution_device(pipe) -> torch.device:
     from diffusers import DiffusionPipeline
 
     models = [m for m in pipe.components.values() if isinstance(m, nn.Module)]
-    if any(carries_hooks(model) for model in models):
+    if any(_hooked_model(model) for model in models):
         return DiffusionPipeline._execution_device.fget(pipe)
     return pipe.device
 
@@ -92,8 +127,12 @@ def _overrides(base: type) -> dict:
         candidates += [(ModelMixin, "dtype", model_dtype), (ModelMixin, "device", model_device)]
     if issubclass(base, DiffusionPipeline):
         candidates.append((DiffusionPipeline, "_execution_device", execution_device))
-    return {name: property(function, doc=getattr(owner, name).__doc__) for owner, name, function in candidates
-            if getattr(base, name) is getattr(owner, name)}
+    overrides = {name: property(function, doc=getattr(owner, name).__doc__) for owner, name, function in candidates
+                 if getattr(base, name) is getattr(owner, name)}
+    call = next((vars(cls)["__call__"] for cls in base.__mro__ if "__call__" in vars(cls)), None)
+    if "_execution_device" in overrides and call is not None:
+        overrides["__call__"] = _scanned_call(call)
+    return overrides
 
 
 _FAST_CLASSES: dict = {}

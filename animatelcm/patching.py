@@ -156,6 +156,13 @@ def _identity_dropout(module) -> bool:
     return type(module) is nn.Dropout and (not module.training or module.p == 0)
 
 
+def _hooked(*modules) -> bool:
+    """Whether any of ``modules`` (None entries skipped) :func:`~animatelcm.fast_properties.has_own_hook`: its
+    weights may be cast or moved in its forward (layerwise casting, sequential CPU offloading, leaf-level group
+    offloading), so a fused path that reads them itself runs the original code, which calls the module."""
+    return any(module is not None and fast_properties.has_own_hook(module) for module in modules)
+
+
 def _block_is_fusable(block) -> bool:
     """A pre-LayerNorm ``BasicTransformerBlock`` (the spatial transformers' and the motion modules' blocks, with or
     without the sinusoidal positional embedding) with diffusers' ``FeedForward``: what
@@ -182,8 +189,9 @@ def lean_transformer_block_forward(self, hidden_states, attention_mask=None, enc
     -> same shape. The same operations in the same order, without diffusers' per-call branches and the module
     calls that do nothing or only one op (the LayerNorms, the positional embeddings, the feed-forward's container and
     its evaluation-mode dropouts): host time that a GPU waits for when the call is host-bound. Calls with
-    ``cross_attention_kwargs``, chunked feed-forward or another input rank run diffusers' forward."""
-    if cross_attention_kwargs or self._chunk_size is not None or hidden_states.dim() != 3:
+    ``cross_attention_kwargs``, chunked feed-forward, another input rank or hooked norms run diffusers' forward."""
+    if (cross_attention_kwargs or self._chunk_size is not None or hidden_states.dim() != 3
+            or _hooked(self.norm1, self.norm2, self.norm3, self.pos_embed, self.ff)):
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
                                   added_cond_kwargs)
@@ -205,6 +213,9 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
                                 num_frames: int = 1, cross_attention_kwargs=None):
     """``AnimateDiffTransformer3D.forward`` with the norm+permute and permute+residual fused:
     ``hidden_states [B*F, C, H, W]`` -> same shape."""
+    if _hooked(self.norm):
+        return type(self).forward(self, hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
+                                  cross_attention_kwargs)
     backend = getattr(self, PATCH_ATTRIBUTE)
     residual = hidden_states
     hidden_states = ops.temporal_group_norm(hidden_states, num_frames, self.norm.num_groups, self.norm.weight,
@@ -234,8 +245,10 @@ def _group_norm_silu(x, norm, nonlinearity, backend):
 def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """``ResnetBlock2D.forward`` (see :func:`_resnet_is_fusable`) with each GroupNorm+SiLU pair fused:
     ``input_tensor [N, C, H, W]``, ``temb [N, T]`` or None -> ``[N, C_out, H', W']``."""
-    backend = getattr(self, PATCH_ATTRIBUTE)
     norm1, norm2 = self.norm1, self.norm2
+    if _hooked(norm1, norm2):
+        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    backend = getattr(self, PATCH_ATTRIBUTE)
     hidden_states = _group_norm_silu(input_tensor, norm1, self.nonlinearity, backend)
     if self.upsample is not None:
         if hidden_states.shape[0] >= 64:
@@ -270,7 +283,7 @@ def _residual_plus_conv(residual, conv, x):
     op inductor fuses into; the same sums). Measured on 2 AMD EPYC Zen 4 cores against the two ops: 1.19x and
     1.20x at the VAE decoder's ``[16, 32, 256, 256]`` and ``[16, 64, 128, 128]``, no different on the UNet's
     contiguous ``[16, 80, 32, 32]``, which keeps the two ops."""
-    if (is_channels_last(x) and type(conv) is nn.Conv2d and conv.padding_mode == "zeros"
+    if (is_channels_last(x) and type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not _hooked(conv)
             and not isinstance(conv.padding, str) and x.device.type == "cpu" and x.dtype is torch.float32
             and is_channels_last(residual) and residual.dtype is torch.float32
             and torch.backends.mkldnn.is_available() and plain_inference_call(x, residual, conv.weight, conv.bias)):
@@ -286,10 +299,10 @@ def _residual_plus_conv(residual, conv, x):
 def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     """``GEGLU.forward`` with the split, GELU and product fused: ``[..., D]`` -> ``[..., inner]``. A plain
     ``nn.Linear`` projection runs with it in :func:`animatelcm.ops.linear_geglu` (on the CPU its output, the
-    largest activation of the block, is never materialised); any other projection (an unfused LoRA layer, say)
-    runs as it is."""
+    largest activation of the block, is never materialised); any other projection (an unfused LoRA layer, or one
+    with a hook that casts or moves its weights) runs as it is."""
     backend = getattr(self, PATCH_ATTRIBUTE)
-    if type(self.proj) is nn.Linear:
+    if type(self.proj) is nn.Linear and not _hooked(self.proj):
         return ops.linear_geglu(hidden_states, self.proj.weight, self.proj.bias,
                                 backend=backend["linear_geglu"])
     return ops.geglu(self.proj(hidden_states), backend=backend["geglu"])
@@ -313,14 +326,15 @@ def _token_projection(layer, tokens, linear: bool):
 
 def _spatial_tokens_fusable(self, layer, x, backend) -> bool:
     return ((self.use_linear_projection or _is_pointwise_conv(layer)) and isinstance(self.norm, nn.GroupNorm)
-            and not (backend.name == "auto" and is_channels_last(x)))
+            and not (backend.name == "auto" and is_channels_last(x)) and not _hooked(self.norm, layer))
 
 
 def fused_spatial_input(self, hidden_states):
     """``Transformer2DModel._operate_on_continuous_inputs`` with the GroupNorm fused into the permute to tokens
     (:func:`animatelcm.ops.temporal_group_norm` with one frame): ``hidden_states [B, C, H, W]`` ->
     ``(tokens [B, H*W, inner], inner)``. A 1x1-convolution ``proj_in`` runs as the equal matrix product on the
-    tokens; a LoRA-wrapped one (or a channels-last input under ``backend="auto"``) runs diffusers' code."""
+    tokens; a LoRA-wrapped one (or a channels-last input under ``backend="auto"``, or hooked layers) runs
+    diffusers' code."""
     backend = getattr(self, PATCH_ATTRIBUTE)
     if not _spatial_tokens_fusable(self, self.proj_in, hidden_states, backend):
         return type(self)._operate_on_continuous_inputs(self, hidden_states)
@@ -438,6 +452,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     controlnet = getattr(pipe, "controlnet", None)  # a ControlNetModel, SparseControlNetModel or MultiControlNetModel
     denoisers = [pipe.unet] + ([controlnet] if isinstance(controlnet, nn.Module) else [])
     for module in (module for model in denoisers for module in model.modules()):
+        if fast_properties.has_own_hook(module):  # its forward is the hook's wrapper: replacing it drops the hook
+            continue
         if isinstance(module, AnimateDiffTransformer3D):
             if norms:
                 _override(module, "forward", fused_motion_module_forward, resolved, record)
@@ -469,6 +485,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             _install(module, "forward", types.MethodType(direct_attention_forward, module), record)
     vae = getattr(pipe, "vae", None)
     for module in vae.modules() if vae is not None else ():  # decode, and encode for video-to-video
+        if fast_properties.has_own_hook(module):
+            continue
         if norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
             _override(module, "forward", fused_resnet_forward, resolved, record)
         elif onednn_linear and type(module) is nn.Linear:

@@ -412,6 +412,83 @@ def test_patched_pipeline_saves_a_folder_plain_diffusers_loads(components, tmp_p
     assert list(pipe.config["scheduler"]) == ["diffusers", "LCMScheduler"]
 
 
+def test_a_pipeline_call_walks_each_component_for_hooks_once(components, monkeypatch):
+    """The patched call checks each component for hooks when it starts; the properties read during the call (the
+    UNet's dtype on every forward, the execution device) use that answer, hooks included (layerwise casting, whose
+    float32 compute dtype is not the float8 of the stored weights); the wrapper keeps the call's signature and is
+    undone after an error."""
+    import inspect
+
+    from animatelcm import fast_properties
+
+    pipe, args = build("animatediff", components)
+    signature = inspect.signature(pipe.__call__)
+    patch_pipeline(pipe)
+    assert inspect.signature(pipe.__call__) == signature
+    walks = []
+    real = fast_properties.carries_hooks
+    monkeypatch.setattr(fast_properties, "carries_hooks", lambda model: walks.append(model) or real(model))
+    seen = []
+
+    def record(pipeline, step, timestep, tensors):
+        seen.append((pipeline.unet.dtype, pipeline._execution_device))
+        return tensors
+
+    latents(pipe, {**args, "callback_on_step_end": record}, 1.0)
+    models = [m for m in vars(pipe).values() if isinstance(m, nn.Module)]
+    assert len(walks) == len(models) and {id(m) for m in walks} == {id(m) for m in models}
+    assert seen and set(seen) == {(torch.float32, torch.device("cpu"))}
+    pipe.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    seen.clear()
+    latents(pipe, {**args, "callback_on_step_end": record}, 1.0)
+    assert next(pipe.unet.parameters()).dtype == torch.float8_e4m3fn
+    assert set(seen) == {(torch.float32, torch.device("cpu"))}  # diffusers' answer, through the hook
+    with pytest.raises(ValueError):
+        pipe(**{**args, "prompt": 5})
+    assert fast_properties._HOOK_FREE_IN_CALL.get() == frozenset()
+    unpatch_pipeline(pipe)
+
+
+def add_weight_hooks(pipe, kind):
+    """Hooks that cast or move each layer's own weights in its forward: diffusers' layerwise casting (float8
+    storage, float32 compute), accelerate's sequential CPU offloading (weights on the meta device between calls)
+    or diffusers' leaf-level group offloading (on the CPU both ways here)."""
+    if kind == "layerwise_casting":
+        for model in (pipe.unet, pipe.vae):
+            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    elif kind == "sequential_offload":
+        from accelerate import cpu_offload
+
+        for model in (pipe.unet, pipe.vae):
+            cpu_offload(model, execution_device=torch.device("cpu"))
+    else:
+        pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), offload_device=torch.device("cpu"),
+                                       offload_type="leaf_level")
+
+
+@pytest.mark.parametrize("kind", ["layerwise_casting", "sequential_offload", "leaf_group_offload"])
+@pytest.mark.parametrize("hooks_first", [True, False])
+def test_layers_whose_hooks_cast_or_move_weights(kind, hooks_first, components):
+    """Fused paths that read a layer's weights themselves call the layer instead where it carries such a hook, and
+    patching leaves a hooked layer's forward (the hook's wrapper) alone: same latents as diffusers with the same
+    hooks, whichever came first."""
+    import copy
+
+    pipe, args = build("animatediff", copy.deepcopy(components))
+    add_weight_hooks(pipe, kind)
+    reference = latents(pipe, args, 2.0)
+    pipe, _ = build("animatediff", copy.deepcopy(components))
+    if hooks_first:
+        add_weight_hooks(pipe, kind)
+        patch_pipeline(pipe)
+    else:
+        patch_pipeline(pipe)
+        add_weight_hooks(pipe, kind)
+    assert relative_difference(latents(pipe, args, 2.0), reference) <= 1e-3
+    if kind == "layerwise_casting":
+        assert next(pipe.unet.parameters()).dtype == torch.float8_e4m3fn
+
+
 def test_fast_properties_leave_classes_with_their_own_properties_alone():
     from diffusers.models.modeling_utils import ModelMixin
 

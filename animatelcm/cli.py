@@ -125,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--width", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
     gen.add_argument("--guidance", type=_non_negative_float, default=1.0,
                      help="classifier-free guidance; 1.0 = off (AnimateLCM's default), up to ~2")
+    gen.add_argument("--clip-skip", type=_positive_int, default=None, metavar="N",
+                     help="encode the prompt with the text encoder's layer N before the last (through its final "
+                          "norm), as some personalised SD1.5 models expect (often 1; diffusers' clip_skip)")
     gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     gen.add_argument("--fps", type=_positive_float, default=None, help="frames per second of the file (default 8)")
     gen.add_argument("--out", default="outputs/animatelcm.gif", help="output file, .gif or .mp4")
@@ -387,7 +390,8 @@ def generate(args) -> Path:
     frames = call_arguments.pop("num_frames")
     result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height,
                   width=width, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                  decode_chunk_size=args.decode_chunk_size, output_type="np", **call_arguments)
+                  decode_chunk_size=args.decode_chunk_size, clip_skip=args.clip_skip, output_type="np",
+                  **call_arguments)
     clip = result.frames[0]
     if args.upscale > 1:
         clip = clip.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)

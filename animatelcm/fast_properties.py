@@ -66,15 +66,16 @@ def _hooked_model(model: nn.Module) -> bool:
     return id(model) not in _HOOK_FREE_IN_CALL.get() and carries_hooks(model)
 
 
-def _scanned_call(call):
-    """A pipeline ``__call__`` that walks each component for hooks once, when it starts, for the properties read
-    during the call; same signature and result as ``call``."""
-    @functools.wraps(call)
+def _scanned_call(base: type):
+    """A ``__call__`` for a subclass of the pipeline class ``base`` that walks each component for hooks once, when
+    it starts, for the properties read during the call, then runs ``base.__call__`` (looked up at each call);
+    same signature and result."""
+    @functools.wraps(base.__call__)
     def __call__(self, *args, **kwargs):
         models = [m for m in vars(self).values() if isinstance(m, nn.Module)]
         token = _HOOK_FREE_IN_CALL.set(frozenset(id(m) for m in models if not carries_hooks(m)))
         try:
-            return call(self, *args, **kwargs)
+            return base.__call__(self, *args, **kwargs)
         finally:
             _HOOK_FREE_IN_CALL.reset(token)
     return __call__
@@ -129,9 +130,8 @@ def _overrides(base: type) -> dict:
         candidates.append((DiffusionPipeline, "_execution_device", execution_device))
     overrides = {name: property(function, doc=getattr(owner, name).__doc__) for owner, name, function in candidates
                  if getattr(base, name) is getattr(owner, name)}
-    call = next((vars(cls)["__call__"] for cls in base.__mro__ if "__call__" in vars(cls)), None)
-    if "_execution_device" in overrides and call is not None:
-        overrides["__call__"] = _scanned_call(call)
+    if "_execution_device" in overrides and any("__call__" in vars(cls) for cls in base.__mro__):
+        overrides["__call__"] = _scanned_call(base)
     return overrides
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import numbers
+import types
 from pathlib import Path
 
 import torch
@@ -79,6 +80,50 @@ class _AnimateLCMDefaults:
             if name.endswith("pos_embed.pe"):
                 return buffer.shape[1]
         return None
+
+    def encode_prompt(self, prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        """diffusers' ``encode_prompt`` (``prompt_embeds [B, 77, D]``, ``negative_prompt_embeds``). With
+        ``clip_skip`` it also works with transformers 5's ``CLIPTextModel``, which has no ``text_model``, where
+        diffusers reads the final LayerNorm it applies to the earlier layer's output (same arithmetic)."""
+        encoder = self.text_encoder
+        layers = getattr(getattr(encoder, "config", None), "num_hidden_layers", None)
+        if clip_skip is not None and prompt_embeds is None and layers is not None and not (
+                isinstance(clip_skip, numbers.Integral) and 0 <= clip_skip <= layers):
+            raise ValueError(f"clip_skip={clip_skip!r}: the text encoder has {layers} layers; skip 0 to {layers} "
+                             "of them")
+        arguments = (prompt, device, num_images_per_prompt, do_classifier_free_guidance, negative_prompt,
+                     prompt_embeds, negative_prompt_embeds, lora_scale, clip_skip)
+        if (clip_skip is None or encoder is None or hasattr(encoder, "text_model")
+                or not hasattr(encoder, "final_layer_norm")):
+            return super().encode_prompt(*arguments)
+        encoder.__dict__["text_model"] = types.SimpleNamespace(final_layer_norm=encoder.final_layer_norm)
+        try:
+            return super().encode_prompt(*arguments)
+        finally:
+            del encoder.__dict__["text_model"]
+
+    def _check_latents(self, latents, videos: int, num_frames: int, height, width):
+        """Given ``latents`` must be ``[videos, C, num_frames, h, w]``, with ``h, w = height / 8, width / 8`` when
+        ``height`` or ``width`` is given (else the latents set the size, as in diffusers); diffusers would fail deep
+        in the UNet, or return a clip of another size than asked for."""
+        if latents is None:
+            return
+        factor = self.vae_scale_factor
+        expected = [videos, self.unet.config.in_channels, num_frames]
+        if height is not None or width is not None:
+            height = height or self.unet.config.sample_size * factor
+            width = width or self.unet.config.sample_size * factor
+            if height % factor or width % factor:
+                return  # diffusers' own check says what is wrong
+            expected += [height // factor, width // factor]
+        got = tuple(latents.shape) if isinstance(latents, torch.Tensor) else None
+        if got is None or len(got) != 5 or list(got[:len(expected)]) != expected:
+            spatial = f"height / {factor}, width / {factor}" if len(expected) == 5 else "h, w"
+            shape = ", ".join(map(str, expected + (["h", "w"] if len(expected) == 3 else [])))
+            raise ValueError(f"latents must be a tensor of shape [{shape}] (videos = prompts x "
+                             f"num_videos_per_prompt, latent channels, frames, {spatial}); got "
+                             f"{got if got is not None else type(latents).__name__}")
 
     def _check_call_arguments(self, num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
                               num_videos_per_prompt):
@@ -165,6 +210,7 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
         self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
                                    num_videos_per_prompt)
         prompts = _prompt_count(prompt, kwargs)
+        self._check_latents(kwargs.get("latents"), prompts * num_videos_per_prompt, num_frames, height, width)
         prompt, kwargs = self._batched_prompts(prompt, kwargs, num_videos_per_prompt)
         arguments = dict(prompt=prompt, num_frames=num_frames, height=height, width=width,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
@@ -251,6 +297,8 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
             if count != num_frames:
                 raise ValueError(f"got {count} conditioning frames for num_frames={num_frames}; give one control "
                                  "image per frame")
+        self._check_latents(kwargs.get("latents"), _prompt_count(prompt, kwargs) * num_videos_per_prompt,
+                            num_frames, height, width)
         prompt, kwargs = self._batched_prompts(prompt, kwargs, num_videos_per_prompt)
         return super().__call__(prompt=prompt, num_frames=num_frames, height=height, width=width,
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,

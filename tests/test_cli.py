@@ -42,6 +42,19 @@ def test_generate_runs_on_the_fused_kernels_unless_told_not_to(tmp_path, monkeyp
     assert not patched or patching.is_patched(patched[0])
 
 
+def test_clip_skip_reaches_the_pipeline(tmp_path, monkeypatch):
+    from animatelcm import AnimateLCMPipeline
+
+    seen = []
+    real = AnimateLCMPipeline.__call__
+    monkeypatch.setattr(AnimateLCMPipeline, "__call__", lambda self, *a, **k: seen.append(k.get("clip_skip"))
+                        or real(self, *a, **k))
+    for extra in ([], ["--clip-skip", "1"]):
+        assert main(["generate", "--prompt", "a red circle moving up", "--out", str(tmp_path / "clip.gif"),
+                     "--steps", "1", "--frames", "2", *extra]) == 0
+    assert seen == [None, 1]
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path):
     cases = [
         (["generate", "--prompt", "x", "--steps", "0"], "--steps"),
@@ -53,6 +66,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["generate", "--prompt", "x", "--guidance", "nan"], "finite"),
         (["generate", "--prompt", "x", "--lora", str(tmp_path / "style.safetensors") + ":inf"], "finite"),
         (["generate", "--prompt", "x", "--device", "cuda"], "CUDA"),
+        (["generate", "--prompt", "x", "--clip-skip", "9", "--out", str(tmp_path / "x.gif")], "clip_skip=9"),
         (["generate"], "--prompt"),
     ]
     for argv, needle in cases:

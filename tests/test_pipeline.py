@@ -105,11 +105,50 @@ def test_plain_diffusers_lcm_scheduler_is_upgraded(components):
     (dict(decode_chunk_size=0), "decode_chunk_size"),
     (dict(output_type="gif"), "output_type"),
     (dict(height=30), "divisible by 8"),
+    (dict(num_frames=4, height=64, latents=torch.randn(1, 4, 4, 4, 4)), r"must be a tensor of shape \[1, 4, 4, 8, 8\]"),
+    (dict(num_frames=4, num_videos_per_prompt=2, latents=torch.randn(1, 4, 4, 8, 8)), r"shape \[2, 4, 4, h, w\]"),
+    (dict(num_frames=4, latents=torch.randn(1, 4, 5, 8, 8)), r"shape \[1, 4, 4, h, w\]"),
+    (dict(num_frames=4, latents=torch.randn(4, 4, 8, 8)), r"shape \[1, 4, 4, h, w\]"),
+    (dict(clip_skip=50), "clip_skip=50"),
 ])
 def test_bad_arguments(components, kwargs, match):
     pipe = AnimateLCMPipeline(**components)
     with pytest.raises(ValueError, match=match):
         pipe("x", **kwargs)
+
+
+def test_controlnet_pipeline_checks_latents(components):
+    controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
+    pipe = AnimateLCMControlNetPipeline(**components, controlnet=controlnet)
+    frames = [Image.new("RGB", (64, 64))] * 4
+    with pytest.raises(ValueError, match=r"latents must be a tensor of shape \[2, 4, 4, 8, 8\]"):
+        pipe(["x", "y"], num_frames=4, height=64, width=64, conditioning_frames=frames,
+             latents=torch.randn(1, 4, 4, 8, 8))
+
+
+def test_clip_skip_uses_the_earlier_layer_through_the_final_norm(components):
+    """``clip_skip=1`` gives what the prompt embedding from the text encoder's second-to-last layer, through its
+    final LayerNorm, gives (diffusers' definition; its own code reads ``text_encoder.text_model``, which
+    transformers 5's CLIPTextModel does not have)."""
+    pipe = AnimateLCMPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    encoder = pipe.text_encoder
+    ids = pipe.tokenizer("a red circle", padding="max_length", max_length=77, truncation=True,
+                         return_tensors="pt").input_ids
+    with torch.no_grad():
+        hidden = encoder(ids, output_hidden_states=True).hidden_states[-2]
+        norm = encoder.final_layer_norm if not hasattr(encoder, "text_model") else encoder.text_model.final_layer_norm
+        embeds = norm(hidden)
+    latents = torch.randn(1, 4, 4, 8, 8)
+
+    def run(**kwargs):
+        return pipe(num_frames=4, num_inference_steps=2, output_type="latent", latents=latents,
+                    generator=torch.Generator().manual_seed(0), **kwargs).frames
+
+    skipped = run(prompt="a red circle", clip_skip=1)
+    torch.testing.assert_close(skipped, run(prompt_embeds=embeds))
+    assert not torch.allclose(skipped, run(prompt="a red circle"))
+    assert "text_model" not in vars(encoder)
 
 
 def random_image_adapter(unet, seed):

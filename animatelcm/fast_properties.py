@@ -24,7 +24,9 @@ by a step callback say, is seen from the next call on).
 
 :func:`install` gives an object a subclass of its class that differs only in those properties. The subclass has
 the same name and module, so saved configs and the pipeline's registry name the original class.
-:func:`restore` puts the original class back.
+:func:`restore` puts the original class back. A pipeline keeps its subclass while patched; its models get theirs
+only for the duration of each call (the pipeline's ``__call__`` installs and restores them), so outside a call
+every model is of its own class, as code that compares exact types expects (diffusers' ``from_pipe`` does).
 """
 
 from __future__ import annotations
@@ -67,17 +69,21 @@ def _hooked_model(model: nn.Module) -> bool:
 
 
 def _scanned_call(base: type):
-    """A ``__call__`` for a subclass of the pipeline class ``base`` that walks each component for hooks once, when
-    it starts, for the properties read during the call, then runs ``base.__call__`` (looked up at each call);
-    same signature and result."""
+    """A ``__call__`` for a subclass of the pipeline class ``base``: for the duration of the call the pipeline's
+    models get their fast classes (:func:`install`) and each is walked for hooks once, for the properties read
+    during the call; then ``base.__call__`` (looked up at each call) runs. Same signature and result."""
     @functools.wraps(base.__call__)
     def __call__(self, *args, **kwargs):
-        models = [m for m in vars(self).values() if isinstance(m, nn.Module)]
+        models = list(dict.fromkeys(m for m in vars(self).values() if isinstance(m, nn.Module)))
+        installed = []
+        for model in models:
+            install(model, installed)
         token = _HOOK_FREE_IN_CALL.set(frozenset(id(m) for m in models if not carries_hooks(m)))
         try:
             return base.__call__(self, *args, **kwargs)
         finally:
             _HOOK_FREE_IN_CALL.reset(token)
+            restore(installed)
     return __call__
 
 

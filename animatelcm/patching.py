@@ -33,8 +33,9 @@ every step), all through diffusers' public hooks (attention processors and modul
   pipeline's config keeps naming diffusers' class, so a patched pipeline's ``save_pretrained`` folder loads in plain
   diffusers);
 - the pipeline's ``_execution_device`` and its models' ``dtype`` and ``device``, which diffusers reads on every
-  call, give diffusers' answers without walking every module (:mod:`animatelcm.fast_properties`; each object's
-  class becomes a subclass that differs only there, and unpatching restores the class);
+  call, give diffusers' answers without walking every module (:mod:`animatelcm.fast_properties`: the pipeline's
+  class becomes a subclass that differs only there, unpatching restores it; its models get theirs during each
+  call only);
 - with ``cuda_graph=True``, the UNet's forward replays CUDA graphs captured per input signature
   (:mod:`animatelcm.cuda_graphs`).
 Anything the fused paths do not cover (attention masks, cross-attention, other norms or activations) runs the
@@ -379,7 +380,7 @@ class PatchRecord:
                                                        #  what the patch installed)
     processors: list = field(default_factory=list)     # (attention module, original processor)
     schedulers: tuple = ()                             # (the original scheduler, the patch's), when swapped
-    classes: list = field(default_factory=list)        # (pipeline or model, its class before fast_properties)
+    classes: list = field(default_factory=list)        # (the pipeline, its class before fast_properties)
 
 
 def _override(module, name, function, backend, record):
@@ -493,8 +494,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             _override(module, "forward", fast_linear_forward, resolved, record)
         elif attention and type(module) is Attention:
             _install(module, "forward", types.MethodType(direct_attention_forward, module), record)
-    for obj in [pipe, *dict.fromkeys(m for m in pipe.components.values() if isinstance(m, nn.Module))]:
-        fast_properties.install(obj, record.classes)
+    fast_properties.install(pipe, record.classes)  # its models get theirs during each call
     if cuda_graph:
         from .cuda_graphs import GraphedForward
 

@@ -361,21 +361,35 @@ def test_fast_properties_give_diffusers_answers_and_unpatch_restores_the_classes
     from diffusers import DiffusionPipeline
     from diffusers.models.modeling_utils import get_parameter_device, get_parameter_dtype
 
+    from animatelcm import fast_properties
+
     pipe, args = build("controlnet", components)
     reference = latents(pipe, args, 1.0)
     names = ("unet", "controlnet", "vae", "motion_adapter")
     classes = {name: type(getattr(pipe, name)) for name in names}
     pipeline_class = type(pipe)
     patch_pipeline(pipe)
-    for name, base in [*classes.items(), ("pipeline", pipeline_class)]:
-        obj = pipe if name == "pipeline" else getattr(pipe, name)
-        assert type(obj) is not base and isinstance(obj, base) and type(obj).__name__ == base.__name__, name
-    for name in names:
+    assert type(pipe) is not pipeline_class and isinstance(pipe, pipeline_class)
+    assert type(pipe).__name__ == pipeline_class.__name__
+    assert all(type(getattr(pipe, name)) is base for name, base in classes.items())  # outside a call
+    during = []
+
+    def record(pipeline, step, timestep, tensors):
+        during.append({name: type(getattr(pipeline, name)) for name in names})
+        return tensors
+
+    assert relative_difference(latents(pipe, {**args, "callback_on_step_end": record}, 1.0), reference) <= 1e-3
+    assert all(type(getattr(pipe, name)) is base for name, base in classes.items())  # restored after the call
+    for name, base in classes.items():
+        fast = during[0][name]
+        assert fast is not base and issubclass(fast, base) and fast.__name__ == base.__name__, name
+    installed = []
+    for name in names:  # the answers of the fast classes (as during a call)
         model = getattr(pipe, name)
+        fast_properties.install(model, installed)
         assert model.dtype == get_parameter_dtype(model) == torch.float32
         assert model.device == get_parameter_device(model) == torch.device("cpu")
     assert pipe._execution_device == DiffusionPipeline._execution_device.fget(pipe) == torch.device("cpu")
-    assert relative_difference(latents(pipe, args, 1.0), reference) <= 1e-3
     pipe.unet.save_config(tmp_path)  # configs name diffusers' class
     assert '"_class_name": "UNetMotionModel"' in (tmp_path / "config.json").read_text()
     pipe.unet.to(torch.bfloat16)
@@ -389,9 +403,22 @@ def test_fast_properties_give_diffusers_answers_and_unpatch_restores_the_classes
 
     add_hook_to_module(pipe.vae, AlignDevicesHook(execution_device="meta"))
     assert pipe._execution_device == DiffusionPipeline._execution_device.fget(pipe) == torch.device("meta")
+    fast_properties.restore(installed)
     unpatch_pipeline(pipe)
     assert all(type(getattr(pipe, name)) is base for name, base in classes.items())
     assert type(pipe) is pipeline_class
+
+
+def test_from_pipe_of_a_patched_pipeline(components):
+    """diffusers' ``from_pipe`` carries a patched pipeline's models over (it compares their exact classes)."""
+    pipe, args = build("animatediff", components)
+    patch_pipeline(pipe)
+    reference = latents(pipe, args, 1.0)
+    other = AnimateLCMPipeline.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    assert other.unet is pipe.unet and other.vae is pipe.vae
+    assert relative_difference(latents(other, args, 1.0), reference) <= 1e-3
+    unpatch_pipeline(pipe)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.0])

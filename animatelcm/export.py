@@ -8,7 +8,7 @@ import numpy as np
 
 
 def frames_to_uint8(frames) -> np.ndarray:
-    """Frames as ``uint8 [F, H, W, 3]``.
+    """Frames as ``uint8 [F, H, W, 3]``; float values are clipped to [0, 1], and NaN or infinite ones are an error.
 
     Accepts a list of PIL images, an array or tensor ``[F, H, W, 3]`` (uint8, or float in [0, 1]), or a tensor
     ``[F, 3, H, W]`` (as the pipelines' ``output_type="pt"`` gives per video). A leading batch dimension of 1 is
@@ -36,7 +36,12 @@ def frames_to_uint8(frames) -> np.ndarray:
     if array.shape[-1] == 1:
         array = np.repeat(array, 3, axis=-1)
     if array.dtype != np.uint8:
-        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+        array = array.astype(np.float32)
+        finite = np.isfinite(array)
+        if not finite.all():
+            raise ValueError(f"{array.size - int(finite.sum())} of {array.size} frame values are NaN or infinite "
+                             "(the model's output overflowed: in float16, try bfloat16 or float32); nothing written")
+        array = (np.clip(array, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     return array
 
 
@@ -46,7 +51,9 @@ def _check_fps(fps) -> None:
 
 
 def export_to_gif(frames, path, fps: float = 8.0) -> Path:
-    """Write ``frames`` (see :func:`frames_to_uint8`) as a looping GIF at ``fps``; returns the path."""
+    """Write ``frames`` (see :func:`frames_to_uint8`) as a looping GIF at ``fps``; returns the path. Pillow merges
+    identical consecutive frames into one shown for their summed duration (the clip plays the same; a reader sees
+    fewer frames); MP4 keeps every frame."""
     import imageio.v3 as iio
 
     _check_fps(fps)

@@ -48,3 +48,9 @@ def test_errors(tmp_path):
         export_to_gif([], tmp_path / "a.gif")
     with pytest.raises(ValueError, match="expected frames"):
         export_to_gif(np.zeros((4, 4)), tmp_path / "a.gif")
+    broken = frames()
+    broken[2, 5, 5, 1] = np.nan
+    broken[3, 0, 0, 0] = np.inf
+    with pytest.raises(ValueError, match="2 of 13824 frame values are NaN or infinite"):
+        export_video(broken, tmp_path / "b.mp4")
+    assert not (tmp_path / "b.mp4").exists()

@@ -190,17 +190,11 @@ def sampling_scheduler(pipe, kind: str, lcm_original_steps: int | None = None):
     schedule, with trailing timestep spacing so that few-step sampling starts from pure noise)."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-    from .schedulers import LCMScheduler, animatelcm_scheduler
+    from .schedulers import lcm_scheduler_like
 
-    config = dict(pipe.scheduler.config)
     if kind == "lcm":
-        if isinstance(pipe.scheduler, LCMScheduler) and lcm_original_steps is None:
-            return pipe.scheduler
-        keep = {k: config[k] for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps",
-                                       "prediction_type", "original_inference_steps") if k in config}
-        if lcm_original_steps is not None:
-            keep["original_inference_steps"] = lcm_original_steps
-        return animatelcm_scheduler(**keep)
+        return lcm_scheduler_like(pipe.scheduler, lcm_original_steps)
+    config = dict(pipe.scheduler.config)
     config = {k: v for k, v in config.items() if k not in ("original_inference_steps", "timestep_scaling")}
     if kind == "ddim":
         return DDIMScheduler.from_config(config, timestep_spacing="trailing", steps_offset=0, clip_sample=False,

@@ -186,13 +186,15 @@ def animatelcm_scheduler(**overrides) -> LCMScheduler:
 def lcm_scheduler_like(scheduler, original_inference_steps: int | None = None) -> LCMScheduler:
     """AnimateLCM's scheduler (:func:`animatelcm_scheduler`) on the noise schedule and prediction type of another
     scheduler (DDIM, Euler, ... : ``beta_schedule``, ``beta_start``, ``beta_end``, ``num_train_timesteps``,
-    ``prediction_type``, and ``original_inference_steps`` when it has one); ``scheduler`` itself when it is already
+    ``trained_betas``, ``rescale_betas_zero_snr``, ``prediction_type``, and ``original_inference_steps`` when it
+    has one); ``scheduler`` itself when it is already
     an :class:`LCMScheduler` and ``original_inference_steps`` is None."""
     if isinstance(scheduler, LCMScheduler) and original_inference_steps is None:
         return scheduler
     config = scheduler.config
-    keep = {k: config[k] for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps",
-                                   "prediction_type", "original_inference_steps") if k in config}
+    keep = {k: config[k] for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "trained_betas",
+                                   "rescale_betas_zero_snr", "prediction_type", "original_inference_steps")
+            if k in config}
     if original_inference_steps is not None:
         keep["original_inference_steps"] = original_inference_steps
     return animatelcm_scheduler(**keep)

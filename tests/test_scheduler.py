@@ -163,3 +163,20 @@ def test_cuda_steps_with_cpu_generators_match_diffusers_without_a_sync(generator
         x_ref, x_ours = a.prev_sample, b.prev_sample
     for mine, theirs in zip(g_ours if generators > 1 else [g_ours], g_ref if generators > 1 else [g_ref]):
         assert torch.equal(mine.get_state(), theirs.get_state()), "noise draws diverged"
+
+
+@pytest.mark.parametrize("make", [
+    lambda: diffusers.DDIMScheduler(rescale_betas_zero_snr=True, beta_schedule="scaled_linear",
+                                    prediction_type="v_prediction"),
+    lambda: diffusers.DDIMScheduler(trained_betas=torch.linspace(1e-4, 0.02, 1000).tolist()),
+    lambda: diffusers.EulerDiscreteScheduler(beta_start=0.001, beta_end=0.02),
+])
+def test_lcm_scheduler_like_keeps_the_noise_schedule(make):
+    from animatelcm.schedulers import lcm_scheduler_like
+
+    other = make()
+    lcm = lcm_scheduler_like(other)
+    assert type(lcm) is LCMScheduler and lcm.config.original_inference_steps == 100
+    torch.testing.assert_close(lcm.alphas_cumprod, other.alphas_cumprod)
+    assert lcm.config.prediction_type == other.config.prediction_type
+    assert lcm_scheduler_like(lcm) is lcm and lcm_scheduler_like(lcm, 200).config.original_inference_steps == 200

@@ -385,6 +385,14 @@ def save_motion_adapter(adapter, path, layout: str = "original") -> Path:
 
 
 @quiet_dtype_rename
+def _config_class(path: Path) -> str | None:
+    """The ``_class_name`` a diffusers ``config.json`` records (None if unreadable or absent)."""
+    try:
+        return json.loads(path.read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
     """vae, text_encoder, tokenizer, unet of SD1.5 from a diffusers folder or a single-file checkpoint."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
@@ -395,6 +403,11 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
         missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer") if not (base / sub).is_dir()]
         if missing:
             raise CheckpointError(f"{base}: not a diffusers Stable Diffusion folder (missing {', '.join(missing)}/)")
+        unet_class = _config_class(base / "unet" / "config.json")
+        if unet_class not in (None, "UNet2DConditionModel"):
+            raise CheckpointError(f"{base}: its unet is a {unet_class}, not Stable Diffusion's UNet2DConditionModel"
+                                  + (" (a saved video pipeline: load it as the model folder, CLI --model, with no "
+                                     "motion module)" if unet_class == "UNetMotionModel" else ""))
         try:
             return dict(
                 unet=UNet2DConditionModel.from_pretrained(str(base), subfolder="unet", local_files_only=True, torch_dtype=torch_dtype),

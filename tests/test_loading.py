@@ -312,6 +312,13 @@ def test_single_file_base(components, sd_folder, tmp_path):
         load_pipeline(base=single, motion_module=motion, motion_config=TINY_OVERRIDES)
 
 
+def test_a_video_pipeline_folder_as_base_says_to_load_it_as_the_model(components, tmp_path):
+    AnimateLCMPipeline(**components).save_pretrained(tmp_path / "video")
+    with pytest.raises(CheckpointError, match="its unet is a UNetMotionModel.*--model"):
+        load_pipeline(base=tmp_path / "video", motion_module=tmp_path / "video" / "motion_adapter")
+    assert load_pipeline(tmp_path / "video").unet.__class__.__name__ == "UNetMotionModel"
+
+
 def test_load_pipeline_argument_errors(sd_folder, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         load_pipeline(sd_folder, base=sd_folder, motion_module=sd_folder)

@@ -276,6 +276,7 @@ def _load_model(args, dtype, device):
     its :class:`~animatelcm.default_model.DefaultModel`, else None)."""
     from .default_model import load_default_model
     from .loading import load_lora, load_pipeline
+    from .schedulers import LCMScheduler, lcm_scheduler_like
 
     if args.model or args.base:
         print(f"loading model from {args.model or args.base} ...", file=sys.stderr)
@@ -284,6 +285,10 @@ def _load_model(args, dtype, device):
                              motion_module=args.motion_module, motion_config=motion_config, lcm_lora=args.lcm_lora,
                              lcm_lora_scale=args.lcm_lora_scale, loras=args.lora, allow_pickle=args.allow_pickle,
                              torch_dtype=dtype, device=device)
+        if not isinstance(pipe.scheduler, LCMScheduler):  # a saved AnimateDiff folder's DDIM, say: few-step LCM
+            print(f"NOTE: sampling with AnimateLCM's LCM scheduler on the noise schedule of the folder's "
+                  f"{type(pipe.scheduler).__name__}", file=sys.stderr)
+            pipe.scheduler = lcm_scheduler_like(pipe.scheduler)
         return pipe, None
     default = load_default_model(torch_dtype=dtype, device=device)
     print("using the embedded default model (the miniature AnimateLCM: prompts 'a {red|green|blue|yellow} "

@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 
 from . import motion_prompt
-from .schedulers import lcm_scheduler_like
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -444,10 +443,10 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
     ``save_pretrained``), or the parts: ``base`` (SD1.5 diffusers folder or single file + ``base_config``) and
     ``motion_module`` (see :func:`load_motion_adapter`; ``motion_config`` overrides). Then ``lcm_lora`` (the
     AnimateLCM spatial LoRA, applied at ``lcm_lora_scale``; AnimateLCM uses 0.8) and ``loras``, a sequence of
-    ``(path, scale)`` personalised LoRAs stacked on top. The scheduler is AnimateLCM's
-    (:func:`animatelcm.animatelcm_scheduler`) unless the model folder brings an LCM scheduler; another scheduler in
-    the folder (DDIM, Euler, ...) gives its noise schedule and prediction type to AnimateLCM's
-    (:func:`animatelcm.schedulers.lcm_scheduler_like`).
+    ``(path, scale)`` personalised LoRAs stacked on top. The scheduler is the model folder's (a
+    ``diffusers.LCMScheduler`` becomes :class:`animatelcm.LCMScheduler`, same config; another one, DDIM say, is kept:
+    :func:`animatelcm.schedulers.lcm_scheduler_like` makes AnimateLCM's on its noise schedule, as ``animatelcm
+    generate`` does), or, from parts, AnimateLCM's (:func:`animatelcm.animatelcm_scheduler`).
     """
     from .pipelines import AnimateLCMPipeline
 
@@ -473,7 +472,6 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
                                                       **prompted)
         except (OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{model}: could not load the pipeline folder: {error}") from error
-        pipe.scheduler = lcm_scheduler_like(pipe.scheduler)
     else:
         if base is None or motion_module is None:
             raise ValueError("building a pipeline from parts needs both base (SD1.5) and motion_module")

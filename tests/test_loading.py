@@ -279,24 +279,34 @@ def test_load_pipeline_from_parts_and_saved_folder(components, sd_folder, tmp_pa
     assert abs(generate(reloaded) - generate(pipe)).max() <= 1e-5
 
 
-def test_saved_folder_with_another_scheduler_samples_with_animatelcm_s(components, tmp_path):
-    """A pipeline folder saved with DDIM (as AnimateDiff folders are) loads with AnimateLCM's scheduler on the
-    folder's noise schedule and prediction type; an LCM folder keeps its own settings."""
+def test_saved_folder_keeps_its_scheduler(components, tmp_path, monkeypatch):
+    """load_pipeline keeps a folder's scheduler (an LCM one on the fused step, same config); the CLI samples a
+    DDIM folder with AnimateLCM's scheduler on the folder's noise schedule."""
     from diffusers import AnimateDiffPipeline, DDIMScheduler, LCMScheduler
 
     from animatelcm import LCMScheduler as FusedLCMScheduler
+    from animatelcm.cli import main
 
-    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.001, prediction_type="v_prediction")
-    AnimateDiffPipeline(**components, scheduler=ddim).save_pretrained(tmp_path / "ddim")
-    scheduler = load_pipeline(tmp_path / "ddim").scheduler
-    assert type(scheduler) is FusedLCMScheduler
-    assert (scheduler.config.beta_schedule, scheduler.config.beta_start, scheduler.config.prediction_type,
-            scheduler.config.original_inference_steps) == ("scaled_linear", 0.001, "v_prediction", 100)
     lcm = LCMScheduler(beta_schedule="linear", original_inference_steps=50, timestep_scaling=5.0)
     AnimateDiffPipeline(**components, scheduler=lcm).save_pretrained(tmp_path / "lcm")
     scheduler = load_pipeline(tmp_path / "lcm").scheduler
     assert type(scheduler) is FusedLCMScheduler
     assert (scheduler.config.original_inference_steps, scheduler.config.timestep_scaling) == (50, 5.0)
+    ddim = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.001, prediction_type="v_prediction")
+    AnimateDiffPipeline(**components, scheduler=ddim).save_pretrained(tmp_path / "ddim")
+    assert type(load_pipeline(tmp_path / "ddim").scheduler) is DDIMScheduler
+    used = []
+    real = FusedLCMScheduler.set_timesteps
+
+    def recording(self, *args, **kwargs):
+        used.append(self.config)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(FusedLCMScheduler, "set_timesteps", recording)
+    assert main(["generate", "--model", str(tmp_path / "ddim"), "--prompt", "x", "--frames", "2", "--steps", "1",
+                 "--out", str(tmp_path / "clip.gif")]) == 0
+    assert [(c.beta_schedule, c.beta_start, c.prediction_type) for c in used] == [
+        ("scaled_linear", 0.001, "v_prediction")]
 
 
 def test_single_file_base(components, sd_folder, tmp_path):

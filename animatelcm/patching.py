@@ -44,7 +44,7 @@ original code.
 
 from __future__ import annotations
 
-import types
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -385,7 +385,13 @@ class PatchRecord:
 
 def _override(module, name, function, backend, record):
     setattr(module, PATCH_ATTRIBUTE, backend)
-    _install(module, name, types.MethodType(function, module), record)
+    _install(module, name, _bound(function, module), record)
+
+
+def _bound(function, module):
+    """``function`` bound to ``module`` as a picklable callable (a bound method pickles by its name, which the
+    module does not have, so ``torch.save`` of a patched model could not be loaded back)."""
+    return functools.partial(function, module)
 
 
 def _install(module, name, replacement, record):
@@ -467,7 +473,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         elif norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
             _override(module, "forward", fused_resnet_forward, resolved, record)
         elif norms and type(module) is BasicTransformerBlock and _block_is_fusable(module):
-            _install(module, "forward", types.MethodType(lean_transformer_block_forward, module), record)
+            _install(module, "forward", _bound(lean_transformer_block_forward, module), record)
         elif norms and type(module) is GEGLU:
             _override(module, "forward", fused_geglu_forward, resolved, record)
         elif isinstance(module, Transformer2DModel):
@@ -483,7 +489,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         elif onednn_linear and type(module) is nn.Linear:
             _override(module, "forward", fast_linear_forward, resolved, record)
         elif attention and type(module) is Attention:
-            _install(module, "forward", types.MethodType(direct_attention_forward, module), record)
+            _install(module, "forward", _bound(direct_attention_forward, module), record)
     vae = getattr(pipe, "vae", None)
     for module in vae.modules() if vae is not None else ():  # decode, and encode for video-to-video
         if fast_properties.has_own_hook(module):
@@ -493,7 +499,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         elif onednn_linear and type(module) is nn.Linear:
             _override(module, "forward", fast_linear_forward, resolved, record)
         elif attention and type(module) is Attention:
-            _install(module, "forward", types.MethodType(direct_attention_forward, module), record)
+            _install(module, "forward", _bound(direct_attention_forward, module), record)
     fast_properties.install(pipe, record.classes)  # its models get theirs during each call
     if cuda_graph:
         from .cuda_graphs import GraphedForward

@@ -276,7 +276,7 @@ def test_transformer_blocks_run_the_lean_forward(components):
     reference = latents(pipe, args, 2.0)
     patch_pipeline(pipe)
     blocks = [m for m in pipe.unet.modules() if type(m) is BasicTransformerBlock]
-    assert blocks and all(vars(m)["forward"].__func__ is patching.lean_transformer_block_forward for m in blocks)
+    assert blocks and all(vars(m)["forward"].func is patching.lean_transformer_block_forward for m in blocks)
     assert any(m.pos_embed is not None for m in blocks) and any(m.pos_embed is None for m in blocks)
     skipped = [m for block in blocks for m in (block.norm1, block.norm2, block.norm3, block.pos_embed, block.ff,
                                                 *block.ff.net, *(attn.to_out[1] for attn in (block.attn1, block.attn2)
@@ -407,6 +407,28 @@ def test_fast_properties_give_diffusers_answers_and_unpatch_restores_the_classes
     unpatch_pipeline(pipe)
     assert all(type(getattr(pipe, name)) is base for name, base in classes.items())
     assert type(pipe) is pipeline_class
+
+
+def test_patched_models_pickle_and_deepcopy(components):
+    """``torch.save``/``torch.load`` and ``copy.deepcopy`` of patched models give models that run the patch, with
+    the same output."""
+    import copy
+    import io
+
+    pipe, _ = build("animatediff", copy.deepcopy(components))
+    patch_pipeline(pipe)
+    sample = torch.randn(1, 4, FRAMES, 8, 8)
+    text = torch.randn(FRAMES, 7, pipe.unet.config.cross_attention_dim)
+    with torch.no_grad():
+        reference = pipe.unet(sample, 500, encoder_hidden_states=text).sample
+        buffer = io.BytesIO()
+        torch.save(pipe.unet, buffer)
+        buffer.seek(0)
+        for model in (torch.load(buffer, weights_only=False), copy.deepcopy(pipe.unet)):
+            patched = [m for m in model.modules() if "forward" in vars(m)]
+            assert patched and all(vars(m)["forward"].args[0] is m for m in patched)
+            torch.testing.assert_close(model(sample, 500, encoder_hidden_states=text).sample, reference)
+    unpatch_pipeline(pipe)
 
 
 def test_from_pipe_of_a_patched_pipeline(components):

@@ -17,14 +17,13 @@ import math
 
 import torch
 
-from .dispatch import Implementation, eager_fast_path, explain, select
+from .dispatch import FLOAT_DTYPES, Implementation, eager_fast_path, explain, select
 from .layout import plan_attention
 from .native import SCALAR_TYPE_CODES, exceeds_last_level_cache, native_module, native_unavailable_reason, pointer, reject_unless_native
 from .triton_backend import triton_attention, triton_device_types, triton_unavailable_reason
 
 MAX_FRAMES = 64
 MAX_HEAD_DIM = 160
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def broadcast_leading_dims(q, k, v) -> torch.Size | None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .dispatch import Implementation, eager_fast_path, explain, select
+from .dispatch import FLOAT_DTYPES, Implementation, eager_fast_path, explain, select
 from .native import (
     SCALAR_TYPE_CODES,
     cuda_kernels_unavailable_reason,
@@ -29,7 +29,6 @@ from .native import (
 PREDICTION_TYPES = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 # Order of the coefficient row, shared with csrc/consistency_step.h (struct StepCoefficients).
 COEFFICIENT_NAMES = ("c_skip", "c_out", "sqrt_alpha", "sqrt_one_minus_alpha", "sqrt_alpha_prev", "sqrt_one_minus_alpha_prev")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def check_step_inputs(model_output, sample, coefficients, noise, prediction_type) -> None:
@@ -121,12 +120,6 @@ def _cpp(*args):
 
 def _cuda(*args):
     return _native_call("consistency_step_cuda", lambda sample: (cuda_stream_handle(sample.device),), *args)
-
-
-
-
-
-
 
 
 IMPLEMENTATIONS = [

@@ -16,6 +16,12 @@ import torch
 
 BACKENDS = ("eager", "cpp", "cuda", "triton")
 BACKEND_ENV = "ANIMATELCM_BACKEND"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)  # what every op accepts
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the eager references compute in: float64 for float64 input, else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class BackendUnavailableError(RuntimeError):

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .dispatch import Implementation, eager_fast_path, select
+from .dispatch import FLOAT_DTYPES, Implementation, compute_dtype, eager_fast_path, select
 from . import triton_backend
 from .linear import linear, uses_onednn
 from .native import (
@@ -39,16 +39,10 @@ from .native import (
     reject_unless_native,
 )
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
 
 def _biased(x, bias):
     """x (+ bias) in the compute dtype."""
-    x = x.to(_compute_dtype(x))
+    x = x.to(compute_dtype(x))
     return x if bias is None else x + bias.to(x.dtype)
 
 
@@ -232,7 +226,7 @@ def _linear_setup(ctx, inputs, output):
 def _linear_backward(ctx, grad):
     """The projection is recomputed (as activation checkpointing would), not saved."""
     x, weight, bias = ctx.saved_tensors
-    compute = _compute_dtype(x)
+    compute = compute_dtype(x)
     flat_x = x.reshape(-1, x.shape[-1]).to(compute)
     pre = F.linear(flat_x, weight.to(compute), None if bias is None else bias.to(compute))
     grad_pre = _pre_activation_grad(grad.reshape(-1, grad.shape[-1]), pre)

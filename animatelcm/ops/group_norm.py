@@ -20,7 +20,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .dispatch import Implementation, eager_fast_path, explain, select
+from .dispatch import FLOAT_DTYPES, Implementation, compute_dtype, eager_fast_path, explain, select
 from .native import (
     SCALAR_TYPE_CODES,
     cuda_kernels_unavailable_reason,
@@ -38,12 +38,6 @@ from .triton_backend import (
     triton_unavailable_reason,
     triton_unpermute_residual,
 )
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def _compute_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 # ---- checks ----------------------------------------------------------------------------------------------------
@@ -88,7 +82,7 @@ def _check_frames(name, batch_frames, num_frames):
 
 def group_norm_silu_reference(x, num_groups, weight=None, bias=None, eps=1e-5, silu=True):
     """Eager ``F.silu(F.group_norm(x))``: ``x [N, C, *]`` -> same shape and dtype."""
-    compute = _compute_dtype(x)
+    compute = compute_dtype(x)
     y = F.group_norm(x.to(compute), num_groups, None if weight is None else weight.to(compute),
                      None if bias is None else bias.to(compute), eps)
     return (F.silu(y) if silu else y).to(x.dtype)
@@ -98,7 +92,7 @@ def temporal_group_norm_reference(x, num_frames, num_groups, weight=None, bias=N
     """Eager motion-module norm as diffusers writes it: ``x [B*F, C, H, W]`` -> ``[B*H*W, F, C]``."""
     batch_frames, channels, height, width = x.shape
     batch = batch_frames // num_frames
-    compute = _compute_dtype(x)
+    compute = compute_dtype(x)
     h = x.to(compute).reshape(batch, num_frames, channels, height, width).permute(0, 2, 1, 3, 4)
     h = F.group_norm(h, num_groups, None if weight is None else weight.to(compute),
                      None if bias is None else bias.to(compute), eps)
@@ -130,7 +124,7 @@ def temporal_unpermute_residual_reference(y, residual, num_frames):
 
 def _group_norm_backward(x, weight, num_groups, eps, silu, grad, bias):
     """Gradients (x, weight, bias) of silu?(group_norm(x)) for ``x [N, C, S]`` (float32 math)."""
-    compute = _compute_dtype(x)
+    compute = compute_dtype(x)
     n, c = x.shape[:2]
     xg = x.to(compute).reshape(n, num_groups, -1)
     mean = xg.mean(dim=-1, keepdim=True)

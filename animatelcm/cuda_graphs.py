@@ -2,9 +2,9 @@
 
 A denoising loop calls the UNet with the same shapes every step; on a GPU at batch 1 much of a call is kernel launch
 overhead. :class:`GraphedForward` replaces ``unet.forward``: the first call with a new input signature (the shapes,
-dtypes and devices of every tensor argument and the values of the others) warms the forward up on a side stream and
-captures it into a CUDA graph whose inputs are static buffers; later calls copy their tensors into those buffers,
-replay the graph and return a copy of its output. Calls it cannot serve run the original forward: CPU inputs,
+dtypes and devices of every tensor argument, the values of the others, and the autocast dtype, if any) warms the
+forward up on a side stream and captures it into a CUDA graph whose inputs are static buffers; later calls copy
+their tensors into those buffers, replay the graph and return a copy of its output. Calls it cannot serve run the original forward: CPU inputs,
 gradients enabled, a model with accelerate offload hooks, an argument that is neither a tensor nor a hashable
 value, or ``torch.compile`` tracing.
 
@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 from torch.utils import _pytree as pytree
+
+from .ops.dispatch import autocast_dtype
 
 WARMUP_CALLS = 2
 
@@ -81,6 +83,7 @@ class GraphedForward:
         key = self._signature(leaves, spec)
         if key is None:
             return self.original(sample, timestep, *args, **kwargs)
+        key = (key, autocast_dtype(sample))  # autocast changes the kernels and dtypes a capture records
         entry = self.entries.get(key)
         if entry is None:
             entry = self.entries[key] = self._capture(leaves, spec)
@@ -115,9 +118,15 @@ class GraphedForward:
         graph = self.graph_factory(self._pool)
         static_inputs = [value.clone() if torch.is_tensor(value) else value for value in leaves]
         (sample, timestep, *args), kwargs = pytree.tree_unflatten(static_inputs, spec)
+        autocast = autocast_dtype(sample)
 
         def call():
-            return self.original(sample, timestep, *args, **kwargs)
+            if autocast is None:
+                return self.original(sample, timestep, *args, **kwargs)
+            # without autocast's cache of cast weights: the graph records the casts, and reads no tensor that the
+            # cache frees when the caller's autocast context ends
+            with torch.autocast(sample.device.type, dtype=autocast, cache_enabled=False):
+                return self.original(sample, timestep, *args, **kwargs)
 
         graph.warm_up(call)
         outputs = graph.capture(call)

@@ -53,7 +53,7 @@ from torch import nn
 
 from . import fast_properties, ops
 from .ops.attention import MAX_HEAD_DIM
-from .ops.dispatch import BACKENDS, forced_backend, plain_inference_call
+from .ops.dispatch import BACKENDS, autocast_dtype, forced_backend, plain_inference_call
 from .ops.native import native_unavailable_reason
 from .ops.group_norm import is_channels_last
 
@@ -164,6 +164,15 @@ def _hooked(*modules) -> bool:
     return any(module is not None and fast_properties.has_own_hook(module) for module in modules)
 
 
+def _promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``a, b`` in their promoted dtype, as ``a + b`` computes (under autocast a product's output and the float32
+    residual it is added to can differ)."""
+    if a.dtype == b.dtype:
+        return a, b
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    return a.to(dtype), b.to(dtype)
+
+
 def _block_is_fusable(block) -> bool:
     """A pre-LayerNorm ``BasicTransformerBlock`` (the spatial transformers' and the motion modules' blocks, with or
     without the sinusoidal positional embedding) with diffusers' ``FeedForward``: what
@@ -227,7 +236,7 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
         hidden_states = block(hidden_states=hidden_states, encoder_hidden_states=encoder_hidden_states,
                               timestep=timestep, cross_attention_kwargs=cross_attention_kwargs,
                               class_labels=class_labels)
-    hidden_states = self.proj_out(input=hidden_states)
+    hidden_states, residual = _promoted(self.proj_out(input=hidden_states), residual)
     return ops.temporal_unpermute_residual(hidden_states, residual, num_frames,
                                            backend=backend["temporal_unpermute_residual"])
 
@@ -286,6 +295,7 @@ def _residual_plus_conv(residual, conv, x):
     contiguous ``[16, 80, 32, 32]``, which keeps the two ops."""
     if (is_channels_last(x) and type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not _hooked(conv)
             and not isinstance(conv.padding, str) and x.device.type == "cpu" and x.dtype is torch.float32
+            and autocast_dtype(x) is None
             and is_channels_last(residual) and residual.dtype is torch.float32
             and torch.backends.mkldnn.is_available() and plain_inference_call(x, residual, conv.weight, conv.bias)):
         spatial = [(size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1 for size, pad, dilation, kernel, stride
@@ -304,8 +314,12 @@ def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     with a hook that casts or moves its weights) runs as it is."""
     backend = getattr(self, PATCH_ATTRIBUTE)
     if type(self.proj) is nn.Linear and not _hooked(self.proj):
-        return ops.linear_geglu(hidden_states, self.proj.weight, self.proj.bias,
-                                backend=backend["linear_geglu"])
+        weight, bias = self.proj.weight, self.proj.bias
+        autocast = autocast_dtype(hidden_states)
+        if autocast is not None:  # the projection's operands as autocast gives them to the nn.Linear replaced here
+            hidden_states, weight, bias = (t if t is None or t.dtype is torch.float64 else t.to(autocast)
+                                           for t in (hidden_states, weight, bias))
+        return ops.linear_geglu(hidden_states, weight, bias, backend=backend["linear_geglu"])
     return ops.geglu(self.proj(hidden_states), backend=backend["geglu"])
 
 
@@ -356,7 +370,7 @@ def fused_spatial_output(self, hidden_states, residual, batch_size, height, widt
     if not _spatial_tokens_fusable(self, self.proj_out, residual, backend):
         return type(self)._get_output_for_continuous_inputs(self, hidden_states, residual, batch_size, height, width,
                                                             inner_dim)
-    out = _token_projection(self.proj_out, hidden_states, self.use_linear_projection)
+    out, residual = _promoted(_token_projection(self.proj_out, hidden_states, self.use_linear_projection), residual)
     return ops.temporal_unpermute_residual(out.reshape(batch_size * height * width, 1, out.shape[-1]), residual, 1,
                                            backend=backend["temporal_unpermute_residual"])
 

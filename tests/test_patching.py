@@ -910,6 +910,37 @@ def test_graphed_forward_replays_with_each_calls_inputs(components, monkeypatch)
     assert not graphed.entries
 
 
+def test_graphed_forward_captures_autocast_calls_apart_without_its_cache(components, monkeypatch):
+    """A call under autocast has its own capture (its kernels and dtypes differ), recorded with autocast's cache of
+    cast weights off (cached casts would be read from memory the cache frees when the caller's autocast ends), and
+    replays what the forward gives under autocast."""
+    from animatelcm.cuda_graphs import GraphedForward
+
+    unet = build("animatediff", components)[0].unet.eval()
+    caching = []
+    original = unet.forward
+
+    def recording_forward(*args, **kwargs):
+        caching.append(torch.is_autocast_enabled("cpu") and torch.is_autocast_cache_enabled())
+        return original(*args, **kwargs)
+
+    graphed = GraphedForward(unet, recording_forward, graph_factory=RerunGraph)
+    monkeypatch.setattr(graphed, "_eligible", lambda sample: not torch.is_grad_enabled())
+    RerunGraph.captures = 0
+    sample = torch.randn(1, 4, FRAMES, 8, 8)
+    text = torch.randn(FRAMES, 7, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        plain = graphed(sample, 999, encoder_hidden_states=text, return_dict=False)[0]
+        for _ in range(2):  # capture, then replay
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                mixed = graphed(sample, 999, encoder_hidden_states=text, return_dict=False)[0]
+                want = original(sample, 999, encoder_hidden_states=text, return_dict=False)[0]
+            assert mixed.dtype == want.dtype == torch.bfloat16 and plain.dtype == torch.float32
+            torch.testing.assert_close(mixed, want)
+    assert RerunGraph.captures == 2 and len(graphed.entries) == 2
+    assert not any(caching)
+
+
 def test_cuda_graph_option_on_the_cpu_runs_the_model_as_is(components):
     pipe, args = build("animatediff", components)
     reference = latents(pipe, args, 2.0)
@@ -958,6 +989,28 @@ def test_half_precision_on_the_cpu_is_no_further_from_float32_than_diffusers(dty
     patched = latents(pipe, args, 2.0).float()
     assert torch.isfinite(patched).all()
     assert relative_difference(patched, truth) <= 1.25 * relative_difference(unpatched, truth)
+
+
+@pytest.mark.parametrize("kind", ["animatediff", "animatelcm_controlnet", "sdxl"])
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_float32_pipeline_under_autocast(kind, guidance, components):
+    """A float32 pipeline called under ``torch.autocast`` (how many run half precision on a GPU; bfloat16 on the
+    CPU here): every fused path gives its products autocast's dtype, as the modules it replaces do, and the
+    mixed-dtype sums autocast leaves behind are promoted as PyTorch promotes them. The latents and the decoded
+    frames are no further from the float32 pipeline's than diffusers' own under autocast."""
+    pipe, args = build(kind, components)
+    args.update(output_type="pt")
+    truth = pipe(**args, guidance_scale=guidance, generator=torch.Generator().manual_seed(7)).frames
+
+    def autocast_call():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return pipe(**args, guidance_scale=guidance, generator=torch.Generator().manual_seed(7)).frames.float()
+
+    unpatched = autocast_call()
+    patch_pipeline(pipe)
+    patched = autocast_call()
+    assert torch.isfinite(patched).all()
+    assert relative_difference(patched, truth) <= 1.5 * relative_difference(unpatched, truth) + 1e-3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

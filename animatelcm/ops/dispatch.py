@@ -100,6 +100,15 @@ def select(op_name: str, implementations: list[Implementation], *args, backend: 
     raise RuntimeError(f"{op_name}: no implementation accepted the inputs, not even the eager reference")
 
 
+def autocast_dtype(tensor: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` gives matrix products on ``tensor``'s device type, or None where it is off."""
+    try:
+        enabled = torch.is_autocast_enabled(tensor.device.type)
+    except RuntimeError:  # a device type autocast does not know (meta)
+        return None
+    return torch.get_autocast_dtype(tensor.device.type) if enabled else None
+
+
 PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 

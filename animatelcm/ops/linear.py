@@ -68,7 +68,7 @@ def cpu_gemm_library() -> str:
 def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :func:`linear` runs ``x [..., K] @ weight [N, K].T (+ bias [N])`` on oneDNN: contiguous float32 CPU
     tensors only (``torch.ops.mkldnn._linear_pointwise`` misreads some strided inputs, e.g. a slice of the last
-    dimension; those get ``F.linear``)."""
+    dimension; those get ``F.linear``), outside CPU autocast (where ``F.linear`` computes in autocast's dtype)."""
     # Cheapest tests first: most calls that fail, fail on size or device (this runs for every patched nn.Linear).
     return (x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS and x.dtype is torch.float32
             and x.device.type == "cpu" and weight.dtype is torch.float32
@@ -76,7 +76,8 @@ def uses_onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
             and x.is_contiguous() and weight.is_contiguous()
             and (bias is None or (bias.dtype is torch.float32 and bias.dim() == 1 and bias.device.type == "cpu"
                                   and bias.is_contiguous()))
-            and plain_inference_call(x, weight, bias) and cpu_gemm_library() == "onednn")
+            and plain_inference_call(x, weight, bias) and not torch.is_autocast_enabled("cpu")
+            and cpu_gemm_library() == "onednn")
 
 
 @torch.library.custom_op("animatelcm::linear", mutates_args=())
@@ -100,7 +101,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     at least ONEDNN_MIN_MACS multiply-adds becomes the custom op ``animatelcm::linear``, which makes the same choice
     when the compiled graph runs (inductor would call PyTorch's BLAS)."""
     if torch.compiler.is_compiling():
-        if (not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype is torch.float32
+        if (not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu") and x.device.type == "cpu"
+                and x.dtype is torch.float32
                 and weight.dtype is torch.float32 and x.dim() >= 2 and weight.dim() == 2
                 and x.numel() * weight.shape[0] >= ONEDNN_MIN_MACS):
             return _linear_op(x, weight, bias)

@@ -54,7 +54,7 @@ def carries_hooks(model: nn.Module) -> bool:
         module = stack.pop()
         if has_own_hook(module):
             return True
-        stack.extend(module._modules.values())
+        stack.extend(child for child in module._modules.values() if child is not None)  # None: an emptied slot
     return False
 
 

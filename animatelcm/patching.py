@@ -87,10 +87,16 @@ class TemporalAttentionProcessor:
     fused ``to_qkv`` after diffusers' ``fuse_qkv_projections``), viewed as ``[B*H*W, heads, F, C/heads]`` and
     passed to :func:`animatelcm.ops.temporal_attention`, whose output keeps the projection layout so the head merge
     is a free reshape. Calls it cannot serve (a mask, cross-attention, a 4-D input, extra norms) go to
-    ``fallback``, the processor it replaced.
+    ``fallback``, the processor it replaced (diffusers' ``AttnProcessor2_0`` when none is given: diffusers makes
+    processors of a module's current class with no arguments, as loading an IP-Adapter does for the layers without
+    one).
     """
 
-    def __init__(self, fallback, backend: "str | PatchBackend" = "auto"):
+    def __init__(self, fallback=None, backend: "str | PatchBackend" = "auto"):
+        if fallback is None:
+            from diffusers.models.attention_processor import AttnProcessor2_0
+
+            fallback = AttnProcessor2_0()
         self.fallback = fallback
         self.backend = backend if isinstance(backend, PatchBackend) else PatchBackend.resolve(backend)
 
@@ -129,7 +135,7 @@ class SpatialSelfAttentionProcessor(TemporalAttentionProcessor):
     attention there), goes to the processor it replaced. Measured on 2 AMD EPYC Zen 4 cores, float32, against
     PyTorch's SDPA: 1.08x at ``[16, 2, 1024, 40]``, 1.18x at ``[16, 2, 256, 80]``."""
 
-    def __init__(self, fallback, backend: "str | PatchBackend" = "auto"):
+    def __init__(self, fallback=None, backend: "str | PatchBackend" = "auto"):
         super().__init__(fallback, backend)
         self.kernel_built = native_unavailable_reason() is None
 

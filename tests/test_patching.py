@@ -475,6 +475,60 @@ def test_unpatch_keeps_what_was_set_after_patching(components):
     assert not any(isinstance(m.processor, TemporalAttentionProcessor) for m in temporal[1:])
 
 
+def random_ip_adapter(unet, image_embed_dim=16, tokens=4):
+    """An IP-Adapter state dict in diffusers' layout (``image_proj``: an ``ImageProjection``; ``ip_adapter``: image
+    key/value projections for every cross-attention, numbered as diffusers numbers them), random weights."""
+    width = unet.config.cross_attention_dim
+    generator = torch.Generator().manual_seed(3)
+
+    def weights(*shape):
+        return torch.randn(*shape, generator=generator) * 0.2
+
+    image_proj = {"proj.weight": weights(tokens * width, image_embed_dim), "proj.bias": weights(tokens * width),
+                  "norm.weight": torch.ones(width), "norm.bias": torch.zeros(width)}
+    cross = [name for name in unet.attn_processors
+             if not name.endswith("attn1.processor") and "motion_modules" not in name]
+    layers = {}
+    for number, name in zip(range(1, 2 * len(cross), 2), cross):
+        hidden = unet.get_submodule(name.removesuffix(".processor")).to_k.out_features
+        layers[f"{number}.to_k_ip.weight"], layers[f"{number}.to_v_ip.weight"] = weights(hidden, width), weights(hidden, width)
+    return {"image_proj": image_proj, "ip_adapter": layers}
+
+
+@pytest.mark.parametrize("patch_first", [True, False])
+def test_ip_adapter_loaded_before_or_after_patching(patch_first, components):
+    """An IP-Adapter (image prompt) with the patch, loaded after patching too: diffusers then makes new processors
+    of the patch's classes with no arguments for the layers without image attention, which must keep running the
+    fused kernels. Same latents as unpatched, and unloading it keeps the patch working."""
+    pipe, args = build("animatediff", components)
+    state = random_ip_adapter(pipe.unet)
+    args.update(ip_adapter_image_embeds=[torch.randn(2, 1, 16)])  # negative and positive image embeddings
+
+    def load(p):
+        p.unet._load_ip_adapter_weights([state])
+        p.set_ip_adapter_scale(0.8)
+
+    plain = latents(pipe, {k: v for k, v in args.items() if k != "ip_adapter_image_embeds"}, 2.0)
+    load(pipe)
+    reference = latents(pipe, args, 2.0)
+    assert relative_difference(plain, reference) > 0.01  # the image prompt changes the clip
+    patched, _ = build("animatediff", components)
+    if patch_first:
+        patch_pipeline(patched)
+        load(patched)
+    else:
+        load(patched)
+        patch_pipeline(patched)
+    processors = patched.unet.attn_processors
+    assert sum(type(p) is TemporalAttentionProcessor for p in processors.values()) == sum(
+        "motion_modules" in name for name in processors)
+    assert relative_difference(latents(patched, args, 2.0), reference) <= 1e-3
+    patched.unload_ip_adapter()
+    assert any(type(p) is TemporalAttentionProcessor for p in patched.unet.attn_processors.values())
+    args.pop("ip_adapter_image_embeds")
+    assert relative_difference(latents(patched, args, 2.0), plain) <= 1e-3
+
+
 def test_patched_pipeline_saves_a_folder_plain_diffusers_loads(components, tmp_path):
     pipe, args = build("animatediff", components)
     patch_pipeline(pipe)

@@ -52,6 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import fast_properties, ops
+from .cuda_graphs import GraphedForward
 from .ops.attention import MAX_HEAD_DIM
 from .ops.dispatch import BACKENDS, autocast_dtype, forced_backend, plain_inference_call
 from .ops.native import native_unavailable_reason
@@ -420,6 +421,18 @@ def _install(module, name, replacement, record):
     setattr(module, name, replacement)
 
 
+def _runs_a_patch(module) -> bool:
+    """Whether ``module`` already runs a patch: another patched pipeline's that shares this model (diffusers'
+    ``from_pipe`` shares them), or a patched model's copied with it. Patching it again would stack two patches
+    whose undoing in the wrong order breaks both; it is left to the patch it runs."""
+    attributes = vars(module)
+    forward = attributes.get("forward")
+    return (PATCH_ATTRIBUTE in attributes
+            or (isinstance(forward, functools.partial)
+                and forward.func in (lean_transformer_block_forward, direct_attention_forward))
+            or isinstance(forward, GraphedForward))
+
+
 def _check_patchable(pipe):
     from diffusers.models.unets.unet_motion_model import UNetMotionModel
 
@@ -479,7 +492,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     controlnet = getattr(pipe, "controlnet", None)  # a ControlNetModel, SparseControlNetModel or MultiControlNetModel
     denoisers = [pipe.unet] + ([controlnet] if isinstance(controlnet, nn.Module) else [])
     for module in (module for model in denoisers for module in model.modules()):
-        if fast_properties.has_own_hook(module):  # its forward is the hook's wrapper: replacing it drops the hook
+        # a hooked module's forward is the hook's wrapper: replacing it drops the hook
+        if fast_properties.has_own_hook(module) or _runs_a_patch(module):
             continue
         if isinstance(module, AnimateDiffTransformer3D):
             if norms:
@@ -487,7 +501,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             if attention:
                 for block in module.transformer_blocks:
                     for attn in (getattr(block, "attn1", None), getattr(block, "attn2", None)):
-                        if attn is not None and not attn.is_cross_attention:
+                        if (attn is not None and not attn.is_cross_attention
+                                and not isinstance(attn.processor, TemporalAttentionProcessor)):
                             record.processors.append((attn, attn.processor))
                             attn.set_processor(TemporalAttentionProcessor(attn.processor, resolved))
         elif norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
@@ -503,7 +518,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             if attention and backend in ("auto", "cpp"):
                 for block in module.transformer_blocks:
                     attn = getattr(block, "attn1", None)
-                    if attn is not None and not attn.is_cross_attention:
+                    if (attn is not None and not attn.is_cross_attention
+                            and not isinstance(attn.processor, TemporalAttentionProcessor)):
                         record.processors.append((attn, attn.processor))
                         attn.set_processor(SpatialSelfAttentionProcessor(attn.processor, resolved))
         elif onednn_linear and type(module) is nn.Linear:
@@ -512,7 +528,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
             _install(module, "forward", _bound(direct_attention_forward, module), record)
     vae = getattr(pipe, "vae", None)
     for module in vae.modules() if vae is not None else ():  # decode, and encode for video-to-video
-        if fast_properties.has_own_hook(module):
+        if fast_properties.has_own_hook(module) or _runs_a_patch(module):
             continue
         if norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
             _override(module, "forward", fused_resnet_forward, resolved, record)
@@ -521,9 +537,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         elif attention and type(module) is Attention:
             _install(module, "forward", _bound(direct_attention_forward, module), record)
     fast_properties.install(pipe, record.classes)  # its models get theirs during each call
-    if cuda_graph:
-        from .cuda_graphs import GraphedForward
-
+    if cuda_graph and not _runs_a_patch(pipe.unet):
         _install(pipe.unet, "forward", GraphedForward(pipe.unet, pipe.unet.forward), record)
     if scheduler and type(pipe.scheduler) is DiffusersLCMScheduler:
         original, entry = pipe.scheduler, pipe.config.get("scheduler")

@@ -443,6 +443,29 @@ def test_from_pipe_of_a_patched_pipeline(components):
     unpatch_pipeline(pipe)
 
 
+@pytest.mark.parametrize("unpatch_first", ["owner", "sharer"])
+def test_two_patched_pipelines_sharing_models(unpatch_first, components):
+    """Two pipelines that share their models (``from_pipe``), both patched: the models run the first patch, which
+    the second leaves alone, so either can be undone first. Undoing the owner's patch puts diffusers' modules back
+    for both pipelines; after both, nothing of either patch is left."""
+    pipe, args = build("animatediff", components)
+    reference = latents(pipe, args, 2.0)
+    other = diffusers.AnimateDiffPipeline.from_pipe(pipe)
+    other.set_progress_bar_config(disable=True)
+    patch_pipeline(pipe)
+    patch_pipeline(other, cuda_graph=True)
+    assert not getattr(other, patching.PATCH_ATTRIBUTE).processors  # the shared modules stay with the first patch
+    for first in ([pipe, other] if unpatch_first == "owner" else [other, pipe]):
+        assert relative_difference(latents(pipe, args, 2.0), reference) <= 1e-3
+        assert relative_difference(latents(other, args, 2.0), reference) <= 1e-3
+        unpatch_pipeline(first)
+    assert torch.equal(latents(pipe, args, 2.0), reference) and torch.equal(latents(other, args, 2.0), reference)
+    models = [pipe.unet, pipe.vae]
+    assert not any("forward" in vars(m) or patching.PATCH_ATTRIBUTE in vars(m) for model in models
+                   for m in model.modules())
+    assert not any(isinstance(p, TemporalAttentionProcessor) for p in pipe.unet.attn_processors.values())
+
+
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_fused_qkv_projections_run_on_the_fused_kernel(guidance, components, monkeypatch):
     pipe, args = build("animatediff", components)

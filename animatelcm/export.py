@@ -1,7 +1,9 @@
-"""Write generated clips to GIF (imageio/Pillow) or MP4 (PyAV, H.264)."""
+"""Write generated clips to GIF (imageio/Pillow) or MP4 (PyAV, H.264); a file appears only once completely written."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +52,21 @@ def _check_fps(fps) -> None:
         raise ValueError(f"fps must be positive, got {fps!r}")
 
 
+@contextlib.contextmanager
+def _replaced_when_complete(path):
+    """Yields a temporary path beside ``path`` (same suffix) to write; renames it to ``path`` when the block
+    completes, deletes it when the block raises, so a failed export leaves an earlier file of that name intact and
+    no partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
 def export_to_gif(frames, path, fps: float = 8.0) -> Path:
     """Write ``frames`` (see :func:`frames_to_uint8`) as a looping GIF at ``fps``; returns the path. Pillow merges
     identical consecutive frames into one shown for their summed duration (the clip plays the same; a reader sees
@@ -57,10 +74,10 @@ def export_to_gif(frames, path, fps: float = 8.0) -> Path:
     import imageio.v3 as iio
 
     _check_fps(fps)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    iio.imwrite(path, frames_to_uint8(frames), extension=".gif", duration=1000.0 / fps, loop=0)
-    return path
+    array = frames_to_uint8(frames)
+    with _replaced_when_complete(path) as partial:
+        iio.imwrite(partial, array, extension=".gif", duration=1000.0 / fps, loop=0)
+    return Path(path)
 
 
 def export_to_mp4(frames, path, fps: float = 8.0, crf: int = 18) -> Path:
@@ -72,11 +89,9 @@ def export_to_mp4(frames, path, fps: float = 8.0, crf: int = 18) -> Path:
     pad_h, pad_w = array.shape[1] % 2, array.shape[2] % 2
     if pad_h or pad_w:
         array = np.pad(array, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     from fractions import Fraction
 
-    with av.open(str(path), mode="w") as container:
+    with _replaced_when_complete(path) as partial, av.open(str(partial), mode="w") as container:
         stream = container.add_stream("libx264" if "libx264" in av.codecs_available else "h264",
                                       rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height = array.shape[2], array.shape[1]
@@ -87,7 +102,7 @@ def export_to_mp4(frames, path, fps: float = 8.0, crf: int = 18) -> Path:
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    return path
+    return Path(path)
 
 
 def export_video(frames, path, fps: float = 8.0) -> Path:

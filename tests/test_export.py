@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import imageio.v3 as iio
 import numpy as np
 import pytest
@@ -54,3 +56,35 @@ def test_errors(tmp_path):
     with pytest.raises(ValueError, match="2 of 13824 frame values are NaN or infinite"):
         export_video(broken, tmp_path / "b.mp4")
     assert not (tmp_path / "b.mp4").exists()
+
+
+@pytest.mark.parametrize("suffix", [".gif", ".mp4"])
+def test_a_failed_export_keeps_the_earlier_file_and_leaves_no_partial_one(suffix, tmp_path, monkeypatch):
+    import av
+    import imageio.v3
+
+    path = export_video(frames(), tmp_path / f"clip{suffix}")
+    earlier = path.read_bytes()
+
+    def fail(target, *args, **kwargs):  # the disk fills up part way through the file
+        if not isinstance(target, np.ndarray):
+            Path(target).write_bytes(b"GIF89a")
+        raise OSError("No space left on device")
+
+    if suffix == ".gif":
+        monkeypatch.setattr(imageio.v3, "imwrite", fail)
+    else:  # fails at the last frame, after the encoder has written the first ones
+        real, calls = av.VideoFrame.from_ndarray, []
+
+        def from_ndarray(*args, **kwargs):
+            calls.append(1)
+            return fail(args[0]) if len(calls) == 60 else real(*args, **kwargs)
+
+        monkeypatch.setattr(av.VideoFrame, "from_ndarray", from_ndarray)
+    with pytest.raises(OSError, match="No space"):
+        export_video(frames(n=60), path)
+    assert path.read_bytes() == earlier
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    monkeypatch.undo()
+    export_video(frames(n=3), path)  # a complete write replaces it
+    assert iio.imread(path).shape[0] == 3 and sorted(p.name for p in tmp_path.iterdir()) == [path.name]

@@ -455,8 +455,9 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     """Run ``pipe`` (``AnimateDiffPipeline``, ``AnimateDiffVideoToVideoPipeline``, ``AnimateDiffControlNetPipeline``,
     ``AnimateLCMPipeline``, ...) on the fused kernels; returns ``pipe``.
 
-    ``backend`` forces one kernel backend for every patched op that implements it (an error says why when it
-    cannot run an op's inputs); the ops without it, and all of them under ``"auto"``, let the dispatcher pick.
+    ``backend`` forces one kernel backend for every patched op that implements it (refused here when this process
+    cannot run it at all, and at the call when it cannot run an op's inputs, each error saying why); the ops
+    without it, and all of them under ``"auto"``, let the dispatcher pick.
     ``attention`` (temporal attention, and every attention module's direct processor call), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
     in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
     GEGLU) and ``scheduler`` switch the three parts; ``linear`` the ``nn.Linear`` layers' CPU GEMM library (see the
@@ -478,6 +479,11 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
 
     if backend not in ("auto", *BACKENDS):
         raise ValueError(f"patch_pipeline: backend={backend!r} is not one of auto, {', '.join(BACKENDS)}")
+    unusable = backend != "auto" and ops.backend_report()[backend]
+    if unusable:
+        raise ops.BackendUnavailableError(f"patch_pipeline: backend={backend!r} cannot run in this process: "
+                                          f"{unusable}. Use backend='auto' (usable here: "
+                                          f"{', '.join(ops.available_backends())})")
     _check_patchable(pipe)
     options = (backend, attention, norms, scheduler, cuda_graph, linear)
     existing = getattr(pipe, PATCH_ATTRIBUTE, None)

@@ -683,6 +683,18 @@ def test_patch_options_and_repatching(components):
     assert unpatch_pipeline(pipe) is pipe  # unpatching twice is harmless
 
 
+def test_a_backend_this_process_cannot_run_is_refused_when_patching(components, monkeypatch):
+    """A backend that does not exist here (no CUDA device, say) is refused by patch_pipeline itself, with the reason
+    and the usable ones, rather than by the first op of the first call; the pipeline stays unpatched."""
+    report = {**ops.backend_report(), "cuda": "torch sees no CUDA device"}
+    monkeypatch.setattr(ops, "backend_report", lambda: report)
+    pipe, _ = build("animatediff", components)
+    with pytest.raises(ops.BackendUnavailableError, match="backend='cuda' cannot run in this process: torch sees no "
+                                                          "CUDA device.*usable here: .*eager"):
+        patch_pipeline(pipe, backend="cuda")
+    assert not is_patched(pipe) and type(pipe.scheduler) is diffusers.LCMScheduler
+
+
 @pytest.mark.parametrize("backend", [b for b in ("cpp", "triton", "cuda") if b in ops.available_backends()])
 def test_forced_backend_runs_where_implemented(backend, components, exact_float32_on_the_gpu):
     """patch_pipeline(backend=...) forces the ops that implement it; the others (the step has no Triton kernel, temporal

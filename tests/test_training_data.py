@@ -123,7 +123,35 @@ def test_missing_and_bad_data_fail_at_construction(video_folder, tmp_path):
     (broken / "v.mp4").write_bytes(b"not a video")
     (broken / "v.txt").write_text("caption")
     with pytest.raises(DataError, match="cannot decode"):
+        VideoTextDataset(broken, skip_unreadable=False)[0]
+    with pytest.warns(UserWarning, match="v.mp4: cannot decode"), pytest.raises(DataError, match="none of the 1"):
         VideoTextDataset(broken)[0]
+
+
+def test_unreadable_files_give_way_to_the_next_readable_item(video_folder, tmp_path):
+    """A corrupt file in the listing does not stop training: its item is the next readable one (the same every
+    time), and one warning names the file."""
+    folder, shapes = video_folder
+    (folder / "clip1.mp4").write_bytes((folder / "clip1.mp4").read_bytes()[:200])  # a truncated download
+    data = VideoTextDataset(folder, frames=4, size=16)
+    with pytest.warns(UserWarning, match=r"clip1.mp4: cannot decode.*item 1 is replaced") as caught:
+        first, again = data[1], data[1]
+    assert len([w for w in caught if "clip1.mp4" in str(w.message)]) == 1
+    assert first["caption"] == again["caption"] == shapes.clip(2)["caption"]
+    assert torch.equal(first["pixel_values"], data[2]["pixel_values"])
+    images = tmp_path / "images"
+    images.mkdir()
+    for name, content in (("a", None), ("b", b"not a png")):
+        path = images / f"{name}.png"
+        if content is None:
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(path)
+        else:
+            path.write_bytes(content)
+        (images / f"{name}.txt").write_text(f"picture {name}")
+    with pytest.warns(UserWarning, match="b.png: cannot read image"):
+        assert ImageTextDataset(images, size=8)[1]["caption"] == "picture a"
+    with pytest.raises(DataError, match="b.png: cannot read image"):
+        ImageTextDataset(images, size=8, skip_unreadable=False)[1]
 
 
 def test_image_text(tmp_path):

@@ -71,7 +71,9 @@ class DataConfig:
     as an image (``image_frames`` > 0: only that many, drawn at random per clip and step, so a batch of many clips
     is more varied than all frames of a few; we measured the autoencoder's reconstruction error after 300 steps at
     0.048 with 4 clips x 16 frames vs 0.017 with 32 clips x 2 frames). ``cache_latents``: encode every clip with the VAE once (mean and std of the latent distribution,
-    fp16) into ``cache_dir`` (default ``OUTPUT/latent_cache``) and train from the cache."""
+    fp16) into ``cache_dir`` (default ``OUTPUT/latent_cache``) and train from the cache. ``skip_unreadable``: a
+    listed file that cannot be decoded (corrupt or truncated) gives way to the next readable one, with a warning
+    naming it; false makes it an error that stops the run."""
 
     kind: str = "synthetic"
     source: str | None = None
@@ -85,6 +87,7 @@ class DataConfig:
     uncond_prob: float | None = None  # share of captions replaced by "": see RunConfig.caption_drop_probability
     image_frames: int = 0      # image stages on video data: frames drawn at random from each clip (0 = all)
     num_workers: int = 0
+    skip_unreadable: bool = True
 
 
 @dataclass

@@ -11,6 +11,7 @@ Every listed file is checked when the dataset is built, so a missing file fails 
 from __future__ import annotations
 
 import csv
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -126,22 +127,51 @@ def decode_video(path: Path, select: Callable[[int], list[int]] | None = None) -
     return video if select is None else video[select(len(video))]
 
 
-class VideoTextDataset(torch.utils.data.Dataset):
+class _SkipsUnreadable(torch.utils.data.Dataset):
+    """``dataset[i]`` is item i, read by ``self._read(i)``; with ``skip_unreadable`` an item whose file cannot be
+    read (a :class:`DataError`: a corrupt or truncated download, say) is replaced by the next readable one, and a
+    warning names the file (once). A large crawl (WebVid) holds some such files; without this, training would stop
+    at the first. Deterministic: the same index always gives the same item. Every file unreadable is an error."""
+
+    items: list
+    skip_unreadable: bool
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict:
+        for attempt in range(len(self.items)):
+            position = (index + attempt) % len(self.items)
+            try:
+                return self._read(position)
+            except DataError as error:
+                if not self.skip_unreadable:
+                    raise
+                unreadable = self.__dict__.setdefault("unreadable", set())
+                if position not in unreadable:
+                    unreadable.add(position)
+                    warnings.warn(f"{error}; skipped: item {position} is replaced by the next readable one "
+                                  "(data.skip_unreadable: false makes this an error)", stacklevel=2)
+        raise DataError(f"none of the {len(self.items)} files could be read (the warnings above name each)")
+
+
+class VideoTextDataset(_SkipsUnreadable):
     """Clips of ``frames`` frames, ``stride`` apart, resized and centre-cropped to ``size``:
     ``dataset[i] = dict(pixel_values=float32 [F, 3, size, size] in [-1, 1], caption)``.
 
     The clip starts at a position drawn from ``seed`` and ``i`` (deterministic). A video too short for the stride
     is sampled with the largest stride that fits; one with fewer than ``frames`` frames repeats its last frame.
+    ``skip_unreadable``: a video that cannot be decoded gives way to the next readable one, with a warning
+    (off: an error).
     """
 
-    def __init__(self, source, frames: int = 16, stride: int = 4, size: int = 64, root=None, seed: int = 0):
+    def __init__(self, source, frames: int = 16, stride: int = 4, size: int = 64, root=None, seed: int = 0,
+                 skip_unreadable: bool = True):
         if frames < 1 or stride < 1 or size < 8:
             raise DataError(f"VideoTextDataset: need frames >= 1, stride >= 1, size >= 8; got {frames}, {stride}, {size}")
         self.items = _pairs(source, root, VIDEO_SUFFIXES, "video")
         self.frames, self.stride, self.size, self.seed = frames, stride, size, seed
-
-    def __len__(self) -> int:
-        return len(self.items)
+        self.skip_unreadable = skip_unreadable
 
     def frame_indices(self, available: int, index: int) -> list[int]:
         """Indices of the frames clip ``index`` takes from a video of ``available`` frames."""
@@ -150,7 +180,7 @@ class VideoTextDataset(torch.utils.data.Dataset):
         start = int(np.random.default_rng([self.seed, index]).integers(0, max(1, available - span + 1)))
         return [min(start + k * stride, available - 1) for k in range(self.frames)]
 
-    def __getitem__(self, index: int) -> dict:
+    def _read(self, index: int) -> dict:
         path, caption = self.items[index]
         video = decode_video(path, select=lambda available: self.frame_indices(available, index))
         chosen = torch.from_numpy(video).permute(0, 3, 1, 2).float()
@@ -158,19 +188,18 @@ class VideoTextDataset(torch.utils.data.Dataset):
         return dict(pixel_values=pixels.clamp(-1, 1), caption=caption)
 
 
-class ImageTextDataset(torch.utils.data.Dataset):
-    """``dataset[i] = dict(pixel_values=float32 [3, size, size] in [-1, 1], caption)``."""
+class ImageTextDataset(_SkipsUnreadable):
+    """``dataset[i] = dict(pixel_values=float32 [3, size, size] in [-1, 1], caption)``; ``skip_unreadable`` as in
+    :class:`VideoTextDataset`."""
 
-    def __init__(self, source, size: int = 64, root=None):
+    def __init__(self, source, size: int = 64, root=None, skip_unreadable: bool = True):
         if size < 8:
             raise DataError(f"ImageTextDataset: size must be >= 8, got {size}")
         self.items = _pairs(source, root, IMAGE_SUFFIXES, "image")
         self.size = size
+        self.skip_unreadable = skip_unreadable
 
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, index: int) -> dict:
+    def _read(self, index: int) -> dict:
         from PIL import Image
 
         path, caption = self.items[index]

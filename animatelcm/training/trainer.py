@@ -80,8 +80,9 @@ def build_dataset(run: RunConfig):
         return MovingShapes(num_clips=data.num_clips, frames=data.frames, size=data.size, seed=run.seed)
     if data.kind == "video":
         return VideoTextDataset(data.source, frames=data.frames, stride=data.stride, size=data.size,
-                                root=data.root, seed=run.seed)
-    return _AsSingleFrames(ImageTextDataset(data.source, size=data.size, root=data.root))
+                                root=data.root, seed=run.seed, skip_unreadable=data.skip_unreadable)
+    return _AsSingleFrames(ImageTextDataset(data.source, size=data.size, root=data.root,
+                                            skip_unreadable=data.skip_unreadable))
 
 
 class _AsSingleFrames(torch.utils.data.Dataset):

@@ -266,7 +266,7 @@ def test_resume_after_sigkill_reproduces_an_uninterrupted_run(world, tmp_path):
     resumed = _cli(str(cfg_path), "--output-dir", str(killed), "--resume", "--max-steps", str(target))
     log = resumed.communicate()[0]
     assert resumed.returncode == 0, log
-    assert f"(step {last})" in log
+    assert f"(step {last})" in log and "settings changed" not in log  # a longer max_steps is no change
     straight = tmp_path / "straight"
     reference = _cli(str(cfg_path), "--output-dir", str(straight), "--max-steps", str(target))
     log = reference.communicate()[0]
@@ -277,6 +277,18 @@ def test_resume_after_sigkill_reproduces_an_uninterrupted_run(world, tmp_path):
         assert torch.equal(a[key], b[key]), key
     with (killed / "metrics.csv").open() as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)][-target:] == list(range(1, target + 1))
+
+
+def test_resuming_names_the_settings_changed_since_the_checkpoint():
+    from animatelcm.training.trainer import _changed_settings
+
+    saved = RunConfig(stage="image_cd").to_dict()
+    current = RunConfig(stage="image_cd", output_dir="elsewhere").to_dict()
+    current["train"].update(max_steps=saved["train"]["max_steps"] * 2, learning_rate=5e-4)
+    current["data"]["stride"] = 2
+    assert _changed_settings(saved, current) == [f"data.stride: {saved['data']['stride']!r} -> 2",
+                                                 f"train.learning_rate: {saved['train']['learning_rate']!r} -> 0.0005"]
+    assert _changed_settings(saved, saved) == []
 
 
 def test_two_processes_with_torchrun(world, tmp_path):

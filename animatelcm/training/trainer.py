@@ -412,7 +412,10 @@ class Trainer:
         if saved["stage"] != self.run.stage:
             raise ConfigError(f"{latest}: a checkpoint of stage {saved['stage']}, but this run is {self.run.stage}")
         self.accelerator.load_state(str(latest))
-        self.accelerator.print(f"resumed from {latest} (step {self.step})")
+        changed = _changed_settings(saved, self.run.to_dict())
+        self.accelerator.print(f"resumed from {latest} (step {self.step})" + (
+            "; settings changed since that checkpoint (the run goes on with the new ones, so it will not match an "
+            "uninterrupted run): " + ", ".join(changed) if changed else ""))
 
     # -- logging -----------------------------------------------------------------------------------------------
     def _open_metrics(self):
@@ -540,6 +543,20 @@ class Trainer:
         from .validation import write_validation
 
         write_validation(self, self.output_dir / "validation" / f"step-{self.step:06d}")
+
+
+def _changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``key: old -> new`` for each setting (dotted key) that differs between two run configs' dicts; a longer
+    ``train.max_steps``, what resuming is mostly for, is not listed."""
+    changes = []
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        name = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += _changed_settings(old, new, f"{name}.")
+        elif old != new and name not in ("train.max_steps", "output_dir"):
+            changes.append(f"{name}: {old!r} -> {new!r}")
+    return changes
 
 
 def train(config, overrides: dict | None = None, resume: bool = False) -> dict:

@@ -100,7 +100,10 @@ def _add_model_arguments(parser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = OneLineErrorParser(prog="animatelcm", description="Few-step video generation with AnimateLCM.")
+    parser.add_argument("--version", action="version", version=f"animatelcm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
     gen = sub.add_parser("generate", help="turn a prompt (and an image, or control frames) into a GIF or MP4",

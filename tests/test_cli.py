@@ -103,6 +103,9 @@ def test_info_lists_backends():
     for name in ("eager", "cpp", "cuda", "triton"):
         assert name in stdout
     assert "native module" in stdout
+    import animatelcm
+
+    assert run_cli("--version")[:2] == (0, f"animatelcm {animatelcm.__version__}\n")
 
 
 @pytest.mark.parametrize("module", ["animatelcm.info"])

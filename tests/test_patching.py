@@ -1054,6 +1054,29 @@ def test_cuda_graph_replay_matches_eager_on_the_gpu(components):
     assert len(vars(pipe.unet)["forward"].entries) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("cuda_graph", [False, True])
+def test_float32_pipeline_under_float16_autocast_on_the_gpu(cuda_graph, components):
+    """A float32 pipeline under ``torch.autocast("cuda", torch.float16)``, patched (and replayed from CUDA graphs,
+    captured apart from float32 calls) against unpatched: no further from the float32 latents than diffusers'."""
+    pipe, args = build("animatediff", components)
+    pipe.to("cuda")
+    args["latents"] = args["latents"].cuda()
+    truth = latents(pipe, args, 2.0)
+
+    def autocast_call():
+        with torch.autocast("cuda", dtype=torch.float16):
+            return latents(pipe, args, 2.0).float()
+
+    unpatched = autocast_call()
+    patch_pipeline(pipe, cuda_graph=cuda_graph)
+    latents(pipe, args, 2.0)  # a float32 capture first, which the autocast calls must not replay
+    for _ in range(2):  # capture, then replay
+        patched = autocast_call()
+        assert torch.isfinite(patched).all()
+        assert relative_difference(patched, truth) <= 1.5 * relative_difference(unpatched, truth) + 1e-3
+
+
 @pytest.fixture
 def exact_float32_on_the_gpu():
     """TF32 off for cuBLAS and cuDNN while a test runs: a TF32 convolution turns the last-bit differences of two

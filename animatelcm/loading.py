@@ -408,7 +408,7 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
                                   + (" (a saved video pipeline: load it as the model folder, CLI --model, with no "
                                      "motion module)" if unet_class == "UNetMotionModel" else ""))
         try:
-            return dict(
+            parts = dict(
                 unet=UNet2DConditionModel.from_pretrained(str(base), subfolder="unet", local_files_only=True, torch_dtype=torch_dtype),
                 vae=AutoencoderKL.from_pretrained(str(base), subfolder="vae", local_files_only=True, torch_dtype=torch_dtype),
                 text_encoder=CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder", local_files_only=True, torch_dtype=torch_dtype),
@@ -416,6 +416,8 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
             )
         except (OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{base}: could not load the Stable Diffusion folder: {error}") from error
+        _check_sd15_unet(parts["unet"], base)
+        return parts
     if base.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         read_state_dict(base, allow_pickle=False)  # raises the explanatory error
     if base_config is None:
@@ -430,7 +432,27 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{base}: could not load as a single-file Stable Diffusion checkpoint with config "
                               f"{base_config}: {error}") from error
+    _check_sd15_unet(pipe.unet, base)
     return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+
+
+def _check_sd15_unet(unet, base) -> None:
+    """Refuse, naming the file, a base UNet that AnimateLCM's pipelines and trainer cannot drive: one with extra
+    embeddings (SDXL's), which would fail the first call with a TypeError."""
+    if unet.config.addition_embed_type is not None:
+        raise CheckpointError(
+            f"{base}: a UNet with {unet.config.addition_embed_type!r} extra embeddings (SDXL's), which AnimateLCM's "
+            "Stable Diffusion 1.5 pipeline cannot drive; for SDXL use diffusers' AnimateDiffSDXLPipeline with an "
+            "SDXL motion module (animatelcm.patch_pipeline runs it on the fused kernels)")
+
+
+def _check_parts_match(unet, adapter, base, motion_module) -> None:
+    """Refuse, naming both files, a motion module made for another base model (diffusers would say only
+    "incompatible", or fail on a weight's shape)."""
+    levels, widths = tuple(unet.config.block_out_channels), tuple(adapter.config.block_out_channels)
+    if levels != widths:
+        raise CheckpointError(f"{motion_module}: a motion module for UNet block widths {widths}, but the base "
+                              f"{base} has {levels}: they are made for different base models")
 
 
 @quiet_dtype_rename
@@ -478,6 +500,7 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
         parts = _load_base_components(base, base_config, allow_pickle, torch_dtype)
         adapter = load_motion_adapter(motion_module, config=motion_config, allow_pickle=allow_pickle,
                                       torch_dtype=torch_dtype)
+        _check_parts_match(parts["unet"], adapter, base, motion_module)
         pipe = AnimateLCMPipeline(motion_adapter=adapter, **parts)
     if lcm_lora is not None:
         load_lora(pipe, lcm_lora, adapter_name="animatelcm", scale=lcm_lora_scale)

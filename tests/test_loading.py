@@ -329,6 +329,25 @@ def test_a_video_pipeline_folder_as_base_says_to_load_it_as_the_model(components
     assert load_pipeline(tmp_path / "video").unet.__class__.__name__ == "UNetMotionModel"
 
 
+def test_a_base_and_a_motion_module_made_for_other_models_are_refused(components, sd_folder, tmp_path):
+    """Named at load, with both files: a motion module for other UNet widths (diffusers only says "incompatible"),
+    and an SDXL UNet (its extra embeddings would fail the first call with a TypeError)."""
+    from diffusers import MotionAdapter, UNet2DConditionModel
+
+    wide = MotionAdapter(block_out_channels=(32, 64, 64, 64), motion_layers_per_block=2, motion_norm_num_groups=8,
+                         motion_num_attention_heads=2)
+    wide_file = save_motion_adapter(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(CheckpointError, match=r"wide.safetensors: a motion module for UNet block widths \(32, 64, "
+                                              r"64, 64\), but the base .*\(16, 32, 32, 32\).*different base models"):
+        load_pipeline(base=sd_folder, motion_module=wide_file, motion_config=TINY_OVERRIDES)
+    motion = save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors")
+    sdxl = UNet2DConditionModel.from_config(components["unet"].config, addition_embed_type="text_time",
+                                            addition_time_embed_dim=8, projection_class_embeddings_input_dim=80)
+    sdxl.save_pretrained(sd_folder / "unet")
+    with pytest.raises(CheckpointError, match="'text_time' extra embeddings.*AnimateDiffSDXLPipeline"):
+        load_pipeline(base=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES)
+
+
 def test_load_pipeline_argument_errors(sd_folder, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         load_pipeline(sd_folder, base=sd_folder, motion_module=sd_folder)

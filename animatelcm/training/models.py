@@ -29,7 +29,7 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     ``noise_scheduler`` (a DDPMScheduler with the model's training schedule)."""
     from diffusers import DDPMScheduler
 
-    from ..loading import _load_base_components, load_motion_adapter, load_pipeline
+    from ..loading import _check_parts_match, _load_base_components, load_motion_adapter, load_pipeline
     from ..schedulers import animatelcm_scheduler
 
     motion_adapter = None
@@ -66,6 +66,8 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
         parts["vae"] = AutoencoderKL.from_pretrained(model_config.vae, torch_dtype=torch_dtype)
     if model_config.motion_adapter is not None:
         motion_adapter = load_motion_adapter(model_config.motion_adapter, torch_dtype=torch_dtype)
+        _check_parts_match(parts["unet"], motion_adapter, model_config.base or model_config.pretrained or "model.tiny",
+                           model_config.motion_adapter)
     parts["motion_adapter"] = motion_adapter
     lcm_only = ("original_inference_steps", "timestep_scaling")
     schedule = {k: v for k, v in animatelcm_scheduler().config.items() if k not in lcm_only}

@@ -54,7 +54,7 @@ from torch import nn
 from . import fast_properties, ops
 from .cuda_graphs import GraphedForward
 from .ops.attention import MAX_HEAD_DIM
-from .ops.dispatch import BACKENDS, autocast_dtype, forced_backend, plain_inference_call
+from .ops.dispatch import BACKENDS, PLAIN_TENSOR_TYPES, autocast_dtype, forced_backend, plain_inference_call
 from .ops.native import native_unavailable_reason
 from .ops.group_norm import is_channels_last
 
@@ -171,6 +171,17 @@ def _hooked(*modules) -> bool:
     return any(module is not None and fast_properties.has_own_hook(module) for module in modules)
 
 
+def _opaque(*modules) -> bool:
+    """Whether a fused path must call ``modules`` (None entries skipped), or run diffusers' code, instead of reading
+    their ``weight`` and ``bias`` itself: a hook casts or moves them in the forward (:func:`_hooked`), or one is a
+    tensor subclass, a quantized weight (torchao's, say) that only PyTorch's own ops on it understand."""
+    return _hooked(*modules) or any(
+        module is not None and any(type(tensor) not in PLAIN_TENSOR_TYPES for tensor in
+                                   (getattr(module, "weight", None), getattr(module, "bias", None))
+                                   if tensor is not None)
+        for module in modules)
+
+
 def _promoted(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``a, b`` in their promoted dtype, as ``a + b`` computes (under autocast a product's output and the float32
     residual it is added to can differ)."""
@@ -230,7 +241,7 @@ def fused_motion_module_forward(self, hidden_states, encoder_hidden_states=None,
                                 num_frames: int = 1, cross_attention_kwargs=None):
     """``AnimateDiffTransformer3D.forward`` with the norm+permute and permute+residual fused:
     ``hidden_states [B*F, C, H, W]`` -> same shape."""
-    if _hooked(self.norm):
+    if _opaque(self.norm):
         return type(self).forward(self, hidden_states, encoder_hidden_states, timestep, class_labels, num_frames,
                                   cross_attention_kwargs)
     backend = getattr(self, PATCH_ATTRIBUTE)
@@ -263,7 +274,7 @@ def fused_resnet_forward(self, input_tensor, temb, *args, **kwargs):
     """``ResnetBlock2D.forward`` (see :func:`_resnet_is_fusable`) with each GroupNorm+SiLU pair fused:
     ``input_tensor [N, C, H, W]``, ``temb [N, T]`` or None -> ``[N, C_out, H', W']``."""
     norm1, norm2 = self.norm1, self.norm2
-    if _hooked(norm1, norm2):
+    if _opaque(norm1, norm2):
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     backend = getattr(self, PATCH_ATTRIBUTE)
     hidden_states = _group_norm_silu(input_tensor, norm1, self.nonlinearity, backend)
@@ -320,7 +331,7 @@ def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     largest activation of the block, is never materialised); any other projection (an unfused LoRA layer, or one
     with a hook that casts or moves its weights) runs as it is."""
     backend = getattr(self, PATCH_ATTRIBUTE)
-    if type(self.proj) is nn.Linear and not _hooked(self.proj):
+    if type(self.proj) is nn.Linear and not _opaque(self.proj):
         weight, bias = self.proj.weight, self.proj.bias
         autocast = autocast_dtype(hidden_states)
         if autocast is not None:  # the projection's operands as autocast gives them to the nn.Linear replaced here
@@ -348,7 +359,7 @@ def _token_projection(layer, tokens, linear: bool):
 
 def _spatial_tokens_fusable(self, layer, x, backend) -> bool:
     return ((self.use_linear_projection or _is_pointwise_conv(layer)) and isinstance(self.norm, nn.GroupNorm)
-            and not (backend.name == "auto" and is_channels_last(x)) and not _hooked(self.norm, layer))
+            and not (backend.name == "auto" and is_channels_last(x)) and not _opaque(self.norm, layer))
 
 
 def fused_spatial_input(self, hidden_states):

@@ -643,6 +643,48 @@ def test_layers_whose_hooks_cast_or_move_weights(kind, hooks_first, components):
         assert next(pipe.unet.parameters()).dtype == torch.float8_e4m3fn
 
 
+class WrappedWeight(torch.Tensor):
+    """A stand-in for a quantized weight (torchao's ``Int8Tensor``, say): a tensor subclass that runs PyTorch's own
+    ops on the tensor it wraps and refuses any other library's, as torchao's refuse custom ops they do not know."""
+
+    @staticmethod
+    def __new__(cls, inner):
+        return torch.Tensor._make_wrapper_subclass(cls, inner.shape, dtype=inner.dtype, device=inner.device,
+                                                   strides=inner.stride())
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func.namespace not in ("aten", "prim"):
+            raise NotImplementedError(f"{func} on a wrapped weight")
+        unwrap = lambda value: value.inner if isinstance(value, WrappedWeight) else value  # noqa: E731
+        return func(*torch.utils._pytree.tree_map(unwrap, args),
+                    **torch.utils._pytree.tree_map(unwrap, kwargs or {}))
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+
+def wrap_weights(model, kinds=(nn.Linear, nn.Conv2d, nn.GroupNorm)):
+    """Every ``weight`` of ``kinds`` layers in ``model`` as a :class:`WrappedWeight` (no longer a parameter)."""
+    for module in model.modules():
+        if isinstance(module, kinds):
+            weight = module.weight.detach()
+            del module.weight
+            module.weight = WrappedWeight(weight)
+
+
+def test_weights_of_tensor_subclasses(components):
+    """Layers whose weights are tensor subclasses (quantized ones: torchao's) run through the layer's own call in
+    each fused path that would read them, so a quantized UNet patches; same latents as unpatched."""
+    pipe, args = build("animatediff", components)
+    wrap_weights(pipe.unet)
+    reference = latents(pipe, args, 2.0)
+    patch_pipeline(pipe)
+    assert relative_difference(latents(pipe, args, 2.0), reference) <= 1e-3
+
+
 def test_fast_properties_leave_classes_with_their_own_properties_alone():
     from diffusers.models.modeling_utils import ModelMixin
 

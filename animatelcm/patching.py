@@ -328,8 +328,9 @@ def _residual_plus_conv(residual, conv, x):
 def fused_geglu_forward(self, hidden_states, *args, **kwargs):
     """``GEGLU.forward`` with the split, GELU and product fused: ``[..., D]`` -> ``[..., inner]``. A plain
     ``nn.Linear`` projection runs with it in :func:`animatelcm.ops.linear_geglu` (on the CPU its output, the
-    largest activation of the block, is never materialised); any other projection (an unfused LoRA layer, or one
-    with a hook that casts or moves its weights) runs as it is."""
+    largest activation of the block, is never materialised), its operands in autocast's dtype under autocast, as
+    the layer would compute; any other projection (an unfused LoRA layer, one with a hook that casts or moves its
+    weights, or quantized weights) runs as it is."""
     backend = getattr(self, PATCH_ATTRIBUTE)
     if type(self.proj) is nn.Linear and not _opaque(self.proj):
         weight, bias = self.proj.weight, self.proj.bias

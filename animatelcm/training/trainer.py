@@ -434,9 +434,23 @@ class Trainer:
 
     # -- main loop ---------------------------------------------------------------------------------------------
     def train(self) -> dict:
+        """Run the stage to ``train.max_steps`` (from its latest checkpoint with ``resume``); returns what
+        ``final/`` holds, by name."""
+        self._setup()
+        oneDNN = contextlib.nullcontext()
+        if (self.accelerator.device.type == "cpu" and self.run.train.mixed_precision == "bf16"
+                and torch.backends.mkldnn.enabled and onednn_bf16_weight_gradients_are_wrong()):
+            self.accelerator.print(
+                "NOTE: this PyTorch's oneDNN computes wrong, run-to-run different bfloat16 weight gradients for "
+                "strided convolutions with one-pixel outputs (a downsampler at a small latent); training runs with "
+                "PyTorch's own CPU convolutions instead (slower; or use mixed_precision: no on the CPU)")
+            oneDNN = torch.backends.mkldnn.flags(enabled=False)
+        with oneDNN:
+            return self._train()
+
+    def _train(self) -> dict:
         from tqdm.auto import tqdm
 
-        self._setup()
         run, train, accelerator = self.run, self.run.train, self.accelerator
         if self.resume:
             self._restore()
@@ -543,6 +557,26 @@ class Trainer:
         from .validation import write_validation
 
         write_validation(self, self.output_dir / "validation" / f"step-{self.step:06d}")
+
+
+def onednn_bf16_weight_gradients_are_wrong() -> bool:
+    """Whether this process's oneDNN gets the bfloat16 weight gradient of a strided 3x3 convolution with a
+    one-pixel output wrong. Measured with torch 2.13 on an AMD EPYC (Zen 4, AVX-512 BF16): under CPU autocast,
+    ``conv2d(x [2, 32, 1, 1], w [32, 32, 3, 3], stride=2, padding=1)``'s weight gradient differed from run to run,
+    up to 1e37, for inputs one pixel high or wide; PyTorch's own kernels (oneDNN off) gave the float32 answer to
+    bfloat16 rounding. A tiny UNet's deepest downsampler at 32-pixel images sees such an input. The probe runs that
+    convolution a few times (milliseconds)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 32, 1, 1, generator=generator)
+    weight = torch.randn(32, 32, 3, 3, generator=generator, requires_grad=True)
+    (expected,) = torch.autograd.grad(torch.nn.functional.conv2d(x, weight, stride=2, padding=1).sum(), weight)
+    for _ in range(8):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = torch.nn.functional.conv2d(x, weight, stride=2, padding=1)
+        (got,) = torch.autograd.grad(out.float().sum(), weight)
+        if not torch.allclose(got, expected, rtol=0.05, atol=0.05 * expected.abs().max().item()):
+            return True
+    return False
 
 
 def _changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:

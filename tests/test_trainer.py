@@ -439,6 +439,17 @@ def test_floats_written_without_a_dot_are_floats(tmp_path):
     assert load_config(path, {"train.learning_rate": yaml.safe_load("5e-5")}).train.learning_rate == 5e-5
 
 
+def test_mixed_precision_no_written_bare_in_yaml(tmp_path):
+    """PyYAML reads a bare ``no`` as False; ``mixed_precision: no`` (the documented value) means "no"."""
+    path = tmp_path / "run.yaml"
+    text = yaml.safe_dump(config("image_cd", tmp_path / "out", {"tiny": TINY}))
+    text = text.replace("progress: false", "progress: false\n  mixed_precision: no")
+    path.write_text(text)
+    assert yaml.safe_load(text)["train"]["mixed_precision"] is False
+    assert load_config(path).train.mixed_precision == "no"
+    assert load_config(path, {"train.mixed_precision": yaml.safe_load("no")}).train.mixed_precision == "no"
+
+
 def test_missing_data_files_fail_before_any_model_is_built(tmp_path):
     from animatelcm.training.data import DataError
 

@@ -241,6 +241,8 @@ def _coerce(value, annotation, key: str, source: str):
             return float(value)
         except ValueError:
             pass
+    if expected is str and value is False:  # PyYAML (YAML 1.1) reads a bare `no` (mixed_precision: no) as False
+        return "no"
     if expected is list and isinstance(value, (list, tuple)):
         return list(value)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):

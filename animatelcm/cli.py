@@ -483,7 +483,7 @@ def main(argv=None) -> int:
 
     try:
         if args.command == "train":
-            from .training.trainer import TrainingDiverged
+            from .training.trainer import TrainingDiverged, TrainingInterrupted
 
             try:
                 train(args)
@@ -492,6 +492,9 @@ def main(argv=None) -> int:
                     raise
                 print(f"animatelcm: training stopped: {error}", file=sys.stderr)
                 return 3
+            except TrainingInterrupted as error:
+                print(f"animatelcm: {error}", file=sys.stderr)
+                return 130  # the shell's status for a run stopped by Ctrl-C
         elif args.command == "eval":
             evaluate(args)
         else:

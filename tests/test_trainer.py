@@ -301,6 +301,38 @@ def test_bfloat16_training_on_the_cpu_has_sane_gradients(tmp_path):
     assert torch.backends.mkldnn.enabled  # the trainer's switch does not outlive the run
 
 
+def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(world, tmp_path):
+    """The first Ctrl-C (SIGINT) finishes the optimiser step under way, checkpoints it and exits with status 130 and
+    no final/ export; --resume then ends where an uninterrupted run ends, bit for bit."""
+    cfg = config("image_cd", tmp_path / "placeholder", {"base": world["base"]}, distill=dict(lora_rank=4),
+                 train=dict(max_steps=100000, checkpoint_every=100000, learning_rate=1e-3))
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    stopped = tmp_path / "stopped"
+    process = _cli(str(cfg_path), "--output-dir", str(stopped))
+    metrics = stopped / "metrics.csv"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    log = process.communicate(timeout=120)[0]
+    assert process.returncode == 130, log
+    with metrics.open() as handle:
+        last = int(list(csv.DictReader(handle))[-1]["step"])
+    assert f"interrupted after step {last}; checkpoint" in log and "Traceback" not in log
+    assert [p.name for p in (stopped / "checkpoints").iterdir()] == [f"checkpoint-{last}"]
+    assert not (stopped / "final").exists()
+    target = last + 2
+    resumed = _cli(str(cfg_path), "--output-dir", str(stopped), "--resume", "--max-steps", str(target))
+    assert resumed.wait(timeout=300) == 0
+    straight = tmp_path / "straight"
+    assert _cli(str(cfg_path), "--output-dir", str(straight), "--max-steps", str(target)).wait(timeout=300) == 0
+    a = _trainable(stopped / "checkpoints" / f"checkpoint-{target}")
+    b = _trainable(straight / "checkpoints" / f"checkpoint-{target}")
+    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+
+
 def test_resuming_names_the_settings_changed_since_the_checkpoint():
     from animatelcm.training.trainer import _changed_settings
 

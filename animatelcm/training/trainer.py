@@ -16,6 +16,8 @@ import json
 import math
 import os
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -30,6 +32,37 @@ TEXT_CACHE_SIZE = 4096
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint is left as it was."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped the run at a step boundary, after a checkpoint of that step (``--resume`` goes on)."""
+
+
+class _StopAtStepBoundary:
+    """While active in a single-process run: the first SIGINT (Ctrl-C) asks the loop to stop once the current
+    optimiser step is complete, so the checkpoint written then is a consistent one and no finished step is lost;
+    a second SIGINT interrupts at once. Multi-process runs keep the default (their processes would not agree on
+    the step to stop at): they resume from the last periodic checkpoint."""
+
+    def __init__(self, enabled: bool, announce):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.announce, self.requested, self._previous = announce, False, None
+
+    def __enter__(self):
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        self.announce("\nstopping after this step, with a checkpoint (Ctrl-C again to stop at once)")
+
+    def __exit__(self, *exc):
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
 
 
 def step_generator(seed: int, rank: int, step: int, micro: int) -> torch.Generator:
@@ -474,48 +507,20 @@ class Trainer:
         if run.validation.every and self.step == 0:
             self._validate()
         started = time.perf_counter()
+        stop = _StopAtStepBoundary(accelerator.num_processes == 1, accelerator.print)
         try:
-            while self.step < train.max_steps:
-                tick = time.perf_counter()
-                loss_sum = 0.0
-                self.student.train()
-                for micro in range(train.gradient_accumulation):
-                    generator = step_generator(run.seed, accelerator.process_index, self.step, micro)
-                    batch = self._prepare_batch(next(loader), generator)
-                    last = micro == train.gradient_accumulation - 1
-                    context = accelerator.no_sync(self.student) if not last else contextlib.nullcontext()
-                    with context, accelerator.autocast():
-                        loss = self.stage.loss(self.student, batch, generator) / train.gradient_accumulation
-                    self._check_finite(loss)
-                    accelerator.backward(loss)
-                    loss_sum += loss.detach().float()
-                grad_norm = accelerator.clip_grad_norm_(self.stage.trainable_parameters(), train.max_grad_norm) \
-                    if train.max_grad_norm > 0 else torch.tensor(float("nan"))
-                self.optimizer.step()
-                self.lr_scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.stage.after_optimizer_step()
-                self.step += 1
-                mean_loss = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), "mean").item()
-                seconds = time.perf_counter() - tick
-                lr = self.lr_scheduler.get_last_lr()[0]
-                progress.update(1)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
-                if accelerator.is_main_process and self.step % train.log_every == 0:
-                    metrics.writerow(dict(step=self.step, loss=f"{mean_loss:.6g}", lr=f"{lr:.6g}",
-                                          grad_norm=f"{float(grad_norm):.6g}", seconds=f"{seconds:.4f}",
-                                          samples_per_second=f"{per_step * accelerator.num_processes / seconds:.3f}"))
-                    metrics_handle.flush()
-                if train.tensorboard:
-                    accelerator.log({"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm)}, step=self.step)
-                if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
-                    self._save_checkpoint()
-                if run.validation.every and self.step % run.validation.every == 0:
-                    self._validate()
+            with stop:
+                self._steps(stop, loader, metrics, metrics_handle, progress, per_step)
         finally:
             progress.close()
             if metrics_handle is not None:
                 metrics_handle.close()
+        if stop.requested:
+            if not (self.checkpoint_dir / f"{CHECKPOINT_PREFIX}{self.step}").exists():
+                self._save_checkpoint()
+            raise TrainingInterrupted(f"{run.stage}: interrupted after step {self.step}; checkpoint "
+                                      f"{self.checkpoint_dir / f'{CHECKPOINT_PREFIX}{self.step}'} holds it (go on "
+                                      "with --resume)")
         self._save_checkpoint()
         outputs = self._export()
         if train.tensorboard:
@@ -524,6 +529,47 @@ class Trainer:
                           f"({accelerator.device}) in {time.perf_counter() - started:.1f} s; "
                           f"outputs in {self.output_dir / 'final'}")
         return outputs
+
+    def _steps(self, stop, loader, metrics, metrics_handle, progress, per_step):
+        """Optimiser steps until ``train.max_steps``, or until ``stop`` is requested at a step boundary."""
+        run, train, accelerator = self.run, self.run.train, self.accelerator
+        while self.step < train.max_steps and not stop.requested:
+            tick = time.perf_counter()
+            loss_sum = 0.0
+            self.student.train()
+            for micro in range(train.gradient_accumulation):
+                generator = step_generator(run.seed, accelerator.process_index, self.step, micro)
+                batch = self._prepare_batch(next(loader), generator)
+                last = micro == train.gradient_accumulation - 1
+                context = accelerator.no_sync(self.student) if not last else contextlib.nullcontext()
+                with context, accelerator.autocast():
+                    loss = self.stage.loss(self.student, batch, generator) / train.gradient_accumulation
+                self._check_finite(loss)
+                accelerator.backward(loss)
+                loss_sum += loss.detach().float()
+            grad_norm = accelerator.clip_grad_norm_(self.stage.trainable_parameters(), train.max_grad_norm) \
+                if train.max_grad_norm > 0 else torch.tensor(float("nan"))
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.stage.after_optimizer_step()
+            self.step += 1
+            mean_loss = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), "mean").item()
+            seconds = time.perf_counter() - tick
+            lr = self.lr_scheduler.get_last_lr()[0]
+            progress.update(1)
+            progress.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}")
+            if accelerator.is_main_process and self.step % train.log_every == 0:
+                metrics.writerow(dict(step=self.step, loss=f"{mean_loss:.6g}", lr=f"{lr:.6g}",
+                                      grad_norm=f"{float(grad_norm):.6g}", seconds=f"{seconds:.4f}",
+                                      samples_per_second=f"{per_step * accelerator.num_processes / seconds:.3f}"))
+                metrics_handle.flush()
+            if train.tensorboard:
+                accelerator.log({"loss": mean_loss, "lr": lr, "grad_norm": float(grad_norm)}, step=self.step)
+            if train.checkpoint_every and self.step % train.checkpoint_every == 0 and self.step < train.max_steps:
+                self._save_checkpoint()
+            if run.validation.every and self.step % run.validation.every == 0:
+                self._validate()
 
     def _check_finite(self, loss):
         finite = torch.isfinite(loss.detach()).float()

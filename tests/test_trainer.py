@@ -244,6 +244,34 @@ def _trainable(checkpoint: Path) -> dict:
     return {**state, **{f"ema:{k}": v for k, v in ema.items()}}
 
 
+def _interrupted_run(cfg_path, output_dir, ready, signum):
+    """``animatelcm train`` into ``output_dir``, sent ``signum`` once ``ready()`` holds (within 120 s)."""
+    process = _cli(str(cfg_path), "--output-dir", str(output_dir))
+    deadline = time.time() + 120
+    while time.time() < deadline and not ready():
+        assert process.poll() is None, process.stdout.read()
+        time.sleep(0.05)
+    process.send_signal(signum)
+    return process
+
+
+def _resumes_like_a_straight_run(cfg_path, interrupted, straight, target) -> str:
+    """Resume ``interrupted`` to step ``target``, run ``straight`` there uninterrupted, and check the two
+    checkpoints are the same bit for bit; returns the resumed run's log."""
+    resumed = _cli(str(cfg_path), "--output-dir", str(interrupted), "--resume", "--max-steps", str(target))
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log
+    reference = _cli(str(cfg_path), "--output-dir", str(straight), "--max-steps", str(target))
+    reference.communicate(timeout=300)
+    assert reference.returncode == 0
+    a = _trainable(interrupted / "checkpoints" / f"checkpoint-{target}")
+    b = _trainable(straight / "checkpoints" / f"checkpoint-{target}")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    return log
+
+
 def test_resume_after_sigkill_reproduces_an_uninterrupted_run(world, tmp_path):
     cfg = config("image_cd", tmp_path / "placeholder", {"base": world["base"]}, distill=dict(lora_rank=4),
                  train=dict(max_steps=100000, checkpoint_every=2, checkpoints_kept=3, learning_rate=1e-3))
@@ -252,30 +280,16 @@ def test_resume_after_sigkill_reproduces_an_uninterrupted_run(world, tmp_path):
 
     cfg_path.write_text(yaml.safe_dump(cfg))
     killed = tmp_path / "killed"
-    process = _cli(str(cfg_path), "--output-dir", str(killed))
     checkpoints = killed / "checkpoints"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (checkpoints.is_dir() and any(p.name == "checkpoint-4" for p in checkpoints.iterdir())):
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
+    process = _interrupted_run(cfg_path, killed, lambda: checkpoints.is_dir() and any(
+        p.name == "checkpoint-4" for p in checkpoints.iterdir()), signal.SIGKILL)
     process.wait()
     steps = sorted(int(p.name.split("-")[1]) for p in checkpoints.iterdir() if p.name.startswith("checkpoint-"))
     last = steps[-1]
     assert last >= 4 and len(steps) <= 3
     target = last + 3
-    resumed = _cli(str(cfg_path), "--output-dir", str(killed), "--resume", "--max-steps", str(target))
-    log = resumed.communicate()[0]
-    assert resumed.returncode == 0, log
+    log = _resumes_like_a_straight_run(cfg_path, killed, tmp_path / "straight", target)
     assert f"(step {last})" in log and "settings changed" not in log  # a longer max_steps is no change
-    straight = tmp_path / "straight"
-    reference = _cli(str(cfg_path), "--output-dir", str(straight), "--max-steps", str(target))
-    log = reference.communicate()[0]
-    assert reference.returncode == 0, log
-    a, b = _trainable(killed / "checkpoints" / f"checkpoint-{target}"), _trainable(straight / "checkpoints" / f"checkpoint-{target}")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
     with (killed / "metrics.csv").open() as handle:
         assert [int(r["step"]) for r in csv.DictReader(handle)][-target:] == list(range(1, target + 1))
 
@@ -309,13 +323,9 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(world, tmp_path):
     cfg_path = tmp_path / "run.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
     stopped = tmp_path / "stopped"
-    process = _cli(str(cfg_path), "--output-dir", str(stopped))
     metrics = stopped / "metrics.csv"
-    deadline = time.time() + 120
-    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) > 3):
-        assert process.poll() is None, process.stdout.read()
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process = _interrupted_run(cfg_path, stopped, lambda: metrics.exists() and len(metrics.read_text().splitlines()) > 3,
+                               signal.SIGINT)
     log = process.communicate(timeout=120)[0]
     assert process.returncode == 130, log
     with metrics.open() as handle:
@@ -323,14 +333,7 @@ def test_ctrl_c_stops_at_a_step_boundary_with_a_checkpoint(world, tmp_path):
     assert f"interrupted after step {last}; checkpoint" in log and "Traceback" not in log
     assert [p.name for p in (stopped / "checkpoints").iterdir()] == [f"checkpoint-{last}"]
     assert not (stopped / "final").exists()
-    target = last + 2
-    resumed = _cli(str(cfg_path), "--output-dir", str(stopped), "--resume", "--max-steps", str(target))
-    assert resumed.wait(timeout=300) == 0
-    straight = tmp_path / "straight"
-    assert _cli(str(cfg_path), "--output-dir", str(straight), "--max-steps", str(target)).wait(timeout=300) == 0
-    a = _trainable(stopped / "checkpoints" / f"checkpoint-{target}")
-    b = _trainable(straight / "checkpoints" / f"checkpoint-{target}")
-    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    _resumes_like_a_straight_run(cfg_path, stopped, tmp_path / "straight", last + 2)
 
 
 def test_resuming_names_the_settings_changed_since_the_checkpoint():

@@ -505,6 +505,11 @@ def main(argv=None) -> int:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         print(f"animatelcm: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: nothing was written (exports are atomic)
+        if os.environ.get("ANIMATELCM_DEBUG"):
+            raise
+        print("animatelcm: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

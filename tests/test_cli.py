@@ -77,6 +77,18 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         assert "Traceback" not in stderr
 
 
+def test_ctrl_c_while_generating_exits_130_without_a_traceback(monkeypatch, capsys):
+    from animatelcm import cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.delenv("ANIMATELCM_DEBUG", raising=False)
+    monkeypatch.setattr(cli, "generate", interrupted)
+    assert cli.main(["generate", "--prompt", "x"]) == 130
+    assert capsys.readouterr().err.strip() == "animatelcm: interrupted"
+
+
 def test_pickled_motion_module_refused_without_flag(components, tmp_path, capsys):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 

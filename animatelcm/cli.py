@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -117,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("--image-adapter", help="ImageToVideoAdapter folder (the teacher_free stage with "
                                                   "adapter.kind: i2v writes final/i2v_adapter)")
     adapters.add_argument("--control", help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a "
-                                            "folder of images in name order; needs --controlnet")
+                                            "folder of images in natural name order (frame2 before frame10); needs "
+                                            "--controlnet")
     adapters.add_argument("--controlnet", help="diffusers ControlNet folder (the teacher_free stage with adapter.kind: "
                                                "controlnet_lora writes final/controlnet)")
     adapters.add_argument("--control-scale", type=_non_negative_float, default=1.0,
@@ -416,6 +418,11 @@ def _read_picture(path, flag: str = "--image"):
         raise UserError(f"{flag} {path}: not a readable image ({error})") from None
 
 
+def _natural_order(path: Path) -> list:
+    """Sort key of a file name with its digit runs compared as numbers: frame2.png before frame10.png."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
+
+
 def _read_control_frames(path, frames: int | None, height: int, width: int, edges: bool):
     """The control clip as ``[F, 3, height, width]`` in [0, 1] (``frames`` of them, from the start; all when None),
     optionally as edge maps."""
@@ -428,7 +435,7 @@ def _read_control_frames(path, frames: int | None, height: int, width: int, edge
 
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_order)
         if not files:
             raise UserError(f"--control {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
         pictures = [_read_picture(file, "--control") for file in files[:frames]]

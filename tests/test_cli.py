@@ -3,8 +3,10 @@ import subprocess
 import sys
 
 import imageio.v3 as iio
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from animatelcm.cli import main
 from animatelcm.loading import save_motion_adapter
@@ -77,6 +79,17 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         assert "Traceback" not in stderr
 
 
+def test_control_frames_from_a_folder_in_natural_name_order(tmp_path):
+    """frame2.png comes before frame10.png (unpadded frame numbers, as many tools write them)."""
+    from animatelcm.cli import _read_control_frames
+
+    for index in range(1, 13):
+        Image.fromarray(np.full((8, 8, 3), index * 20, dtype=np.uint8)).save(tmp_path / f"frame{index}.png")
+    clip = _read_control_frames(tmp_path, None, 8, 8, edges=False)
+    assert torch.allclose(clip.mean(dim=(1, 2, 3)) * 255, torch.arange(1, 13) * 20.0, atol=0.5)
+    assert len(_read_control_frames(tmp_path, 5, 8, 8, edges=False)) == 5
+
+
 def test_ctrl_c_while_generating_exits_130_without_a_traceback(monkeypatch, capsys):
     from animatelcm import cli
 
@@ -143,8 +156,6 @@ def tiny_model_args(components, tmp_path):
 def test_generate_from_an_image(components, tiny_model_args, tmp_path, capsys):
     """--image with --image-adapter animates the picture: the clip differs from the text-only one (an adapter with
     random weights), is reproducible, and each missing piece is a one-line error."""
-    from PIL import Image
-
     from animatelcm.adapters import ImageToVideoAdapter
 
     adapter = ImageToVideoAdapter(block_out_channels=tuple(components["unet"].config.block_out_channels))
@@ -177,7 +188,6 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
     """--control (a video file or a folder of images) with --controlnet: as many frames as the clip (or --frames
     of them), following the control images, edge maps on request; mismatches are one-line errors."""
     from diffusers import ControlNetModel
-    from PIL import Image
 
     torch.manual_seed(0)
     controlnet = ControlNetModel.from_unet(components["unet"], conditioning_channels=3)

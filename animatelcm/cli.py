@@ -243,6 +243,18 @@ def _resolve_dtype(name: str, device):
     return getattr(torch, DTYPES[name])
 
 
+def _check_writable(flag: str, path: Path) -> None:
+    """A file can be written at ``path``: it is not a folder, and its nearest existing parent is a writable folder
+    (missing folders are made when the file is written)."""
+    if path.is_dir():
+        raise UserError(f"{flag} {path} is a folder; name a file")
+    parent = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+    if not parent.is_dir():
+        raise UserError(f"{flag} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: cannot write in {parent}")
+
+
 def _check_paths(args) -> None:
     for flag in ("model", "base", "base_config", "motion_module", "lcm_lora", "image", "image_adapter", "control",
                  "controlnet"):
@@ -254,6 +266,9 @@ def _check_paths(args) -> None:
             raise UserError(f"--lora {path}: no such file or folder")
     if args.command == "generate" and Path(args.out).suffix.lower() not in (".gif", ".mp4"):
         raise UserError(f"--out {args.out}: the file name must end in .gif or .mp4")
+    for flag in ("out", "save_clips"):  # checked before the model loads, not after the work is done
+        if getattr(args, flag, None):
+            _check_writable(f"--{flag.replace('_', '-')}", Path(getattr(args, flag)))
     if args.model and (args.base or args.motion_module):
         raise UserError("give either --model or --base with --motion-module, not both")
     if bool(args.base) != bool(args.motion_module):
@@ -506,7 +521,7 @@ def main(argv=None) -> int:
             evaluate(args)
         else:
             generate(args)
-    except (UserError, CheckpointError, BackendUnavailableError, ValueError, FileNotFoundError) as error:
+    except (UserError, CheckpointError, BackendUnavailableError, ValueError, OSError) as error:
         if os.environ.get("ANIMATELCM_DEBUG"):
             raise
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -58,7 +58,12 @@ def test_clip_skip_reaches_the_pipeline(tmp_path, monkeypatch):
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path):
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "a_folder.gif").mkdir()
     cases = [
+        (["generate", "--prompt", "x", "--out", str(tmp_path / "a_file" / "x.gif")], "a_file is a file, not a folder"),
+        (["generate", "--prompt", "x", "--out", str(tmp_path / "a_folder.gif")], "is a folder; name a file"),
+        (["eval", "--clips", "1", "--save-clips", str(tmp_path / "a_file" / "c.pt")], "is a file, not a folder"),
         (["generate", "--prompt", "x", "--steps", "0"], "--steps"),
         (["generate", "--prompt", "x", "--base", str(tmp_path / "nope"), "--motion-module", str(tmp_path)], "no such file"),
         (["generate", "--prompt", "x", "--out", str(tmp_path / "x.avi")], ".gif or .mp4"),

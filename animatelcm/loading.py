@@ -192,6 +192,24 @@ def _saved_motion_config(path: Path) -> dict:
     return {k: v for k, v in saved.items() if k in MOTION_HYPERPARAMETERS}
 
 
+_WEIGHT_FILE = re.compile(r"^[^.]+?(?:\.(?P<variant>[A-Za-z0-9_]+))?(?:-\d+-of-\d+)?\.(?:safetensors|bin)$")
+
+
+def _weights_variant(folder: Path) -> str | None:
+    """The variant of a model folder whose weight files all carry one (``fp16`` in
+    ``diffusion_pytorch_model.fp16.safetensors``: many downloads hold only those), else None. diffusers and
+    transformers read plain weight files unless they are given the variant."""
+    variants = {match["variant"] for path in folder.glob("*") if (match := _WEIGHT_FILE.match(path.name))}
+    return next(iter(variants)) if len(variants) == 1 and None not in variants else None
+
+
+def _pipeline_variant(folder: Path) -> str | None:
+    """The one variant among a pipeline folder's variant-only components (diffusers then reads plain files for
+    the others), else None."""
+    variants = {_weights_variant(sub) for sub in folder.iterdir() if sub.is_dir()} - {None}
+    return next(iter(variants)) if len(variants) == 1 else None
+
+
 def _load_prompted_model(cls, folder: Path, torch_dtype=None, overrides=None):
     """A diffusers model folder (``config.json`` + ``diffusion_pytorch_model.safetensors``) of ``cls`` with prompted
     motion modules (:mod:`animatelcm.motion_prompt`), or None when its config has none (diffusers loads those)."""
@@ -238,6 +256,7 @@ def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dty
             adapter = _load_prompted_model(MotionAdapter, path, torch_dtype, _config_overrides(config, str(path)))
             if adapter is None:
                 adapter = MotionAdapter.from_pretrained(str(path), local_files_only=True, torch_dtype=torch_dtype,
+                                                        variant=_weights_variant(path),
                                                         **_config_overrides(config, str(path)))
         except (OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{path}: could not load the MotionAdapter folder: {error}") from error
@@ -293,7 +312,8 @@ def _load_model_folder(cls, path, what: str, torch_dtype=None):
         raise CheckpointError(f"{what} {folder}: expected a folder with config.json and the weights (as "
                               f"{cls.__name__}.save_pretrained writes it)")
     try:
-        model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch_dtype)
+        model = cls.from_pretrained(str(folder), local_files_only=True, torch_dtype=torch_dtype,
+                                    variant=_weights_variant(folder))
     except (OSError, ValueError, RuntimeError, TypeError) as error:
         raise CheckpointError(
             f"{what} {folder}: cannot load it as a {cls.__name__}: {str(error).splitlines()[0]}") from error
@@ -408,12 +428,11 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
                                   + (" (a saved video pipeline: load it as the model folder, CLI --model, with no "
                                      "motion module)" if unet_class == "UNetMotionModel" else ""))
         try:
-            parts = dict(
-                unet=UNet2DConditionModel.from_pretrained(str(base), subfolder="unet", local_files_only=True, torch_dtype=torch_dtype),
-                vae=AutoencoderKL.from_pretrained(str(base), subfolder="vae", local_files_only=True, torch_dtype=torch_dtype),
-                text_encoder=CLIPTextModel.from_pretrained(str(base), subfolder="text_encoder", local_files_only=True, torch_dtype=torch_dtype),
-                tokenizer=CLIPTokenizer.from_pretrained(str(base), subfolder="tokenizer", local_files_only=True),
-            )
+            parts = {name: cls.from_pretrained(str(base), subfolder=name, local_files_only=True, torch_dtype=torch_dtype,
+                                               variant=_weights_variant(base / name))
+                     for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
+                                       ("text_encoder", CLIPTextModel))}
+            parts["tokenizer"] = CLIPTokenizer.from_pretrained(str(base), subfolder="tokenizer", local_files_only=True)
         except (OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{base}: could not load the Stable Diffusion folder: {error}") from error
         _check_sd15_unet(parts["unet"], base)
@@ -491,6 +510,7 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
                         if adapter is not None:
                             prompted["motion_adapter"] = adapter
             pipe = AnimateLCMPipeline.from_pretrained(str(model), local_files_only=True, torch_dtype=torch_dtype,
+                                                      variant=_pipeline_variant(model),
                                                       **prompted)
         except (OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{model}: could not load the pipeline folder: {error}") from error

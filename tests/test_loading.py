@@ -329,6 +329,32 @@ def test_a_video_pipeline_folder_as_base_says_to_load_it_as_the_model(components
     assert load_pipeline(tmp_path / "video").unet.__class__.__name__ == "UNetMotionModel"
 
 
+def test_folders_with_only_fp16_variant_weights(components, tmp_path):
+    """Folders that hold only ``*.fp16.safetensors`` weights (as many downloads do) load: a base, a motion adapter,
+    a ControlNet and a saved pipeline, each giving what its plain-weights twin gives."""
+    from diffusers import AnimateDiffPipeline, ControlNetModel, LCMScheduler, StableDiffusionPipeline
+
+    from animatelcm.loading import load_controlnet
+
+    StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                            tokenizer=components["tokenizer"], unet=components["unet"], scheduler=LCMScheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "base", variant="fp16")
+    components["motion_adapter"].save_pretrained(tmp_path / "motion", variant="fp16")
+    assert not list((tmp_path / "base" / "unet").glob("diffusion_pytorch_model.safetensors"))
+    from_parts = load_pipeline(base=tmp_path / "base", motion_module=tmp_path / "motion")
+    direct = AnimateLCMPipeline(**components)
+    assert abs(generate(from_parts) - generate(direct)).max() <= 1e-5
+    saved = AnimateDiffPipeline(**components, scheduler=LCMScheduler())
+    saved.save_pretrained(tmp_path / "pipe", variant="fp16")
+    saved.save_pretrained(tmp_path / "plain")
+    assert abs(generate(load_pipeline(tmp_path / "pipe")) - generate(load_pipeline(tmp_path / "plain"))).max() <= 1e-5
+    controlnet = ControlNetModel.from_unet(components["unet"], conditioning_channels=3)
+    controlnet.save_pretrained(tmp_path / "controlnet", variant="fp16")
+    loaded = load_controlnet(tmp_path / "controlnet")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), controlnet.state_dict().values()))
+
+
 def test_a_base_and_a_motion_module_made_for_other_models_are_refused(components, sd_folder, tmp_path):
     """Named at load, with both files: a motion module for other UNet widths (diffusers only says "incompatible"),
     and an SDXL UNet (its extra embeddings would fail the first call with a TypeError)."""

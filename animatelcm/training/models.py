@@ -63,7 +63,9 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     if model_config.vae is not None:
         from diffusers import AutoencoderKL
 
-        parts["vae"] = AutoencoderKL.from_pretrained(model_config.vae, torch_dtype=torch_dtype)
+        from ..loading import _load_model_folder
+
+        parts["vae"] = _load_model_folder(AutoencoderKL, model_config.vae, "model.vae", torch_dtype)
     if model_config.motion_adapter is not None:
         motion_adapter = load_motion_adapter(model_config.motion_adapter, torch_dtype=torch_dtype)
         _check_parts_match(parts["unet"], motion_adapter, model_config.base or model_config.pretrained or "model.tiny",

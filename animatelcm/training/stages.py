@@ -380,7 +380,9 @@ class TeacherFreeStage(ConsistencyStage):
             from peft import LoraConfig, inject_adapter_in_model
 
             if run.model.controlnet is not None:
-                controlnet = ControlNetModel.from_pretrained(run.model.controlnet, local_files_only=True)
+                from ..loading import load_controlnet
+
+                controlnet = load_controlnet(run.model.controlnet)
             else:
                 controlnet = ControlNetModel.from_unet(_spatial_unet(unet, parts))
             controlnet.requires_grad_(False)

@@ -95,7 +95,8 @@ def _add_model_arguments(parser) -> None:
     models.add_argument("--lcm-lora", help="AnimateLCM spatial LoRA (.safetensors, kohya or diffusers keys)")
     models.add_argument("--lcm-lora-scale", type=_finite_float, default=0.8, help="scale of the LCM LoRA (default 0.8)")
     models.add_argument("--lora", action="append", default=[], type=_lora_spec, metavar="PATH[:SCALE]",
-                        help="personalised LoRA stacked on top (repeatable)")
+                        help="LoRA stacked on top (repeatable): a personalised style LoRA, or an AnimateDiff "
+                             "motion LoRA (zoom, pan, ...; original or diffusers layout)")
     models.add_argument("--allow-pickle", action="store_true",
                         help="allow .ckpt/.pt checkpoints (pickles can run code: only for files you trust)")
 
@@ -311,9 +312,10 @@ def _load_model(args, dtype, device):
     print("using the embedded default model (the miniature AnimateLCM: prompts 'a {red|green|blue|yellow} "
           "{circle|square|triangle} moving {left|right|up|down}', 32x32 clips)", file=sys.stderr)
     if args.lcm_lora:
-        load_lora(default.pipe, args.lcm_lora, adapter_name="animatelcm", scale=args.lcm_lora_scale)
+        load_lora(default.pipe, args.lcm_lora, adapter_name="animatelcm", scale=args.lcm_lora_scale,
+                  allow_pickle=args.allow_pickle)
     for index, (path, scale) in enumerate(args.lora):
-        load_lora(default.pipe, path, adapter_name=f"lora_{index}", scale=scale)
+        load_lora(default.pipe, path, adapter_name=f"lora_{index}", scale=scale, allow_pickle=args.allow_pickle)
     return default.pipe, default
 
 

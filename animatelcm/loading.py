@@ -336,21 +336,67 @@ def load_controlnet(path, torch_dtype: torch.dtype | None = None):
     return _load_model_folder(ControlNetModel, path, "ControlNet", torch_dtype)
 
 
-def load_lora(pipe, path, adapter_name: str, scale: float = 1.0, fuse: bool = False):
-    """Load a LoRA (kohya ``lora_unet_*`` or diffusers/peft format, ``.safetensors`` file or folder) into
-    ``pipe``'s UNet (and text encoder, if the file has such keys) under ``adapter_name``, and activate it with
-    ``scale`` stacked on top of the adapters already active. ``fuse=True`` merges it into the weights."""
-    path = _require_path(path, "LoRA")
-    if path.is_file() and path.suffix.lower() not in SAFE_SUFFIXES:
-        raise CheckpointError(f"{path}: LoRAs are read from .safetensors files (or diffusers folders)")
+UNET_TOP_LEVEL = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.",
+                  "time_embedding.")
+
+
+def _needs_renaming(keys) -> bool:
+    """Whether a LoRA's keys are in a layout diffusers' ``load_lora_weights`` does not read: the original AnimateDiff
+    motion-LoRA names, or UNet module paths without the ``unet.`` prefix (``unet.save_attn_procs`` files)."""
+    return is_original_motion_layout(keys) or any(key.startswith(UNET_TOP_LEVEL) for key in keys)
+
+
+def _unet_lora_keys(state: dict) -> dict:
+    """A LoRA of :func:`_needs_renaming` in the layout diffusers' LoRA loader reads: original AnimateDiff motion-LoRA
+    names (``v2_lora_ZoomIn.ckpt`` and its kind:
+    ``...motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora.down.weight``)
+    become diffusers' (``...motion_modules.0.transformer_blocks.0.attn1.processor.to_q_lora.down.weight``), and UNet
+    module paths get the ``unet.`` prefix. The delta stays ``up @ down``, as AnimateDiff applies it."""
+    from diffusers.loaders.single_file_utils import convert_animatediff_checkpoint_to_diffusers
+
+    if is_original_motion_layout(state):
+        state = convert_animatediff_checkpoint_to_diffusers(state)
+    return {f"unet.{key}" if key.startswith(UNET_TOP_LEVEL) else key: value for key, value in state.items()}
+
+
+def _safetensors_keys(path: Path) -> list[str]:
+    from safetensors import SafetensorError, safe_open
+
     try:
-        if path.is_dir():
-            pipe.load_lora_weights(str(path), adapter_name=adapter_name, local_files_only=True)
-        else:
-            pipe.load_lora_weights(str(path.parent), weight_name=path.name, adapter_name=adapter_name,
-                                   local_files_only=True)
+        with safe_open(str(path), framework="pt") as file:
+            return list(file.keys())
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+
+
+def load_lora(pipe, path, adapter_name: str, scale: float = 1.0, fuse: bool = False, allow_pickle: bool = False):
+    """Load a LoRA into ``pipe``'s UNet (and text encoder, if the file has such keys) under ``adapter_name``, and
+    activate it with ``scale`` stacked on top of the adapters already active. ``fuse=True`` merges it into the
+    weights.
+
+    ``path``: a ``.safetensors`` file or a diffusers folder, in kohya (``lora_unet_*``) or diffusers/peft layout;
+    AnimateDiff motion LoRAs (camera zoom, pan, ...) in the diffusers layout or the original one, whose releases are
+    pickled ``.ckpt`` files, read only with ``allow_pickle=True`` (only for files you trust). diffusers/peft do the
+    loading; a file none of whose tensors names a layer of the pipeline raises :class:`CheckpointError`."""
+    path = _require_path(path, "LoRA")
+    suffix = path.suffix.lower()
+    if path.is_file() and suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: LoRAs are read from .safetensors files (or diffusers folders; "
+                              f"{', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
+    if path.is_file() and (suffix in PICKLE_SUFFIXES or _needs_renaming(_safetensors_keys(path))):
+        source, options = _unet_lora_keys(read_state_dict(path, allow_pickle=allow_pickle)), {}
+    elif path.is_dir():
+        source, options = str(path), {}
+    else:
+        source, options = str(path.parent), {"weight_name": path.name}
+    try:
+        pipe.load_lora_weights(source, adapter_name=adapter_name, local_files_only=True, **options)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{path}: could not load as a LoRA: {error}") from error
+    if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        raise CheckpointError(
+            f"{path}: none of its tensors names a layer of this pipeline's UNet or text encoder, so nothing was "
+            "loaded. Is it a LoRA for another model (SDXL, say), or not a LoRA?")
     scales = getattr(pipe, LORA_SCALES_ATTRIBUTE, {})
     scales = {name: value for name, value in scales.items() if name in pipe.get_active_adapters()}
     scales[adapter_name] = scale
@@ -523,9 +569,9 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
         _check_parts_match(parts["unet"], adapter, base, motion_module)
         pipe = AnimateLCMPipeline(motion_adapter=adapter, **parts)
     if lcm_lora is not None:
-        load_lora(pipe, lcm_lora, adapter_name="animatelcm", scale=lcm_lora_scale)
+        load_lora(pipe, lcm_lora, adapter_name="animatelcm", scale=lcm_lora_scale, allow_pickle=allow_pickle)
     for index, (path, scale) in enumerate(loras):
-        load_lora(pipe, path, adapter_name=f"lora_{index}", scale=scale)
+        load_lora(pipe, path, adapter_name=f"lora_{index}", scale=scale, allow_pickle=allow_pickle)
     if device is not None:
         pipe.to(device)
     return pipe

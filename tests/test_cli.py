@@ -189,6 +189,28 @@ def test_generate_from_an_image(components, tiny_model_args, tmp_path, capsys):
         assert needle in capsys.readouterr().err, argv
 
 
+def test_generate_with_a_pickled_motion_lora(components, tiny_model_args, tmp_path, capsys):
+    """An AnimateDiff motion LoRA as released (a .ckpt in the original layout) through --lora: refused without
+    --allow-pickle, and with it the clip changes."""
+    state = {}
+    generator = torch.Generator().manual_seed(0)
+    for name, weight in components["motion_adapter"].state_dict().items():
+        if ".attn1.to_q.weight" in name:
+            stem = name.replace(".transformer_blocks.", ".temporal_transformer.transformer_blocks.").replace(
+                ".attn1.to_q.weight", ".attention_blocks.0.processor.to_q_lora")
+            state[f"{stem}.down.weight"] = torch.randn(4, weight.shape[1], generator=generator)
+            state[f"{stem}.up.weight"] = torch.randn(weight.shape[0], 4, generator=generator)
+    torch.save({"state_dict": state}, tmp_path / "zoom.ckpt")
+    argv = ["generate", "--prompt", "a red circle moving right", "--frames", "4", *tiny_model_args]
+    assert main(argv + ["--lora", f"{tmp_path / 'zoom.ckpt'}:0.9", "--out", str(tmp_path / "no.gif")]) == 2
+    assert "--allow-pickle" in capsys.readouterr().err
+    assert main(argv + ["--lora", f"{tmp_path / 'zoom.ckpt'}:0.9", "--allow-pickle",
+                        "--out", str(tmp_path / "zoom.gif")]) == 0
+    assert main(argv + ["--out", str(tmp_path / "plain.gif")]) == 0
+    zoom, plain = (iio.imread(tmp_path / name).astype(np.int16) for name in ("zoom.gif", "plain.gif"))
+    assert zoom.shape == plain.shape and np.abs(zoom - plain).max() > 10
+
+
 def test_generate_from_control_frames(components, tiny_model_args, tmp_path, capsys):
     """--control (a video file or a folder of images) with --controlnet: as many frames as the clip (or --frames
     of them), following the control images, edge maps on request; mismatches are one-line errors."""

@@ -240,6 +240,68 @@ def test_lora_errors(components, tmp_path):
         load_lora(pipe, tmp_path / "lora.ckpt", "x")
 
 
+# AnimateDiff motion LoRAs: diffusers module name -> the original release's name (v2_lora_*.ckpt).
+MOTION_LORA_TARGETS = {
+    "down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q":
+        "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora",
+    "up_blocks.1.motion_modules.2.transformer_blocks.0.attn2.to_out.0":
+        "up_blocks.1.motion_modules.2.temporal_transformer.transformer_blocks.0.attention_blocks.1.processor.to_out_lora",
+    "mid_block.motion_modules.0.transformer_blocks.0.attn1.to_v":
+        "mid_block.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_v_lora",
+}
+
+
+def motion_lora_file(path, deltas, layout):
+    """A motion LoRA with ``deltas`` {diffusers module: (up, down)} in one of the layouts people download: the
+    original release's, diffusers' hub copies (``unet.`` + processor names), or ``unet.save_attn_procs``'s (no
+    prefix)."""
+    state = {}
+    for name, (up, down) in deltas.items():
+        processor = name.replace(".to_out.0", ".processor.to_out_lora")
+        processor = processor.replace(".to_q", ".processor.to_q_lora").replace(".to_v", ".processor.to_v_lora")
+        stem = {"original": MOTION_LORA_TARGETS[name], "diffusers": f"unet.{processor}",
+                "unprefixed": processor}[layout]
+        state[f"{stem}.down.weight"], state[f"{stem}.up.weight"] = down, up
+    if path.suffix == ".ckpt":
+        torch.save({"state_dict": state}, path)
+    else:
+        save_file(state, str(path))
+    return path
+
+
+@pytest.mark.parametrize("layout, suffix", [("original", ".safetensors"), ("original", ".ckpt"),
+                                            ("diffusers", ".safetensors"), ("unprefixed", ".safetensors")])
+def test_motion_loras_load_in_the_layouts_people_download(components, tmp_path, layout, suffix):
+    pipe = AnimateLCMPipeline(**components)
+    base = {name: module_weight(pipe.unet, name).detach().clone() for name in MOTION_LORA_TARGETS}
+    generator = torch.Generator().manual_seed(0)
+    deltas = {name: (torch.randn(weight.shape[0], 4, generator=generator),
+                     torch.randn(4, weight.shape[1], generator=generator)) for name, weight in base.items()}
+    path = motion_lora_file(tmp_path / f"zoom{suffix}", deltas, layout)
+    if suffix == ".ckpt":
+        with pytest.raises(CheckpointError, match="allow_pickle"):
+            load_lora(pipe, path, "zoom")
+    load_lora(pipe, path, "zoom", scale=0.7, allow_pickle=suffix == ".ckpt")
+    pipe.fuse_lora(adapter_names=["zoom"])
+    for name, (up, down) in deltas.items():  # AnimateDiff applies scale * up @ down (no rank scaling)
+        torch.testing.assert_close(module_weight(pipe.unet, name), base[name] + 0.7 * up @ down, atol=1e-5, rtol=1e-5)
+
+
+def test_a_lora_for_no_layer_of_the_pipeline_is_refused(components, tmp_path):
+    pipe = AnimateLCMPipeline(**components)
+    stem = "unet.down_blocks.1.attentions.0.transformer_blocks.9.attn1.to_q"  # SDXL's ten-block transformers
+    save_file({f"{stem}.lora_A.weight": torch.zeros(4, 32), f"{stem}.lora_B.weight": torch.zeros(32, 4)},
+              str(tmp_path / "sdxl.safetensors"))
+    stem = "transformer.single_transformer_blocks.0.attn.to_q"  # a Flux LoRA
+    save_file({f"{stem}.lora_A.weight": torch.zeros(4, 32), f"{stem}.lora_B.weight": torch.zeros(32, 4)},
+              str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not found in the base model"):  # diffusers' words
+        load_lora(pipe, tmp_path / "sdxl.safetensors", "sdxl")
+    with pytest.raises(CheckpointError, match="none of its tensors names a layer"):
+        load_lora(pipe, tmp_path / "other.safetensors", "other")
+    assert not any(pipe.get_list_adapters().values())
+
+
 # --- whole pipelines ------------------------------------------------------------------------------------------
 
 @pytest.fixture

@@ -27,6 +27,7 @@ _LAZY = {
     "load_lora": "animatelcm.loading",
     "load_image_adapter": "animatelcm.loading",
     "load_controlnet": "animatelcm.loading",
+    "load_vae": "animatelcm.loading",
     "export_to_gif": "animatelcm.export",
     "export_to_mp4": "animatelcm.export",
     "export_video": "animatelcm.export",

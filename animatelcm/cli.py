@@ -92,6 +92,10 @@ def _add_model_arguments(parser) -> None:
     models.add_argument("--motion-module", help="motion module: .safetensors (original or diffusers layout) or folder")
     models.add_argument("--motion-max-frames", type=_positive_int, default=None,
                         help="override the motion module's positional table length (inferred from the file)")
+    models.add_argument("--vae", help="VAE replacing the model's: diffusers folder, or single file "
+                        "(vae-ft-mse-840000-ema-pruned.safetensors, say; its config from --base-config or the "
+                        "--base/--model folder); what 'noVAE' single-file --base models need, unless --base-config "
+                        "holds VAE weights")
     models.add_argument("--lcm-lora", help="AnimateLCM spatial LoRA (.safetensors, kohya or diffusers keys)")
     models.add_argument("--lcm-lora-scale", type=_finite_float, default=0.8, help="scale of the LCM LoRA (default 0.8)")
     models.add_argument("--lora", action="append", default=[], type=_lora_spec, metavar="PATH[:SCALE]",
@@ -257,8 +261,8 @@ def _check_writable(flag: str, path: Path) -> None:
 
 
 def _check_paths(args) -> None:
-    for flag in ("model", "base", "base_config", "motion_module", "lcm_lora", "image", "image_adapter", "control",
-                 "controlnet"):
+    for flag in ("model", "base", "base_config", "motion_module", "vae", "lcm_lora", "image", "image_adapter",
+                 "control", "controlnet"):
         value = getattr(args, flag, None)
         if value is not None and not Path(value).exists():
             raise UserError(f"--{flag.replace('_', '-')} {value}: no such file or folder")
@@ -274,6 +278,8 @@ def _check_paths(args) -> None:
         raise UserError("give either --model or --base with --motion-module, not both")
     if bool(args.base) != bool(args.motion_module):
         raise UserError("--base and --motion-module go together (or give --model, or neither for the default)")
+    if getattr(args, "vae", None) and not (args.model or args.base):
+        raise UserError("--vae replaces the VAE of a --model or --base; the embedded default model keeps its own")
     for flag in ("height", "width"):
         value = getattr(args, flag, None)
         if value is not None and value % 8:
@@ -300,7 +306,8 @@ def _load_model(args, dtype, device):
         print(f"loading model from {args.model or args.base} ...", file=sys.stderr)
         motion_config = {"motion_max_seq_length": args.motion_max_frames} if args.motion_max_frames else None
         pipe = load_pipeline(args.model, base=args.base, base_config=args.base_config,
-                             motion_module=args.motion_module, motion_config=motion_config, lcm_lora=args.lcm_lora,
+                             motion_module=args.motion_module, motion_config=motion_config, vae=args.vae,
+                             lcm_lora=args.lcm_lora,
                              lcm_lora_scale=args.lcm_lora_scale, loras=args.lora, allow_pickle=args.allow_pickle,
                              torch_dtype=dtype, device=device)
         if not isinstance(pipe.scheduler, LCMScheduler):  # a saved AnimateDiff folder's DDIM, say: few-step LCM

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -336,6 +337,30 @@ def load_controlnet(path, torch_dtype: torch.dtype | None = None):
     return _load_model_folder(ControlNetModel, path, "ControlNet", torch_dtype)
 
 
+def load_vae(path, config_folder=None, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
+    """A ``diffusers.AutoencoderKL`` from a diffusers folder, or from one file (``.safetensors``; pickled
+    ``.ckpt``/``.pt`` with ``allow_pickle=True``) in the original LDM layout or diffusers', as the VAEs people download
+    to pair with "noVAE" personalised models (``vae-ft-mse-840000-ema-pruned.safetensors``) are. A single file takes
+    its architecture from ``config_folder``'s ``vae/config.json`` (an SD1.5 diffusers folder)."""
+    from diffusers import AutoencoderKL
+
+    path = _require_path(path, "VAE")
+    if path.is_dir():
+        return _load_model_folder(AutoencoderKL, path / "vae" if (path / "vae" / "config.json").is_file() else path,
+                                  "VAE", torch_dtype)
+    if path.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
+        read_state_dict(path, allow_pickle=False)  # raises the explanatory error
+    if config_folder is None or not (Path(config_folder) / "vae" / "config.json").is_file():
+        raise CheckpointError(f"VAE {path}: a single-file VAE needs a Stable Diffusion 1.5 diffusers folder with "
+                              f"vae/config.json for its architecture (CLI: --base-config, or a folder --base)")
+    try:
+        return AutoencoderKL.from_single_file(str(path), config=str(config_folder), subfolder="vae",
+                                              local_files_only=True, torch_dtype=torch_dtype).eval()
+    except Exception as error:  # noqa: BLE001 - diffusers raises its own SingleFileComponentError among others
+        raise CheckpointError(f"VAE {path}: could not load it as a Stable Diffusion VAE: "
+                              f"{str(error).splitlines()[0]}") from error
+
+
 UNET_TOP_LEVEL = ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "conv_norm_out.",
                   "time_embedding.")
 
@@ -458,8 +483,9 @@ def _config_class(path: Path) -> str | None:
         return None
 
 
-def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
-    """vae, text_encoder, tokenizer, unet of SD1.5 from a diffusers folder or a single-file checkpoint."""
+def _load_base_components(base, base_config, allow_pickle, torch_dtype, vae=None) -> dict:
+    """vae, text_encoder, tokenizer, unet of SD1.5 from a diffusers folder or a single-file checkpoint; ``vae``, a
+    loaded VAE, replaces the base's."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -477,12 +503,12 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
             parts = {name: cls.from_pretrained(str(base), subfolder=name, local_files_only=True, torch_dtype=torch_dtype,
                                                variant=_weights_variant(base / name))
                      for name, cls in (("unet", UNet2DConditionModel), ("vae", AutoencoderKL),
-                                       ("text_encoder", CLIPTextModel))}
+                                       ("text_encoder", CLIPTextModel)) if not (name == "vae" and vae is not None)}
             parts["tokenizer"] = CLIPTokenizer.from_pretrained(str(base), subfolder="tokenizer", local_files_only=True)
         except (OSError, ValueError, RuntimeError) as error:
             raise CheckpointError(f"{base}: could not load the Stable Diffusion folder: {error}") from error
         _check_sd15_unet(parts["unet"], base)
-        return parts
+        return {"vae": vae, **parts} if vae is not None else parts
     if base.suffix.lower() in PICKLE_SUFFIXES and not allow_pickle:
         read_state_dict(base, allow_pickle=False)  # raises the explanatory error
     if base_config is None:
@@ -490,15 +516,61 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype) -> dict:
             f"{base}: a single-file checkpoint needs a local config: pass base_config (CLI: --base-config) naming a "
             "diffusers Stable Diffusion 1.5 folder; its model_index.json, */config.json and tokenizer files suffice")
     base_config = _require_path(base_config, "base config folder")
+    given = _parts_missing_from_single_file(base, allow_pickle, base_config, {"vae": vae} if vae else {},
+                                            torch_dtype)
     try:
         pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(base_config), local_files_only=True,
                                                         torch_dtype=torch_dtype, safety_checker=None,
-                                                        requires_safety_checker=False)
+                                                        requires_safety_checker=False, **given)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{base}: could not load as a single-file Stable Diffusion checkpoint with config "
                               f"{base_config}: {error}") from error
     _check_sd15_unet(pipe.unet, base)
     return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
+
+
+def _single_file_keys(path: Path, allow_pickle: bool) -> dict:
+    """The tensor names of a single-file checkpoint (as a dict of names, what diffusers' key tests take), without
+    reading its tensors where the format allows (safetensors; zip pickles are memory-mapped)."""
+    if path.suffix.lower() in SAFE_SUFFIXES:
+        return dict.fromkeys(_safetensors_keys(path))
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]
+        return dict.fromkeys(state)
+    except Exception:  # noqa: BLE001 - legacy pickles cannot be memory-mapped or hold other objects
+        return dict.fromkeys(read_state_dict(path, allow_pickle=allow_pickle))
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(_WEIGHT_FILE.match(path.name) for path in folder.glob("*"))
+
+
+def _parts_missing_from_single_file(base: Path, allow_pickle: bool, base_config: Path, given: dict,
+                                    torch_dtype=None) -> dict:
+    """``given`` (parts the caller supplies, a VAE say) plus the VAE and text encoder a single-file ``base`` lacks
+    ("noVAE" personalised models, UNet-only files), loaded from ``base_config``'s weights: ``from_single_file``
+    keyword arguments (diffusers alone fails on such files)."""
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, is_clip_model_in_single_file
+    from transformers import CLIPTextModel
+
+    keys = _single_file_keys(base, allow_pickle)
+    present = {"vae": any(key.startswith(tuple(LDM_VAE_KEYS)) for key in keys),
+               "text_encoder": is_clip_model_in_single_file(CLIPTextModel, keys)}
+    parts = dict(given)
+    for name, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
+        if present[name] or name in parts:
+            continue
+        if not _has_weights(base_config / name):
+            raise CheckpointError(
+                f"{base}: holds no {name} weights, and the config folder {base_config} has none in {name}/ "
+                "either: pass a Stable Diffusion 1.5 folder with weights as base_config (CLI: --base-config)"
+                + (", or a VAE (vae=..., CLI: --vae)" if name == "vae" else ""))
+        print(f"NOTE: {base.name} holds no {name} weights: using {base_config / name}", file=sys.stderr)
+        parts[name] = _load_model_folder(cls, base_config / name, name, torch_dtype)
+    return parts
 
 
 def _check_sd15_unet(unet, base) -> None:
@@ -521,7 +593,7 @@ def _check_parts_match(unet, adapter, base, motion_module) -> None:
 
 
 @quiet_dtype_rename
-def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None, motion_config=None,
+def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None, motion_config=None, vae=None,
                   lcm_lora=None, lcm_lora_scale: float = 0.8, loras=(), allow_pickle: bool = False,
                   torch_dtype: torch.dtype | None = None, device=None):
     """Build an :class:`animatelcm.AnimateLCMPipeline` from local files.
@@ -530,7 +602,10 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
     ``save_pretrained``), or the parts: ``base`` (SD1.5 diffusers folder or single file + ``base_config``) and
     ``motion_module`` (see :func:`load_motion_adapter`; ``motion_config`` overrides). Then ``lcm_lora`` (the
     AnimateLCM spatial LoRA, applied at ``lcm_lora_scale``; AnimateLCM uses 0.8) and ``loras``, a sequence of
-    ``(path, scale)`` personalised LoRAs stacked on top. The scheduler is the model folder's (a
+    ``(path, scale)`` LoRAs stacked on top (:func:`load_lora`). ``vae`` (see :func:`load_vae`; a single file takes
+    its architecture from ``base_config``, the ``base`` folder or the ``model`` folder) replaces the model's VAE; a
+    single-file ``base`` without VAE or text encoder weights ("noVAE" models) takes them from ``vae`` or
+    ``base_config``'s weights. The scheduler is the model folder's (a
     ``diffusers.LCMScheduler`` becomes :class:`animatelcm.LCMScheduler`, same config; another one, DDIM say, is kept:
     :func:`animatelcm.schedulers.lcm_scheduler_like` makes AnimateLCM's on its noise schedule, as ``animatelcm
     generate`` does), or, from parts, AnimateLCM's (:func:`animatelcm.animatelcm_scheduler`).
@@ -539,6 +614,10 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
 
     if model is not None and (base is not None or motion_module is not None):
         raise ValueError("give either a model folder or base + motion_module, not both")
+    if vae is not None:
+        config_folder = next((Path(folder) for folder in (base_config, base, model)
+                              if folder is not None and Path(folder).is_dir()), None)
+        vae = load_vae(vae, config_folder, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
     if model is not None:
         model = _require_path(model, "model folder")
         if not (model / "model_index.json").exists():
@@ -546,7 +625,8 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
         try:
             from diffusers import MotionAdapter, UNetMotionModel
 
-            prompted = {}  # diffusers cannot build prompted motion modules from their config: passed in built
+            prompted = {"vae": vae} if vae is not None else {}  # and prompted motion modules, which diffusers
+            # cannot build from their config, are passed in built
             if (model / "unet" / "config.json").exists():
                 unet = _load_prompted_model(UNetMotionModel, model / "unet", torch_dtype)
                 if unet is not None:
@@ -563,7 +643,7 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
     else:
         if base is None or motion_module is None:
             raise ValueError("building a pipeline from parts needs both base (SD1.5) and motion_module")
-        parts = _load_base_components(base, base_config, allow_pickle, torch_dtype)
+        parts = _load_base_components(base, base_config, allow_pickle, torch_dtype, vae=vae)
         adapter = load_motion_adapter(motion_module, config=motion_config, allow_pickle=allow_pickle,
                                       torch_dtype=torch_dtype)
         _check_parts_match(parts["unet"], adapter, base, motion_module)

@@ -74,6 +74,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["generate", "--prompt", "x", "--lora", str(tmp_path / "style.safetensors") + ":inf"], "finite"),
         (["generate", "--prompt", "x", "--device", "cuda"], "CUDA"),
         (["generate", "--prompt", "x", "--clip-skip", "9", "--out", str(tmp_path / "x.gif")], "clip_skip=9"),
+        (["generate", "--prompt", "x", "--vae", str(tmp_path)], "embedded default model keeps its own"),
         (["generate"], "--prompt"),
     ]
     for argv, needle in cases:

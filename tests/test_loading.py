@@ -1,4 +1,6 @@
+import copy
 import os
+import shutil
 
 import pytest
 import torch
@@ -382,6 +384,59 @@ def test_single_file_base(components, sd_folder, tmp_path):
     assert abs(generate(pipe) - generate(direct)).max() <= 1e-5
     with pytest.raises(CheckpointError, match="base_config"):
         load_pipeline(base=single, motion_module=motion, motion_config=TINY_OVERRIDES)
+
+
+@pytest.fixture
+def other_vae(components):
+    """A VAE with other weights than the components', so the decoded frames tell which one ran."""
+    vae = copy.deepcopy(components["vae"])
+    with torch.no_grad():
+        for parameter in vae.decoder.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    return vae
+
+
+def test_single_files_without_vae_or_text_encoder_weights(components, sd_folder, other_vae, tmp_path):
+    """"noVAE" personalised models (and UNet + VAE files) take the missing parts from base_config's weights or from
+    vae=; a config folder without weights is an error naming --vae."""
+    from ldm_layout import vae_to_ldm, write_ldm_checkpoint
+
+    state = load_file(str(write_ldm_checkpoint(tmp_path / "full.safetensors", components["unet"], components["vae"],
+                                               components["text_encoder"])))
+    for name, prefix in (("no_vae", "first_stage_model."), ("no_text_encoder", "cond_stage_model.")):
+        save_file({k: v for k, v in state.items() if not k.startswith(prefix)}, str(tmp_path / f"{name}.safetensors"))
+    motion = save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors")
+    direct = generate(AnimateLCMPipeline(**components))
+    for name in ("no_vae", "no_text_encoder"):
+        pipe = load_pipeline(base=tmp_path / f"{name}.safetensors", base_config=sd_folder, motion_module=motion,
+                             motion_config=TINY_OVERRIDES)
+        assert abs(generate(pipe) - direct).max() <= 1e-5, name
+    configs_only = tmp_path / "configs_only"
+    shutil.copytree(sd_folder, configs_only, ignore=shutil.ignore_patterns("*.safetensors", "*.bin"))
+    with pytest.raises(CheckpointError, match="holds no vae weights.*vae="):
+        load_pipeline(base=tmp_path / "no_vae.safetensors", base_config=configs_only, motion_module=motion,
+                      motion_config=TINY_OVERRIDES)
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(other_vae.state_dict(), len(other_vae.config.block_out_channels)).items()},
+              str(tmp_path / "vae-ft-mse.safetensors"))
+    pipe = load_pipeline(base=tmp_path / "no_vae.safetensors", base_config=configs_only, motion_module=motion,
+                         motion_config=TINY_OVERRIDES, vae=tmp_path / "vae-ft-mse.safetensors")
+    expected = generate(AnimateLCMPipeline(**{**components, "vae": other_vae}))
+    assert abs(generate(pipe) - expected).max() <= 1e-5
+    assert abs(expected - direct).max() > 1e-2  # the VAE shows in the frames
+
+
+def test_vae_replaces_the_models(components, sd_folder, other_vae, tmp_path):
+    motion = save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors")
+    other_vae.save_pretrained(tmp_path / "vae_folder")
+    AnimateLCMPipeline(**components).save_pretrained(tmp_path / "saved")
+    expected = generate(AnimateLCMPipeline(**{**components, "vae": other_vae}))
+    for pipe in (load_pipeline(base=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES,
+                               vae=tmp_path / "vae_folder"),
+                 load_pipeline(tmp_path / "saved", vae=tmp_path / "vae_folder")):
+        assert abs(generate(pipe) - expected).max() <= 1e-5
+    torch.save(other_vae.state_dict(), tmp_path / "vae.pt")
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_pipeline(tmp_path / "saved", vae=tmp_path / "vae.pt")
 
 
 def test_a_video_pipeline_folder_as_base_says_to_load_it_as_the_model(components, tmp_path):

@@ -245,6 +245,8 @@ def test_bad_inputs_raise_clear_errors():
         ops.temporal_attention(q, q, q, scale=float("nan"))
     with pytest.raises(TypeError, match="torch.Tensor"):
         ops.temporal_attention(q.numpy(), q, q)
+    with pytest.raises(ValueError, match="head_dim is 0.*pass scale"):
+        ops.temporal_attention(q[..., :0], q[..., :0], q[..., :0])
 
 
 def test_auto_prefers_cpp_over_the_triton_interpreter_on_cpu():

@@ -55,6 +55,9 @@ def check_attention_inputs(q, k, v, scale) -> None:
                          f"{v.device}); move them to one device")
     if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
         raise ValueError(f"temporal_attention: scale must be a finite number or None, got {scale!r}")
+    if scale is None and q.shape[-1] == 0:
+        raise ValueError("temporal_attention: head_dim is 0, so the default scale 1/sqrt(head_dim) is undefined; "
+                         "pass scale explicitly")
 
 
 def temporal_attention_reference(q, k, v, scale=None):

@@ -337,6 +337,11 @@ def load_controlnet(path, torch_dtype: torch.dtype | None = None):
     return _load_model_folder(ControlNetModel, path, "ControlNet", torch_dtype)
 
 
+def first_folder(*paths) -> Path | None:
+    """The first of ``paths`` (None entries skipped) that is a folder: where a single-file VAE finds its config."""
+    return next((Path(path) for path in paths if path is not None and Path(path).is_dir()), None)
+
+
 def load_vae(path, config_folder=None, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
     """A ``diffusers.AutoencoderKL`` from a diffusers folder, or from one file (``.safetensors``; pickled
     ``.ckpt``/``.pt`` with ``allow_pickle=True``) in the original LDM layout or diffusers', as the VAEs people download
@@ -615,9 +620,7 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
     if model is not None and (base is not None or motion_module is not None):
         raise ValueError("give either a model folder or base + motion_module, not both")
     if vae is not None:
-        config_folder = next((Path(folder) for folder in (base_config, base, model)
-                              if folder is not None and Path(folder).is_dir()), None)
-        vae = load_vae(vae, config_folder, allow_pickle=allow_pickle, torch_dtype=torch_dtype)
+        vae = load_vae(vae, first_folder(base_config, base, model), allow_pickle=allow_pickle, torch_dtype=torch_dtype)
     if model is not None:
         model = _require_path(model, "model folder")
         if not (model / "model_index.json").exists():

@@ -671,6 +671,38 @@ def test_autoencoder_stage_trains_a_vae_that_later_stages_use(tmp_path):
         assert torch.equal(parts["vae"].state_dict()[key], value), key
 
 
+def test_a_novae_single_file_base_with_a_single_file_vae(components, tmp_path):
+    """model.base: a single file without VAE weights; model.vae: a VAE file in the LDM layout (its architecture from
+    model.base_config); the trainer's parts are those weights."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from ldm_layout import unet_to_ldm, text_encoder_to_ldm, vae_to_ldm
+    from safetensors.torch import save_file
+
+    from animatelcm.training.config import ModelConfig
+    from animatelcm.training.models import load_components
+
+    StableDiffusionPipeline(vae=components["vae"], text_encoder=components["text_encoder"],
+                            tokenizer=components["tokenizer"], unet=components["unet"], scheduler=DDIMScheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "sd")
+    save_file({k: v.contiguous() for k, v in {**unet_to_ldm(components["unet"].state_dict()),
+                                               **text_encoder_to_ldm(components["text_encoder"].state_dict())}.items()},
+              str(tmp_path / "personal_noVAE.safetensors"))
+    vae = components["vae"]
+    with torch.no_grad():
+        for parameter in vae.parameters():
+            parameter.add_(1.0)
+    save_file({k: v.contiguous() for k, v in vae_to_ldm(vae.state_dict(), len(vae.config.block_out_channels)).items()},
+              str(tmp_path / "vae.safetensors"))
+    model = ModelConfig(base=str(tmp_path / "personal_noVAE.safetensors"), base_config=str(tmp_path / "sd"),
+                        vae=str(tmp_path / "vae.safetensors"))
+    parts = load_components(model, video=False, seed=0, work_dir=tmp_path / "work")
+    for key, value in vae.state_dict().items():
+        assert torch.equal(parts["vae"].state_dict()[key], value), key
+    for key, value in components["unet"].state_dict().items():
+        assert torch.equal(parts["unet"].state_dict()[key], value), key
+
+
 def test_image_frames_draws_distinct_random_frames_per_clip(tmp_path):
     from animatelcm.training.trainer import _collate, _random_frames
 

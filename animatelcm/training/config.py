@@ -43,7 +43,9 @@ class ModelConfig:
     :func:`animatelcm.load_motion_adapter` reads). ``lora``: the stage-1 spatial LoRA for ``video_cd``.
     ``controlnet``: a diffusers ControlNetModel folder for ``teacher_free`` ControlNet adaptation (without it the
     ControlNet starts from the image UNet's weights, or the video model's spatial weights). ``vae``: a
-    diffusers AutoencoderKL folder (e.g. an ``autoencoder`` stage's ``final/vae``) replacing the model's VAE.
+    diffusers AutoencoderKL folder (e.g. an ``autoencoder`` stage's ``final/vae``) or a single VAE file
+    (:func:`animatelcm.load_vae`) replacing the model's VAE; a single-file ``base`` without one ("noVAE" models)
+    takes it from here or from ``base_config``'s weights.
     ``motion_heads``: attention heads of fresh motion modules (``diffusion_video`` without ``motion_adapter``;
     default: :func:`animatelcm.training.models.default_motion_heads`). ``motion_layers``: temporal transformer
     layers in each fresh motion module (default 1, AnimateDiff's). ``motion_prompt``: fresh motion modules

@@ -29,10 +29,14 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     ``noise_scheduler`` (a DDPMScheduler with the model's training schedule)."""
     from diffusers import DDPMScheduler
 
-    from ..loading import _check_parts_match, _load_base_components, load_motion_adapter, load_pipeline
+    from ..loading import _check_parts_match, _load_base_components, first_folder, load_motion_adapter, load_pipeline, \
+        load_vae
     from ..schedulers import animatelcm_scheduler
 
-    motion_adapter = None
+    motion_adapter = vae = None
+    if model_config.vae is not None:
+        vae = load_vae(model_config.vae, first_folder(model_config.base_config, model_config.base,
+                                                      model_config.pretrained), torch_dtype=torch_dtype)
     torch.manual_seed(seed)  # fresh modules (tiny models, new motion modules) are a function of the seed
     if model_config.tiny is not None:
         from ..testing import TinyConfig, tiny_motion_adapter, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
@@ -55,17 +59,13 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
         parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         motion_adapter = getattr(pipe, "motion_adapter", None)
     else:
-        parts = _load_base_components(model_config.base, model_config.base_config, False, torch_dtype)
+        parts = _load_base_components(model_config.base, model_config.base_config, False, torch_dtype, vae=vae)
         if video and model_config.motion_adapter is None:
             motion_adapter = zero_init_output(fresh_motion_adapter(parts["unet"], model_config.motion_heads,
                                                                    model_config.motion_prompt,
                                                                    model_config.motion_layers))
-    if model_config.vae is not None:
-        from diffusers import AutoencoderKL
-
-        from ..loading import _load_model_folder
-
-        parts["vae"] = _load_model_folder(AutoencoderKL, model_config.vae, "model.vae", torch_dtype)
+    if vae is not None:
+        parts["vae"] = vae
     if model_config.motion_adapter is not None:
         motion_adapter = load_motion_adapter(model_config.motion_adapter, torch_dtype=torch_dtype)
         _check_parts_match(parts["unet"], motion_adapter, model_config.base or model_config.pretrained or "model.tiny",

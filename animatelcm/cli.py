@@ -22,8 +22,8 @@ class UserError(Exception):
     """A problem with what the user asked for; printed as one line, exit status 2."""
 
 
-def _int_at_least(minimum: int):
-    """An argparse type: an integer >= ``minimum``."""
+def _int_at_least(minimum: int, maximum: int | None = None):
+    """An argparse type: an integer >= ``minimum`` (and <= ``maximum``, if given)."""
     def parse(text):
         try:
             value = int(text)
@@ -31,12 +31,16 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{value} must be at least {minimum}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{value} must be at most {maximum}")
         return value
     return parse
 
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
+_generator_seed = _int_at_least(-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+_clip_seed = _int_at_least(0, 2 ** 40)  # evaluation.clip_noise seeds clip i with seed * 1_000_003 + i
 
 
 def _finite_float(text) -> float:
@@ -145,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--clip-skip", type=_positive_int, default=None, metavar="N",
                      help="encode the prompt with the text encoder's layer N before the last (through its final "
                           "norm), as some personalised SD1.5 models expect (often 1; diffusers' clip_skip)")
-    gen.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    gen.add_argument("--seed", type=_generator_seed, default=0, help="random seed (default 0)")
     gen.add_argument("--fps", type=_positive_float, default=None, help="frames per second of the file (default 8)")
     gen.add_argument("--out", default="outputs/animatelcm.gif", help="output file, .gif or .mp4")
     gen.add_argument("--upscale", type=_positive_int, default=1,
@@ -190,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--reference", help="clips (.pt) to measure teacher fidelity against, from --save-clips")
     ev.add_argument("--save-clips", help="write the clips of the last step count here (.pt, fp16)")
     ev.add_argument("--i3d", help="I3D TorchScript file (StyleGAN-V interface) for real FVD")
-    ev.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    ev.add_argument("--seed", type=_clip_seed, default=0, help="noise seed (default 0)")
     ev.add_argument("--batch-size", type=_positive_int, default=32, help="clips per pipeline call")
     ev.add_argument("--out", help="write the results as JSON here")
     ev.add_argument("--dtype", choices=["auto", *DTYPES], default="auto", help="auto: fp16 on CUDA, fp32 on CPU")
@@ -417,6 +421,9 @@ def generate(args) -> Path:
             patching.patch_pipeline(pipe)
         except (TypeError, ValueError) as error:  # a pipeline the patch does not cover: run it as it is
             print(f"NOTE: running without the fused kernels: {error}", file=sys.stderr)
+    if args.negative_prompt and args.guidance <= 1:
+        print(f"NOTE: --negative-prompt has no effect at --guidance {args.guidance:g} (it steers only with "
+              "classifier-free guidance, --guidance > 1)", file=sys.stderr)
     generator = torch.Generator("cpu").manual_seed(args.seed)
     frames = call_arguments.pop("num_frames")
     result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height,

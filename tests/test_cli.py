@@ -57,6 +57,14 @@ def test_clip_skip_reaches_the_pipeline(tmp_path, monkeypatch):
     assert seen == [None, 1]
 
 
+def test_a_negative_prompt_without_guidance_is_noted(tmp_path, capsys):
+    argv = ["generate", "--prompt", "a red circle moving up", "--negative-prompt", "blue", "--out",
+            str(tmp_path / "clip.gif"), "--steps", "1", "--frames", "2"]
+    for guidance, noted in (("1.0", True), ("1.5", False)):
+        assert main(argv + ["--guidance", guidance]) == 0
+        assert ("--negative-prompt has no effect" in capsys.readouterr().err) == noted
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_folder.gif").mkdir()
@@ -75,6 +83,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["generate", "--prompt", "x", "--device", "cuda"], "CUDA"),
         (["generate", "--prompt", "x", "--clip-skip", "9", "--out", str(tmp_path / "x.gif")], "clip_skip=9"),
         (["generate", "--prompt", "x", "--vae", str(tmp_path)], "embedded default model keeps its own"),
+        (["generate", "--prompt", "x", "--seed", str(2 ** 64)], "at most"),
+        (["eval", "--seed", "-1"], "at least 0"),
         (["generate"], "--prompt"),
     ]
     for argv, needle in cases:

@@ -419,11 +419,16 @@ def load_lora(pipe, path, adapter_name: str, scale: float = 1.0, fuse: bool = Fa
         source, options = str(path), {}
     else:
         source, options = str(path.parent), {"weight_name": path.name}
+    first = not any(pipe.get_list_adapters().values())
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name, local_files_only=True, **options)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
+        if first:  # peft leaves its (empty) LoRA wrappers around the layers a failed load reached
+            pipe.unload_lora_weights()
         raise CheckpointError(f"{path}: could not load as a LoRA: {error}") from error
     if not any(adapter_name in names for names in pipe.get_list_adapters().values()):
+        if first:
+            pipe.unload_lora_weights()
         raise CheckpointError(
             f"{path}: none of its tensors names a layer of this pipeline's UNet or text encoder, so nothing was "
             "loaded. Is it a LoRA for another model (SDXL, say), or not a LoRA?")

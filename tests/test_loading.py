@@ -301,7 +301,14 @@ def test_a_lora_for_no_layer_of_the_pipeline_is_refused(components, tmp_path):
         load_lora(pipe, tmp_path / "sdxl.safetensors", "sdxl")
     with pytest.raises(CheckpointError, match="none of its tensors names a layer"):
         load_lora(pipe, tmp_path / "other.safetensors", "other")
+    stem = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    save_file({f"{stem}.lora_A.weight": torch.zeros(4, 99), f"{stem}.lora_B.weight": torch.zeros(99, 4)},
+              str(tmp_path / "wrong_width.safetensors"))
+    with pytest.raises(CheckpointError, match="size mismatch"):
+        load_lora(pipe, tmp_path / "wrong_width.safetensors", "wrong_width")
     assert not any(pipe.get_list_adapters().values())
+    assert all(type(module) in (torch.nn.Linear, torch.nn.Conv2d) for module in pipe.unet.modules()
+               if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) or "lora" in type(module).__module__)
 
 
 # --- whole pipelines ------------------------------------------------------------------------------------------

@@ -100,6 +100,49 @@ def test_webvid_and_plain_csv(video_folder, tmp_path):
     assert VideoTextDataset(tmp_path / "plain.csv", frames=4, size=16)[0]["caption"] == "a clip"
 
 
+def test_hugging_face_and_line_paired_layouts(video_folder, tmp_path):
+    """A folder with metadata.jsonl / metadata.csv (file_name + text or caption), a folder with prompts.txt +
+    videos.txt, and a JSON-lines file list the same clips as the per-file captions do."""
+    import json
+    import shutil
+
+    folder, shapes = video_folder
+    captions = [shapes.clip(i)["caption"] for i in range(3)]
+    expected = VideoTextDataset(folder, frames=4, size=16)
+    layouts = {}
+    for name in ("jsonl", "csv", "lines"):
+        layout = tmp_path / name
+        (layout / "clips").mkdir(parents=True)
+        for i in range(3):
+            shutil.copy(folder / f"clip{i}.mp4", layout / "clips" / f"clip{i}.mp4")
+        layouts[name] = layout
+    (layouts["jsonl"] / "metadata.jsonl").write_text("".join(
+        json.dumps({"file_name": f"clips/clip{i}.mp4", "text": captions[i]}) + "\n" for i in range(3)))
+    with (layouts["csv"] / "metadata.csv").open("w", newline="") as handle:
+        csv.writer(handle).writerows([["file_name", "caption"]] + [[f"clips/clip{i}.mp4", captions[i]] for i in range(3)])
+    (layouts["lines"] / "prompts.txt").write_text("\n".join(captions) + "\n")
+    (layouts["lines"] / "videos.txt").write_text("\n".join(f"clips/clip{i}.mp4" for i in range(3)) + "\n")
+    (tmp_path / "list.jsonl").write_text("".join(
+        json.dumps({"video": f"jsonl/clips/clip{i}.mp4", "prompt": captions[i]}) + "\n" for i in range(3)))
+    for source in (*layouts.values(), tmp_path / "list.jsonl"):
+        data = VideoTextDataset(source, frames=4, size=16)
+        assert len(data) == 3, source
+        for i in range(3):
+            assert data[i]["caption"] == captions[i]
+            assert torch.equal(data[i]["pixel_values"], expected[i]["pixel_values"]), source
+    (layouts["lines"] / "prompts.txt").write_text("one caption\n")
+    with pytest.raises(DataError, match="prompts.txt has 1 lines and videos.txt 3"):
+        VideoTextDataset(layouts["lines"])
+    (tmp_path / "bad.jsonl").write_text('{"video": "a.mp4", "caption": "x"}\nnot json\n')
+    with pytest.raises(DataError, match="bad.jsonl:2: not a JSON object"):
+        VideoTextDataset(tmp_path / "bad.jsonl")
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(images / "a.png")
+    (images / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "black"}) + "\n")
+    assert ImageTextDataset(images, size=16)[0]["caption"] == "black"
+
+
 def test_missing_and_bad_data_fail_at_construction(video_folder, tmp_path):
     folder, _ = video_folder
     with pytest.raises(DataError, match="not found"):
@@ -113,7 +156,7 @@ def test_missing_and_bad_data_fail_at_construction(video_folder, tmp_path):
         VideoTextDataset(tmp_path / "bad.csv")
     with (tmp_path / "columns.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["file", "text"], ["a.mp4", "x"]])
-    with pytest.raises(DataError, match="expected columns"):
+    with pytest.raises(DataError, match="expected a path column"):
         VideoTextDataset(tmp_path / "columns.csv")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="no files"):

@@ -68,8 +68,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    """``kind``: ``synthetic`` (moving shapes), ``video`` (folder or CSV, :class:`VideoTextDataset`) or ``image``
-    (:class:`ImageTextDataset`; image stages only). Image stages trained on video data see every frame of a clip
+    """``kind``: ``synthetic`` (moving shapes), ``video`` (:class:`VideoTextDataset`) or ``image``
+    (:class:`ImageTextDataset`; image stages only), read from ``source``: a folder (``.txt`` captions beside the
+    files, a Hugging Face ``metadata.jsonl``/``metadata.csv``, or ``prompts.txt`` + ``videos.txt``), or a CSV /
+    JSON-lines file (WebVid's columns, or a path and a caption column; paths relative to ``root``, default the
+    file's folder): the layouts :mod:`animatelcm.training.data` lists. Image stages trained on video data see every frame of a clip
     as an image (``image_frames`` > 0: only that many, drawn at random per clip and step, so a batch of many clips
     is more varied than all frames of a few; we measured the autoencoder's reconstruction error after 300 steps at
     0.048 with 4 clips x 16 frames vs 0.017 with 32 clips x 2 frames). ``cache_latents``: encode every clip with the VAE once (mean and std of the latent distribution,
@@ -314,7 +317,8 @@ def _check(config: RunConfig) -> None:
         fail(f"data.kind must be synthetic, video or image; got {data.kind!r}")
     if data.kind != "synthetic":
         if data.source is None:
-            fail(f"data.source is required for data.kind={data.kind} (a folder of files with .txt captions, or a CSV)")
+            fail(f"data.source is required for data.kind={data.kind} (a folder of files with .txt captions or a "
+                 "metadata.jsonl, or a CSV / JSON-lines file: see animatelcm.training.data)")
         if not Path(data.source).exists():
             fail(f"data.source: {data.source} does not exist")
     if data.kind == "image" and config.is_video:

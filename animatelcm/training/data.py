@@ -1,16 +1,21 @@
 """Real data for the training stages: video-text clips (PyAV) and image-text pairs.
 
-Video sources:
-- a folder of videos, each with a caption in a ``.txt`` file of the same stem (``clip.mp4`` + ``clip.txt``);
-- a CSV: WebVid-style (``videoid``, ``page_dir``, ``name`` = caption; the file is ``{page_dir}/{videoid}.mp4``
-  under ``root``) or plain (``video`` = path relative to ``root``, ``caption``).
-Image sources: a folder of images with ``.txt`` captions, or a CSV with ``image`` and ``caption`` columns.
+Sources (``kind`` is ``video`` or ``image``):
+- a folder of files, each with a caption in a ``.txt`` file of the same stem (``clip.mp4`` + ``clip.txt``);
+- a folder with a ``metadata.jsonl`` or ``metadata.csv`` (Hugging Face's imagefolder/videofolder layout: a
+  ``file_name`` column, paths relative to the folder, and a ``text`` or ``caption`` column);
+- a folder with ``prompts.txt`` and ``videos.txt`` (``images.txt``): one caption and one path, relative to the
+  folder, a line (the layout of diffusers' video fine-tuning datasets);
+- a CSV or JSON-lines file: WebVid's columns (``videoid``, ``page_dir``, ``name`` = caption; the file is
+  ``{page_dir}/{videoid}.mp4`` under ``root``), or a path column (``video``/``image``, ``file_name`` or ``path``,
+  relative to ``root``, default the file's folder) and a caption column (``caption``, ``text`` or ``prompt``).
 Every listed file is checked when the dataset is built, so a missing file fails before training starts.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -47,34 +52,82 @@ def _folder_pairs(folder: Path, suffixes) -> list[tuple[Path, str]]:
     return pairs
 
 
-def _csv_pairs(csv_path: Path, root: Path, kind: str) -> list[tuple[Path, str]]:
-    with csv_path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+PATH_COLUMNS = ("file_name", "path")  # besides the kind's own ("video", "image")
+CAPTION_COLUMNS = ("caption", "text", "prompt")
+
+
+def _read_rows(table: Path) -> list[dict]:
+    """The rows of a CSV (header line) or JSON-lines file, as dicts."""
+    if table.suffix.lower() in (".jsonl", ".json"):
+        rows = []
+        for number, line in enumerate(table.read_text().splitlines(), start=1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{table}:{number}: not a JSON object per line: {error}") from None
+                if not isinstance(row, dict):
+                    raise DataError(f"{table}:{number}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+        return rows
+    with table.open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _table_pairs(table: Path, root: Path, kind: str) -> list[tuple[Path, str]]:
+    rows = _read_rows(table)
     if not rows:
-        raise DataError(f"{csv_path}: no rows")
+        raise DataError(f"{table}: no rows")
     columns = set(rows[0])
+    path_column = next((c for c in (kind, *PATH_COLUMNS) if c in columns), None)
+    caption_column = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    webvid = kind == "video" and {"videoid", "page_dir", "name"} <= columns
+    if not webvid and (path_column is None or caption_column is None):
+        raise DataError(f"{table}: expected a path column ({', '.join((kind, *PATH_COLUMNS))}) and a caption column "
+                        f"({', '.join(CAPTION_COLUMNS)})" + (" or WebVid's (videoid, page_dir, name)"
+                                                            if kind == "video" else "")
+                        + f"; found {sorted(columns)}")
     pairs = []
-    for number, row in enumerate(rows, start=2):
-        if kind == "video" and {"videoid", "page_dir", "name"} <= columns:  # WebVid
-            path, caption = root / row["page_dir"] / f"{row['videoid']}.mp4", row["name"]
-        elif {kind, "caption"} <= columns:
-            path, caption = root / row[kind], row["caption"]
+    for number, row in enumerate(rows, start=2 if table.suffix.lower() == ".csv" else 1):
+        if webvid:
+            path, caption = root / str(row["page_dir"]) / f"{row['videoid']}.mp4", row["name"]
         else:
-            raise DataError(f"{csv_path}: expected columns ({kind}, caption)"
-                            + (" or WebVid's (videoid, page_dir, name)" if kind == "video" else "")
-                            + f"; found {sorted(columns)}")
-        if not caption.strip():
-            raise DataError(f"{csv_path}:{number}: empty caption")
+            path, caption = root / str(row.get(path_column) or ""), row.get(caption_column)
+        if not isinstance(caption, str) or not caption.strip():
+            raise DataError(f"{table}:{number}: empty caption")
         pairs.append((path, caption.strip()))
     return pairs
+
+
+def _line_pairs(folder: Path, paths_file: Path) -> list[tuple[Path, str]]:
+    """``prompts.txt`` and ``videos.txt``/``images.txt``: line i of each is one item."""
+    prompts = [line.strip() for line in (folder / "prompts.txt").read_text().splitlines() if line.strip()]
+    paths = [line.strip() for line in paths_file.read_text().splitlines() if line.strip()]
+    if len(prompts) != len(paths):
+        raise DataError(f"{folder}: prompts.txt has {len(prompts)} lines and {paths_file.name} {len(paths)}; "
+                        "they pair line by line")
+    if not paths:
+        raise DataError(f"{folder}: {paths_file.name} lists no files")
+    return [(folder / path, prompt) for path, prompt in zip(paths, prompts)]
 
 
 def _pairs(source, root, suffixes, kind) -> list[tuple[Path, str]]:
     source = Path(source)
     if not source.exists():
         raise DataError(f"data source not found: {source}")
-    pairs = _folder_pairs(source, suffixes) if source.is_dir() else _csv_pairs(source, Path(root or source.parent), kind)
-    missing = [str(p) for p, _ in pairs if not p.exists()]
+    if source.is_dir():
+        metadata = next((source / name for name in ("metadata.jsonl", "metadata.csv") if (source / name).is_file()),
+                        None)
+        paths_file = source / f"{kind}s.txt"
+        if metadata is not None:
+            pairs = _table_pairs(metadata, Path(root or source), kind)
+        elif (source / "prompts.txt").is_file() and paths_file.is_file():
+            pairs = _line_pairs(source, paths_file)
+        else:
+            pairs = _folder_pairs(source, suffixes)
+    else:
+        pairs = _table_pairs(source, Path(root or source.parent), kind)
+    missing = [str(p) for p, _ in pairs if not p.is_file()]
     if missing:
         raise DataError(f"{source}: {len(missing)} listed file(s) missing, e.g. {missing[0]}")
     return pairs

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import sys
 import warnings
 from collections import defaultdict
 from pathlib import Path
@@ -578,7 +577,7 @@ def _parts_missing_from_single_file(base: Path, allow_pickle: bool, base_config:
                 f"{base}: holds no {name} weights, and the config folder {base_config} has none in {name}/ "
                 "either: pass a Stable Diffusion 1.5 folder with weights as base_config (CLI: --base-config)"
                 + (", or a VAE (vae=..., CLI: --vae)" if name == "vae" else ""))
-        print(f"NOTE: {base.name} holds no {name} weights: using {base_config / name}", file=sys.stderr)
+        warnings.warn(f"{base.name} holds no {name} weights: using {base_config / name}'s", stacklevel=2)
         parts[name] = _load_model_folder(cls, base_config / name, name, torch_dtype)
     return parts
 

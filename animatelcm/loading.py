@@ -66,7 +66,8 @@ def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]
         if not allow_pickle:
             raise CheckpointError(
                 f"{path}: {suffix} files are Python pickles, which can run arbitrary code when loaded. Convert it "
-                "to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle) if you trust its source.")
+                "to .safetensors, or pass allow_pickle=True (CLI: --allow-pickle; a training config: "
+                "model.allow_pickle: true) if you trust its source.")
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - old checkpoints pickle non-tensor objects; the user opted in

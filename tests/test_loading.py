@@ -424,8 +424,8 @@ def test_single_files_without_vae_or_text_encoder_weights(components, sd_folder,
     with pytest.raises(CheckpointError, match="holds no vae weights.*vae="):
         load_pipeline(base=tmp_path / "no_vae.safetensors", base_config=configs_only, motion_module=motion,
                       motion_config=TINY_OVERRIDES)
-    save_file({k: v.contiguous() for k, v in vae_to_ldm(other_vae.state_dict(), len(other_vae.config.block_out_channels)).items()},
-              str(tmp_path / "vae-ft-mse.safetensors"))
+    ldm_vae = vae_to_ldm(other_vae.state_dict(), len(other_vae.config.block_out_channels))
+    save_file({k: v.contiguous() for k, v in ldm_vae.items()}, str(tmp_path / "vae-ft-mse.safetensors"))
     pipe = load_pipeline(base=tmp_path / "no_vae.safetensors", base_config=configs_only, motion_module=motion,
                          motion_config=TINY_OVERRIDES, vae=tmp_path / "vae-ft-mse.safetensors")
     expected = generate(AnimateLCMPipeline(**{**components, "vae": other_vae}))

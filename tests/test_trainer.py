@@ -703,6 +703,39 @@ def test_a_novae_single_file_base_with_a_single_file_vae(components, tmp_path):
         assert torch.equal(parts["unet"].state_dict()[key], value), key
 
 
+def test_pickled_motion_modules_train_only_with_model_allow_pickle(tmp_path):
+    """The released AnimateLCM motion module is a pickled .ckpt: refused (naming the config key) unless
+    model.allow_pickle; with it the trainer's motion modules are that file's."""
+    from animatelcm.loading import CheckpointError, diffusers_to_original_motion_keys
+    from animatelcm.training.config import ModelConfig
+    from animatelcm.training.models import load_components
+
+    from animatelcm.testing import TinyConfig, tiny_motion_adapter
+
+    # The original layout stores no config: the heads and groups are SD1.5's (8, 32), so the widths allow those.
+    tiny = dict(TINY, block_out_channels=[64, 64], norm_num_groups=32, motion_heads=8, vae_block_out_channels=[32, 32])
+    adapter = tiny_motion_adapter(TinyConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in tiny.items()}))
+    torch.save({"state_dict": diffusers_to_original_motion_keys(adapter.state_dict())}, tmp_path / "mm.ckpt")
+    with pytest.raises(CheckpointError, match="model.allow_pickle: true"):
+        load_components(ModelConfig(tiny=tiny, motion_adapter=str(tmp_path / "mm.ckpt")), video=True, seed=0,
+                        work_dir=tmp_path / "work")
+    parts = load_components(ModelConfig(tiny=tiny, motion_adapter=str(tmp_path / "mm.ckpt"), allow_pickle=True),
+                            video=True, seed=0, work_dir=tmp_path / "work")
+    loaded = parts["motion_adapter"].state_dict()
+    for key, value in adapter.state_dict().items():
+        if not key.endswith("pos_embed.pe"):
+            assert torch.equal(loaded[key], value), key
+
+
+def test_a_lora_folder_without_a_lora_file_is_named(components, tmp_path):
+    from animatelcm.loading import CheckpointError
+    from animatelcm.training.models import load_spatial_lora
+
+    (tmp_path / "empty_lora").mkdir()
+    with pytest.raises(CheckpointError, match="empty_lora: no .safetensors LoRA file"):
+        load_spatial_lora(components["unet"], tmp_path / "empty_lora")
+
+
 def test_image_frames_draws_distinct_random_frames_per_clip(tmp_path):
     from animatelcm.training.trainer import _collate, _random_frames
 

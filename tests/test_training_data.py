@@ -118,8 +118,9 @@ def test_hugging_face_and_line_paired_layouts(video_folder, tmp_path):
         layouts[name] = layout
     (layouts["jsonl"] / "metadata.jsonl").write_text("".join(
         json.dumps({"file_name": f"clips/clip{i}.mp4", "text": captions[i]}) + "\n" for i in range(3)))
+    rows = [["file_name", "caption"], *([f"clips/clip{i}.mp4", captions[i]] for i in range(3))]
     with (layouts["csv"] / "metadata.csv").open("w", newline="") as handle:
-        csv.writer(handle).writerows([["file_name", "caption"]] + [[f"clips/clip{i}.mp4", captions[i]] for i in range(3)])
+        csv.writer(handle).writerows(rows)
     (layouts["lines"] / "prompts.txt").write_text("\n".join(captions) + "\n")
     (layouts["lines"] / "videos.txt").write_text("\n".join(f"clips/clip{i}.mp4" for i in range(3)) + "\n")
     (tmp_path / "list.jsonl").write_text("".join(

@@ -36,7 +36,8 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     motion_adapter = vae = None
     if model_config.vae is not None:
         vae = load_vae(model_config.vae, first_folder(model_config.base_config, model_config.base,
-                                                      model_config.pretrained), torch_dtype=torch_dtype)
+                                                      model_config.pretrained),
+                       allow_pickle=model_config.allow_pickle, torch_dtype=torch_dtype)
     torch.manual_seed(seed)  # fresh modules (tiny models, new motion modules) are a function of the seed
     if model_config.tiny is not None:
         from ..testing import TinyConfig, tiny_motion_adapter, tiny_text_encoder, tiny_tokenizer, tiny_unet, tiny_vae
@@ -59,7 +60,8 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
         parts = dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
         motion_adapter = getattr(pipe, "motion_adapter", None)
     else:
-        parts = _load_base_components(model_config.base, model_config.base_config, False, torch_dtype, vae=vae)
+        parts = _load_base_components(model_config.base, model_config.base_config, model_config.allow_pickle,
+                                      torch_dtype, vae=vae)
         if video and model_config.motion_adapter is None:
             motion_adapter = zero_init_output(fresh_motion_adapter(parts["unet"], model_config.motion_heads,
                                                                    model_config.motion_prompt,
@@ -67,7 +69,8 @@ def load_components(model_config, *, video: bool, seed: int, work_dir: Path, tor
     if vae is not None:
         parts["vae"] = vae
     if model_config.motion_adapter is not None:
-        motion_adapter = load_motion_adapter(model_config.motion_adapter, torch_dtype=torch_dtype)
+        motion_adapter = load_motion_adapter(model_config.motion_adapter, allow_pickle=model_config.allow_pickle,
+                                             torch_dtype=torch_dtype)
         _check_parts_match(parts["unet"], motion_adapter, model_config.base or model_config.pretrained or "model.tiny",
                            model_config.motion_adapter)
     parts["motion_adapter"] = motion_adapter
@@ -237,9 +240,9 @@ def load_spatial_lora(motion_unet, path, adapter_name: str = "spatial"):
     path = _require_path(path, "LoRA")
     if path.is_dir():
         candidates = [path / "pytorch_lora_weights.safetensors", *sorted(path.glob("*.safetensors"))]
-        path = next((p for p in candidates if p.exists()), None)
+        folder, path = path, next((p for p in candidates if p.exists()), None)
         if path is None:
-            raise CheckpointError(f"{path}: no .safetensors LoRA file in the folder")
+            raise CheckpointError(f"{folder}: no .safetensors LoRA file in the folder")
     from diffusers import AnimateDiffPipeline
 
     try:

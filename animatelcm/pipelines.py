@@ -1,12 +1,11 @@
 """``AnimateLCMPipeline`` (text or image to video) and ``AnimateLCMControlNetPipeline`` (control frames to video):
 diffusers' AnimateDiff pipelines with AnimateLCM's defaults and the fused scheduler."""
 
-from __future__ import annotations
-
 import json
 import numbers
 import types
 from pathlib import Path
+from typing import Optional, Union
 
 import torch
 from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AutoencoderKL, ControlNetModel, MotionAdapter,
@@ -173,9 +172,11 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
     model_cpu_offload_seq = "text_encoder->image_encoder->image_adapter->unet->vae"
 
     # The diffusers models' annotations are what DiffusionPipeline.from_pipe reads to carry components over.
-    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel | UNetMotionModel,
+    # typing.Union, not X | Y, and no postponed annotations: diffusers before 0.35 maps components to classes from
+    # these annotations (from_pipe) and reads only classes and typing.Union there.
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
                  motion_adapter: MotionAdapter, scheduler=None, feature_extractor=None, image_encoder=None,
-                 image_adapter: ImageToVideoAdapter | None = None):
+                 image_adapter: Optional[ImageToVideoAdapter] = None):
         unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                          motion_adapter=motion_adapter, scheduler=scheduler, feature_extractor=feature_extractor,
@@ -270,9 +271,9 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
 
     _optional_components = [*AnimateDiffControlNetPipeline._optional_components, "scheduler"]
 
-    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: UNet2DConditionModel | UNetMotionModel,
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
                  motion_adapter: MotionAdapter,
-                 controlnet: ControlNetModel | list[ControlNetModel] | tuple[ControlNetModel] | MultiControlNetModel,
+                 controlnet: Union[ControlNetModel, list[ControlNetModel], tuple[ControlNetModel], MultiControlNetModel],
                  scheduler=None, feature_extractor=None, image_encoder=None):
         unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,

@@ -727,6 +727,42 @@ def test_pickled_motion_modules_train_only_with_model_allow_pickle(tmp_path):
             assert torch.equal(loaded[key], value), key
 
 
+@pytest.mark.parametrize("alpha", [None, 16])
+def test_a_saved_lora_loads_back_at_its_scale(components, tmp_path, alpha):
+    """The trainer's LoRA files (diffusers and kohya layouts) give the trained weights back, alpha / rank included:
+    what image_cd hands to video_cd and to users."""
+    import copy
+
+    from animatelcm import AnimateLCMPipeline, load_lora
+    from animatelcm.training.models import add_spatial_lora, load_spatial_lora, save_lora
+
+    unet = copy.deepcopy(components["unet"])
+    add_spatial_lora(unet, rank=4, alpha=alpha, seed=0)
+    with torch.no_grad():
+        for name, parameter in unet.named_parameters():
+            if ".lora_B." in name:
+                parameter.normal_(0, 0.05)
+    paths = save_lora(unet, "spatial", tmp_path / "lora")
+    unet.fuse_lora(lora_scale=1.0)
+    unet.unload_lora()
+    expected = unet.state_dict()
+    for layout, path in paths.items():
+        pipe = AnimateLCMPipeline(**copy.deepcopy(components))
+        load_lora(pipe, path, "trained")
+        pipe.fuse_lora(adapter_names=["trained"], lora_scale=1.0)
+        pipe.unload_lora_weights()
+        spatial = {k: v for k, v in pipe.unet.state_dict().items() if "motion_modules" not in k}
+        for key, value in spatial.items():
+            torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-5, msg=f"{layout} {key}")
+    motion_unet = AnimateLCMPipeline(**copy.deepcopy(components)).unet
+    load_spatial_lora(motion_unet, tmp_path / "lora")
+    motion_unet.fuse_lora(lora_scale=1.0)
+    motion_unet.unload_lora()
+    for key, value in motion_unet.state_dict().items():
+        if key in expected:
+            torch.testing.assert_close(value, expected[key], atol=1e-5, rtol=1e-5, msg=f"load_spatial_lora {key}")
+
+
 def test_a_lora_folder_without_a_lora_file_is_named(components, tmp_path):
     from animatelcm.loading import CheckpointError
     from animatelcm.training.models import load_spatial_lora

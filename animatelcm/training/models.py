@@ -6,6 +6,7 @@ LoRA export in diffusers and kohya formats.
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 
 import torch
@@ -218,13 +219,18 @@ def save_lora(unet, adapter_name: str, directory: Path) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
     diffusers_path = directory / "pytorch_lora_weights.safetensors"
     metadata = {"lora_rank": str(config.r), "lora_alpha": str(config.lora_alpha)}
-    if config.lora_alpha != config.r:  # diffusers reads alpha from per-layer metadata
-        from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
+    if config.lora_alpha == config.r:
+        save_file(state, str(diffusers_path), metadata=metadata)
+    elif "unet_lora_adapter_metadata" in inspect.signature(StableDiffusionPipeline.save_lora_weights).parameters:
+        # diffusers >= 0.34 reads alpha from the LoRA config it stores in the file
         StableDiffusionPipeline.save_lora_weights(str(directory), unet_lora_layers={k[5:]: v for k, v in state.items()},
                                                   unet_lora_adapter_metadata=config.to_dict())
-    else:
-        save_file(state, str(diffusers_path), metadata=metadata)
+    else:  # older diffusers store no LoRA config and load alpha = rank: the scale alpha / rank goes into lora_B
+        scale = config.lora_alpha / config.r
+        save_file({k: v * scale if ".lora_B." in k else v for k, v in state.items()}, str(diffusers_path),
+                  metadata={**metadata, "lora_alpha": str(config.r)})
     kohya = convert_state_dict_to_kohya(state)
     kohya = {k: (torch.tensor(float(config.lora_alpha)) if k.endswith(".alpha") else v) for k, v in kohya.items()}
     kohya_path = directory / "lora_kohya.safetensors"
@@ -246,10 +252,11 @@ def load_spatial_lora(motion_unet, path, adapter_name: str = "spatial"):
     from diffusers import AnimateDiffPipeline
 
     try:
-        state, network_alphas, metadata = AnimateDiffPipeline.lora_state_dict(
+        state, network_alphas, *metadata = AnimateDiffPipeline.lora_state_dict(
             str(path.parent), weight_name=path.name, local_files_only=True, return_lora_metadata=True)
+        metadata = {"metadata": metadata[0]} if metadata and metadata[0] is not None else {}  # diffusers >= 0.34
         AnimateDiffPipeline.load_lora_into_unet(state, network_alphas=network_alphas, unet=motion_unet,
-                                                adapter_name=adapter_name, metadata=metadata)
+                                                adapter_name=adapter_name, **metadata)
     except (OSError, ValueError, RuntimeError, KeyError) as error:
         raise CheckpointError(f"{path}: could not load as a LoRA: {error}") from error
     motion_unet.set_adapters([adapter_name], [1.0])

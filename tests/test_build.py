@@ -61,6 +61,17 @@ def test_cpu_isa_builds_are_compiled_in():
     assert _C.cpu_isa() in info["cpu_isas"].split(",")
 
 
+def test_every_package_of_the_source_tree_is_installed():
+    """pyproject lists the packages by hand (kernels/ installs as animatelcm.kernels): each folder of animatelcm/
+    with an __init__.py must be among them, or `pip install .` (not the editable install) leaves it out."""
+    tomllib = pytest.importorskip("tomllib")
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    sources = {package: ROOT / folder for package, folder in setuptools.get("package-dir", {}).items()}
+    packages = {".".join(init.parent.relative_to(ROOT).parts) for init in (ROOT / "animatelcm").rglob("__init__.py")}
+    assert packages | set(sources) == set(setuptools["packages"])
+    assert all((folder / "__init__.py").is_file() for folder in sources.values())
+
+
 @pytest.mark.slow
 def test_wheel_names_its_cuda_version(tmp_path):
     if shutil.which("nvcc") is None:
@@ -77,5 +88,8 @@ def test_wheel_names_its_cuda_version(tmp_path):
         module = next(n for n in names if re.match(r"animatelcm/_C.*\.so$", n))
         assert "animatelcm/assets/default_model/default_model.json" in names
         assert "animatelcm/kernels/temporal_attention.py" in names
+        package = ROOT / "animatelcm"
+        sources = {f"animatelcm/{path.relative_to(package).as_posix()}" for path in package.rglob("*.py")}
+        assert sources <= set(names), sorted(sources - set(names))
         archive.extract(module, tmp_path)
     assert {"80", "90"} <= elf_archs(tmp_path / module)

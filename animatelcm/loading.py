@@ -399,24 +399,41 @@ def _safetensors_keys(path: Path) -> list[str]:
         raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
 
 
+def lora_weights_file(path) -> Path:
+    """``path`` if a file, else the LoRA file of the folder as diffusers picks it: ``pytorch_lora_weights.safetensors``,
+    else the folder's only ``.safetensors`` file (``diffusion_pytorch_model.safetensors`` in diffusers' hub copies
+    of AnimateDiff's motion LoRAs), else its only pickled one (which :func:`load_lora` reads with ``allow_pickle``)."""
+    path = _require_path(path, "LoRA")
+    if path.is_file():
+        return path
+    standard = path / "pytorch_lora_weights.safetensors"
+    if standard.is_file():
+        return standard
+    files = sorted(path.glob("*.safetensors")) or sorted(f for f in path.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if len(files) != 1:
+        raise CheckpointError(f"{path}: " + ("no .safetensors LoRA file in the folder" if not files else
+                                             f"{len(files)} LoRA files and no pytorch_lora_weights.safetensors"
+                                             f" ({', '.join(f.name for f in files)}); name the file"))
+    return files[0]
+
+
 def load_lora(pipe, path, adapter_name: str, scale: float = 1.0, fuse: bool = False, allow_pickle: bool = False):
     """Load a LoRA into ``pipe``'s UNet (and text encoder, if the file has such keys) under ``adapter_name``, and
     activate it with ``scale`` stacked on top of the adapters already active. ``fuse=True`` merges it into the
     weights.
 
-    ``path``: a ``.safetensors`` file or a diffusers folder, in kohya (``lora_unet_*``) or diffusers/peft layout;
+    ``path``: a ``.safetensors`` file or a folder holding one (:func:`lora_weights_file`), in kohya
+    (``lora_unet_*``) or diffusers/peft layout;
     AnimateDiff motion LoRAs (camera zoom, pan, ...) in the diffusers layout or the original one, whose releases are
     pickled ``.ckpt`` files, read only with ``allow_pickle=True`` (only for files you trust). diffusers/peft do the
     loading; a file none of whose tensors names a layer of the pipeline raises :class:`CheckpointError`."""
-    path = _require_path(path, "LoRA")
+    path = lora_weights_file(path)
     suffix = path.suffix.lower()
-    if path.is_file() and suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: LoRAs are read from .safetensors files (or diffusers folders; "
+    if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: LoRAs are read from .safetensors files (or folders holding one; "
                               f"{', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
-    if path.is_file() and (suffix in PICKLE_SUFFIXES or _needs_renaming(_safetensors_keys(path))):
+    if suffix in PICKLE_SUFFIXES or _needs_renaming(_safetensors_keys(path)):
         source, options = _unet_lora_keys(read_state_dict(path, allow_pickle=allow_pickle)), {}
-    elif path.is_dir():
-        source, options = str(path), {}
     else:
         source, options = str(path.parent), {"weight_name": path.name}
     first = not any(pipe.get_list_adapters().values())

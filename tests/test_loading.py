@@ -235,6 +235,11 @@ def test_kohya_and_diffusers_loras_stack_with_scales(components, tmp_path):
 
 def test_lora_errors(components, tmp_path):
     pipe = AnimateLCMPipeline(**components)
+    (tmp_path / "two").mkdir()
+    for name in ("a", "b"):
+        save_file({"x": torch.zeros(1)}, str(tmp_path / "two" / f"{name}.safetensors"))
+    with pytest.raises(CheckpointError, match=r"2 LoRA files .*\(a.safetensors, b.safetensors\); name the file"):
+        load_lora(pipe, tmp_path / "two", "x")
     with pytest.raises(CheckpointError, match="not found"):
         load_lora(pipe, tmp_path / "nope.safetensors", "x")
     (tmp_path / "lora.ckpt").write_bytes(b"0")
@@ -273,13 +278,16 @@ def motion_lora_file(path, deltas, layout):
 
 @pytest.mark.parametrize("layout, suffix", [("original", ".safetensors"), ("original", ".ckpt"),
                                             ("diffusers", ".safetensors"), ("unprefixed", ".safetensors")])
-def test_motion_loras_load_in_the_layouts_people_download(components, tmp_path, layout, suffix):
+@pytest.mark.parametrize("in_a_folder", [False, True])  # a folder: diffusers' hub copies hold one such file
+def test_motion_loras_load_in_the_layouts_people_download(components, tmp_path, layout, suffix, in_a_folder):
     pipe = AnimateLCMPipeline(**components)
     base = {name: module_weight(pipe.unet, name).detach().clone() for name in MOTION_LORA_TARGETS}
     generator = torch.Generator().manual_seed(0)
     deltas = {name: (torch.randn(weight.shape[0], 4, generator=generator),
                      torch.randn(4, weight.shape[1], generator=generator)) for name, weight in base.items()}
-    path = motion_lora_file(tmp_path / f"zoom{suffix}", deltas, layout)
+    (tmp_path / "hub").mkdir()
+    path = motion_lora_file(tmp_path / "hub" / f"diffusion_pytorch_model{suffix}", deltas, layout)
+    path = path.parent if in_a_folder else path
     if suffix == ".ckpt":
         with pytest.raises(CheckpointError, match="allow_pickle"):
             load_lora(pipe, path, "zoom")

@@ -241,14 +241,9 @@ def save_lora(unet, adapter_name: str, directory: Path) -> dict:
 def load_spatial_lora(motion_unet, path, adapter_name: str = "spatial"):
     """Load a spatial LoRA file or folder (kohya or diffusers format) into ``motion_unet`` under ``adapter_name``
     at scale 1.0 (unfused)."""
-    from ..loading import CheckpointError, _require_path
+    from ..loading import CheckpointError, lora_weights_file
 
-    path = _require_path(path, "LoRA")
-    if path.is_dir():
-        candidates = [path / "pytorch_lora_weights.safetensors", *sorted(path.glob("*.safetensors"))]
-        folder, path = path, next((p for p in candidates if p.exists()), None)
-        if path is None:
-            raise CheckpointError(f"{folder}: no .safetensors LoRA file in the folder")
+    path = lora_weights_file(path)
     from diffusers import AnimateDiffPipeline
 
     try:

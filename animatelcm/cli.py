@@ -440,13 +440,13 @@ def generate(args) -> Path:
 
 
 def _read_picture(path, flag: str = "--image"):
-    from PIL import Image, UnidentifiedImageError
+    """The picture at ``path``, RGB and upright by its EXIF orientation."""
+    from .training.data import DataError, read_rgb_image
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as error:
-        raise UserError(f"{flag} {path}: not a readable image ({error})") from None
+        return read_rgb_image(path)
+    except DataError as error:
+        raise UserError(f"{flag} {path}: not a readable image ({error.__cause__})") from None
 
 
 def _natural_order(path: Path) -> list:

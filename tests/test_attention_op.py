@@ -202,7 +202,7 @@ def test_traces_under_torch_compile_without_graph_breaks():
 @pytest.mark.parametrize("backend", BACKENDS + ["eager"])
 def test_leading_dims_broadcast_as_in_sdpa(backend, monkeypatch):
     """k, v of batch 1 against q of batch N (and heads against batch): stride-0 views on every backend, SDPA's
-    result, gradients summed over the broadcast dims."""
+    result; gradients (the reference's, float64, so checked once) summed over the broadcast dims."""
     generator = torch.Generator().manual_seed(5)
     for q_shape, kv_shape in [((3, 2, 16, 40), (1, 2, 16, 40)), ((3, 1, 7, 8), (1, 4, 7, 8)), ((5, 13, 72), (13, 72))]:
         q = torch.randn(q_shape, generator=generator, dtype=torch.float64)
@@ -213,8 +213,10 @@ def test_leading_dims_broadcast_as_in_sdpa(backend, monkeypatch):
         assert out.shape == expected.shape
         assert_close_to_reference(out, expected, torch.float32)
         monkeypatch.delenv("ANIMATELCM_BACKEND")
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]  # float64: the reference, under "auto"
-        assert torch.autograd.gradcheck(lambda a, b, c: ops.temporal_attention(a, b, c, backend="auto"), leaves)
+        if backend == "eager":
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]  # float64: the reference, under "auto"
+            assert torch.autograd.gradcheck(lambda a, b, c: ops.temporal_attention(a, b, c, backend="auto"), leaves,
+                                            fast_mode=True)
 
 
 def test_nan_reaches_rows_that_attend_to_it(monkeypatch):

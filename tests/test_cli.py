@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import imageio.v3 as iio
 import numpy as np
@@ -87,8 +88,9 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["eval", "--seed", "-1"], "at least 0"),
         (["generate"], "--prompt"),
     ]
-    for argv, needle in cases:
-        code, _, stderr = run_cli(*argv)
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # each case is its own process
+        results = list(pool.map(lambda argv: run_cli(*argv), [argv for argv, _ in cases]))
+    for (argv, needle), (code, _, stderr) in zip(cases, results):
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert code == 2, (argv, stderr)
         assert lines[-1].startswith("animatelcm: error:") and needle in lines[-1], (argv, stderr)

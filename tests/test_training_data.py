@@ -210,3 +210,64 @@ def test_image_text(tmp_path):
     with (tmp_path / "images.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["image", "caption"], ["images/a.png", "blue"]])
     assert ImageTextDataset(tmp_path / "images.csv", size=16)[0]["caption"] == "blue"
+
+
+def blocky_frames(count, height, width, seed=0):
+    """uint8 ``[count, height, width, 3]`` of random 8x8 colour blocks: asymmetric, so every turn or mirror of it
+    differs."""
+    blocks = np.random.default_rng(seed).integers(0, 256, (count, height // 8, width // 8, 3), dtype=np.uint8)
+    return blocks.repeat(8, axis=1).repeat(8, axis=2)
+
+
+def with_display_matrix(source, target, matrix):
+    """A copy of the MP4 ``source`` whose track header states the display ``matrix`` (nine 32-bit fixed-point
+    numbers), as phones record portrait clips: landscape frames plus the turn players apply."""
+    import struct
+
+    data = bytearray(source.read_bytes())
+    box = data.find(b"tkhd")
+    assert box > 0 and data[box + 4] == 0  # a version-0 track header: the matrix follows 36 bytes of fields
+    offset = box + 4 + 4 + 20 + 8 + 8
+    data[offset:offset + 36] = struct.pack(">9I", *matrix)
+    target.write_bytes(bytes(data))
+
+
+# display matrices and the turn (numpy.rot90's k, anticlockwise quarter turns) players apply
+DISPLAY_MATRICES = {-1: (0, 0x00010000, 0, 0xFFFF0000, 0, 0, 0, 0, 0x40000000),
+                    2: (0xFFFF0000, 0, 0, 0, 0xFFFF0000, 0, 0, 0, 0x40000000),
+                    1: (0, 0xFFFF0000, 0, 0x00010000, 0, 0, 0, 0, 0x40000000)}
+
+
+@pytest.mark.parametrize("quarter_turns", sorted(DISPLAY_MATRICES))
+def test_videos_are_decoded_as_players_show_them(tmp_path, quarter_turns):
+    """A clip whose container states a rotation (a phone's portrait clip) is decoded turned as players show it,
+    whole or by selected frames, and so trains upright."""
+    frames = blocky_frames(6, 16, 32)
+    export_to_mp4(frames, tmp_path / "stored.mp4", fps=8, crf=0)
+    with_display_matrix(tmp_path / "stored.mp4", tmp_path / "turned.mp4", DISPLAY_MATRICES[quarter_turns])
+    stored = decode_video(tmp_path / "stored.mp4")  # the same bitstream: the same pixels, turned
+    assert stored.shape == frames.shape
+    upright = np.rot90(stored, k=quarter_turns, axes=(1, 2))
+    for video in (decode_video(tmp_path / "turned.mp4"),
+                  decode_video(tmp_path / "turned.mp4", select=lambda available: [5, 0, 2])):
+        expected = upright if len(video) == 6 else upright[[5, 0, 2]]
+        assert video.flags.c_contiguous and np.array_equal(video, expected)
+
+
+@pytest.mark.parametrize("orientation, quarter_turns", [(3, 2), (6, -1), (8, 1)])
+def test_photos_are_read_upright_by_their_exif_orientation(tmp_path, orientation, quarter_turns):
+    """A photo stored turned with an EXIF orientation tag (as cameras write them) is read as viewers show it, by
+    the training data and by the CLI's --image and --control (as diffusers' load_image does)."""
+    from animatelcm.cli import _read_picture
+
+    stored = blocky_frames(1, 16, 32)[0]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    for folder, array, tags in (("tagged", stored, exif), ("upright", np.rot90(stored, k=quarter_turns), None)):
+        (tmp_path / folder).mkdir()
+        Image.fromarray(np.ascontiguousarray(array)).save(tmp_path / folder / "photo.png", exif=tags or Image.Exif())
+        (tmp_path / folder / "photo.txt").write_text("a photo")
+    assert np.array_equal(np.asarray(_read_picture(tmp_path / "tagged" / "photo.png")),
+                          np.rot90(stored, k=quarter_turns))
+    assert torch.equal(ImageTextDataset(tmp_path / "tagged", size=16)[0]["pixel_values"],
+                       ImageTextDataset(tmp_path / "upright", size=16)[0]["pixel_values"])

@@ -144,6 +144,26 @@ def resize_center_crop(frames: torch.Tensor, size: int) -> torch.Tensor:
     return frames[..., top:top + size, left:left + size]
 
 
+def upright_rgb(frame) -> np.ndarray:
+    """A decoded PyAV video frame as ``uint8 [H, W, 3]``, turned by the rotation its container states (the display
+    matrix of a phone's portrait clip, stored as landscape frames), as players show it."""
+    array = frame.to_ndarray(format="rgb24")
+    quarter_turns = round(getattr(frame, "rotation", 0) / 90) % 4  # anticlockwise degrees (PyAV >= 14)
+    return np.ascontiguousarray(np.rot90(array, k=quarter_turns)) if quarter_turns else array
+
+
+def read_rgb_image(path):
+    """The image file at ``path`` as an RGB ``PIL.Image``, turned upright by its EXIF orientation tag (as viewers,
+    and diffusers' ``load_image``, show camera photos). A file that cannot be read raises :class:`DataError`."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except OSError as error:  # PIL.UnidentifiedImageError included
+        raise DataError(f"{path}: cannot read image: {error}") from error
+
+
 def decode_video(path: Path, select: Callable[[int], list[int]] | None = None) -> np.ndarray:
     """Frames of a video as ``uint8 [N, H, W, 3]`` (PyAV): all of them, or those at ``select(frame_count)``'s
     indices, in that order (repeats allowed).
@@ -152,7 +172,7 @@ def decode_video(path: Path, select: Callable[[int], list[int]] | None = None) -
     only the chosen frames are converted to RGB. The conversion, not the decode, is most of the cost: for 18 frames
     up to frame 145 of a 300-frame 336x596 H.264 clip, 0.03 s against 0.20 s for the whole clip (2-core EPYC),
     and 18 frames held instead of 300. Without a stated count (WebM), or when the file holds fewer frames than it
-    states, every frame is decoded first.
+    states, every frame is decoded first. Frames come turned as players show them (:func:`upright_rgb`).
     """
     import av
 
@@ -165,13 +185,13 @@ def decode_video(path: Path, select: Callable[[int], list[int]] | None = None) -
                     wanted, chosen, last = set(indices), {}, max(indices)
                     for position, frame in enumerate(container.decode(video=0)):
                         if position in wanted and position not in chosen:
-                            chosen[position] = frame.to_ndarray(format="rgb24")
+                            chosen[position] = upright_rgb(frame)
                         if position == last:
                             return np.stack([chosen[i] for i in indices])
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError(f"{path}: no video stream")
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+            frames = [upright_rgb(frame) for frame in container.decode(video=0)]
     except (av.error.FFmpegError, OSError) as error:
         raise DataError(f"{path}: cannot decode video: {error}") from error
     if not frames:
@@ -253,13 +273,8 @@ class ImageTextDataset(_SkipsUnreadable):
         self.skip_unreadable = skip_unreadable
 
     def _read(self, index: int) -> dict:
-        from PIL import Image
-
         path, caption = self.items[index]
-        try:
-            image = np.array(Image.open(path).convert("RGB"))  # a writable copy for torch.from_numpy
-        except OSError as error:
-            raise DataError(f"{path}: cannot read image: {error}") from error
+        image = np.array(read_rgb_image(path))  # a writable copy for torch.from_numpy
         pixels = torch.from_numpy(image).permute(2, 0, 1)[None].float()
         return dict(pixel_values=(resize_center_crop(pixels, self.size)[0] / 127.5 - 1.0).clamp(-1, 1),
                     caption=caption)

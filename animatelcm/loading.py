@@ -51,7 +51,8 @@ def _require_path(path, what: str) -> Path:
 
 def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` file, or of a pickled ``.ckpt``/``.pt``/``.pth``/``.bin`` when
-    ``allow_pickle=True`` (a ``state_dict`` wrapper and ``module.`` prefixes are removed)."""
+    ``allow_pickle=True`` (a ``state_dict`` wrapper, ``module.`` prefixes and entries that are not tensors, such as
+    the ``animatediff_config`` of AnimateDiff's v3 releases, are removed)."""
     path = _require_path(path, "checkpoint")
     suffix = path.suffix.lower()
     if suffix in SAFE_SUFFIXES:
@@ -80,9 +81,12 @@ def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]
                               f"(or {', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"{path}: expected a mapping of names to tensors")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
+    if not tensors:
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors, found "
+                              + (f"no tensors among its entries {sorted(map(str, state))[:5]}" if isinstance(state, dict)
+                                 else f"a {type(state).__name__}"))
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
 
 
 def is_original_motion_layout(state: dict) -> bool:

@@ -129,11 +129,16 @@ def test_bad_files(components, tmp_path):
 def test_pickle_needs_consent(components, tmp_path):
     state = diffusers_to_original_motion_keys(components["motion_adapter"].state_dict())
     path = tmp_path / "mm.ckpt"
-    torch.save({"state_dict": state}, path)
+    torch.save({**state, "animatediff_config": {"use_motion_mid_block": True}}, path)  # as the v3 releases
     with pytest.raises(CheckpointError, match="allow_pickle"):
         load_motion_adapter(path)
     loaded = load_motion_adapter(path, config=TINY_OVERRIDES, allow_pickle=True)
     assert_same_weights(components["motion_adapter"], loaded)
+    for not_weights, found in (({"epoch": 3, "animatediff_config": {}}, r"no tensors among its entries \['a"),
+                               ([torch.zeros(1)], "found a list")):
+        torch.save(not_weights, path)
+        with pytest.raises(CheckpointError, match=found):
+            load_motion_adapter(path, allow_pickle=True)
 
 
 def test_full_size_sd15_original_layout(tmp_path):
@@ -269,8 +274,8 @@ def motion_lora_file(path, deltas, layout):
         stem = {"original": MOTION_LORA_TARGETS[name], "diffusers": f"unet.{processor}",
                 "unprefixed": processor}[layout]
         state[f"{stem}.down.weight"], state[f"{stem}.up.weight"] = down, up
-    if path.suffix == ".ckpt":
-        torch.save({"state_dict": state}, path)
+    if path.suffix == ".ckpt":  # as AnimateDiff's releases: pickled, with their training config beside the tensors
+        torch.save({"state_dict": {**state, "animatediff_config": {"motion_module_type": "Vanilla"}}}, path)
     else:
         save_file(state, str(path))
     return path

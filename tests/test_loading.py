@@ -252,8 +252,11 @@ def test_lora_errors(components, tmp_path):
         load_lora(pipe, tmp_path / "lora.ckpt", "x")
 
 
-# AnimateDiff motion LoRAs: diffusers module name -> the original release's name (v2_lora_*.ckpt).
+# AnimateDiff motion LoRAs: diffusers module name -> the original release's name (v2_lora_*.ckpt); the spatial
+# layer as in the v3 domain adapter (v3_sd15_adapter.ckpt), whose names are diffusers' attention-processor ones.
 MOTION_LORA_TARGETS = {
+    "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k":
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.processor.to_k_lora",
     "down_blocks.0.motion_modules.0.transformer_blocks.0.attn1.to_q":
         "down_blocks.0.motion_modules.0.temporal_transformer.transformer_blocks.0.attention_blocks.0.processor.to_q_lora",
     "up_blocks.1.motion_modules.2.transformer_blocks.0.attn2.to_out.0":
@@ -270,7 +273,8 @@ def motion_lora_file(path, deltas, layout):
     state = {}
     for name, (up, down) in deltas.items():
         processor = name.replace(".to_out.0", ".processor.to_out_lora")
-        processor = processor.replace(".to_q", ".processor.to_q_lora").replace(".to_v", ".processor.to_v_lora")
+        for projection in ("to_q", "to_k", "to_v"):
+            processor = processor.replace(f".{projection}", f".processor.{projection}_lora")
         stem = {"original": MOTION_LORA_TARGETS[name], "diffusers": f"unet.{processor}",
                 "unprefixed": processor}[layout]
         state[f"{stem}.down.weight"], state[f"{stem}.up.weight"] = down, up

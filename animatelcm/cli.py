@@ -129,8 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("--control", help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a "
                                             "folder of images in natural name order (frame2 before frame10); needs "
                                             "--controlnet")
-    adapters.add_argument("--controlnet", help="diffusers ControlNet folder (the teacher_free stage with adapter.kind: "
-                                               "controlnet_lora writes final/controlnet)")
+    adapters.add_argument("--controlnet", help="ControlNet: a diffusers folder (the teacher_free stage with "
+                                               "adapter.kind: controlnet_lora writes final/controlnet), or an SD1.5 "
+                                               "ControlNet file in the original layout (control_v11p_sd15_*.pth: "
+                                               "--allow-pickle; or .safetensors)")
     adapters.add_argument("--control-scale", type=_non_negative_float, default=1.0,
                           help="strength of the ControlNet's residuals (default 1.0)")
     adapters.add_argument("--control-edges", action="store_true",
@@ -500,7 +502,8 @@ def _add_adapters(args, pipe, dtype, device, height, width):
                             "adapter.kind: i2v writes final/i2v_adapter), or a --model saved with one")
         return pipe, {"num_frames": args.frames or 16, "image": _read_picture(args.image)}
     if args.control:
-        controlnet = load_controlnet(args.controlnet, torch_dtype=dtype).to(device)
+        controlnet = load_controlnet(args.controlnet, torch_dtype=dtype, unet=pipe.unet,
+                                     allow_pickle=args.allow_pickle).to(device)
         control = _read_control_frames(args.control, args.frames, height, width, args.control_edges)
         pipe = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
         return pipe, {"num_frames": len(control), "conditioning_frames": list(control),

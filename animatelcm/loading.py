@@ -333,12 +333,68 @@ def load_image_adapter(path, torch_dtype: torch.dtype | None = None):
     return _load_model_folder(ImageToVideoAdapter, path, "image adapter", torch_dtype)
 
 
-def load_controlnet(path, torch_dtype: torch.dtype | None = None):
-    """A :class:`diffusers.ControlNetModel` from a diffusers folder (the ``teacher_free`` stage with
-    ``adapter.kind: controlnet_lora`` writes ``final/controlnet``), for :class:`AnimateLCMControlNetPipeline`."""
+def controlnet_config_for(unet) -> dict:
+    """The ``diffusers.ControlNetModel`` config of a ControlNet for ``unet`` (a UNet2DConditionModel or
+    UNetMotionModel): the architecture of its encoder half (motion blocks named as their 2-D counterparts), as a
+    ControlNet trained for that base has it."""
+    import inspect
+
     from diffusers import ControlNetModel
 
-    return _load_model_folder(ControlNetModel, path, "ControlNet", torch_dtype)
+    accepted = inspect.signature(ControlNetModel.__init__).parameters
+    config = {key: value for key, value in unet.config.items() if key in accepted and not key.startswith("_")}
+    config["down_block_types"] = tuple(kind.replace("Motion", "2D") for kind in unet.config.down_block_types)
+    return config
+
+
+def _conditioning_embedding_channels(state: dict) -> dict:
+    """``conditioning_channels`` and ``conditioning_embedding_out_channels`` of an original-layout ControlNet, read
+    from its hint encoder's convolutions (``input_hint_block.{0, 2, ...}``: conv_in, then per level a convolution
+    keeping the width and one widening it)."""
+    convolutions = sorted((int(match.group(1)), value) for key, value in state.items()
+                          if (match := re.fullmatch(r"(?:control_model\.)?input_hint_block\.(\d+)\.weight", key)))
+    if len(convolutions) < 2:
+        return {}
+    first = convolutions[0][1]
+    widths = [first.shape[0]] + [weight.shape[0] for _, weight in convolutions[2:-1:2]]
+    return {"conditioning_channels": first.shape[1], "conditioning_embedding_out_channels": tuple(widths)}
+
+
+def load_controlnet(path, torch_dtype: torch.dtype | None = None, unet=None, allow_pickle: bool = False):
+    """A :class:`diffusers.ControlNetModel` for :class:`AnimateLCMControlNetPipeline`, from a diffusers folder (the
+    ``teacher_free`` stage with ``adapter.kind: controlnet_lora`` writes ``final/controlnet``; the hub's
+    ``lllyasviel/control_v11p_sd15_*`` folders), or from one file in the original ControlNet layout (ControlNet
+    1.1's ``control_v11p_sd15_openpose.pth``, pickled, so ``allow_pickle=True``; their ``.safetensors``
+    conversions), whose architecture is ``unet``'s encoder (:func:`controlnet_config_for`; the pipeline's UNet)."""
+    from diffusers import ControlNetModel
+
+    path = _require_path(path, "ControlNet")
+    if path.is_dir():
+        return _load_model_folder(ControlNetModel, path, "ControlNet", torch_dtype)
+    if unet is None:
+        raise CheckpointError(f"ControlNet {path}: a single file holds no architecture; pass the UNet it controls "
+                              "(load_controlnet(path, unet=pipe.unet)), or give a diffusers folder")
+    from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    config = {**controlnet_config_for(unet), **_conditioning_embedding_channels(state)}
+    converted = convert_controlnet_checkpoint(state, config)
+    absent = sorted(key for key, value in converted.items() if value is None)
+    model = ControlNetModel.from_config(config)
+    expected = model.state_dict()
+    problems = ([f"missing {key}" for key in expected if converted.get(key) is None]
+                + [f"unexpected {key}" for key in converted if key not in expected and key not in absent]
+                + [f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+                   for key, value in converted.items()
+                   if key in expected and value is not None and value.shape != expected[key].shape])
+    if problems:
+        raise CheckpointError(f"ControlNet {path}: not a ControlNet for this model's UNet ({len(problems)} "
+                              f"mismatches, e.g. {problems[0]}): an SD1.5 ControlNet in the original layout, or a "
+                              "diffusers folder, is expected")
+    model.load_state_dict(converted, assign=True)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    return model.eval()
 
 
 def first_folder(*paths) -> Path | None:

@@ -27,8 +27,8 @@ RESNET_RENAMES = [("in_layers.0", "norm1"), ("in_layers.2", "conv1"), ("out_laye
                   ("out_layers.3", "conv2"), ("emb_layers.1", "time_emb_proj"), ("skip_connection", "conv_shortcut")]
 
 
-def unet_to_ldm(state):
-    prefixes = sorted(_unet_prefix_map(), key=lambda p: -len(p[1]))
+def unet_to_ldm(state, num_blocks=4, layers=2):
+    prefixes = sorted(_unet_prefix_map(num_blocks, layers), key=lambda p: -len(p[1]))
     out = {}
     for key, value in state.items():
         new = key
@@ -80,3 +80,32 @@ def write_ldm_checkpoint(path, unet, vae, text_encoder):
     state.update(text_encoder_to_ldm(text_encoder.state_dict()))
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
     return path
+
+
+def controlnet_to_ldm(state, prefix="control_model."):
+    """A diffusers ControlNetModel's state dict in the original ControlNet layout (ControlNet 1.1's files): the
+    encoder as the UNet's (any number of blocks and layers, the last block without attention), the zero
+    convolutions, the hint encoder."""
+    num_blocks = len({key.split(".")[1] for key in state if key.startswith("down_blocks.")})
+    layers = len({key.split(".")[3] for key in state if key.startswith("down_blocks.0.resnets.")})
+    out = {}
+    for key, value in state.items():
+        if key.startswith("controlnet_down_blocks."):
+            index, rest = key[len("controlnet_down_blocks."):].split(".", 1)
+            new = f"zero_convs.{index}.0.{rest}"
+        elif key.startswith("controlnet_mid_block."):
+            new = "middle_block_out.0." + key[len("controlnet_mid_block."):]
+        elif key.startswith("controlnet_cond_embedding."):
+            rest = key[len("controlnet_cond_embedding."):]
+            blocks = len({k.split(".")[2] for k in state if k.startswith("controlnet_cond_embedding.blocks.")})
+            if rest.startswith("conv_in."):
+                new = "input_hint_block.0." + rest[len("conv_in."):]
+            elif rest.startswith("conv_out."):
+                new = f"input_hint_block.{2 * (blocks + 1)}." + rest[len("conv_out."):]
+            else:
+                index, rest = rest[len("blocks."):].split(".", 1)
+                new = f"input_hint_block.{2 * (int(index) + 1)}.{rest}"
+        else:
+            new = next(iter(unet_to_ldm({key: value}, num_blocks, layers)))[len("model.diffusion_model."):]
+        out[prefix + new] = value
+    return out

@@ -250,7 +250,15 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
     for name, extra in runs.items():
         argv = ["generate", "--prompt", "a cat", *tiny_model_args, *extra, "--out", str(tmp_path / name)]
         assert main(argv + (control_args if extra else ["--frames", "6"])) == 0, name
-    clips = {name: iio.imread(tmp_path / name) for name in runs}
+    # the same ControlNet as one file in the original layout (ControlNet 1.1's .pth files): the same clip
+    from ldm_layout import controlnet_to_ldm
+
+    torch.save(controlnet_to_ldm(controlnet.state_dict()), tmp_path / "control_v11p_sd15_test.pth")
+    assert main(["generate", "--prompt", "a cat", *tiny_model_args, *runs["video.gif"], "--control-scale", "2.0",
+                 "--controlnet", str(tmp_path / "control_v11p_sd15_test.pth"), "--allow-pickle",
+                 "--out", str(tmp_path / "file.gif")]) == 0
+    clips = {name: iio.imread(tmp_path / name) for name in [*runs, "file.gif"]}
+    assert np.array_equal(clips["file.gif"], clips["video.gif"])
     assert clips["video.gif"].shape[:3] == (6, 32, 32) and clips["four.gif"].shape[0] == 4
     assert (clips["video.gif"] != clips["text.gif"]).any() and (clips["edges.gif"] != clips["folder.gif"]).any()
     capsys.readouterr()
@@ -259,7 +267,9 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
                          (["--control", str(tmp_path / "frames"), *control_args, "--frames", "8"], "fewer than"),
                          (["--control", str(tmp_path / "cn"), *control_args], "no images"),
                          (["--control", str(tmp_path / "frames"), "--controlnet", str(tmp_path / "frames")],
-                          "config.json")]:
+                          "config.json"),
+                         (["--control", str(tmp_path / "frames"), "--controlnet",
+                           str(tmp_path / "control_v11p_sd15_test.pth")], "--allow-pickle")]:
         assert main(["generate", "--prompt", "a cat", *tiny_model_args, *argv, "--out", str(tmp_path / "x.gif")]) == 2
         assert needle in capsys.readouterr().err, argv
 

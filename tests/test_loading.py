@@ -527,3 +527,38 @@ def test_load_pipeline_argument_errors(sd_folder, tmp_path):
     os.makedirs(tmp_path / "half")
     with pytest.raises(CheckpointError, match="missing"):
         load_pipeline(base=tmp_path / "half", motion_module=sd_folder)
+
+
+@pytest.mark.parametrize("suffix, prefix", [(".safetensors", "control_model."), (".pth", "")])
+def test_controlnet_files_in_the_original_layout(components, tmp_path, suffix, prefix):
+    """ControlNet 1.1's files (``control_v11p_sd15_*.pth``, keys at the top level; their safetensors conversions
+    under ``control_model.``) load with the UNet's encoder as the architecture, every tensor where diffusers keeps
+    it; a non-ControlNet file and a file without a UNet to size it are refused."""
+    from diffusers import ControlNetModel, UNetMotionModel
+    from ldm_layout import controlnet_to_ldm
+
+    from animatelcm.loading import load_controlnet
+
+    reference = ControlNetModel.from_unet(components["unet"], conditioning_channels=3)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # every tensor distinct, so a misplaced one shows (from_unet zeroes the zero convs)
+        for parameter in reference.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    state = {k: v.contiguous() for k, v in controlnet_to_ldm(reference.state_dict(), prefix).items()}
+    path = tmp_path / f"control_v11p_sd15_test{suffix}"
+    torch.save(state, path) if suffix == ".pth" else save_file(state, str(path))
+    unet = UNetMotionModel.from_unet2d(components["unet"], components["motion_adapter"])
+    if suffix == ".pth":
+        with pytest.raises(CheckpointError, match="allow_pickle"):
+            load_controlnet(path, unet=unet)
+    loaded = load_controlnet(path, unet=unet, allow_pickle=True, torch_dtype=torch.float16)
+    assert not loaded.training and loaded.dtype == torch.float16
+    expected = reference.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, expected[key].half()), key
+    with pytest.raises(CheckpointError, match="pass the UNet"):
+        load_controlnet(path, allow_pickle=True)
+    save_file({"input_blocks.0.0.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="not a ControlNet for this model"):
+        load_controlnet(tmp_path / "other.safetensors", unet=unet)

@@ -218,6 +218,33 @@ def test_teacher_free_controlnet_lora_on_a_saved_video_pipeline(world, tmp_path)
     assert (tmp_path / "cnp" / "final" / "controlnet" / "config.json").parent == trainer.train()["controlnet"]
 
 
+def test_teacher_free_controlnet_lora_from_an_original_layout_file(world, tmp_path):
+    """A downloaded ControlNet file (ControlNet 1.1's pickled .pth layout) is what the stage adapts: read with
+    model.allow_pickle, its weights under the LoRA wrappers; without allow_pickle the error says so."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+    from ldm_layout import controlnet_to_ldm
+
+    from animatelcm.loading import CheckpointError
+
+    reference = ControlNetModel.from_unet(UNet2DConditionModel.from_pretrained(world["base"], subfolder="unet"))
+    with torch.no_grad():
+        for parameter in reference.parameters():
+            parameter.copy_(torch.randn_like(parameter))
+    torch.save(controlnet_to_ldm(reference.state_dict()), tmp_path / "control_v11p_sd15_test.pth")
+    model = {"base": world["base"], "motion_adapter": world["motion"], "lora": world["lora"],
+             "controlnet": str(tmp_path / "control_v11p_sd15_test.pth")}
+    adapter = dict(kind="controlnet_lora", lora_rank=4)
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        Trainer(load_config(config("teacher_free", tmp_path / "refused", model, adapter=adapter)))._setup()
+    trainer = Trainer(load_config(config("teacher_free", tmp_path / "cnf", {**model, "allow_pickle": True},
+                                         adapter=adapter)))
+    trainer._setup()
+    loaded = {name.replace(".base_layer", ""): value
+              for name, value in trainer.stage.student.controlnet.state_dict().items() if ".lora_" not in name}
+    assert loaded.keys() == reference.state_dict().keys()
+    assert all(torch.equal(value, loaded[name]) for name, value in reference.state_dict().items())
+
+
 def test_extract_spatial_unet_inverts_inflation(components):
     from diffusers import UNetMotionModel
 

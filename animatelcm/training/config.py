@@ -41,7 +41,8 @@ class ModelConfig:
     e.g. a previous stage's ``final/pipeline``), or ``base`` (an SD1.5 diffusers folder, or a single file with
     ``base_config``). ``motion_adapter``: the teacher's / starting motion modules (any layout
     :func:`animatelcm.load_motion_adapter` reads). ``lora``: the stage-1 spatial LoRA for ``video_cd``.
-    ``controlnet``: a diffusers ControlNetModel folder for ``teacher_free`` ControlNet adaptation (without it the
+    ``controlnet``: a ControlNet for ``teacher_free`` ControlNet adaptation, a diffusers folder or an SD1.5 file in
+    the original layout (:func:`animatelcm.load_controlnet`; ``.pth`` with ``allow_pickle``) (without it the
     ControlNet starts from the image UNet's weights, or the video model's spatial weights). ``vae``: a
     diffusers AutoencoderKL folder (e.g. an ``autoencoder`` stage's ``final/vae``) or a single VAE file
     (:func:`animatelcm.load_vae`) replacing the model's VAE; a single-file ``base`` without one ("noVAE" models)
@@ -50,8 +51,8 @@ class ModelConfig:
     default: :func:`animatelcm.training.models.default_motion_heads`). ``motion_layers``: temporal transformer
     layers in each fresh motion module (default 1, AnimateDiff's). ``motion_prompt``: fresh motion modules
     whose second temporal attention attends to the prompt (:mod:`animatelcm.motion_prompt`; without it they are
-    AnimateDiff's text-blind ones). ``allow_pickle``: read ``base``, ``motion_adapter`` and ``vae`` from pickled
-    ``.ckpt``/``.pt`` files (``AnimateLCM_sd15_t2v.ckpt`` as released, say): pickles can run code when loaded, so
+    AnimateDiff's text-blind ones). ``allow_pickle``: read ``base``, ``motion_adapter``, ``vae`` and ``controlnet``
+    from pickled ``.ckpt``/``.pt``/``.pth`` files (``AnimateLCM_sd15_t2v.ckpt`` as released, say): pickles can run code when loaded, so
     only for files you trust."""
 
     tiny: dict | None = None
@@ -66,7 +67,7 @@ class ModelConfig:
     motion_layers: int = 1              # temporal transformer layers per fresh motion module
     motion_prompt: bool = False         # fresh motion modules attend to the prompt (animatelcm.motion_prompt)
     prediction_type: str = "epsilon"
-    allow_pickle: bool = False          # read pickled .ckpt/.pt base, motion_adapter and vae files (trusted only)
+    allow_pickle: bool = False          # read pickled base, motion_adapter, vae, controlnet files (trusted only)
 
 
 @dataclass

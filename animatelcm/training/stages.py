@@ -382,7 +382,7 @@ class TeacherFreeStage(ConsistencyStage):
             if run.model.controlnet is not None:
                 from ..loading import load_controlnet
 
-                controlnet = load_controlnet(run.model.controlnet)
+                controlnet = load_controlnet(run.model.controlnet, unet=unet, allow_pickle=run.model.allow_pickle)
             else:
                 controlnet = ControlNetModel.from_unet(_spatial_unet(unet, parts))
             controlnet.requires_grad_(False)

@@ -662,7 +662,13 @@ def _parts_missing_from_single_file(base: Path, allow_pickle: bool, base_config:
 
 def _check_sd15_unet(unet, base) -> None:
     """Refuse, naming the file, a base UNet that AnimateLCM's pipelines and trainer cannot drive: one with extra
-    embeddings (SDXL's), which would fail the first call with a TypeError."""
+    embeddings (SDXL's), which would fail the first call with a TypeError, or with more input than output channels
+    (inpainting and instruct-pix2pix models'), whose calls would fail on the latents' shape."""
+    if unet.config.in_channels != unet.config.out_channels:
+        raise CheckpointError(
+            f"{base}: a UNet with {unet.config.in_channels} input and {unet.config.out_channels} output channels (an "
+            "inpainting or instruct-pix2pix model: its extra input channels take a masked or source image), which "
+            "text-to-video AnimateLCM cannot drive; use a text-to-image Stable Diffusion 1.5 model")
     if unet.config.addition_embed_type is not None:
         raise CheckpointError(
             f"{base}: a UNet with {unet.config.addition_embed_type!r} extra embeddings (SDXL's), which AnimateLCM's "

@@ -603,8 +603,11 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype, vae=None
             f"{base}: a single-file checkpoint needs a local config: pass base_config (CLI: --base-config) naming a "
             "diffusers Stable Diffusion 1.5 folder; its model_index.json, */config.json and tokenizer files suffice")
     base_config = _require_path(base_config, "base config folder")
-    given = _parts_missing_from_single_file(base, allow_pickle, base_config, {"vae": vae} if vae else {},
-                                            torch_dtype)
+    shapes = _single_file_shapes(base, allow_pickle)
+    conv_in, conv_out = (shapes.get(f"model.diffusion_model.{name}.weight") for name in ("input_blocks.0.0", "out.2"))
+    if conv_in and conv_out:  # before diffusers' own error, which suggests overwriting the weights
+        _refuse_extra_input_channels(conv_in[1], conv_out[0], base)
+    given = _parts_missing_from_single_file(base, shapes, base_config, {"vae": vae} if vae else {}, torch_dtype)
     try:
         pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(base_config), local_files_only=True,
                                                         torch_dtype=torch_dtype, safety_checker=None,
@@ -616,34 +619,39 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype, vae=None
     return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
 
 
-def _single_file_keys(path: Path, allow_pickle: bool) -> dict:
-    """The tensor names of a single-file checkpoint (as a dict of names, what diffusers' key tests take), without
-    reading its tensors where the format allows (safetensors; zip pickles are memory-mapped)."""
+def _single_file_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple]:
+    """``{tensor name: shape}`` of a single-file checkpoint (what diffusers' key tests take: they test names),
+    without reading its tensors where the format allows (safetensors; zip pickles are memory-mapped)."""
     if path.suffix.lower() in SAFE_SUFFIXES:
-        return dict.fromkeys(_safetensors_keys(path))
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as file:
+                return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+        except (SafetensorError, OSError) as error:
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
             state = state["state_dict"]
-        return dict.fromkeys(state)
+        return {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
     except Exception:  # noqa: BLE001 - legacy pickles cannot be memory-mapped or hold other objects
-        return dict.fromkeys(read_state_dict(path, allow_pickle=allow_pickle))
+        return {key: tuple(value.shape) for key, value in read_state_dict(path, allow_pickle=allow_pickle).items()}
 
 
 def _has_weights(folder: Path) -> bool:
     return any(_WEIGHT_FILE.match(path.name) for path in folder.glob("*"))
 
 
-def _parts_missing_from_single_file(base: Path, allow_pickle: bool, base_config: Path, given: dict,
+def _parts_missing_from_single_file(base: Path, keys: dict, base_config: Path, given: dict,
                                     torch_dtype=None) -> dict:
-    """``given`` (parts the caller supplies, a VAE say) plus the VAE and text encoder a single-file ``base`` lacks
-    ("noVAE" personalised models, UNet-only files), loaded from ``base_config``'s weights: ``from_single_file``
-    keyword arguments (diffusers alone fails on such files)."""
+    """``given`` (parts the caller supplies, a VAE say) plus the VAE and text encoder a single-file ``base`` (its
+    tensor names: ``keys``) lacks ("noVAE" personalised models, UNet-only files), loaded from ``base_config``'s
+    weights: ``from_single_file`` keyword arguments (diffusers alone fails on such files)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, is_clip_model_in_single_file
     from transformers import CLIPTextModel
 
-    keys = _single_file_keys(base, allow_pickle)
     present = {"vae": any(key.startswith(tuple(LDM_VAE_KEYS)) for key in keys),
                "text_encoder": is_clip_model_in_single_file(CLIPTextModel, keys)}
     parts = dict(given)
@@ -660,15 +668,19 @@ def _parts_missing_from_single_file(base: Path, allow_pickle: bool, base_config:
     return parts
 
 
+def _refuse_extra_input_channels(in_channels: int, out_channels: int, base) -> None:
+    if in_channels != out_channels:
+        raise CheckpointError(
+            f"{base}: a UNet with {in_channels} input and {out_channels} output channels (an inpainting or "
+            "instruct-pix2pix model: its extra input channels take a masked or source image), which text-to-video "
+            "AnimateLCM cannot drive; use a text-to-image Stable Diffusion 1.5 model")
+
+
 def _check_sd15_unet(unet, base) -> None:
     """Refuse, naming the file, a base UNet that AnimateLCM's pipelines and trainer cannot drive: one with extra
     embeddings (SDXL's), which would fail the first call with a TypeError, or with more input than output channels
     (inpainting and instruct-pix2pix models'), whose calls would fail on the latents' shape."""
-    if unet.config.in_channels != unet.config.out_channels:
-        raise CheckpointError(
-            f"{base}: a UNet with {unet.config.in_channels} input and {unet.config.out_channels} output channels (an "
-            "inpainting or instruct-pix2pix model: its extra input channels take a masked or source image), which "
-            "text-to-video AnimateLCM cannot drive; use a text-to-image Stable Diffusion 1.5 model")
+    _refuse_extra_input_channels(unet.config.in_channels, unet.config.out_channels, base)
     if unet.config.addition_embed_type is not None:
         raise CheckpointError(
             f"{base}: a UNet with {unet.config.addition_embed_type!r} extra embeddings (SDXL's), which AnimateLCM's "

@@ -515,9 +515,16 @@ def test_a_base_and_a_motion_module_made_for_other_models_are_refused(components
     sdxl.save_pretrained(sd_folder / "unet")
     with pytest.raises(CheckpointError, match="'text_time' extra embeddings.*AnimateDiffSDXLPipeline"):
         load_pipeline(base=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES)
-    UNet2DConditionModel.from_config(components["unet"].config, in_channels=9).save_pretrained(sd_folder / "unet")
+    inpainting = UNet2DConditionModel.from_config(components["unet"].config, in_channels=9)
+    inpainting.save_pretrained(sd_folder / "unet")
     with pytest.raises(CheckpointError, match="9 input and 4 output channels .*inpainting"):
         load_pipeline(base=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES)
+    from ldm_layout import write_ldm_checkpoint
+
+    single = write_ldm_checkpoint(tmp_path / "inpainting.safetensors", inpainting, components["vae"],
+                                  components["text_encoder"])
+    with pytest.raises(CheckpointError, match="inpainting.safetensors: a UNet with 9 input and 4 output channels"):
+        load_pipeline(base=single, base_config=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES)
 
 
 def test_load_pipeline_argument_errors(sd_folder, tmp_path):

@@ -83,9 +83,9 @@ def read_state_dict(path, allow_pickle: bool = False) -> dict[str, torch.Tensor]
         state = state["state_dict"]
     tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)} if isinstance(state, dict) else {}
     if not tensors:
-        raise CheckpointError(f"{path}: expected a mapping of names to tensors, found "
-                              + (f"no tensors among its entries {sorted(map(str, state))[:5]}" if isinstance(state, dict)
-                                 else f"a {type(state).__name__}"))
+        found = (f"no tensors among its entries {sorted(map(str, state))[:5]}" if isinstance(state, dict)
+                 else f"a {type(state).__name__}")
+        raise CheckpointError(f"{path}: expected a mapping of names to tensors, found {found}")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in tensors.items()}
 
 
@@ -378,15 +378,14 @@ def load_controlnet(path, torch_dtype: torch.dtype | None = None, unet=None, all
 
     state = read_state_dict(path, allow_pickle=allow_pickle)
     config = {**controlnet_config_for(unet), **_conditioning_embedding_channels(state)}
-    converted = convert_controlnet_checkpoint(state, config)
-    absent = sorted(key for key, value in converted.items() if value is None)
+    # diffusers' conversion maps the tensors a file lacks to None
+    converted = {key: value for key, value in convert_controlnet_checkpoint(state, config).items() if value is not None}
     model = ControlNetModel.from_config(config)
     expected = model.state_dict()
-    problems = ([f"missing {key}" for key in expected if converted.get(key) is None]
-                + [f"unexpected {key}" for key in converted if key not in expected and key not in absent]
+    problems = ([f"missing {key}" for key in expected if key not in converted]
+                + [f"unexpected {key}" for key in converted if key not in expected]
                 + [f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-                   for key, value in converted.items()
-                   if key in expected and value is not None and value.shape != expected[key].shape])
+                   for key, value in converted.items() if key in expected and value.shape != expected[key].shape])
     if problems:
         raise CheckpointError(f"ControlNet {path}: not a ControlNet for this model's UNet ({len(problems)} "
                               f"mismatches, e.g. {problems[0]}): an SD1.5 ControlNet in the original layout, or a "
@@ -449,16 +448,6 @@ def _unet_lora_keys(state: dict) -> dict:
     return {f"unet.{key}" if key.startswith(UNET_TOP_LEVEL) else key: value for key, value in state.items()}
 
 
-def _safetensors_keys(path: Path) -> list[str]:
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as file:
-            return list(file.keys())
-    except (SafetensorError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
-
-
 def lora_weights_file(path) -> Path:
     """``path`` if a file, else the LoRA file of the folder as diffusers picks it: ``pytorch_lora_weights.safetensors``,
     else the folder's only ``.safetensors`` file (``diffusion_pytorch_model.safetensors`` in diffusers' hub copies
@@ -492,7 +481,7 @@ def load_lora(pipe, path, adapter_name: str, scale: float = 1.0, fuse: bool = Fa
     if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
         raise CheckpointError(f"{path}: LoRAs are read from .safetensors files (or folders holding one; "
                               f"{', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
-    if suffix in PICKLE_SUFFIXES or _needs_renaming(_safetensors_keys(path)):
+    if suffix in PICKLE_SUFFIXES or _needs_renaming(_tensor_shapes(path)):
         source, options = _unet_lora_keys(read_state_dict(path, allow_pickle=allow_pickle)), {}
     else:
         source, options = str(path.parent), {"weight_name": path.name}
@@ -603,7 +592,7 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype, vae=None
             f"{base}: a single-file checkpoint needs a local config: pass base_config (CLI: --base-config) naming a "
             "diffusers Stable Diffusion 1.5 folder; its model_index.json, */config.json and tokenizer files suffice")
     base_config = _require_path(base_config, "base config folder")
-    shapes = _single_file_shapes(base, allow_pickle)
+    shapes = _tensor_shapes(base, allow_pickle)
     conv_in, conv_out = (shapes.get(f"model.diffusion_model.{name}.weight") for name in ("input_blocks.0.0", "out.2"))
     if conv_in and conv_out:  # before diffusers' own error, which suggests overwriting the weights
         _refuse_extra_input_channels(conv_in[1], conv_out[0], base)
@@ -619,9 +608,9 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype, vae=None
     return dict(unet=pipe.unet, vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)
 
 
-def _single_file_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple]:
-    """``{tensor name: shape}`` of a single-file checkpoint (what diffusers' key tests take: they test names),
-    without reading its tensors where the format allows (safetensors; zip pickles are memory-mapped)."""
+def _tensor_shapes(path: Path, allow_pickle: bool = False) -> dict[str, tuple]:
+    """``{tensor name: shape}`` of a checkpoint file (as a dict of names, what diffusers' key tests take), without
+    reading its tensors where the format allows (safetensors; zip pickles are memory-mapped)."""
     if path.suffix.lower() in SAFE_SUFFIXES:
         from safetensors import SafetensorError, safe_open
 
@@ -629,7 +618,8 @@ def _single_file_shapes(path: Path, allow_pickle: bool) -> dict[str, tuple]:
             with safe_open(str(path), framework="pt") as file:
                 return {key: tuple(file.get_slice(key).get_shape()) for key in file.keys()}
         except (SafetensorError, OSError) as error:
-            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): {error}") from error
+            raise CheckpointError(f"{path}: not a readable safetensors file (truncated or corrupt?): "
+                                  f"{error}") from error
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
         if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):

@@ -52,8 +52,8 @@ class ModelConfig:
     layers in each fresh motion module (default 1, AnimateDiff's). ``motion_prompt``: fresh motion modules
     whose second temporal attention attends to the prompt (:mod:`animatelcm.motion_prompt`; without it they are
     AnimateDiff's text-blind ones). ``allow_pickle``: read ``base``, ``motion_adapter``, ``vae`` and ``controlnet``
-    from pickled ``.ckpt``/``.pt``/``.pth`` files (``AnimateLCM_sd15_t2v.ckpt`` as released, say): pickles can run code when loaded, so
-    only for files you trust."""
+    from pickled ``.ckpt``/``.pt``/``.pth`` files (``AnimateLCM_sd15_t2v.ckpt`` as released, say): pickles can run
+    code when loaded, so only for files you trust."""
 
     tiny: dict | None = None
     pretrained: str | None = None

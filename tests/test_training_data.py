@@ -271,3 +271,26 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path, orientation
                           np.rot90(stored, k=quarter_turns))
     assert torch.equal(ImageTextDataset(tmp_path / "tagged", size=16)[0]["pixel_values"],
                        ImageTextDataset(tmp_path / "upright", size=16)[0]["pixel_values"])
+
+
+def test_a_video_whose_frames_change_size_is_skipped_like_an_unreadable_one(video_folder, monkeypatch):
+    """A stream spliced from several resolutions is a DataError naming the sizes (training skips it with a
+    warning), whole or by selected frames, not a crash in numpy."""
+    from animatelcm.training import data as data_module
+
+    folder, _ = video_folder
+    real, calls = data_module.upright_rgb, []
+
+    def shrinking(frame):  # every frame after the first comes out smaller
+        calls.append(1)
+        array = real(frame)
+        return array if len(calls) == 1 else array[:-8]
+
+    monkeypatch.setattr(data_module, "upright_rgb", shrinking)
+    for select in (None, lambda available: [0, 3]):
+        calls.clear()
+        with pytest.raises(DataError, match=r"clip0.mp4: its frames change size midway \(40x48, 48x48\)"):
+            decode_video(folder / "clip0.mp4", select=select)
+    calls.clear()
+    with pytest.warns(UserWarning, match="change size midway"):
+        assert VideoTextDataset(folder, frames=4, size=16)[0]["pixel_values"].shape == (4, 3, 16, 16)

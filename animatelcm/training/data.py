@@ -187,7 +187,7 @@ def decode_video(path: Path, select: Callable[[int], list[int]] | None = None) -
                         if position in wanted and position not in chosen:
                             chosen[position] = upright_rgb(frame)
                         if position == last:
-                            return np.stack([chosen[i] for i in indices])
+                            return _stack_frames([chosen[i] for i in indices], path)
         with av.open(str(path)) as container:
             if not container.streams.video:
                 raise DataError(f"{path}: no video stream")
@@ -196,8 +196,18 @@ def decode_video(path: Path, select: Callable[[int], list[int]] | None = None) -
         raise DataError(f"{path}: cannot decode video: {error}") from error
     if not frames:
         raise DataError(f"{path}: no video frames")
-    video = np.stack(frames)
+    video = _stack_frames(frames, path)
     return video if select is None else video[select(len(video))]
+
+
+def _stack_frames(frames: list[np.ndarray], path) -> np.ndarray:
+    """``[N, H, W, 3]``; a video whose frames change size midway (a stream spliced from several resolutions) is a
+    :class:`DataError`, so training skips it like any other unreadable file."""
+    sizes = sorted({frame.shape for frame in frames})
+    if len(sizes) > 1:
+        listed = ", ".join(f"{height}x{width}" for height, width, _ in sizes)
+        raise DataError(f"{path}: its frames change size midway ({listed})")
+    return np.stack(frames)
 
 
 class _SkipsUnreadable(torch.utils.data.Dataset):

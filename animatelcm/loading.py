@@ -365,7 +365,8 @@ def load_controlnet(path, torch_dtype: torch.dtype | None = None, unet=None, all
     ``teacher_free`` stage with ``adapter.kind: controlnet_lora`` writes ``final/controlnet``; the hub's
     ``lllyasviel/control_v11p_sd15_*`` folders), or from one file in the original ControlNet layout (ControlNet
     1.1's ``control_v11p_sd15_openpose.pth``, pickled, so ``allow_pickle=True``; their ``.safetensors``
-    conversions), whose architecture is ``unet``'s encoder (:func:`controlnet_config_for`; the pipeline's UNet)."""
+    conversions) or in diffusers' (a hub folder's weights file on its own), whose architecture is ``unet``'s encoder
+    (:func:`controlnet_config_for`; the pipeline's UNet)."""
     from diffusers import ControlNetModel
 
     path = _require_path(path, "ControlNet")

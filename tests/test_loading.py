@@ -539,11 +539,12 @@ def test_load_pipeline_argument_errors(sd_folder, tmp_path):
         load_pipeline(base=tmp_path / "half", motion_module=sd_folder)
 
 
-@pytest.mark.parametrize("suffix, prefix", [(".safetensors", "control_model."), (".pth", "")])
-def test_controlnet_files_in_the_original_layout(components, tmp_path, suffix, prefix):
+@pytest.mark.parametrize("suffix, prefix", [(".safetensors", "control_model."), (".pth", ""), (".safetensors", None)])
+def test_controlnet_single_files(components, tmp_path, suffix, prefix):
     """ControlNet 1.1's files (``control_v11p_sd15_*.pth``, keys at the top level; their safetensors conversions
-    under ``control_model.``) load with the UNet's encoder as the architecture, every tensor where diffusers keeps
-    it; a non-ControlNet file and a file without a UNet to size it are refused."""
+    under ``control_model.``), and a hub folder's weights file on its own (diffusers' names, ``prefix`` None), load
+    with the UNet's encoder as the architecture, every tensor where diffusers keeps it; a non-ControlNet file and a
+    file without a UNet to size it are refused."""
     from diffusers import ControlNetModel, UNetMotionModel
     from ldm_layout import controlnet_to_ldm
 
@@ -554,7 +555,8 @@ def test_controlnet_files_in_the_original_layout(components, tmp_path, suffix, p
     with torch.no_grad():  # every tensor distinct, so a misplaced one shows (from_unet zeroes the zero convs)
         for parameter in reference.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
-    state = {k: v.contiguous() for k, v in controlnet_to_ldm(reference.state_dict(), prefix).items()}
+    state = reference.state_dict() if prefix is None else controlnet_to_ldm(reference.state_dict(), prefix)
+    state = {k: v.contiguous() for k, v in state.items()}
     path = tmp_path / f"control_v11p_sd15_test{suffix}"
     torch.save(state, path) if suffix == ".pth" else save_file(state, str(path))
     unet = UNetMotionModel.from_unet2d(components["unet"], components["motion_adapter"])

@@ -126,15 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
                                           "adapter (--image-adapter, or one saved in --model)")
     adapters.add_argument("--image-adapter", help="ImageToVideoAdapter folder (the teacher_free stage with "
                                                   "adapter.kind: i2v writes final/i2v_adapter)")
-    adapters.add_argument("--control", help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a "
-                                            "folder of images in natural name order (frame2 before frame10); needs "
-                                            "--controlnet")
-    adapters.add_argument("--controlnet", help="ControlNet: a diffusers folder (the teacher_free stage with "
-                                               "adapter.kind: controlnet_lora writes final/controlnet), or an SD1.5 "
-                                               "ControlNet file in the original layout (control_v11p_sd15_*.pth: "
-                                               "--allow-pickle; or .safetensors)")
-    adapters.add_argument("--control-scale", type=_non_negative_float, default=1.0,
-                          help="strength of the ControlNet's residuals (default 1.0)")
+    adapters.add_argument("--control", action="append", default=[],
+                          help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a folder of "
+                               "images in natural name order (frame2 before frame10); needs --controlnet. Repeat "
+                               "both (in the same order) to combine ControlNets, openpose and depth, say")
+    adapters.add_argument("--controlnet", action="append", default=[],
+                          help="ControlNet: a diffusers folder (the teacher_free stage with adapter.kind: "
+                               "controlnet_lora writes final/controlnet), or an SD1.5 ControlNet file in the "
+                               "original layout (control_v11p_sd15_*.pth: --allow-pickle; or .safetensors)")
+    adapters.add_argument("--control-scale", type=_non_negative_float, action="append", default=[],
+                          help="strength of the ControlNet's residuals (default 1.0); one for all ControlNets, or "
+                               "one each")
     adapters.add_argument("--control-edges", action="store_true",
                           help="turn the control frames into Sobel edge maps first (for ControlNets trained with "
                                "adapter.control: edges)")
@@ -270,8 +272,9 @@ def _check_paths(args) -> None:
     for flag in ("model", "base", "base_config", "motion_module", "vae", "lcm_lora", "image", "image_adapter",
                  "control", "controlnet"):
         value = getattr(args, flag, None)
-        if value is not None and not Path(value).exists():
-            raise UserError(f"--{flag.replace('_', '-')} {value}: no such file or folder")
+        for path in value if isinstance(value, list) else [value]:  # repeatable flags give lists
+            if path is not None and not Path(path).exists():
+                raise UserError(f"--{flag.replace('_', '-')} {path}: no such file or folder")
     for path, _ in args.lora:
         if not Path(path).exists():
             raise UserError(f"--lora {path}: no such file or folder")
@@ -295,6 +298,12 @@ def _check_paths(args) -> None:
             raise UserError("--controlnet needs --control (the control frames it reads)")
         if args.control and not args.controlnet:
             raise UserError("--control needs --controlnet (the ControlNet that reads the frames)")
+        if len(args.control) != len(args.controlnet) and args.control and args.controlnet:
+            raise UserError(f"--control and --controlnet pair up in order: got {len(args.control)} control clips "
+                            f"and {len(args.controlnet)} ControlNets")
+        if len(args.control_scale) not in (0, 1, len(args.controlnet)):
+            raise UserError(f"--control-scale: give one for all ControlNets or one each ({len(args.controlnet)}), "
+                            f"not {len(args.control_scale)}")
         if args.image and args.control:
             raise UserError("give --image or --control, not both")
         if args.image_adapter and not args.image:
@@ -502,12 +511,20 @@ def _add_adapters(args, pipe, dtype, device, height, width):
                             "adapter.kind: i2v writes final/i2v_adapter), or a --model saved with one")
         return pipe, {"num_frames": args.frames or 16, "image": _read_picture(args.image)}
     if args.control:
-        controlnet = load_controlnet(args.controlnet, torch_dtype=dtype, unet=pipe.unet,
-                                     allow_pickle=args.allow_pickle).to(device)
-        control = _read_control_frames(args.control, args.frames, height, width, args.control_edges)
-        pipe = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
-        return pipe, {"num_frames": len(control), "conditioning_frames": list(control),
-                      "controlnet_conditioning_scale": args.control_scale}
+        controlnets = [load_controlnet(path, torch_dtype=dtype, unet=pipe.unet, allow_pickle=args.allow_pickle)
+                       .to(device) for path in args.controlnet]
+        clips = [_read_control_frames(path, args.frames, height, width, args.control_edges) for path in args.control]
+        if len({len(clip) for clip in clips}) > 1:
+            raise UserError(f"the --control clips have {', '.join(str(len(clip)) for clip in clips)} frames: give "
+                            "--frames N to take the first N of each")
+        scales = args.control_scale or [1.0]
+        if len(controlnets) == 1:
+            pipe = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnets[0])
+            return pipe, {"num_frames": len(clips[0]), "conditioning_frames": list(clips[0]),
+                          "controlnet_conditioning_scale": scales[0]}
+        pipe = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnets)
+        return pipe, {"num_frames": len(clips[0]), "conditioning_frames": [list(clip) for clip in clips],
+                      "controlnet_conditioning_scale": scales * len(controlnets) if len(scales) == 1 else scales}
     return pipe, {"num_frames": args.frames or 16}
 
 

@@ -257,8 +257,14 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
     assert main(["generate", "--prompt", "a cat", *tiny_model_args, *runs["video.gif"], "--control-scale", "2.0",
                  "--controlnet", str(tmp_path / "control_v11p_sd15_test.pth"), "--allow-pickle",
                  "--out", str(tmp_path / "file.gif")]) == 0
-    clips = {name: iio.imread(tmp_path / name) for name in [*runs, "file.gif"]}
+    # two ControlNets (the same one twice, at 1.0 each): their residuals add up to one at 2.0
+    assert main(["generate", "--prompt", "a cat", *tiny_model_args, *runs["video.gif"], *runs["video.gif"],
+                 "--controlnet", str(tmp_path / "cn"), "--controlnet", str(tmp_path / "control_v11p_sd15_test.pth"),
+                 "--allow-pickle", "--control-scale", "1.0", "--out", str(tmp_path / "two.gif")]) == 0
+    clips = {name: iio.imread(tmp_path / name).astype(int) for name in [*runs, "file.gif", "two.gif"]}
     assert np.array_equal(clips["file.gif"], clips["video.gif"])
+    to_single, to_text = (np.abs(clips["two.gif"] - clips[name]).mean() for name in ("video.gif", "text.gif"))
+    assert to_single < 0.5 and to_text > 5 * to_single
     assert clips["video.gif"].shape[:3] == (6, 32, 32) and clips["four.gif"].shape[0] == 4
     assert (clips["video.gif"] != clips["text.gif"]).any() and (clips["edges.gif"] != clips["folder.gif"]).any()
     capsys.readouterr()
@@ -269,7 +275,12 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
                          (["--control", str(tmp_path / "frames"), "--controlnet", str(tmp_path / "frames")],
                           "config.json"),
                          (["--control", str(tmp_path / "frames"), "--controlnet",
-                           str(tmp_path / "control_v11p_sd15_test.pth")], "--allow-pickle")]:
+                           str(tmp_path / "control_v11p_sd15_test.pth")], "--allow-pickle"),
+                         (["--control", str(tmp_path / "frames"), *control_args, *control_args], "pair up"),
+                         (["--control", str(tmp_path / "frames"), "--control", str(tmp_path / "frames"),
+                           *control_args, *control_args, "--control-scale", "1"], "one each (2), not 3"),
+                         (["--control", str(tmp_path / "frames"), "--control", str(tmp_path / "frames" / "000.png"),
+                           *control_args, *control_args], "have 6, 1 frames")]:
         assert main(["generate", "--prompt", "a cat", *tiny_model_args, *argv, "--out", str(tmp_path / "x.gif")]) == 2
         assert needle in capsys.readouterr().err, argv
 

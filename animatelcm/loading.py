@@ -449,6 +449,77 @@ def _unet_lora_keys(state: dict) -> dict:
     return {f"unet.{key}" if key.startswith(UNET_TOP_LEVEL) else key: value for key, value in state.items()}
 
 
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+LYCORIS_ONLY_MARKERS = (".hada_w1_a", ".lokr_w1", ".lokr_w1_a", ".oft_blocks", ".oft_diag", ".lora_mid.weight")
+_TEXT_ENCODER_LORA_RENAMES = ((re.compile(r"\.to_(q|k|v)_lora\.(down|up)\.weight$"), r".\1_proj.\2.weight"),
+                              (re.compile(r"\.to_out_lora\.(down|up)\.weight$"), r".out_proj.\1.weight"),
+                              (re.compile(r"\.lora_linear_layer\.(down|up)\.weight$"), r".\1.weight"))
+
+
+def is_kohya_layout(keys) -> bool:
+    """Whether a LoRA's tensor names are kohya-ss's (sd-scripts, LyCORIS, most personalised LoRAs people download):
+    every name starts with ``lora_unet_`` or ``lora_te_`` (``lora_te1_``/``lora_te2_``)."""
+    return bool(keys) and all(key.startswith(KOHYA_PREFIXES) for key in keys)
+
+
+def _alphas_folded(state: dict, path: Path) -> dict:
+    """A kohya LoRA with each layer's ``alpha / rank`` multiplied into its ``lora_up`` and the ``.alpha`` entries
+    dropped: the same deltas (``alpha / rank * up @ down``) with the per-layer scale 1 diffusers gives a file
+    without alphas. diffusers 0.42 applies one alpha to layers whose alphas or ranks differ (kohya's resized and
+    extracted LoRAs, LoCon's own ``conv_alpha``): measured, 109 of 236 layers of a tiny UNet got the wrong scale."""
+    folded = {key: value for key, value in state.items() if not key.endswith(".alpha")}
+    for key in state.keys() - folded.keys():
+        stem = key[:-len(".alpha")]
+        down, up = folded.get(f"{stem}.lora_down.weight"), folded.get(f"{stem}.lora_up.weight")
+        if down is None or up is None:
+            raise CheckpointError(f"{path}: {key} has no {stem}.lora_down.weight and .lora_up.weight beside it; "
+                                  "is the file truncated, or not a LoRA?")
+        folded[f"{stem}.lora_up.weight"] = (up.float() * (float(state[key]) / down.shape[0])).to(up.dtype)
+    return folded
+
+
+def _kohya_lora_in_diffusers_layout(state: dict, path: Path) -> dict:
+    """A kohya LoRA (:func:`is_kohya_layout`) as the state dict diffusers' LoRA loaders read, with the same deltas:
+    alphas folded (:func:`_alphas_folded`), names converted by diffusers (``lora_state_dict``), then the text
+    encoder's names put in peft's layout (``...self_attn.q_proj.lora_A.weight``). Left in diffusers' legacy names,
+    a text encoder LoRA whose attention layers lack ``out_proj`` (q and v only, say) fails to load, and one that also
+    has MLP layers loads with its attention layers silently dropped (diffusers 0.42.1)."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    unsupported = sorted({marker for key in state for marker in LYCORIS_ONLY_MARKERS if marker in key})
+    if unsupported:
+        raise CheckpointError(
+            f"{path}: a LyCORIS network of another kind than LoRA/LoCon (its tensors hold {', '.join(unsupported)}: "
+            "LoHa, LoKr, OFT or Tucker-decomposed), which diffusers cannot load. Merge it into the base model with "
+            "LyCORIS's tools and pass that as --base, or use a LoRA")
+    converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(_alphas_folded(state, path))
+    renamed = {}
+    for key, value in converted.items():
+        if key.startswith("text_encoder.") and ".lora_A." not in key and ".lora_B." not in key:
+            for pattern, replacement in _TEXT_ENCODER_LORA_RENAMES:
+                key = pattern.sub(replacement, key)
+            key = key.replace(".down.weight", ".lora_A.weight").replace(".up.weight", ".lora_B.weight")
+        renamed[key] = value
+    return renamed
+
+
+def lora_source(path: Path, allow_pickle: bool = False) -> tuple[dict | str, dict]:
+    """``(source, options)`` for diffusers' LoRA loaders (``load_lora_weights(source, **options)``,
+    ``lora_state_dict``) reading the LoRA file ``path``: the file itself (its folder and ``weight_name``, so
+    diffusers also reads its metadata) where diffusers reads its layout right, else a state dict converted here:
+    kohya files (:func:`_kohya_lora_in_diffusers_layout`), original AnimateDiff motion LoRAs and UNet-only names
+    (:func:`_unet_lora_keys`), and every pickled file (read only with ``allow_pickle=True``)."""
+    suffix = path.suffix.lower()
+    if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+        raise CheckpointError(f"{path}: LoRAs are read from .safetensors files (or folders holding one; "
+                              f"{', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
+    keys = None if suffix in PICKLE_SUFFIXES else _tensor_shapes(path)
+    if keys is not None and not _needs_renaming(keys) and not is_kohya_layout(keys):
+        return str(path.parent), {"weight_name": path.name}
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    return (_kohya_lora_in_diffusers_layout(state, path) if is_kohya_layout(state) else _unet_lora_keys(state)), {}
+
+
 def lora_weights_file(path) -> Path:
     """``path`` if a file, else the LoRA file of the folder as diffusers picks it: ``pytorch_lora_weights.safetensors``,
     else the folder's only ``.safetensors`` file (``diffusion_pytorch_model.safetensors`` in diffusers' hub copies
@@ -473,19 +544,12 @@ def load_lora(pipe, path, adapter_name: str, scale: float = 1.0, fuse: bool = Fa
     weights.
 
     ``path``: a ``.safetensors`` file or a folder holding one (:func:`lora_weights_file`), in kohya
-    (``lora_unet_*``) or diffusers/peft layout;
+    (``lora_unet_*``, ``lora_te_*``: LoRA and LoCon, each layer at its own rank and alpha) or diffusers/peft layout;
     AnimateDiff motion LoRAs (camera zoom, pan, ...) in the diffusers layout or the original one, whose releases are
     pickled ``.ckpt`` files, read only with ``allow_pickle=True`` (only for files you trust). diffusers/peft do the
     loading; a file none of whose tensors names a layer of the pipeline raises :class:`CheckpointError`."""
     path = lora_weights_file(path)
-    suffix = path.suffix.lower()
-    if suffix not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
-        raise CheckpointError(f"{path}: LoRAs are read from .safetensors files (or folders holding one; "
-                              f"{', '.join(PICKLE_SUFFIXES)} with allow_pickle=True)")
-    if suffix in PICKLE_SUFFIXES or _needs_renaming(_tensor_shapes(path)):
-        source, options = _unet_lora_keys(read_state_dict(path, allow_pickle=allow_pickle)), {}
-    else:
-        source, options = str(path.parent), {"weight_name": path.name}
+    source, options = lora_source(path, allow_pickle)
     first = not any(pipe.get_list_adapters().values())
     try:
         pipe.load_lora_weights(source, adapter_name=adapter_name, local_files_only=True, **options)

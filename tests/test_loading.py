@@ -14,6 +14,7 @@ from animatelcm.loading import (
     load_lora,
     save_motion_adapter,
 )
+from animatelcm.training.models import load_spatial_lora
 
 TINY_OVERRIDES = {"motion_num_attention_heads": 2, "motion_norm_num_groups": 8}
 
@@ -250,6 +251,65 @@ def test_lora_errors(components, tmp_path):
     (tmp_path / "lora.ckpt").write_bytes(b"0")
     with pytest.raises(CheckpointError, match="safetensors"):
         load_lora(pipe, tmp_path / "lora.ckpt", "x")
+
+
+def kohya_layer(state, stem, weight, rank, alpha, generator):
+    """Adds one kohya layer (``lora_down``, ``lora_up``, ``alpha``) for ``weight`` to ``state``; returns its
+    delta ``alpha / rank * up @ down`` (what kohya's trainer and A1111 apply at multiplier 1)."""
+    kernel = tuple(weight.shape[2:])
+    up = torch.randn(weight.shape[0], rank, *[1] * len(kernel), generator=generator) * 0.1
+    down = torch.randn(rank, weight.shape[1], *kernel, generator=generator) * 0.1
+    state.update({f"{stem}.lora_up.weight": up, f"{stem}.lora_down.weight": down,
+                  f"{stem}.alpha": torch.tensor(float(alpha))})
+    return alpha / rank * delta(up, down, weight)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_kohya_loras_with_a_rank_and_alpha_per_layer_and_text_encoder_layers(components, tmp_path, suffix):
+    """Resized and extracted kohya LoRAs (and LoCon's conv_alpha) give layers their own rank and alpha, and text
+    encoder LoRAs may cover some projections only (q and v here, no out_proj: diffusers 0.42.1 fails on q/v alone
+    and silently drops them beside MLP layers); every layer must get exactly its own delta."""
+    pipe = AnimateLCMPipeline(**components)
+    generator = torch.Generator().manual_seed(0)
+    state, expected = {}, {}
+    layers = [(pipe.unet, "lora_unet_", name) for name, module in pipe.unet.named_modules()
+              if type(module) in (torch.nn.Linear, torch.nn.Conv2d) and "motion_modules" not in name]
+    layers += [(pipe.text_encoder, "lora_te_", name) for name, module in pipe.text_encoder.named_modules()
+               if name.endswith(("self_attn.q_proj", "self_attn.v_proj", "mlp.fc1"))]
+    for model, prefix, name in layers:
+        weight = model.get_submodule(name).weight
+        rank, alpha = int(torch.randint(1, 6, (), generator=generator)), int(torch.randint(1, 8, (), generator=generator))
+        kohya_name = name if prefix == "lora_unet_" else "text_model." + name.removeprefix("text_model.")
+        expected[model, name] = weight.detach() + 0.6 * kohya_layer(
+            state, prefix + kohya_name.replace(".", "_"), weight, rank, alpha, generator)
+    path = tmp_path / f"resized{suffix}"
+    save_file(state, str(path)) if suffix == ".safetensors" else torch.save(state, path)
+    load_lora(pipe, path, "style", scale=0.6, fuse=True, allow_pickle=True)
+    assert sum(model is pipe.text_encoder for model, _ in expected) == 3 * len(pipe.text_encoder.encoder.layers)
+    for (model, name), want in expected.items():
+        torch.testing.assert_close(module_weight(model, name), want, atol=1e-5, rtol=1e-5, msg=name)
+    if suffix == ".safetensors":  # the trainer's reader of model.lora: the UNet's layers, at scale 1
+        unet = AnimateLCMPipeline(**copy.deepcopy(components)).unet
+        load_spatial_lora(unet, path)
+        unet.fuse_lora(lora_scale=0.6)
+        for (model, name), want in expected.items():
+            if model is pipe.unet:
+                torch.testing.assert_close(module_weight(unet, name), want, atol=1e-5, rtol=1e-5, msg=name)
+
+
+def test_lycoris_networks_other_than_lora_are_refused(components, tmp_path):
+    pipe = AnimateLCMPipeline(**components)
+    stem = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{stem}.hada_w1_a": torch.zeros(32, 2), f"{stem}.hada_w1_b": torch.zeros(2, 32),
+               f"{stem}.hada_w2_a": torch.zeros(32, 2), f"{stem}.hada_w2_b": torch.zeros(2, 32),
+               f"{stem}.alpha": torch.tensor(2.0)}, str(tmp_path / "loha.safetensors"))
+    with pytest.raises(CheckpointError, match=r"loha.safetensors: a LyCORIS network .*\.hada_w1_a.*LoHa"):
+        load_lora(pipe, tmp_path / "loha.safetensors", "loha")
+    save_file({f"{stem}.lora_down.weight": torch.zeros(2, 32), f"{stem}.alpha": torch.tensor(2.0)},
+              str(tmp_path / "half.safetensors"))
+    with pytest.raises(CheckpointError, match=r"half.safetensors: .*\.alpha has no .*lora_up"):
+        load_lora(pipe, tmp_path / "half.safetensors", "half")
+    assert not any(pipe.get_list_adapters().values())
 
 
 # AnimateDiff motion LoRAs: diffusers module name -> the original release's name (v2_lora_*.ckpt); the spatial

@@ -241,14 +241,15 @@ def save_lora(unet, adapter_name: str, directory: Path) -> dict:
 def load_spatial_lora(motion_unet, path, adapter_name: str = "spatial"):
     """Load a spatial LoRA file or folder (kohya or diffusers format) into ``motion_unet`` under ``adapter_name``
     at scale 1.0 (unfused)."""
-    from ..loading import CheckpointError, lora_weights_file
-
-    path = lora_weights_file(path)
     from diffusers import AnimateDiffPipeline
 
+    from ..loading import CheckpointError, lora_source, lora_weights_file
+
+    path = lora_weights_file(path)
+    source, options = lora_source(path)
     try:
         state, network_alphas, *metadata = AnimateDiffPipeline.lora_state_dict(
-            str(path.parent), weight_name=path.name, local_files_only=True, return_lora_metadata=True)
+            source, local_files_only=True, return_lora_metadata=True, **options)
         metadata = {"metadata": metadata[0]} if metadata and metadata[0] is not None else {}  # diffusers >= 0.34
         AnimateDiffPipeline.load_lora_into_unet(state, network_alphas=network_alphas, unet=motion_unet,
                                                 adapter_name=adapter_name, **metadata)

@@ -661,7 +661,8 @@ def _load_base_components(base, base_config, allow_pickle, torch_dtype, vae=None
     conv_in, conv_out = (shapes.get(f"model.diffusion_model.{name}.weight") for name in ("input_blocks.0.0", "out.2"))
     if conv_in and conv_out:  # before diffusers' own error, which suggests overwriting the weights
         _refuse_extra_input_channels(conv_in[1], conv_out[0], base)
-    given = _parts_missing_from_single_file(base, shapes, base_config, {"vae": vae} if vae else {}, torch_dtype)
+    given = _parts_missing_from_single_file(base, shapes, base_config, {"vae": vae} if vae else {}, torch_dtype,
+                                            allow_pickle)
     try:
         pipe = StableDiffusionPipeline.from_single_file(str(base), config=str(base_config), local_files_only=True,
                                                         torch_dtype=torch_dtype, safety_checker=None,
@@ -698,11 +699,52 @@ def _has_weights(folder: Path) -> bool:
     return any(_WEIGHT_FILE.match(path.name) for path in folder.glob("*"))
 
 
+CLIP_PREFIX = "cond_stage_model.transformer."
+UNWRAPPED_CLIP_PREFIXES = tuple(CLIP_PREFIX + part for part in ("embeddings.", "encoder.", "final_layer_norm."))
+
+
+def _text_encoder_of_unwrapped_clip_keys(base: Path, keys: dict, base_config: Path, torch_dtype,
+                                         allow_pickle: bool):
+    """The CLIP text encoder of a single file that names its weights without ``text_model.``
+    (``cond_stage_model.transformer.encoder.layers.0...``, as files saved by older transformers, some personalised
+    SD1.5 models among them, do; AUTOMATIC1111 renames them on load), built from ``base_config``'s
+    ``text_encoder/config.json``. diffusers does not see these weights and would take another text encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    try:
+        model = CLIPTextModel(CLIPTextConfig.from_pretrained(str(base_config / "text_encoder"), local_files_only=True))
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"{base}: its text encoder weights need {base_config / 'text_encoder'}/config.json for "
+                              f"the architecture: {error}") from error
+    names = [key for key in keys if key.startswith(UNWRAPPED_CLIP_PREFIXES)]
+    if base.suffix.lower() in SAFE_SUFFIXES:
+        from safetensors import safe_open
+
+        with safe_open(str(base), framework="pt") as file:
+            tensors = {key: file.get_tensor(key) for key in names}
+    else:
+        state = read_state_dict(base, allow_pickle=allow_pickle)
+        tensors = {key: state[key] for key in names}
+    wrapper = "text_model." if hasattr(model, "text_model") else ""  # transformers 5 dropped the wrapper
+    state = {wrapper + key[len(CLIP_PREFIX):]: value for key, value in tensors.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [key for key in missing if not key.endswith("position_ids")]
+    unexpected = [key for key in unexpected if not key.endswith("position_ids")]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{base}: its text encoder weights ({CLIP_PREFIX}encoder...) do not fit {base_config / 'text_encoder'}'s "
+            f"config: {len(missing)} missing ({', '.join(missing[:3])}), {len(unexpected)} unexpected "
+            f"({', '.join(unexpected[:3])}). Is it a Stable Diffusion 1.5 model?")
+    return model.to(torch_dtype).eval() if torch_dtype is not None else model.eval()
+
+
 def _parts_missing_from_single_file(base: Path, keys: dict, base_config: Path, given: dict,
-                                    torch_dtype=None) -> dict:
-    """``given`` (parts the caller supplies, a VAE say) plus the VAE and text encoder a single-file ``base`` (its
-    tensor names: ``keys``) lacks ("noVAE" personalised models, UNet-only files), loaded from ``base_config``'s
-    weights: ``from_single_file`` keyword arguments (diffusers alone fails on such files)."""
+                                    torch_dtype=None, allow_pickle: bool = False) -> dict:
+    """``given`` (parts the caller supplies, a VAE say) plus the parts diffusers' ``from_single_file`` would not
+    find in a single-file ``base`` (its tensor names: ``keys``): a text encoder named without ``text_model.``,
+    read here (:func:`_text_encoder_of_unwrapped_clip_keys`), and the VAE and text encoder it lacks ("noVAE"
+    personalised models, UNet-only files), loaded from ``base_config``'s weights: ``from_single_file`` keyword
+    arguments (diffusers alone fails on such files)."""
     from diffusers import AutoencoderKL
     from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, is_clip_model_in_single_file
     from transformers import CLIPTextModel
@@ -710,6 +752,9 @@ def _parts_missing_from_single_file(base: Path, keys: dict, base_config: Path, g
     present = {"vae": any(key.startswith(tuple(LDM_VAE_KEYS)) for key in keys),
                "text_encoder": is_clip_model_in_single_file(CLIPTextModel, keys)}
     parts = dict(given)
+    if not present["text_encoder"] and any(key.startswith(UNWRAPPED_CLIP_PREFIXES) for key in keys):
+        parts["text_encoder"] = _text_encoder_of_unwrapped_clip_keys(base, keys, base_config, torch_dtype,
+                                                                     allow_pickle)
     for name, cls in (("vae", AutoencoderKL), ("text_encoder", CLIPTextModel)):
         if present[name] or name in parts:
             continue

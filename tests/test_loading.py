@@ -1,6 +1,7 @@
 import copy
 import os
 import shutil
+import warnings
 
 import pytest
 import torch
@@ -469,6 +470,40 @@ def test_single_file_base(components, sd_folder, tmp_path):
     assert abs(generate(pipe) - generate(direct)).max() <= 1e-5
     with pytest.raises(CheckpointError, match="base_config"):
         load_pipeline(base=single, motion_module=motion, motion_config=TINY_OVERRIDES)
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".ckpt"])
+def test_single_file_text_encoder_named_without_text_model(components, sd_folder, tmp_path, suffix):
+    """Files saved by older transformers name the text encoder cond_stage_model.transformer.encoder... (no
+    text_model.); its weights, not base_config's, must be the pipeline's. A set that does not fit is an error."""
+    from ldm_layout import unet_to_ldm, vae_to_ldm
+
+    text_encoder = copy.deepcopy(components["text_encoder"])
+    with torch.no_grad():
+        for parameter in text_encoder.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    state = {**unet_to_ldm(components["unet"].state_dict()),
+             **vae_to_ldm(components["vae"].state_dict(), len(components["vae"].config.block_out_channels)),
+             **{"cond_stage_model.transformer." + key.removeprefix("text_model."): value
+                for key, value in text_encoder.state_dict().items()}}
+    motion = save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors")
+
+    def load(state, name):
+        path = tmp_path / f"{name}{suffix}"
+        state = {key: value.contiguous() for key, value in state.items()}
+        save_file(state, str(path)) if suffix == ".safetensors" else torch.save({"state_dict": state}, path)
+        return load_pipeline(base=path, base_config=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES,
+                             allow_pickle=True)
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*holds no")
+        pipe = load(state, "old_transformers")
+    for key, value in text_encoder.state_dict().items():
+        assert torch.equal(pipe.text_encoder.state_dict()[key], value), key
+    direct = AnimateLCMPipeline(**{**components, "text_encoder": text_encoder})
+    assert abs(generate(pipe) - generate(direct)).max() <= 1e-5
+    with pytest.raises(CheckpointError, match=r"text encoder weights .* do not fit .*1 missing"):
+        load({key: value for key, value in state.items() if not key.endswith("final_layer_norm.weight")}, "broken")
 
 
 @pytest.fixture

@@ -243,8 +243,16 @@ def _resolve_device(name: str):
         device = torch.device(name)
     except RuntimeError as error:
         raise UserError(f"--device {name!r} is not a device name ({error})") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: torch sees no CUDA device here; use --device cpu")
+    if (device.type == "cuda" and not torch.cuda.is_available()) or (
+            device.type == "mps" and not torch.backends.mps.is_available()):
+        raise UserError(f"--device {name}: torch sees no {device.type.upper()} device here; use --device cpu")
+    try:
+        torch.empty(0, device=device)  # another kind not built in, or a GPU index past the last
+    except (RuntimeError, AssertionError) as error:
+        reason = str(error).split(". ")[0].splitlines()[0]
+        raise UserError(f"--device {name}: this torch cannot use it ({reason}); use --device cpu"
+                        + (f", or cuda:0 to cuda:{torch.cuda.device_count() - 1}" if device.type == "cuda"
+                           else "")) from None
     return device
 
 

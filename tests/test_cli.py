@@ -82,6 +82,8 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["generate", "--prompt", "x", "--guidance", "nan"], "finite"),
         (["generate", "--prompt", "x", "--lora", str(tmp_path / "style.safetensors") + ":inf"], "finite"),
         (["generate", "--prompt", "x", "--device", "cuda"], "CUDA"),
+        (["generate", "--prompt", "x", "--device", "mps"], "no MPS device"),
+        (["generate", "--prompt", "x", "--device", "xpu"], "--device xpu: this torch cannot use it"),
         (["generate", "--prompt", "x", "--clip-skip", "9", "--out", str(tmp_path / "x.gif")], "clip_skip=9"),
         (["generate", "--prompt", "x", "--vae", str(tmp_path)], "embedded default model keeps its own"),
         (["generate", "--prompt", "x", "--seed", str(2 ** 64)], "at most"),

@@ -85,6 +85,23 @@ def test_decoding_selected_frames_equals_indexing_the_whole_video(video_folder, 
     assert calls[-1] == 24 and len(calls) == (1 if suffix == ".webm" else 2)  # WebM states no count
 
 
+def test_a_folder_of_shard_folders(video_folder, tmp_path):
+    """video2dataset's files output: 00000/000000000.mp4 + .txt + .json per sample, one folder a shard; hidden
+    folders are not data."""
+    folder, shapes = video_folder
+    for index in range(3):
+        shard = tmp_path / "webvid" / f"{index // 2:05d}"
+        shard.mkdir(parents=True, exist_ok=True)
+        for suffix in (".mp4", ".txt"):
+            (folder / f"clip{index}{suffix}").rename(shard / f"{index:09d}{suffix}")
+        (shard / f"{index:09d}.json").write_text("{}")
+    (tmp_path / "webvid" / ".trash").mkdir()
+    (tmp_path / "webvid" / ".trash" / "old.mp4").write_bytes(b"")
+    data = VideoTextDataset(tmp_path / "webvid", frames=4, size=16)
+    assert [path.name for path, _ in data.items] == [f"{index:09d}.mp4" for index in range(3)]
+    assert [data[index]["caption"] for index in range(3)] == [shapes.clip(index)["caption"] for index in range(3)]
+
+
 def test_webvid_and_plain_csv(video_folder, tmp_path):
     folder, shapes = video_folder
     (tmp_path / "pages" / "000").mkdir(parents=True)
@@ -95,6 +112,12 @@ def test_webvid_and_plain_csv(video_folder, tmp_path):
         writer.writerow(["42", "http://example.invalid/42.mp4", "PT00H00M03S", "000", shapes.clip(1)["caption"]])
     data = VideoTextDataset(tmp_path / "webvid.csv", frames=4, size=16, root=tmp_path / "pages")
     assert data[0]["caption"] == shapes.clip(1)["caption"]
+    (tmp_path / "pages" / "000" / "42.mp4").rename(tmp_path / "pages" / "42.mp4")  # AnimateDiff's flat folder
+    data = VideoTextDataset(tmp_path / "webvid.csv", frames=4, size=16, root=tmp_path / "pages")
+    assert data.items[0][0] == tmp_path / "pages" / "42.mp4" and data[0]["caption"] == shapes.clip(1)["caption"]
+    (tmp_path / "pages" / "42.mp4").unlink()
+    with pytest.raises(DataError, match=r"1 listed file\(s\) missing, e.g. .*pages/000/42.mp4"):
+        VideoTextDataset(tmp_path / "webvid.csv", frames=4, size=16, root=tmp_path / "pages")
     with (tmp_path / "plain.csv").open("w", newline="") as handle:
         csv.writer(handle).writerows([["video", "caption"], ["videos/clip0.mp4", "a clip"]])
     assert VideoTextDataset(tmp_path / "plain.csv", frames=4, size=16)[0]["caption"] == "a clip"

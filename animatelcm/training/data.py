@@ -1,13 +1,14 @@
 """Real data for the training stages: video-text clips (PyAV) and image-text pairs.
 
 Sources (``kind`` is ``video`` or ``image``):
-- a folder of files, each with a caption in a ``.txt`` file of the same stem (``clip.mp4`` + ``clip.txt``);
+- a folder of files, each with a caption in a ``.txt`` file of the same stem (``clip.mp4`` + ``clip.txt``), in it
+  or in its subfolders (video2dataset's ``files`` output shards);
 - a folder with a ``metadata.jsonl`` or ``metadata.csv`` (Hugging Face's imagefolder/videofolder layout: a
   ``file_name`` column, paths relative to the folder, and a ``text`` or ``caption`` column);
 - a folder with ``prompts.txt`` and ``videos.txt`` (``images.txt``): one caption and one path, relative to the
   folder, a line (the layout of diffusers' video fine-tuning datasets);
 - a CSV or JSON-lines file: WebVid's columns (``videoid``, ``page_dir``, ``name`` = caption; the file is
-  ``{page_dir}/{videoid}.mp4`` under ``root``), or a path column (``video``/``image``, ``file_name`` or ``path``,
+  ``{page_dir}/{videoid}.mp4`` under ``root``, or ``{videoid}.mp4`` in ``root`` itself as AnimateDiff reads it), or a path column (``video``/``image``, ``file_name`` or ``path``,
   relative to ``root``, default the file's folder) and a caption column (``caption``, ``text`` or ``prompt``).
 Every listed file is checked when the dataset is built, so a missing file fails before training starts.
 """
@@ -40,9 +41,12 @@ def _read_caption(path: Path) -> str:
 
 
 def _folder_pairs(folder: Path, suffixes) -> list[tuple[Path, str]]:
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in suffixes)
+    """The media files under ``folder``, subfolders included (video2dataset's ``files`` output: ``00000/``,
+    ``00001/``, ... shards), hidden ones skipped, each with the caption of its ``.txt`` twin."""
+    files = sorted(path for path in folder.rglob("*") if path.suffix.lower() in suffixes and path.is_file()
+                   and not any(part.startswith(".") for part in path.relative_to(folder).parts))
     if not files:
-        raise DataError(f"{folder}: no files ending in {', '.join(suffixes)}")
+        raise DataError(f"{folder}: no files ending in {', '.join(suffixes)}, in it or its subfolders")
     pairs = []
     for path in files:
         caption_file = path.with_suffix(".txt")
@@ -89,8 +93,10 @@ def _table_pairs(table: Path, root: Path, kind: str) -> list[tuple[Path, str]]:
                         + f"; found {sorted(columns)}")
     pairs = []
     for number, row in enumerate(rows, start=2 if table.suffix.lower() == ".csv" else 1):
-        if webvid:
+        if webvid:  # {page_dir}/{videoid}.mp4, or all in root as AnimateDiff's WebVid10M loader reads them
             path, caption = root / str(row["page_dir"]) / f"{row['videoid']}.mp4", row["name"]
+            flat = root / f"{row['videoid']}.mp4"
+            path = flat if not path.is_file() and flat.is_file() else path
         else:
             path, caption = root / str(row.get(path_column) or ""), row.get(caption_column)
         if not isinstance(caption, str) or not caption.strip():

@@ -289,13 +289,16 @@ def test_kohya_loras_with_a_rank_and_alpha_per_layer_and_text_encoder_layers(com
     assert sum(model is pipe.text_encoder for model, _ in expected) == 3 * len(pipe.text_encoder.encoder.layers)
     for (model, name), want in expected.items():
         torch.testing.assert_close(module_weight(model, name), want, atol=1e-5, rtol=1e-5, msg=name)
-    if suffix == ".safetensors":  # the trainer's reader of model.lora: the UNet's layers, at scale 1
-        unet = AnimateLCMPipeline(**copy.deepcopy(components)).unet
-        load_spatial_lora(unet, path)
-        unet.fuse_lora(lora_scale=0.6)
-        for (model, name), want in expected.items():
-            if model is pipe.unet:
-                torch.testing.assert_close(module_weight(unet, name), want, atol=1e-5, rtol=1e-5, msg=name)
+    # the trainer's reader of model.lora: the UNet's layers, at scale 1; pickles only with model.allow_pickle
+    unet = AnimateLCMPipeline(**copy.deepcopy(components)).unet
+    if suffix == ".ckpt":
+        with pytest.raises(CheckpointError, match="allow_pickle"):
+            load_spatial_lora(unet, path)
+    load_spatial_lora(unet, path, allow_pickle=True)
+    unet.fuse_lora(lora_scale=0.6)
+    for (model, name), want in expected.items():
+        if model is pipe.unet:
+            torch.testing.assert_close(module_weight(unet, name), want, atol=1e-5, rtol=1e-5, msg=name)
 
 
 def test_lycoris_networks_other_than_lora_are_refused(components, tmp_path):

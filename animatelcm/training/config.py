@@ -51,7 +51,7 @@ class ModelConfig:
     default: :func:`animatelcm.training.models.default_motion_heads`). ``motion_layers``: temporal transformer
     layers in each fresh motion module (default 1, AnimateDiff's). ``motion_prompt``: fresh motion modules
     whose second temporal attention attends to the prompt (:mod:`animatelcm.motion_prompt`; without it they are
-    AnimateDiff's text-blind ones). ``allow_pickle``: read ``base``, ``motion_adapter``, ``vae`` and ``controlnet``
+    AnimateDiff's text-blind ones). ``allow_pickle``: read ``base``, ``motion_adapter``, ``lora``, ``vae`` and ``controlnet``
     from pickled ``.ckpt``/``.pt``/``.pth`` files (``AnimateLCM_sd15_t2v.ckpt`` as released, say): pickles can run
     code when loaded, so only for files you trust."""
 
@@ -67,7 +67,7 @@ class ModelConfig:
     motion_layers: int = 1              # temporal transformer layers per fresh motion module
     motion_prompt: bool = False         # fresh motion modules attend to the prompt (animatelcm.motion_prompt)
     prediction_type: str = "epsilon"
-    allow_pickle: bool = False          # read pickled base, motion_adapter, vae, controlnet files (trusted only)
+    allow_pickle: bool = False          # read pickled base, motion_adapter, lora, vae, controlnet (trusted only)
 
 
 @dataclass

@@ -238,15 +238,15 @@ def save_lora(unet, adapter_name: str, directory: Path) -> dict:
     return {"diffusers": diffusers_path, "kohya": kohya_path}
 
 
-def load_spatial_lora(motion_unet, path, adapter_name: str = "spatial"):
-    """Load a spatial LoRA file or folder (kohya or diffusers format) into ``motion_unet`` under ``adapter_name``
-    at scale 1.0 (unfused)."""
+def load_spatial_lora(motion_unet, path, adapter_name: str = "spatial", allow_pickle: bool = False):
+    """Load a spatial LoRA file or folder (kohya or diffusers format; pickled ``.ckpt``/``.pt`` files only with
+    ``allow_pickle``) into ``motion_unet`` under ``adapter_name`` at scale 1.0 (unfused)."""
     from diffusers import AnimateDiffPipeline
 
     from ..loading import CheckpointError, lora_source, lora_weights_file
 
     path = lora_weights_file(path)
-    source, options = lora_source(path)
+    source, options = lora_source(path, allow_pickle)
     try:
         state, network_alphas, *metadata = AnimateDiffPipeline.lora_state_dict(
             source, local_files_only=True, return_lora_metadata=True, **options)

@@ -326,7 +326,7 @@ class VideoConsistencyStage(ConsistencyStage):
         unet = models.inflate(parts["unet"], copy.deepcopy(adapter))
         unet.requires_grad_(False)
         if distill.decoupled:
-            models.load_spatial_lora(unet, run.model.lora, "spatial")
+            models.load_spatial_lora(unet, run.model.lora, "spatial", allow_pickle=run.model.allow_pickle)
         else:
             models.add_spatial_lora(unet, distill.lora_rank, distill.lora_alpha, "spatial", seed=run.seed)
         train_lora = distill.train_lora or not distill.decoupled
@@ -365,7 +365,7 @@ class TeacherFreeStage(ConsistencyStage):
         if not hasattr(unet, "down_blocks") or not hasattr(unet.down_blocks[0], "motion_modules"):
             unet = models.inflate(unet, parts["motion_adapter"])
             if run.model.lora is not None:
-                models.load_spatial_lora(unet, run.model.lora, "spatial")
+                models.load_spatial_lora(unet, run.model.lora, "spatial", allow_pickle=run.model.allow_pickle)
                 models.fuse_and_unload_lora(unet)
         unet = models.cast(unet.requires_grad_(False).eval(), weight_dtype)
         self.unet = unet

@@ -624,12 +624,19 @@ def _config_class(path: Path) -> str | None:
         return None
 
 
+DEFAULT_LOAD_DTYPE = torch.float32
+"""What the loaders give every part when no ``torch_dtype`` is named: diffusers' models load in float32 by default,
+but transformers 5 keeps a text encoder in the dtype of its file, and a folder saved in float16 (as many SD1.5
+models are published) then ran its float16 prompt embeddings into a float32 UNet, which failed."""
+
+
 def _load_base_components(base, base_config, allow_pickle, torch_dtype, vae=None) -> dict:
     """vae, text_encoder, tokenizer, unet of SD1.5 from a diffusers folder or a single-file checkpoint; ``vae``, a
-    loaded VAE, replaces the base's."""
+    loaded VAE, replaces the base's. ``torch_dtype`` None: float32 (:data:`DEFAULT_LOAD_DTYPE`)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    torch_dtype = torch_dtype or DEFAULT_LOAD_DTYPE
     base = _require_path(base, "base model")
     if base.is_dir():
         missing = [sub for sub in ("unet", "vae", "text_encoder", "tokenizer") if not (base / sub).is_dir()]
@@ -813,9 +820,12 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
     ``base_config``'s weights. The scheduler is the model folder's (a
     ``diffusers.LCMScheduler`` becomes :class:`animatelcm.LCMScheduler`, same config; another one, DDIM say, is kept:
     :func:`animatelcm.schedulers.lcm_scheduler_like` makes AnimateLCM's on its noise schedule, as ``animatelcm
-    generate`` does), or, from parts, AnimateLCM's (:func:`animatelcm.animatelcm_scheduler`).
+    generate`` does), or, from parts, AnimateLCM's (:func:`animatelcm.animatelcm_scheduler`). Every part is
+    loaded in ``torch_dtype`` (default float32, whatever dtype the files hold) and moved to ``device``.
     """
     from .pipelines import AnimateLCMPipeline
+
+    torch_dtype = torch_dtype or DEFAULT_LOAD_DTYPE
 
     if model is not None and (base is not None or motion_module is not None):
         raise ValueError("give either a model folder or base + motion_module, not both")

@@ -596,6 +596,29 @@ def test_folders_with_only_fp16_variant_weights(components, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), controlnet.state_dict().values()))
 
 
+def test_parts_saved_in_float16_load_in_one_dtype(components, tmp_path):
+    """Many SD1.5 folders are published with float16 weights. transformers 5 keeps a text encoder in its file's
+    dtype while diffusers loads its models in float32; load_pipeline gives every part float32 unless told, and
+    torch_dtype applies to all of them."""
+    from diffusers import AnimateDiffPipeline, LCMScheduler, StableDiffusionPipeline
+
+    half = {name: copy.deepcopy(part).half() if isinstance(part, torch.nn.Module) else part
+            for name, part in components.items()}
+    StableDiffusionPipeline(vae=half["vae"], text_encoder=half["text_encoder"], tokenizer=half["tokenizer"],
+                            unet=half["unet"], scheduler=LCMScheduler(), safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "base")
+    motion = save_motion_adapter(half["motion_adapter"], tmp_path / "mm_fp16.safetensors")
+    AnimateDiffPipeline(**half, scheduler=LCMScheduler()).save_pretrained(tmp_path / "pipe")
+    for pipe in (load_pipeline(base=tmp_path / "base", motion_module=motion, motion_config=TINY_OVERRIDES),
+                 load_pipeline(tmp_path / "pipe")):
+        assert {p.dtype for part in (pipe.unet, pipe.vae, pipe.text_encoder) for p in part.parameters()} == {
+            torch.float32}
+        assert generate(pipe).shape == (1, 4, 32, 32, 3)
+    pipe = load_pipeline(tmp_path / "pipe", torch_dtype=torch.bfloat16)
+    assert {p.dtype for part in (pipe.unet, pipe.vae, pipe.text_encoder) for p in part.parameters()} == {
+        torch.bfloat16}
+
+
 def test_a_base_and_a_motion_module_made_for_other_models_are_refused(components, sd_folder, tmp_path):
     """Named at load, with both files: a motion module for other UNet widths (diffusers only says "incompatible"),
     and an SDXL UNet (its extra embeddings would fail the first call with a TypeError)."""

@@ -232,6 +232,24 @@ def _load_prompted_model(cls, folder: Path, torch_dtype=None, overrides=None):
     return model.to(torch_dtype).eval() if torch_dtype is not None else model.eval()
 
 
+SPATIAL_UNET_MARKERS = (".attentions.", ".resnets.", "conv_norm_out.", "time_embedding.")
+
+
+def _motion_module_tensors(state: dict, path: Path) -> dict:
+    """The motion-module tensors of a checkpoint: as they are in a motion-module file, or picked out of a whole
+    video UNet's (what AnimateDiff's ``train.py`` saves: every UNet tensor, names prefixed ``module.`` by its DDP
+    wrapper), as AnimateDiff's loader picks them; the spatial tensors left out are counted in a warning."""
+    if state and all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    spatial = [key for key in state if "motion_modules." not in key and any(m in key for m in SPATIAL_UNET_MARKERS)]
+    if spatial and len(spatial) < len(state):
+        motion = {key: value for key, value in state.items() if "motion_modules." in key}
+        warnings.warn(f"{path.name}: a whole video UNet's checkpoint; reading its motion modules only and leaving out "
+                      f"its {len(state) - len(motion)} other tensors (the base model supplies those)", stacklevel=4)
+        return motion
+    return state
+
+
 @quiet_dtype_rename
 def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dtype: torch.dtype | None = None):
     """Load a :class:`diffusers.MotionAdapter` from a local path.
@@ -240,7 +258,8 @@ def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dty
         path: a diffusers ``MotionAdapter`` folder (``config.json`` + weights), or one ``.safetensors`` file (or
             ``.ckpt``/``.pt`` with ``allow_pickle=True``) in the original AnimateDiff/AnimateLCM key layout
             (``...temporal_transformer.transformer_blocks.0.attention_blocks.0...``, with or without
-            ``pos_encoder`` keys) or in diffusers' layout.
+            ``pos_encoder`` keys) or in diffusers' layout, alone or within a whole video UNet's checkpoint (as
+            AnimateDiff's ``train.py`` saves them; its motion modules are read).
         config: entries that override what is inferred from the tensors (dict, a ``config.json``, or a folder
             holding one), e.g. ``{"motion_max_seq_length": 64}`` or ``{"motion_num_attention_heads": 8}``.
         allow_pickle: permit pickled checkpoints (they can execute code when loaded).
@@ -267,7 +286,7 @@ def load_motion_adapter(path, config=None, allow_pickle: bool = False, torch_dty
             raise CheckpointError(f"{path}: could not load the MotionAdapter folder: {error}") from error
         return adapter
 
-    state = read_state_dict(path, allow_pickle=allow_pickle)
+    state = _motion_module_tensors(read_state_dict(path, allow_pickle=allow_pickle), path)
     pe_length = None
     if is_original_motion_layout(state):
         state, pe_length = original_to_diffusers_motion_keys(state)

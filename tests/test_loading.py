@@ -143,6 +143,26 @@ def test_pickle_needs_consent(components, tmp_path):
             load_motion_adapter(path, allow_pickle=True)
 
 
+@pytest.mark.parametrize("layout", ["original", "diffusers"])
+def test_motion_modules_inside_a_whole_video_unet_checkpoint(components, tmp_path, layout):
+    """AnimateDiff's train.py saves the whole video UNet ({"global_step", "state_dict"}, names prefixed module. by
+    DDP); its motion modules are read, the rest left out with a warning."""
+    from diffusers import UNetMotionModel
+
+    state = UNetMotionModel.from_unet2d(copy.deepcopy(components["unet"]), components["motion_adapter"]).state_dict()
+    if layout == "original":
+        path = tmp_path / "checkpoint-epoch-3.ckpt"
+        torch.save({"epoch": 3, "global_step": 1000,
+                    "state_dict": {"module." + k: v for k, v in diffusers_to_original_motion_keys(state).items()}},
+                   path)
+    else:
+        path = tmp_path / "unet.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.warns(UserWarning, match=r"whole video UNet's checkpoint; .* leaving out its \d+ other tensors"):
+        adapter = load_motion_adapter(path, config=TINY_OVERRIDES, allow_pickle=True)
+    assert_same_weights(adapter, components["motion_adapter"])
+
+
 def test_full_size_sd15_original_layout(tmp_path):
     """A motion module at AnimateLCM's real size (SD1.5 widths, 2/3 layers, mid block, 8 heads), in the original
     key layout without pos_encoder keys, fp16: ~450M parameters."""

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from animatelcm.export import export_to_gif, export_to_mp4
-from animatelcm.training.data import DataError, ImageTextDataset, VideoTextDataset, decode_video
+from animatelcm.training.data import DataError, ImageTextDataset, VideoTextDataset, decode_video, read_rgb_image
 from animatelcm.training.synthetic import COLOURS, MovingShapes
 
 
@@ -294,6 +294,22 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path, orientation
                           np.rot90(stored, k=quarter_turns))
     assert torch.equal(ImageTextDataset(tmp_path / "tagged", size=16)[0]["pixel_values"],
                        ImageTextDataset(tmp_path / "upright", size=16)[0]["pixel_values"])
+
+
+def test_sixteen_bit_and_float_grey_images_keep_their_levels(tmp_path):
+    """Depth maps are often 16-bit PNGs (or float TIFFs); read as 8-bit grey levels in proportion, by the CLI's
+    --control and --image and by the training data, not clipped at 255 into a white image."""
+    from animatelcm.cli import _read_control_frames
+
+    depth = np.linspace(0, 1, 24 * 24).reshape(24, 24)
+    Image.fromarray(np.rint(depth * 65535).astype(np.uint16)).save(tmp_path / "0_depth16.png")
+    Image.fromarray(depth.astype(np.float32)).save(tmp_path / "1_depth_float.tiff")
+    expected = np.repeat(np.rint(depth * 255)[..., None], 3, axis=-1)
+    for name in ("0_depth16.png", "1_depth_float.tiff"):
+        assert np.abs(np.asarray(read_rgb_image(tmp_path / name)) - expected).max() <= 1, name
+    frames = _read_control_frames(tmp_path, None, 24, 24, edges=False)  # [F, 3, H, W] in [0, 1]
+    assert frames.shape == (2, 3, 24, 24)
+    assert (frames * 255 - torch.from_numpy(expected).permute(2, 0, 1)).abs().max() <= 1.01
 
 
 def test_a_video_whose_frames_change_size_is_skipped_like_an_unreadable_one(video_folder, monkeypatch):

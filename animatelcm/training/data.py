@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".gif")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
 
 class DataError(ValueError):
@@ -165,9 +165,24 @@ def read_rgb_image(path):
 
     try:
         with Image.open(path) as image:
-            return ImageOps.exif_transpose(image).convert("RGB")
+            return _eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
     except OSError as error:  # PIL.UnidentifiedImageError included
         raise DataError(f"{path}: cannot read image: {error}") from error
+
+
+def _eight_bit(image):
+    """``image`` with 16-bit (``I;16*``, ``I``) or float (``F``, taken as 0..1) grey levels scaled to 8 bits, as
+    depth maps are often saved; PIL's own conversion clips them at 255, turning most of such a map white."""
+    from PIL import Image
+
+    if image.mode.startswith("I"):
+        scale = 255 / 65535
+    elif image.mode == "F":
+        scale = 255.0
+    else:
+        return image
+    levels = np.asarray(image, dtype=np.float64) * scale
+    return Image.fromarray(np.clip(np.rint(levels), 0, 255).astype(np.uint8))  # 8-bit grey ("L")
 
 
 def decode_video(path: Path, select: Callable[[int], list[int]] | None = None) -> np.ndarray:

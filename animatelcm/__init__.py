@@ -5,8 +5,9 @@ Public API (imported lazily so ``import animatelcm`` stays cheap):
     AnimateLCMPipeline                        AnimateDiff pipeline with AnimateLCM defaults (text or image to video)
     AnimateLCMControlNetPipeline              the same for control frames (a ControlNet)
     ImageToVideoAdapter                       the image-to-video adapter AnimateLCMPipeline(image_adapter=...) takes
+    AnimateLCMImageEncoder                    the image encoder of AnimateLCM's released I2V model, the other one
     load_motion_adapter, load_pipeline        offline loaders for the checkpoints people download
-    load_image_adapter, load_controlnet       and for the adapters the trainer writes
+    load_image_adapter, load_controlnet       and for the adapters (the trainer's, AnimateLCM-I2V's)
     export_to_gif, export_to_mp4, export_video
     patch_pipeline, unpatch_pipeline          run a diffusers AnimateDiff pipeline on the fused kernels
     ops                                       fused kernels and their dispatcher
@@ -22,6 +23,7 @@ _LAZY = {
     "AnimateLCMPipeline": "animatelcm.pipelines",
     "AnimateLCMControlNetPipeline": "animatelcm.pipelines",
     "ImageToVideoAdapter": "animatelcm.adapters",
+    "AnimateLCMImageEncoder": "animatelcm.adapters",
     "load_motion_adapter": "animatelcm.loading",
     "load_pipeline": "animatelcm.loading",
     "load_lora": "animatelcm.loading",

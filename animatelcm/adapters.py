@@ -1,4 +1,5 @@
-"""Adapters that plug into a video consistency model: the image-to-video encoder (AnimateLCM-I2V style) and the
+"""Adapters that plug into a video consistency model: the image-to-video encoders (this package's, trained by the
+``teacher_free`` stage, and the one of AnimateLCM's released I2V model) and the
 wrappers that run a UNetMotionModel with an adapter or a ControlNet as one ``model(sample, timestep, condition)``.
 
 Shapes: ``sample [B, C, F, h, w]`` latents, ``timestep [B]``, ``condition`` a dict with ``text [B, L, D]`` and,
@@ -39,7 +40,8 @@ class _ResidualBlock(nn.Module):
 
 
 class ImageToVideoAdapter(ModelMixin, ConfigMixin):
-    """T2I-Adapter-style encoder of the first-frame latent, one feature map per UNet down block.
+    """T2I-Adapter-style encoder of the first-frame latent, one feature map per UNet down block, added before the
+    first motion module of each (``injection_layer`` 0: :func:`features_before_motion_modules`).
 
     ``forward(first_frame [B, C, h, w], num_frames) -> list of [B*F, C_l, h / 2^l, w / 2^l]``: the latent is
     repeated over frames, ``conv_in`` lifts it to ``block_out_channels[0]``, a sinusoidal frame embedding times
@@ -47,6 +49,8 @@ class ImageToVideoAdapter(ModelMixin, ConfigMixin):
     on, then residual blocks) ends in a zero-initialised 1x1 conv: the adapter starts as an exact no-op and the
     model it is attached to is unchanged until training moves it.
     """
+
+    injection_layer = 0
 
     @register_to_config
     def __init__(self, in_channels: int = 4, block_out_channels: tuple = (320, 640, 1280, 1280),
@@ -82,15 +86,95 @@ class ImageToVideoAdapter(ModelMixin, ConfigMixin):
         return features
 
 
+def interleaved_frame_embedding(num_frames: int, dim: int, device=None) -> torch.Tensor:
+    """Sinusoidal embedding of frame indices 0..F-1 as AnimateLCM-I2V's encoder computes it: ``[F, dim]`` (dim
+    even) with ``sin(f * w_i)`` in column ``2i`` and ``cos(f * w_i)`` in column ``2i + 1``,
+    ``w_i = 10000^(-2i / dim)``; float32."""
+    if dim % 2:
+        raise ValueError(f"interleaved_frame_embedding: dim must be even, got {dim}")
+    frequencies = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    angles = torch.arange(num_frames, device=device, dtype=torch.float32)[:, None] * frequencies[None]
+    return torch.stack([angles.sin(), angles.cos()], dim=-1).flatten(1)
+
+
+class _EncoderBlock(nn.Module):
+    """A block of :class:`AnimateLCMImageEncoder`: optional 2x average pooling (after replicate-padding odd sizes),
+    a 1x1 ``in_conv`` where the width changes, then ``x + block2(relu(block1(x)))`` (3x3, then 1x1)."""
+
+    def __init__(self, in_channels: int, out_channels: int, downsample: bool):
+        super().__init__()
+        self.downsample = downsample
+        self.in_conv = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+        self.block1 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.act = nn.ReLU()
+        self.block2 = nn.Conv2d(out_channels, out_channels, 1)
+
+    def forward(self, x):
+        if self.downsample:
+            x = torch.nn.functional.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="replicate")
+            x = torch.nn.functional.avg_pool2d(x, 2)
+        if self.in_conv is not None:
+            x = self.in_conv(x)
+        return x + self.block2(self.act(self.block1(x)))
+
+
+class AnimateLCMImageEncoder(ModelMixin, ConfigMixin):
+    """The image encoder of AnimateLCM's released image-to-video model (``AnimateLCM_sd15_i2v.ckpt``, whose
+    ``img_encoder.*`` tensors it loads as they are named: :func:`animatelcm.load_image_adapter`), as AnimateLCM's
+    public code defines it; an alternative to :class:`ImageToVideoAdapter` for ``AnimateLCMPipeline.image_adapter``.
+
+    ``forward(first_frame [B, C, h, w], num_frames) -> list of [B*F, C_l, h / 2^l, w / 2^l]``: ``conv_in`` (3x3)
+    lifts the latent to ``block_out_channels[0]``, it is repeated over frames and
+    :func:`interleaved_frame_embedding` times ``motion_scale`` is added; each level then runs ``blocks_per_level``
+    :class:`_EncoderBlock` (the first of every level after the first pools 2x) and its output is that level's
+    feature, added before the second motion module of the matching down block (``injection_layer`` 1: after the
+    second ResNet and spatial attention), where the released model adds it.
+    """
+
+    injection_layer = 1
+
+    @register_to_config
+    def __init__(self, in_channels: int = 4, block_out_channels: tuple = (320, 640, 1280, 1280),
+                 blocks_per_level: int = 2, motion_scale: float = 0.8):
+        super().__init__()
+        channels = list(block_out_channels)
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        blocks, previous = [], channels[0]
+        for level, width in enumerate(channels):
+            for index in range(blocks_per_level):
+                blocks.append(_EncoderBlock(previous, width, downsample=level > 0 and index == 0))
+                previous = width
+        self.body = nn.ModuleList(blocks)
+
+    def forward(self, first_frame: torch.Tensor, num_frames: int) -> list[torch.Tensor]:
+        if first_frame.dim() != 4:
+            raise ValueError(f"AnimateLCMImageEncoder: first_frame must be [B, C, h, w], got "
+                             f"{tuple(first_frame.shape)}")
+        batch = first_frame.shape[0]
+        x = self.conv_in(first_frame.to(self.conv_in.weight.dtype)).repeat_interleave(num_frames, dim=0)
+        embedding = interleaved_frame_embedding(num_frames, x.shape[1], x.device) * self.config.motion_scale
+        x = x + embedding.repeat(batch, 1)[:, :, None, None].to(x.dtype)
+        features, per_level = [], self.config.blocks_per_level
+        for index, block in enumerate(self.body):
+            x = block(x)
+            if (index + 1) % per_level == 0:
+                features.append(x)
+        return features
+
+
 @contextlib.contextmanager
-def features_before_motion_modules(unet, features: list[torch.Tensor]):
-    """While active, ``features[l]`` is added to the input of the first motion module of ``unet.down_blocks[l]``
-    (the down block's features after its first ResNet/attention, before any temporal layer). A UNet batch that is a
-    whole multiple of the features' (classifier-free guidance's unconditional and conditional halves) gets them
-    repeated, one copy per part."""
+def features_before_motion_modules(unet, features: list[torch.Tensor], layer: int = 0):
+    """While active, ``features[l]`` is added to the input of motion module ``layer`` of ``unet.down_blocks[l]``
+    (``layer`` 0: the down block's features after its first ResNet/attention, before any temporal layer; an
+    adapter's ``injection_layer`` says which it was trained with). A UNet batch that is a whole multiple of the
+    features' (classifier-free guidance's unconditional and conditional halves) gets them repeated, one copy per
+    part."""
     if len(features) != len(unet.down_blocks):
         raise ValueError(f"{len(features)} adapter feature maps for a UNet with {len(unet.down_blocks)} down blocks; "
                          "build the adapter with the UNet's block_out_channels")
+    if any(len(block.motion_modules) <= layer for block in unet.down_blocks):
+        raise ValueError(f"the adapter adds its features before motion module {layer} of every down block; this UNet's "
+                         f"down blocks have {[len(block.motion_modules) for block in unet.down_blocks]}")
     handles = []
     for block, feature in zip(unet.down_blocks, features):
         def add(module, args, kwargs, feature=feature):
@@ -103,7 +187,7 @@ def features_before_motion_modules(unet, features: list[torch.Tensor]):
                                  f"{tuple(hidden.shape)}; the latent size must be divisible by "
                                  f"{2 ** (len(unet.down_blocks) - 1)}")
             return (hidden + feature.to(hidden.dtype), *args[1:]), kwargs
-        handles.append(block.motion_modules[0].register_forward_pre_hook(add, with_kwargs=True))
+        handles.append(block.motion_modules[layer].register_forward_pre_hook(add, with_kwargs=True))
     try:
         yield
     finally:
@@ -140,7 +224,7 @@ class ImageToVideoModel(nn.Module):
 
     def forward(self, sample, timestep, condition):
         features = self.adapter(condition["first_frame"], num_frames=sample.shape[2])
-        with features_before_motion_modules(self.unet, features):
+        with features_before_motion_modules(self.unet, features, self.adapter.injection_layer):
             return self.unet(sample, timestep, encoder_hidden_states=text_per_frame(condition["text"], sample)).sample
 
 

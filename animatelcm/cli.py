@@ -123,9 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_arguments(gen)
     adapters = gen.add_argument_group("image to video, control frames to video")
     adapters.add_argument("--image", help="picture to animate (PNG/JPEG/...): the clip starts from it; needs an image "
-                                          "adapter (--image-adapter, or one saved in --model)")
+                                          "adapter (--image-adapter, one saved in --model, or AnimateLCM-I2V's "
+                                          "release as --motion-module)")
     adapters.add_argument("--image-adapter", help="ImageToVideoAdapter folder (the teacher_free stage with "
-                                                  "adapter.kind: i2v writes final/i2v_adapter)")
+                                                  "adapter.kind: i2v writes final/i2v_adapter), or a file holding "
+                                                  "AnimateLCM-I2V's image encoder (AnimateLCM_sd15_i2v.ckpt: "
+                                                  "--allow-pickle; given as --motion-module, it is used without this)")
     adapters.add_argument("--control", action="append", default=[],
                           help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a folder of "
                                "images in natural name order (frame2 before frame10); needs --controlnet. Repeat "
@@ -506,17 +509,28 @@ def _read_control_frames(path, frames: int | None, height: int, width: int, edge
 def _add_adapters(args, pipe, dtype, device, height, width):
     """``(pipe, extra call arguments)``: the pipeline with the image adapter or ControlNet the arguments name (a
     ControlNet pipeline for --control), and what its call needs besides the prompt (``num_frames`` always)."""
-    from .loading import load_controlnet, load_image_adapter
+    from .adapters import AnimateLCMImageEncoder
+    from .loading import holds_image_encoder, load_controlnet, load_image_adapter
     from .pipelines import AnimateLCMControlNetPipeline
+    from .schedulers import IMAGE_TO_VIDEO_ORIGINAL_STEPS, lcm_scheduler_like
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
     if args.image:
-        if args.image_adapter:
-            pipe.image_adapter = load_image_adapter(args.image_adapter, torch_dtype=dtype).to(device)
+        released_i2v = (not args.image_adapter and getattr(pipe, "image_adapter", None) is None
+                        and args.motion_module is not None
+                        and holds_image_encoder(args.motion_module, allow_pickle=args.allow_pickle))
+        if args.image_adapter or released_i2v:
+            pipe.image_adapter = load_image_adapter(args.image_adapter or args.motion_module, torch_dtype=dtype,
+                                                    allow_pickle=args.allow_pickle).to(device)
         elif getattr(pipe, "image_adapter", None) is None:
             raise UserError("--image needs an image adapter: give --image-adapter FOLDER (the teacher_free stage with "
-                            "adapter.kind: i2v writes final/i2v_adapter), or a --model saved with one")
+                            "adapter.kind: i2v writes final/i2v_adapter), a --model saved with one, or AnimateLCM-I2V's "
+                            "release as --motion-module (its image encoder comes with it)")
+        if isinstance(pipe.image_adapter, AnimateLCMImageEncoder) and not args.model:
+            print(f"NOTE: sampling AnimateLCM-I2V's image encoder on its original_inference_steps="
+                  f"{IMAGE_TO_VIDEO_ORIGINAL_STEPS}", file=sys.stderr)
+            pipe.scheduler = lcm_scheduler_like(pipe.scheduler, IMAGE_TO_VIDEO_ORIGINAL_STEPS)
         return pipe, {"num_frames": args.frames or 16, "image": _read_picture(args.image)}
     if args.control:
         controlnets = [load_controlnet(path, torch_dtype=dtype, unet=pipe.unet, allow_pickle=args.allow_pickle)

@@ -236,11 +236,14 @@ SPATIAL_UNET_MARKERS = (".attentions.", ".resnets.", "conv_norm_out.", "time_emb
 
 
 def _motion_module_tensors(state: dict, path: Path) -> dict:
-    """The motion-module tensors of a checkpoint: as they are in a motion-module file, or picked out of a whole
-    video UNet's (what AnimateDiff's ``train.py`` saves: every UNet tensor, names prefixed ``module.`` by its DDP
-    wrapper), as AnimateDiff's loader picks them; the spatial tensors left out are counted in a warning."""
+    """The motion-module tensors of a checkpoint: as they are in a motion-module file (without the image encoder
+    AnimateLCM-I2V's holds beside them), or picked out of a whole video UNet's (what AnimateDiff's ``train.py``
+    saves: every UNet tensor, names prefixed ``module.`` by its DDP wrapper), as AnimateDiff's loader picks them;
+    the spatial tensors left out are counted in a warning."""
     if state and all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
+    state = {key: value for key, value in state.items()  # AnimateLCM-I2V's image encoder: load_image_adapter's
+             if not key.startswith(IMAGE_ENCODER_PREFIX)}
     spatial = [key for key in state if "motion_modules." not in key and any(m in key for m in SPATIAL_UNET_MARKERS)]
     if spatial and len(spatial) < len(state):
         motion = {key: value for key, value in state.items() if "motion_modules." in key}
@@ -344,12 +347,59 @@ def _load_model_folder(cls, path, what: str, torch_dtype=None):
     return model.eval()
 
 
-def load_image_adapter(path, torch_dtype: torch.dtype | None = None):
-    """An :class:`animatelcm.adapters.ImageToVideoAdapter` from its folder (the ``teacher_free`` stage with
-    ``adapter.kind: i2v`` writes ``final/i2v_adapter``); set it as ``AnimateLCMPipeline.image_adapter``."""
-    from .adapters import ImageToVideoAdapter
+IMAGE_ENCODER_PREFIX = "img_encoder."
 
-    return _load_model_folder(ImageToVideoAdapter, path, "image adapter", torch_dtype)
+
+def holds_image_encoder(path, allow_pickle: bool = False) -> bool:
+    """Whether the checkpoint file ``path`` holds the image encoder of AnimateLCM's released I2V model
+    (``img_encoder.*`` tensors, beside its motion modules in ``AnimateLCM_sd15_i2v.ckpt``)."""
+    path = Path(path)
+    return path.is_file() and any(key.startswith(IMAGE_ENCODER_PREFIX) for key in _tensor_shapes(path, allow_pickle))
+
+
+def load_image_adapter(path, torch_dtype: torch.dtype | None = None, allow_pickle: bool = False):
+    """The image adapter to set as ``AnimateLCMPipeline.image_adapter``: from a folder (``save_pretrained``'s: an
+    :class:`animatelcm.adapters.ImageToVideoAdapter`, as the ``teacher_free`` stage with ``adapter.kind: i2v``
+    writes to ``final/i2v_adapter``, or an :class:`~animatelcm.adapters.AnimateLCMImageEncoder`), or an
+    :class:`~animatelcm.adapters.AnimateLCMImageEncoder` from a file holding AnimateLCM-I2V's ``img_encoder.*``
+    tensors (``AnimateLCM_sd15_i2v.ckpt``, pickled: ``allow_pickle=True``), its widths read from the tensors (four
+    levels, as SD1.5's UNet has)."""
+    from .adapters import AnimateLCMImageEncoder, ImageToVideoAdapter
+
+    path = _require_path(path, "image adapter")
+    if path.is_dir():
+        cls = (AnimateLCMImageEncoder if _config_class(path / "config.json") == AnimateLCMImageEncoder.__name__
+               else ImageToVideoAdapter)
+        return _load_model_folder(cls, path, "image adapter", torch_dtype)
+    if path.suffix.lower() not in SAFE_SUFFIXES + PICKLE_SUFFIXES:
+        raise CheckpointError(f"image adapter {path}: expected a folder with config.json (as the teacher_free stage "
+                              "writes final/i2v_adapter) or a checkpoint holding AnimateLCM-I2V's image encoder "
+                              "(AnimateLCM_sd15_i2v.ckpt)")
+    state = {key[len(IMAGE_ENCODER_PREFIX):]: value
+             for key, value in read_state_dict(path, allow_pickle=allow_pickle).items()
+             if key.startswith(IMAGE_ENCODER_PREFIX)}
+    if "conv_in.weight" not in state:
+        raise CheckpointError(f"image adapter {path}: no {IMAGE_ENCODER_PREFIX}conv_in.weight in the file, so it holds "
+                              "no AnimateLCM-I2V image encoder; an ImageToVideoAdapter is loaded from its folder")
+    blocks = 1 + max((int(key.split(".")[1]) for key in state if key.startswith("body.")), default=-1)
+    widths = [state.get(f"body.{index}.block1.weight", torch.empty(0)).shape[0] for index in range(blocks)]
+    levels = 4
+    if not blocks or blocks % levels or 0 in widths:
+        raise CheckpointError(f"image adapter {path}: {blocks} encoder blocks (widths {widths}) do not make "
+                              f"{levels} levels of whole blocks")
+    per_level = blocks // levels
+    config = dict(in_channels=state["conv_in.weight"].shape[1], block_out_channels=tuple(widths[::per_level]),
+                  blocks_per_level=per_level)
+    encoder = AnimateLCMImageEncoder(**config)
+    expected = encoder.state_dict()
+    wrong = sorted(set(expected) ^ set(state)) + [key for key in state if key in expected
+                                                  and state[key].shape != expected[key].shape]
+    if wrong:
+        raise CheckpointError(f"image adapter {path}: its {IMAGE_ENCODER_PREFIX}* tensors do not fit an "
+                              f"AnimateLCMImageEncoder with {config}: {len(wrong)} missing, extra or of another shape "
+                              f"(e.g. {', '.join(wrong[:3])})")
+    encoder.load_state_dict(state)
+    return (encoder.to(torch_dtype) if torch_dtype is not None else encoder).eval()
 
 
 def controlnet_config_for(unet) -> dict:

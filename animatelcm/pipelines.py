@@ -14,7 +14,7 @@ from diffusers import LCMScheduler as DiffusersLCMScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
-from .adapters import ImageToVideoAdapter, features_before_motion_modules
+from .adapters import AnimateLCMImageEncoder, ImageToVideoAdapter, features_before_motion_modules
 from .motion_prompt import inflate, motion_cross_attention_dim
 from .schedulers import LCMScheduler, animatelcm_scheduler
 
@@ -159,8 +159,9 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
     ``diffusers.LCMScheduler`` produces.
 
     ``image_adapter`` (optional, an :class:`animatelcm.adapters.ImageToVideoAdapter`, e.g. trained by the
-    ``teacher_free`` stage with ``adapter.kind: i2v``) lets ``__call__`` take an ``image``: the clip then starts
-    from that picture (saved and loaded with the pipeline like any other component).
+    ``teacher_free`` stage with ``adapter.kind: i2v``, or the :class:`animatelcm.adapters.AnimateLCMImageEncoder` of
+    AnimateLCM's released I2V model) lets ``__call__`` take an ``image``: the clip then starts from that picture
+    (saved and loaded with the pipeline like any other component).
 
     Output of ``__call__``: ``frames`` as a list (per video) of PIL images (``output_type="pil"``), an array
     ``[B, F, H, W, 3]`` in [0, 1] (``"np"``), a tensor ``[B, F, 3, H, W]`` (``"pt"``), or the latents
@@ -176,7 +177,7 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
     # these annotations (from_pipe) and reads only classes and typing.Union there.
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
                  motion_adapter: MotionAdapter, scheduler=None, feature_extractor=None, image_encoder=None,
-                 image_adapter: Optional[ImageToVideoAdapter] = None):
+                 image_adapter: Optional[Union[ImageToVideoAdapter, AnimateLCMImageEncoder]] = None):
         unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                          motion_adapter=motion_adapter, scheduler=scheduler, feature_extractor=feature_extractor,
@@ -206,8 +207,8 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
         ``image`` (needs ``image_adapter``): the first frame to animate, one for every video or one per prompt, as
         PIL images, arrays ``[H, W, 3]`` / ``[N, H, W, 3]`` or tensors ``[3, H, W]`` / ``[N, 3, H, W]`` with values
         in [0, 1], or a list of those (sizes and kinds may differ); each resized to ``height`` x ``width``. Its VAE latent (the distribution's mean) drives the adapter,
-        whose features are added before the first motion module of every down block, on both halves of
-        classifier-free guidance (as the adapter was trained)."""
+        whose features are added before motion module ``image_adapter.injection_layer`` of every down block, on
+        both halves of classifier-free guidance (as the adapter was trained)."""
         self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
                                    num_videos_per_prompt)
         prompts = _prompt_count(prompt, kwargs)
@@ -219,7 +220,7 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
         if image is None:
             return super().__call__(**arguments)
         features = self._image_features(image, prompts, num_videos_per_prompt, num_frames, height, width)
-        with features_before_motion_modules(self.unet, features):
+        with features_before_motion_modules(self.unet, features, self.image_adapter.injection_layer):
             return super().__call__(**arguments)
 
     @torch.no_grad()

@@ -173,9 +173,13 @@ class LCMScheduler(DiffusersLCMScheduler):
         return LCMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
 
 
+IMAGE_TO_VIDEO_ORIGINAL_STEPS = 200  # AnimateLCM's image-to-video configs (configs/inference-i2v.yaml)
+
+
 def animatelcm_scheduler(**overrides) -> LCMScheduler:
     """The scheduler AnimateLCM's text-to-video models were distilled with: linear betas 0.00085..0.012 over 1000
-    steps, ``original_inference_steps=100`` (use 200 for image-to-video). ``overrides`` replace config entries."""
+    steps, ``original_inference_steps=100`` (:data:`IMAGE_TO_VIDEO_ORIGINAL_STEPS` for image-to-video).
+    ``overrides`` replace config entries."""
     config = dict(beta_schedule="linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                   original_inference_steps=100, clip_sample=False, set_alpha_to_one=True, steps_offset=0,
                   timestep_spacing="leading", prediction_type="epsilon")

@@ -1,5 +1,6 @@
 """Test helper: write diffusers SD components in the original LDM single-file key layout (the inverse of what
-diffusers' from_single_file converts), for SD1.5 topology (4 UNet blocks, 2 layers each; any VAE depth)."""
+diffusers' from_single_file converts), for SD1.5 topology (4 UNet blocks, 2 layers each; any VAE depth), and
+AnimateLCM-I2V's release layout (motion modules + image encoder in one pickle)."""
 
 
 def _unet_prefix_map(num_blocks=4, layers=2):
@@ -109,3 +110,46 @@ def controlnet_to_ldm(state, prefix="control_model."):
             new = next(iter(unet_to_ldm({key: value}, num_blocks, layers)))[len("model.diffusion_model."):]
         out[prefix + new] = value
     return out
+
+
+def write_animatelcm_i2v_release(path, motion_adapter, widths, seed=0, blocks_per_level=2):
+    """A checkpoint laid out as AnimateLCM's released ``AnimateLCM_sd15_i2v.ckpt`` (pickled; or a ``.safetensors``
+    conversion noting the motion modules' head and group counts, as save_motion_adapter does): the motion modules in
+    AnimateDiff's original names beside the image encoder's ``img_encoder.*`` tensors (random, named as the released
+    encoder's: ``conv_in``, ``body.{k}.in_conv`` where the width changes, ``body.{k}.block1`` 3x3,
+    ``body.{k}.block2`` 1x1). Returns the encoder's tensors, without the prefix."""
+    import torch
+
+    from animatelcm.loading import diffusers_to_original_motion_keys
+
+    generator = torch.Generator().manual_seed(seed)
+
+    def conv(name, out_channels, in_channels, kernel):
+        encoder[f"{name}.weight"] = torch.randn(out_channels, in_channels, kernel, kernel, generator=generator) * 0.1
+        encoder[f"{name}.bias"] = torch.randn(out_channels, generator=generator) * 0.1
+
+    encoder = {}
+    conv("conv_in", widths[0], 4, 3)
+    previous, index = widths[0], 0
+    for width in widths:
+        for _ in range(blocks_per_level):
+            if previous != width:
+                conv(f"body.{index}.in_conv", width, previous, 1)
+            conv(f"body.{index}.block1", width, width, 3)
+            conv(f"body.{index}.block2", width, width, 1)
+            previous, index = width, index + 1
+    state = diffusers_to_original_motion_keys(motion_adapter.state_dict())
+    state.update({"img_encoder." + key: value for key, value in encoder.items()})
+    if str(path).endswith(".safetensors"):  # a conversion, with the tiny motion modules' heads and groups noted
+        import json
+
+        from safetensors.torch import save_file
+
+        from animatelcm.loading import MOTION_CONFIG_METADATA, MOTION_HYPERPARAMETERS
+
+        config = {key: motion_adapter.config[key] for key in MOTION_HYPERPARAMETERS}
+        save_file({k: v.contiguous() for k, v in state.items()}, str(path),
+                  metadata={MOTION_CONFIG_METADATA: json.dumps(config)})
+    else:
+        torch.save(state, path)
+    return encoder

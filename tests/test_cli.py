@@ -204,6 +204,27 @@ def test_generate_from_an_image(components, tiny_model_args, tmp_path, capsys):
         assert needle in capsys.readouterr().err, argv
 
 
+def test_generate_from_an_image_with_the_animatelcm_i2v_release(components, tiny_model_args, tmp_path, capsys):
+    """AnimateLCM_sd15_i2v.ckpt as --motion-module brings its image encoder: --image animates the picture with it
+    (sampled on the release's original_inference_steps, 200), as --image-adapter naming the same file does."""
+    from ldm_layout import write_animatelcm_i2v_release
+
+    release = tmp_path / "AnimateLCM_sd15_i2v.safetensors"
+    write_animatelcm_i2v_release(release, components["motion_adapter"],
+                                 tuple(components["unet"].config.block_out_channels))
+    args = [*tiny_model_args, "--motion-module", str(release), "--frames", "5"]
+    picture = tmp_path / "first.png"
+    Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy()).save(picture)
+    capsys.readouterr()
+    for name, extra in (("released.gif", []), ("named.gif", ["--image-adapter", str(release)]),
+                        ("text.gif", None)):
+        image_args = [] if extra is None else ["--image", str(picture), *extra]
+        assert main(["generate", "--prompt", "a cat", *args, *image_args, "--out", str(tmp_path / name)]) == 0
+        assert ("original_inference_steps=200" in capsys.readouterr().err) == (extra is not None)
+    released, named, text_only = (iio.imread(tmp_path / name) for name in ("released.gif", "named.gif", "text.gif"))
+    assert (released == named).all() and (released != text_only).any()
+
+
 def test_generate_with_a_pickled_motion_lora(components, tiny_model_args, tmp_path, capsys):
     """An AnimateDiff motion LoRA as released (a .ckpt in the original layout) through --lora: refused without
     --allow-pickle, and with it the clip changes."""

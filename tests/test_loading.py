@@ -163,6 +163,79 @@ def test_motion_modules_inside_a_whole_video_unet_checkpoint(components, tmp_pat
     assert_same_weights(adapter, components["motion_adapter"])
 
 
+def released_encoder_features(encoder, latent, frames, motion_scale=0.8, blocks_per_level=2):
+    """AnimateLCM-I2V's image encoder as its public code computes it, step by step on the raw tensors: the latent
+    repeated over frames ((b t) order), conv_in, + motion_scale * a sinusoid with sin in the even and cos in the odd
+    channels, then per block: (first block of a level after the first) replicate-pad to even and 2x2 average
+    pooling, the 1x1 in_conv where present, x + block2(relu(block1(x))); a level's feature is its last block's
+    output."""
+    import math
+
+    import torch.nn.functional as F
+
+    def conv(name, x, padding=0):
+        return F.conv2d(x, encoder[f"{name}.weight"], encoder[f"{name}.bias"], padding=padding)
+
+    x = conv("conv_in", latent.repeat_interleave(frames, dim=0), padding=1)
+    width = x.shape[1]
+    position = torch.arange(frames, dtype=torch.float32)[:, None]
+    rates = torch.exp(torch.arange(0, width, 2).float() * (-math.log(10000.0) / width))
+    table = torch.zeros(frames, width)
+    table[:, 0::2] = torch.sin(position * rates)
+    table[:, 1::2] = torch.cos(position * rates)
+    x = x + motion_scale * table.repeat(latent.shape[0], 1)[:, :, None, None]
+    features, blocks = [], 1 + max(int(key.split(".")[1]) for key in encoder if key.startswith("body."))
+    for index in range(blocks):
+        if index % blocks_per_level == 0 and index > 0:
+            x = F.avg_pool2d(F.pad(x, (0, x.shape[-1] % 2, 0, x.shape[-2] % 2), mode="replicate"), 2)
+        if f"body.{index}.in_conv.weight" in encoder:
+            x = conv(f"body.{index}.in_conv", x)
+        x = x + conv(f"body.{index}.block2", F.relu(conv(f"body.{index}.block1", x, padding=1)))
+        if index % blocks_per_level == blocks_per_level - 1:
+            features.append(x)
+    return features
+
+
+def test_animatelcm_i2v_release_gives_its_motion_modules_and_image_encoder(components, tmp_path):
+    """AnimateLCM_sd15_i2v.ckpt holds the motion modules and the image encoder: load_motion_adapter reads the
+    former, load_image_adapter the latter, which computes what the released code computes (odd latent sizes
+    included); saved with a pipeline, it loads back."""
+    from ldm_layout import write_animatelcm_i2v_release
+
+    from animatelcm import AnimateLCMImageEncoder, load_image_adapter
+
+    path = tmp_path / "AnimateLCM_sd15_i2v.ckpt"
+    widths = tuple(components["unet"].config.block_out_channels)
+    encoder_state = write_animatelcm_i2v_release(path, components["motion_adapter"], widths)
+    with pytest.raises(CheckpointError, match="allow_pickle"):
+        load_image_adapter(path)
+    assert_same_weights(load_motion_adapter(path, config=TINY_OVERRIDES, allow_pickle=True),
+                        components["motion_adapter"])
+    encoder = load_image_adapter(path, allow_pickle=True)
+    assert isinstance(encoder, AnimateLCMImageEncoder)
+    assert tuple(encoder.config.block_out_channels) == widths and encoder.config.blocks_per_level == 2
+    latent = torch.randn(2, 4, 7, 5)
+    with torch.no_grad():
+        got = encoder(latent, num_frames=3)
+    want = released_encoder_features(encoder_state, latent, frames=3)
+    assert [tuple(f.shape) for f in got] == [(6, 16, 7, 5), (6, 32, 4, 3), (6, 32, 2, 2), (6, 32, 1, 1)]
+    for level, (a, b) in enumerate(zip(got, want)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=f"level {level}")
+
+    pipe = AnimateLCMPipeline(**components, image_adapter=encoder)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = AnimateLCMPipeline.from_pretrained(tmp_path / "saved", local_files_only=True).image_adapter
+    assert isinstance(loaded, AnimateLCMImageEncoder) and isinstance(
+        load_image_adapter(tmp_path / "saved" / "image_adapter"), AnimateLCMImageEncoder)
+    assert_same_weights(loaded, encoder)
+    torch.save({k: v for k, v in torch.load(path).items() if not k.startswith("img_encoder.body.7")},
+               tmp_path / "cut.ckpt")
+    with pytest.raises(CheckpointError, match="7 encoder blocks"):
+        load_image_adapter(tmp_path / "cut.ckpt", allow_pickle=True)
+    with pytest.raises(CheckpointError, match="holds no AnimateLCM-I2V image encoder"):
+        load_image_adapter(save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors"))
+
+
 def test_full_size_sd15_original_layout(tmp_path):
     """A motion module at AnimateLCM's real size (SD1.5 widths, 2/3 layers, mid block, 8 heads), in the original
     key layout without pos_encoder keys, fp16: ~450M parameters."""

@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from animatelcm import AnimateLCMControlNetPipeline, AnimateLCMPipeline, ImageToVideoAdapter, LCMScheduler
-from animatelcm.adapters import ImageToVideoModel
+from animatelcm.adapters import AnimateLCMImageEncoder, ImageToVideoModel, features_before_motion_modules
 
 
 def make_pair(components, scheduler_config=None):
@@ -151,9 +151,10 @@ def test_clip_skip_uses_the_earlier_layer_through_the_final_norm(components):
     assert "text_model" not in vars(encoder)
 
 
-def random_image_adapter(unet, seed):
-    """An image-to-video adapter with every weight random (its output convs are zero-initialised otherwise)."""
-    adapter = ImageToVideoAdapter(in_channels=4, block_out_channels=tuple(unet.config.block_out_channels)).eval()
+def random_image_adapter(unet, seed, cls=ImageToVideoAdapter):
+    """An image-to-video adapter of class ``cls`` with every weight random (its output convs are zero-initialised
+    otherwise)."""
+    adapter = cls(in_channels=4, block_out_channels=tuple(unet.config.block_out_channels)).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in adapter.parameters():
@@ -166,12 +167,13 @@ def pictures(count, size, seed):
     return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-@pytest.mark.parametrize("guidance", [1.0, 2.0])
-def test_image_to_video_runs_the_adapter_as_the_trainer_samples_it(components, guidance):
+@pytest.mark.parametrize("guidance, adapter_class", [(1.0, ImageToVideoAdapter), (2.0, ImageToVideoAdapter),
+                                                     (2.0, AnimateLCMImageEncoder)])
+def test_image_to_video_runs_the_adapter_as_the_trainer_samples_it(components, guidance, adapter_class):
     """pipe(image=...) equals the training stage's sampler on ImageToVideoModel (first frame = the image's VAE latent
     mean; with guidance both halves see the adapter), for two prompts with an image each."""
     pipe = AnimateLCMPipeline(**components)
-    pipe.image_adapter = random_image_adapter(pipe.unet, seed=0)
+    pipe.image_adapter = random_image_adapter(pipe.unet, seed=0, cls=adapter_class)
     pipe.set_progress_bar_config(disable=True)
     frames, size, prompts = 5, 32, ["a red circle", "a blue square"]
     images = pictures(2, size, seed=1)
@@ -197,6 +199,47 @@ def test_image_to_video_runs_the_adapter_as_the_trainer_samples_it(components, g
     plain = pipe(prompt=prompts, num_frames=frames, height=size, width=size, num_inference_steps=1,
                  guidance_scale=guidance, latents=noise, output_type="latent").frames
     assert (ours - plain).abs().max() > 1e-2  # the image changed the clip
+
+
+@pytest.mark.parametrize("layer", [0, 1])
+def test_adapter_features_enter_before_the_motion_module_of_their_layer(components, layer):
+    """features[l] reaches down block l after its spatial layers of ``layer`` (ResNet, attention) and before that
+    layer's motion module: ImageToVideoAdapter's layer 0, and layer 1 where AnimateLCM-I2V's released encoder adds
+    its features (after the second ResNet and attention); nothing before it changes."""
+    unet = AnimateLCMPipeline(**components).unet
+    level, frames = 2, 3
+    sample = torch.randn(1, 4, frames, 8, 8)
+    text = torch.randn(frames, 8, unet.config.cross_attention_dim)
+    captured = {}
+
+    def record(name):  # a forward hook sees the input as the forward got it, after every pre-hook
+        def hook(module, args, kwargs, output):
+            captured[name] = (args[0] if args else kwargs["hidden_states"]).clone()
+        return hook
+
+    block = unet.down_blocks[level]
+    hooks = [block.motion_modules[index].register_forward_hook(record(f"motion{index}"), with_kwargs=True)
+             for index in range(len(block.motion_modules))]
+    hooks.append(block.attentions[layer].register_forward_hook(
+        lambda module, args, output: captured.__setitem__("attention", output[0].clone())))
+    with torch.no_grad():
+        unet(sample, 10, encoder_hidden_states=text)
+        plain = dict(captured)
+        width, size = unet.config.block_out_channels[level], 8 // 2 ** level
+        features = [torch.zeros(frames, w, 8 // 2 ** l, 8 // 2 ** l)
+                    for l, w in enumerate(unet.config.block_out_channels)]
+        features[level] = torch.randn(frames, width, size, size)
+        with features_before_motion_modules(unet, features, layer):
+            unet(sample, 10, encoder_hidden_states=text)
+    for hook in hooks:
+        hook.remove()
+    torch.testing.assert_close(plain["attention"], plain[f"motion{layer}"])  # the attention output feeds it
+    torch.testing.assert_close(captured[f"motion{layer}"], plain[f"motion{layer}"] + features[level])
+    for index in range(layer):
+        torch.testing.assert_close(captured[f"motion{index}"], plain[f"motion{index}"])
+    with pytest.raises(ValueError, match="before motion module 5"):
+        with features_before_motion_modules(unet, features, 5):
+            pass
 
 
 def test_image_to_video_inputs(components, tmp_path):

@@ -66,7 +66,7 @@ def test_a_negative_prompt_without_guidance_is_noted(tmp_path, capsys):
         assert ("--negative-prompt has no effect" in capsys.readouterr().err) == noted
 
 
-def test_user_errors_are_one_line_exit_2(tmp_path):
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_folder.gif").mkdir()
     cases = [
@@ -82,21 +82,44 @@ def test_user_errors_are_one_line_exit_2(tmp_path):
         (["generate", "--prompt", "x", "--guidance", "nan"], "finite"),
         (["generate", "--prompt", "x", "--lora", str(tmp_path / "style.safetensors") + ":inf"], "finite"),
         (["generate", "--prompt", "x", "--device", "cuda"], "CUDA"),
-        (["generate", "--prompt", "x", "--device", "mps"], "no MPS device"),
-        (["generate", "--prompt", "x", "--device", "xpu"], "--device xpu: this torch cannot use it"),
         (["generate", "--prompt", "x", "--clip-skip", "9", "--out", str(tmp_path / "x.gif")], "clip_skip=9"),
         (["generate", "--prompt", "x", "--vae", str(tmp_path)], "embedded default model keeps its own"),
         (["generate", "--prompt", "x", "--seed", str(2 ** 64)], "at most"),
         (["eval", "--seed", "-1"], "at least 0"),
         (["generate"], "--prompt"),
     ]
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:  # each case is its own process
-        results = list(pool.map(lambda argv: run_cli(*argv), [argv for argv, _ in cases]))
+    monkeypatch.delenv("ANIMATELCM_DEBUG", raising=False)
+
+    def in_process(argv):
+        try:
+            code = main(argv)
+        except SystemExit as exit:  # argparse's errors
+            code = exit.code
+        return code, "", capsys.readouterr().err
+
+    # two through the real console entry point, each its own process (the exit status included); the rest here
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        by_process = list(pool.map(lambda argv: run_cli(*argv), [argv for argv, _ in cases[3:5]]))
+    results = [in_process(argv) for argv, _ in cases[:3]] + by_process + [in_process(argv) for argv, _ in cases[5:]]
     for (argv, needle), (code, _, stderr) in zip(cases, results):
         lines = [line for line in stderr.splitlines() if line.strip()]
         assert code == 2, (argv, stderr)
         assert lines[-1].startswith("animatelcm: error:") and needle in lines[-1], (argv, stderr)
         assert "Traceback" not in stderr
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_devices_this_torch_cannot_use_are_named(monkeypatch):
+    """An MPS device on a machine without one, a kind this torch was not built with: one-line errors (the CLI's
+    main turns a UserError into exit status 2, tested above)."""
+    from animatelcm.cli import UserError, _resolve_device
+
+    with pytest.raises(UserError, match="--device mps: torch sees no MPS device here"):
+        _resolve_device("mps")
+    if not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        with pytest.raises(UserError, match="--device xpu: this torch cannot use it"):
+            _resolve_device("xpu")
+    assert _resolve_device("cpu") == torch.device("cpu")
 
 
 def test_control_frames_from_a_folder_in_natural_name_order(tmp_path):

@@ -129,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                   "adapter.kind: i2v writes final/i2v_adapter), or a file holding "
                                                   "AnimateLCM-I2V's image encoder (AnimateLCM_sd15_i2v.ckpt: "
                                                   "--allow-pickle; given as --motion-module, it is used without this)")
+    adapters.add_argument("--image-motion-scale", type=_non_negative_float, default=None, metavar="S",
+                          help="strength of the frame embedding the image adapter adds (default: the adapter's own, "
+                               "0.8 for AnimateLCM-I2V); lower keeps more of the picture, higher moves more "
+                               "(AnimateLCM-I2V's demo offers 0 to 1.5)")
     adapters.add_argument("--control", action="append", default=[],
                           help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a folder of "
                                "images in natural name order (frame2 before frame10); needs --controlnet. Repeat "
@@ -317,8 +321,9 @@ def _check_paths(args) -> None:
                             f"not {len(args.control_scale)}")
         if args.image and args.control:
             raise UserError("give --image or --control, not both")
-        if args.image_adapter and not args.image:
-            raise UserError("--image-adapter needs --image (the picture to animate)")
+        for flag in ("image_adapter", "image_motion_scale"):
+            if getattr(args, flag) is not None and not args.image:
+                raise UserError(f"--{flag.replace('_', '-')} needs --image (the picture to animate)")
 
 
 def _load_model(args, dtype, device):
@@ -527,6 +532,8 @@ def _add_adapters(args, pipe, dtype, device, height, width):
             raise UserError("--image needs an image adapter: give --image-adapter FOLDER (the teacher_free stage with "
                             "adapter.kind: i2v writes final/i2v_adapter), a --model saved with one, or AnimateLCM-I2V's "
                             "release as --motion-module (its image encoder comes with it)")
+        if args.image_motion_scale is not None:
+            pipe.image_adapter.register_to_config(motion_scale=args.image_motion_scale)
         if isinstance(pipe.image_adapter, AnimateLCMImageEncoder) and not args.model:
             print(f"NOTE: sampling AnimateLCM-I2V's image encoder on its original_inference_steps="
                   f"{IMAGE_TO_VIDEO_ORIGINAL_STEPS}", file=sys.stderr)

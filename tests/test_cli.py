@@ -85,6 +85,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (["generate", "--prompt", "x", "--clip-skip", "9", "--out", str(tmp_path / "x.gif")], "clip_skip=9"),
         (["generate", "--prompt", "x", "--vae", str(tmp_path)], "embedded default model keeps its own"),
         (["generate", "--prompt", "x", "--seed", str(2 ** 64)], "at most"),
+        (["generate", "--prompt", "x", "--image-motion-scale", "0.5"], "--image-motion-scale needs --image"),
         (["eval", "--seed", "-1"], "at least 0"),
         (["generate"], "--prompt"),
     ]
@@ -229,7 +230,8 @@ def test_generate_from_an_image(components, tiny_model_args, tmp_path, capsys):
 
 def test_generate_from_an_image_with_the_animatelcm_i2v_release(components, tiny_model_args, tmp_path, capsys):
     """AnimateLCM_sd15_i2v.ckpt as --motion-module brings its image encoder: --image animates the picture with it
-    (sampled on the release's original_inference_steps, 200), as --image-adapter naming the same file does."""
+    (sampled on the release's original_inference_steps, 200), as --image-adapter naming the same file does;
+    --image-motion-scale sets its frame embedding's strength (0.8, the release's, changes nothing)."""
     from ldm_layout import write_animatelcm_i2v_release
 
     release = tmp_path / "AnimateLCM_sd15_i2v.safetensors"
@@ -240,12 +242,15 @@ def test_generate_from_an_image_with_the_animatelcm_i2v_release(components, tiny
     Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy()).save(picture)
     capsys.readouterr()
     for name, extra in (("released.gif", []), ("named.gif", ["--image-adapter", str(release)]),
-                        ("text.gif", None)):
+                        ("default_scale.gif", ["--image-motion-scale", "0.8"]),
+                        ("no_embedding.gif", ["--image-motion-scale", "0"]), ("text.gif", None)):
         image_args = [] if extra is None else ["--image", str(picture), *extra]
         assert main(["generate", "--prompt", "a cat", *args, *image_args, "--out", str(tmp_path / name)]) == 0
         assert ("original_inference_steps=200" in capsys.readouterr().err) == (extra is not None)
-    released, named, text_only = (iio.imread(tmp_path / name) for name in ("released.gif", "named.gif", "text.gif"))
-    assert (released == named).all() and (released != text_only).any()
+    released, named, default_scale, no_embedding, text_only = (
+        iio.imread(tmp_path / f"{name}.gif") for name in ("released", "named", "default_scale", "no_embedding", "text"))
+    assert (released == named).all() and (released == default_scale).all()
+    assert (released != text_only).any() and (released != no_embedding).any()
 
 
 def test_generate_with_a_pickled_motion_lora(components, tiny_model_args, tmp_path, capsys):

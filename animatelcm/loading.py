@@ -9,7 +9,9 @@ Nothing here touches a model hub: every path is local and every ``from_pretraine
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import math
 import re
 import warnings
 from collections import defaultdict
@@ -362,8 +364,8 @@ def load_image_adapter(path, torch_dtype: torch.dtype | None = None, allow_pickl
     :class:`animatelcm.adapters.ImageToVideoAdapter`, as the ``teacher_free`` stage with ``adapter.kind: i2v``
     writes to ``final/i2v_adapter``, or an :class:`~animatelcm.adapters.AnimateLCMImageEncoder`), or an
     :class:`~animatelcm.adapters.AnimateLCMImageEncoder` from a file holding AnimateLCM-I2V's ``img_encoder.*``
-    tensors (``AnimateLCM_sd15_i2v.ckpt``, pickled: ``allow_pickle=True``), its widths read from the tensors (four
-    levels, as SD1.5's UNet has)."""
+    tensors (``AnimateLCM_sd15_i2v.ckpt``, pickled: ``allow_pickle=True``), its widths and blocks per level read
+    from the tensors (the most blocks per level that fit the widths: two for the release)."""
     from .adapters import AnimateLCMImageEncoder, ImageToVideoAdapter
 
     path = _require_path(path, "image adapter")
@@ -383,11 +385,12 @@ def load_image_adapter(path, torch_dtype: torch.dtype | None = None, allow_pickl
                               "no AnimateLCM-I2V image encoder; an ImageToVideoAdapter is loaded from its folder")
     blocks = 1 + max((int(key.split(".")[1]) for key in state if key.startswith("body.")), default=-1)
     widths = [state.get(f"body.{index}.block1.weight", torch.empty(0)).shape[0] for index in range(blocks)]
-    levels = 4
-    if not blocks or blocks % levels or 0 in widths:
-        raise CheckpointError(f"image adapter {path}: {blocks} encoder blocks (widths {widths}) do not make "
-                              f"{levels} levels of whole blocks")
-    per_level = blocks // levels
+    if not blocks or 0 in widths:
+        raise CheckpointError(f"image adapter {path}: encoder blocks missing (block widths read: {widths})")
+    # every level has the same number of blocks and the width changes only between levels, so the blocks per level
+    # divide every run of equal widths (SD1.5's 320 320 640 640 1280 1280 1280 1280: two, four levels)
+    runs = [len(list(group)) for _, group in itertools.groupby(widths)]
+    per_level = functools.reduce(math.gcd, runs)
     config = dict(in_channels=state["conv_in.weight"].shape[1], block_out_channels=tuple(widths[::per_level]),
                   blocks_per_level=per_level)
     encoder = AnimateLCMImageEncoder(**config)

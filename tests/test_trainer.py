@@ -193,6 +193,44 @@ def test_teacher_free_i2v_adapter(world, tmp_path):
     assert any(p.abs().sum() > 0 for n, p in loaded.named_parameters() if n.startswith("outputs."))
 
 
+def test_teacher_free_adapts_an_existing_image_adapter(world, tmp_path):
+    """model.image_adapter (here AnimateLCM-I2V's release layout, on a model with its two layers per down block) is
+    the adapter teacher_free i2v starts from and trains; the export loads back as the same kind. It is refused for
+    other adapters, and one that does not fit the UNet is an error naming why."""
+    from ldm_layout import write_animatelcm_i2v_release
+
+    from animatelcm import AnimateLCMImageEncoder, load_image_adapter
+    from animatelcm.testing import TinyConfig, tiny_motion_adapter
+    from animatelcm.training.config import ConfigError
+
+    two_layers = dict(TINY, layers_per_block=2)
+    motion = tiny_motion_adapter(TinyConfig(**{k: tuple(v) if isinstance(v, list) else v
+                                               for k, v in two_layers.items()}))
+    motion.save_pretrained(tmp_path / "motion")
+    release = tmp_path / "release.safetensors"
+    start = write_animatelcm_i2v_release(release, motion, tuple(TINY["block_out_channels"]), seed=1)
+    model = {"tiny": two_layers, "motion_adapter": str(tmp_path / "motion"), "image_adapter": str(release)}
+    trainer = Trainer(load_config(config("teacher_free", tmp_path / "adapt", model, train=dict(max_steps=3),
+                                         adapter=dict(motion_scale=0.5))))
+    trainer._setup()
+    adapter = trainer.stage.student.adapter
+    assert isinstance(adapter, AnimateLCMImageEncoder) and adapter.config.motion_scale == 0.5
+    assert all(torch.equal(adapter.state_dict()[key], value) for key, value in start.items())
+    assert set(trainer.stage.trainable_names()) == {"adapter." + key for key in start}
+    exported = load_image_adapter(trainer.train()["i2v_adapter"])
+    assert isinstance(exported, AnimateLCMImageEncoder)
+    assert any(not torch.equal(exported.state_dict()[key], value) for key, value in start.items())
+
+    with pytest.raises(ConfigError, match="model.image_adapter is the image adapter teacher_free"):
+        load_config(config("teacher_free", tmp_path / "cn", model, adapter=dict(kind="controlnet_lora")))
+    one_layer = {"base": world["base"], "motion_adapter": world["motion"], "image_adapter": str(release)}
+    with pytest.raises(ConfigError, match="before motion module 1 of each down block; this model's have 1"):
+        Trainer(load_config(config("teacher_free", tmp_path / "one", one_layer)))._setup()
+    write_animatelcm_i2v_release(release, motion, (8, 16))
+    with pytest.raises(ConfigError, match=r"built for UNet widths \(8, 16\)"):
+        Trainer(load_config(config("teacher_free", tmp_path / "narrow", model)))._setup()
+
+
 def test_teacher_free_controlnet_lora(world, tmp_path):
     from diffusers import ControlNetModel
 

@@ -41,7 +41,9 @@ class ModelConfig:
     e.g. a previous stage's ``final/pipeline``), or ``base`` (an SD1.5 diffusers folder, or a single file with
     ``base_config``). ``motion_adapter``: the teacher's / starting motion modules (any layout
     :func:`animatelcm.load_motion_adapter` reads). ``lora``: the stage-1 spatial LoRA for ``video_cd``.
-    ``controlnet``: a ControlNet for ``teacher_free`` ControlNet adaptation, a diffusers folder or an SD1.5 file in
+    ``image_adapter``: an image adapter for ``teacher_free`` with ``adapter.kind: i2v`` to adapt instead of
+    training one from scratch (:func:`animatelcm.load_image_adapter`: a saved adapter folder, or AnimateLCM-I2V's
+    release file with ``allow_pickle``). ``controlnet``: a ControlNet for ``teacher_free`` ControlNet adaptation, a diffusers folder or an SD1.5 file in
     the original layout (:func:`animatelcm.load_controlnet`; ``.pth`` with ``allow_pickle``) (without it the
     ControlNet starts from the image UNet's weights, or the video model's spatial weights). ``vae``: a
     diffusers AutoencoderKL folder (e.g. an ``autoencoder`` stage's ``final/vae``) or a single VAE file
@@ -51,8 +53,8 @@ class ModelConfig:
     default: :func:`animatelcm.training.models.default_motion_heads`). ``motion_layers``: temporal transformer
     layers in each fresh motion module (default 1, AnimateDiff's). ``motion_prompt``: fresh motion modules
     whose second temporal attention attends to the prompt (:mod:`animatelcm.motion_prompt`; without it they are
-    AnimateDiff's text-blind ones). ``allow_pickle``: read ``base``, ``motion_adapter``, ``lora``, ``vae`` and ``controlnet``
-    from pickled ``.ckpt``/``.pt``/``.pth`` files (``AnimateLCM_sd15_t2v.ckpt`` as released, say): pickles can run
+    AnimateDiff's text-blind ones). ``allow_pickle``: read ``base``, ``motion_adapter``, ``lora``, ``vae``, ``controlnet`` and
+    ``image_adapter`` from pickled ``.ckpt``/``.pt``/``.pth`` files (``AnimateLCM_sd15_t2v.ckpt`` as released, say): pickles can run
     code when loaded, so only for files you trust."""
 
     tiny: dict | None = None
@@ -62,12 +64,13 @@ class ModelConfig:
     motion_adapter: str | None = None
     lora: str | None = None
     controlnet: str | None = None
+    image_adapter: str | None = None
     vae: str | None = None
     motion_heads: int | None = None     # heads of fresh motion modules (default: models.default_motion_heads)
     motion_layers: int = 1              # temporal transformer layers per fresh motion module
     motion_prompt: bool = False         # fresh motion modules attend to the prompt (animatelcm.motion_prompt)
     prediction_type: str = "epsilon"
-    allow_pickle: bool = False          # read pickled base, motion_adapter, lora, vae, controlnet (trusted only)
+    allow_pickle: bool = False          # read pickled model files (trusted only)
 
 
 @dataclass
@@ -162,7 +165,7 @@ class DistillConfig:
 class AdapterConfig:
     """``teacher_free`` only. ``kind``: ``i2v`` (an image-to-video encoder trained from scratch: the first-frame
     latent through a zero-initialised T2I-Adapter-style encoder, a sinusoidal frame embedding x ``motion_scale``,
-    added to the down blocks before the motion modules) or ``controlnet_lora`` (LoRA of rank ``lora_rank`` on an
+    added to the down blocks before the motion modules; or ``model.image_adapter`` adapted, at ``motion_scale``) or ``controlnet_lora`` (LoRA of rank ``lora_rank`` on an
     existing ControlNet, adapted to the consistency model; control images from ``control``)."""
 
     kind: str = "i2v"
@@ -299,7 +302,7 @@ def _check(config: RunConfig) -> None:
     sources = [name for name in ("tiny", "pretrained", "base") if getattr(model, name) is not None]
     if len(sources) != 1:
         fail(f"model: give exactly one of tiny, pretrained, base (got {', '.join(sources) or 'none'})")
-    for name in ("pretrained", "base", "base_config", "motion_adapter", "lora", "controlnet", "vae"):
+    for name in ("pretrained", "base", "base_config", "motion_adapter", "lora", "controlnet", "image_adapter", "vae"):
         path = getattr(model, name)
         if path is not None and not Path(path).exists():
             fail(f"model.{name}: {path} does not exist")
@@ -412,6 +415,8 @@ def _check(config: RunConfig) -> None:
     adapter = config.adapter
     if adapter.kind not in ("i2v", "controlnet_lora"):
         fail(f"adapter.kind must be i2v or controlnet_lora, got {adapter.kind!r}")
+    if model.image_adapter is not None and (config.stage != "teacher_free" or adapter.kind != "i2v"):
+        fail("model.image_adapter is the image adapter teacher_free with adapter.kind: i2v adapts; remove it here")
     if adapter.control not in ("edges", "frames"):
         fail(f"adapter.control must be edges or frames, got {adapter.control!r}")
     if config.stage == "teacher_free" and config.data.cache_latents and adapter.kind == "controlnet_lora":

@@ -371,10 +371,7 @@ class TeacherFreeStage(ConsistencyStage):
         self.unet = unet
         adapter_config = run.adapter
         if adapter_config.kind == "i2v":
-            adapter = ImageToVideoAdapter(in_channels=unet.config.in_channels,
-                                          block_out_channels=tuple(unet.config.block_out_channels),
-                                          motion_scale=adapter_config.motion_scale)
-            self.student = ImageToVideoModel(unet, adapter.train())
+            self.student = ImageToVideoModel(unet, self._image_adapter(unet).train())
         else:
             from diffusers import ControlNetModel
             from peft import LoraConfig, inject_adapter_in_model
@@ -397,6 +394,30 @@ class TeacherFreeStage(ConsistencyStage):
             self.student = ControlledVideoModel(unet, controlnet.train(), adapter_config.conditioning_scale)
         self._setup_loss(teacher_free=True)
         self._setup_target()
+
+    def _image_adapter(self, unet):
+        """The i2v adapter to train: ``model.image_adapter`` (adapted; its widths must be the UNet's) or a fresh
+        :class:`ImageToVideoAdapter`, at ``adapter.motion_scale``, in float32."""
+        run = self.run
+        widths = tuple(unet.config.block_out_channels)
+        if run.model.image_adapter is None:
+            return ImageToVideoAdapter(in_channels=unet.config.in_channels, block_out_channels=widths,
+                                       motion_scale=run.adapter.motion_scale)
+        from ..loading import load_image_adapter
+
+        adapter = load_image_adapter(run.model.image_adapter, torch_dtype=torch.float32,
+                                     allow_pickle=run.model.allow_pickle)
+        from .config import ConfigError
+
+        if tuple(adapter.config.block_out_channels) != widths:
+            raise ConfigError(f"model.image_adapter {run.model.image_adapter}: built for UNet widths "
+                              f"{tuple(adapter.config.block_out_channels)}, this model's are {widths}")
+        layers = min(len(block.motion_modules) for block in unet.down_blocks)
+        if layers <= adapter.injection_layer:
+            raise ConfigError(f"model.image_adapter {run.model.image_adapter}: adds its features before motion module "
+                              f"{adapter.injection_layer} of each down block; this model's have {layers}")
+        adapter.register_to_config(motion_scale=run.adapter.motion_scale)
+        return adapter.requires_grad_(True)
 
     def add_adapter_condition(self, batch: dict) -> dict:
         """The batch with the adapter's input in its conditions: the clip's first-frame latent ``[B, C, h, w]``

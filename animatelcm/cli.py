@@ -514,6 +514,8 @@ def _read_control_frames(path, frames: int | None, height: int, width: int, edge
 def _add_adapters(args, pipe, dtype, device, height, width):
     """``(pipe, extra call arguments)``: the pipeline with the image adapter or ControlNet the arguments name (a
     ControlNet pipeline for --control), and what its call needs besides the prompt (``num_frames`` always)."""
+    from PIL import Image, ImageOps
+
     from .adapters import AnimateLCMImageEncoder
     from .loading import holds_image_encoder, load_controlnet, load_image_adapter
     from .pipelines import AnimateLCMControlNetPipeline
@@ -538,7 +540,10 @@ def _add_adapters(args, pipe, dtype, device, height, width):
             print(f"NOTE: sampling AnimateLCM-I2V's image encoder on its original_inference_steps="
                   f"{IMAGE_TO_VIDEO_ORIGINAL_STEPS}", file=sys.stderr)
             pipe.scheduler = lcm_scheduler_like(pipe.scheduler, IMAGE_TO_VIDEO_ORIGINAL_STEPS)
-        return pipe, {"num_frames": args.frames or 16, "image": _read_picture(args.image)}
+        # the picture's centre at the clip's aspect ratio, as training clips are cropped and AnimateLCM-I2V's demo
+        # crops (the pipeline would stretch it)
+        picture = ImageOps.fit(_read_picture(args.image), (width, height), method=Image.Resampling.LANCZOS)
+        return pipe, {"num_frames": args.frames or 16, "image": picture}
     if args.control:
         controlnets = [load_controlnet(path, torch_dtype=dtype, unet=pipe.unet, allow_pickle=args.allow_pickle)
                        .to(device) for path in args.controlnet]

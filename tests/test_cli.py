@@ -199,7 +199,8 @@ def tiny_model_args(components, tmp_path):
 
 def test_generate_from_an_image(components, tiny_model_args, tmp_path, capsys):
     """--image with --image-adapter animates the picture: the clip differs from the text-only one (an adapter with
-    random weights), is reproducible, and each missing piece is a one-line error."""
+    random weights), is reproducible, starts from the picture's centre at the clip's aspect ratio, and each missing
+    piece is a one-line error."""
     from animatelcm.adapters import ImageToVideoAdapter
 
     adapter = ImageToVideoAdapter(block_out_channels=tuple(components["unet"].config.block_out_channels))
@@ -208,16 +209,22 @@ def test_generate_from_an_image(components, tiny_model_args, tmp_path, capsys):
         for parameter in adapter.parameters():
             parameter.copy_(torch.randn_like(parameter) * 0.2)
     adapter.save_pretrained(tmp_path / "i2v")
-    picture = tmp_path / "first.png"
-    Image.fromarray(torch.randint(0, 255, (40, 56, 3), dtype=torch.uint8).numpy()).save(picture)
-    image_args = ["--image", str(picture), "--image-adapter", str(tmp_path / "i2v"), "--frames", "5"]
-    for name in ("a.gif", "b.gif"):
-        assert main(["generate", "--prompt", "a cat", *tiny_model_args, *image_args, "--out", str(tmp_path / name)]) == 0
+    picture, centre = tmp_path / "first.png", tmp_path / "centre.png"
+    pixels = torch.randint(0, 255, (40, 56, 3), dtype=torch.uint8).numpy()
+    Image.fromarray(pixels).save(picture)
+    Image.fromarray(pixels[:, 8:48]).save(centre)  # a 32x32 clip shows the picture's centre, not the picture squashed
+    image_args = ["--image-adapter", str(tmp_path / "i2v"), "--frames", "5"]
+    for name, image in (("a.gif", picture), ("b.gif", picture), ("centre.gif", centre)):
+        assert main(["generate", "--prompt", "a cat", *tiny_model_args, *image_args, "--image", str(image),
+                     "--out", str(tmp_path / name)]) == 0
     assert main(["generate", "--prompt", "a cat", *tiny_model_args, "--frames", "5", "--out",
                  str(tmp_path / "text.gif")]) == 0
-    animated, again, text_only = (iio.imread(tmp_path / name) for name in ("a.gif", "b.gif", "text.gif"))
+    animated, again, centred, text_only = (iio.imread(tmp_path / f"{name}.gif")
+                                           for name in ("a", "b", "centre", "text"))
     assert animated.shape[:3] == (5, 32, 32)
     assert (animated == again).all() and (animated != text_only).any()
+    # the same clip as from the centre alone, up to resampling at the crop's edges (squashed: 5 grey levels off)
+    assert np.abs(animated.astype(float) - centred).mean() < 1.5
     capsys.readouterr()
     for argv, needle in [(["--image", str(picture)], "image adapter"),
                          (["--image-adapter", str(tmp_path / "i2v")], "needs --image"),

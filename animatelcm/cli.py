@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import re
 import sys
 import time
@@ -39,7 +40,7 @@ def _int_at_least(minimum: int, maximum: int | None = None):
 
 _positive_int = _int_at_least(1)
 _non_negative_int = _int_at_least(0)
-_generator_seed = _int_at_least(-(2 ** 63), 2 ** 64 - 1)  # what torch.Generator.manual_seed takes
+_generator_seed = _int_at_least(-1, 2 ** 64 - 1)  # torch.Generator.manual_seed takes up to this; -1: draw one
 _clip_seed = _int_at_least(0, 2 ** 40)  # evaluation.clip_noise seeds clip i with seed * 1_000_003 + i
 
 
@@ -160,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--clip-skip", type=_positive_int, default=None, metavar="N",
                      help="encode the prompt with the text encoder's layer N before the last (through its final "
                           "norm), as some personalised SD1.5 models expect (often 1; diffusers' clip_skip)")
-    gen.add_argument("--seed", type=_generator_seed, default=0, help="random seed (default 0)")
+    gen.add_argument("--seed", type=_generator_seed, default=0,
+                     help="random seed (default 0); -1 draws one and prints it, to make the clip again")
     gen.add_argument("--fps", type=_positive_float, default=None, help="frames per second of the file (default 8)")
     gen.add_argument("--out", default="outputs/animatelcm.gif", help="output file, .gif or .mp4")
     gen.add_argument("--upscale", type=_positive_int, default=1,
@@ -451,7 +453,11 @@ def generate(args) -> Path:
     if args.negative_prompt and args.guidance <= 1:
         print(f"NOTE: --negative-prompt has no effect at --guidance {args.guidance:g} (it steers only with "
               "classifier-free guidance, --guidance > 1)", file=sys.stderr)
-    generator = torch.Generator("cpu").manual_seed(args.seed)
+    seed = args.seed
+    if seed == -1:
+        seed = random.SystemRandom().randrange(2 ** 63)
+        print(f"seed {seed} (drawn for --seed -1; --seed {seed} makes this clip again)", file=sys.stderr)
+    generator = torch.Generator("cpu").manual_seed(seed)
     frames = call_arguments.pop("num_frames")
     result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height,
                   width=width, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,

@@ -1,4 +1,5 @@
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,15 @@ def test_a_negative_prompt_without_guidance_is_noted(tmp_path, capsys):
         assert ("--negative-prompt has no effect" in capsys.readouterr().err) == noted
 
 
+def test_seed_minus_one_draws_a_seed_and_says_which(tmp_path, capsys):
+    argv = ["generate", "--prompt", "a red circle moving up", "--steps", "1", "--frames", "2"]
+    assert main(argv + ["--seed", "-1", "--out", str(tmp_path / "drawn.gif")]) == 0
+    seed = re.search(r"seed (\d+) \(drawn for --seed -1; --seed \1 makes this clip again\)",
+                     capsys.readouterr().err).group(1)
+    assert main(argv + ["--seed", seed, "--out", str(tmp_path / "again.gif")]) == 0
+    assert (iio.imread(tmp_path / "drawn.gif") == iio.imread(tmp_path / "again.gif")).all()
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_folder.gif").mkdir()
@@ -85,6 +95,7 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
         (["generate", "--prompt", "x", "--clip-skip", "9", "--out", str(tmp_path / "x.gif")], "clip_skip=9"),
         (["generate", "--prompt", "x", "--vae", str(tmp_path)], "embedded default model keeps its own"),
         (["generate", "--prompt", "x", "--seed", str(2 ** 64)], "at most"),
+        (["generate", "--prompt", "x", "--seed", "-2"], "at least -1"),
         (["generate", "--prompt", "x", "--image-motion-scale", "0.5"], "--image-motion-scale needs --image"),
         (["eval", "--seed", "-1"], "at least 0"),
         (["generate"], "--prompt"),

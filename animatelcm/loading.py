@@ -876,6 +876,22 @@ def _check_parts_match(unet, adapter, base, motion_module) -> None:
                               f"{base} has {levels}: they are made for different base models")
 
 
+def _refuse_image_pipeline(model: Path) -> None:
+    """A pipeline folder whose UNet has no motion modules and which holds no motion adapter (a Stable Diffusion
+    image pipeline) would sample every frame on its own: refused, naming the way to animate it."""
+    try:
+        index = json.loads((model / "model_index.json").read_text())
+    except (OSError, ValueError):
+        return  # diffusers' loader names what is wrong with it
+    adapter = index.get("motion_adapter") if isinstance(index, dict) else None
+    if _config_class(model / "unet" / "config.json") == "UNet2DConditionModel" and not (
+            isinstance(adapter, list) and adapter and adapter[0]):
+        raise CheckpointError(
+            f"{model}: a Stable Diffusion image pipeline (a UNet without motion modules, no motion adapter): it would "
+            "draw every frame on its own. Give it as the base with motion modules (CLI: --base FOLDER "
+            "--motion-module FILE; load_pipeline(base=..., motion_module=...))")
+
+
 @quiet_dtype_rename
 def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None, motion_config=None, vae=None,
                   lcm_lora=None, lcm_lora_scale: float = 0.8, loras=(), allow_pickle: bool = False,
@@ -907,6 +923,7 @@ def load_pipeline(model=None, *, base=None, base_config=None, motion_module=None
         model = _require_path(model, "model folder")
         if not (model / "model_index.json").exists():
             raise CheckpointError(f"{model}: not a saved pipeline folder (no model_index.json)")
+        _refuse_image_pipeline(model)
         try:
             from diffusers import MotionAdapter, UNetMotionModel
 

@@ -663,6 +663,12 @@ def test_a_video_pipeline_folder_as_base_says_to_load_it_as_the_model(components
     assert load_pipeline(tmp_path / "video").unet.__class__.__name__ == "UNetMotionModel"
 
 
+def test_an_image_pipeline_folder_as_the_model_says_to_give_it_as_the_base(sd_folder):
+    """An SD1.5 image pipeline as the model would draw every frame on its own (it did, silently)."""
+    with pytest.raises(CheckpointError, match="a Stable Diffusion image pipeline .* --base FOLDER --motion-module"):
+        load_pipeline(sd_folder)
+
+
 def test_folders_with_only_fp16_variant_weights(components, tmp_path):
     """Folders that hold only ``*.fp16.safetensors`` weights (as many downloads do) load: a base, a motion adapter,
     a ControlNet and a saved pipeline, each giving what its plain-weights twin gives."""

@@ -488,8 +488,8 @@ def _natural_order(path: Path) -> list:
 
 
 def _read_control_frames(path, frames: int | None, height: int, width: int, edges: bool):
-    """The control clip as ``[F, 3, height, width]`` in [0, 1] (``frames`` of them, from the start; all when None),
-    optionally as edge maps."""
+    """The control clip as ``[F, 3, height, width]`` in [0, 1] (``frames`` of them, from the start; all when None):
+    each frame's centre at the clip's aspect ratio, resized; optionally as edge maps."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -513,6 +513,13 @@ def _read_control_frames(path, frames: int | None, height: int, width: int, edge
     if frames is not None and len(clip) < frames:
         raise UserError(f"--control {path} has {len(clip)} frames, fewer than --frames {frames}")
     clip = torch.from_numpy(clip[:frames]).permute(0, 3, 1, 2).float() / 255
+    rows, columns = clip.shape[-2:]  # the centre at the clip's aspect ratio (ControlNet UIs' "crop and resize")
+    if rows * width > columns * height:
+        kept = max(1, round(columns * height / width))
+        clip = clip[..., (rows - kept) // 2:(rows - kept) // 2 + kept, :]
+    else:
+        kept = max(1, round(rows * width / height))
+        clip = clip[..., (columns - kept) // 2:(columns - kept) // 2 + kept]
     clip = F.interpolate(clip, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
     return edge_maps(clip * 2 - 1) if edges else clip
 

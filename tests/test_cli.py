@@ -145,6 +145,25 @@ def test_control_frames_from_a_folder_in_natural_name_order(tmp_path):
     assert len(_read_control_frames(tmp_path, 5, 8, 8, edges=False)) == 5
 
 
+def test_control_frames_keep_their_aspect_ratio(tmp_path):
+    """A 16:9-ish control clip for a square video gives its centre, not the whole frame squashed (as the --image
+    picture and ControlNet UIs' crop and resize)."""
+    from animatelcm.cli import _read_control_frames
+
+    frames = np.random.default_rng(0).integers(0, 255, (3, 24, 40, 3), dtype=np.uint8)
+    for folder, clip in (("wide", frames), ("square", frames[:, :, 8:32]), ("strip", frames[:, :, 17:23])):
+        (tmp_path / folder).mkdir()
+        for index, frame in enumerate(clip):
+            Image.fromarray(frame).save(tmp_path / folder / f"{index}.png")
+
+    def read(folder, height, width):
+        return _read_control_frames(tmp_path / folder, None, height, width, edges=False)
+
+    assert read("wide", 16, 16).shape == (3, 3, 16, 16)
+    assert torch.equal(read("wide", 16, 16), read("square", 16, 16))
+    assert torch.equal(read("wide", 32, 8), read("strip", 32, 8))  # 4:1 tall: the middle 6 of 40 columns
+
+
 def test_ctrl_c_while_generating_exits_130_without_a_traceback(monkeypatch, capsys):
     from animatelcm import cli
 

@@ -68,6 +68,13 @@ def _positive_float(text):
     return value
 
 
+def _beta(text):
+    value = _finite_float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be between 0 and 1 (SD1.5's beta_end is 0.012)")
+    return value
+
+
 def _lora_spec(text):
     """PATH or PATH:SCALE."""
     path, sep, scale = text.rpartition(":")
@@ -134,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                           help="strength of the frame embedding the image adapter adds (default: the adapter's own, "
                                "0.8 for AnimateLCM-I2V); lower keeps more of the picture, higher moves more "
                                "(AnimateLCM-I2V's demo offers 0 to 1.5)")
+    adapters.add_argument("--match-image-colors", action=argparse.BooleanOptionalAction, default=None,
+                          help="shift each frame's mean hue, saturation and brightness towards the picture's, as "
+                               "AnimateLCM-I2V's demo does (default: on with AnimateLCM-I2V's encoder, off otherwise)")
     adapters.add_argument("--control", action="append", default=[],
                           help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a folder of "
                                "images in natural name order (frame2 before frame10); needs --controlnet. Repeat "
@@ -149,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="turn the control frames into Sobel edge maps first (for ControlNets trained with "
                                "adapter.control: edges)")
     gen.add_argument("--steps", type=_positive_int, default=4, help="sampling steps (default 4)")
+    gen.add_argument("--beta-end", type=_beta, default=None, metavar="B",
+                     help="last beta of the noise schedule the LCM scheduler samples on (default: the model's; "
+                          "0.014 with AnimateLCM-I2V's encoder, as its demo, which offers 0.012 to 0.016: higher "
+                          "samples noisier steps)")
     gen.add_argument("--frames", type=_positive_int, default=None,
                      help="frames (default 16, or the length of --control)")
     gen.add_argument("--free-noise", action="store_true",
@@ -323,7 +337,7 @@ def _check_paths(args) -> None:
                             f"not {len(args.control_scale)}")
         if args.image and args.control:
             raise UserError("give --image or --control, not both")
-        for flag in ("image_adapter", "image_motion_scale"):
+        for flag in ("image_adapter", "image_motion_scale", "match_image_colors"):
             if getattr(args, flag) is not None and not args.image:
                 raise UserError(f"--{flag.replace('_', '-')} needs --image (the picture to animate)")
 
@@ -437,6 +451,14 @@ def generate(args) -> Path:
         height, width = height or default.height, width or default.width
         fps = fps or default.fps
     pipe, call_arguments = _add_adapters(args, pipe, dtype, device, height, width)
+    if args.beta_end is not None and pipe.scheduler.config.beta_end != args.beta_end:
+        from .schedulers import lcm_scheduler_like
+
+        if not _beta_end_applies(pipe.scheduler):
+            raise UserError(f"--beta-end: the model's scheduler does not use beta_end (beta_schedule "
+                            f"{pipe.scheduler.config.beta_schedule!r}, trained_betas "
+                            f"{'given' if pipe.scheduler.config.trained_betas is not None else 'none'}); leave it out")
+        pipe.scheduler = lcm_scheduler_like(pipe.scheduler, beta_end=args.beta_end)
     if args.free_noise:  # before the patch, which runs FreeNoise's blocks as it finds them
         if args.image:
             raise UserError("--free-noise with --image: the image adapter embeds the frame index of the whole clip, "
@@ -470,6 +492,12 @@ def generate(args) -> Path:
     print(f"wrote {out} ({frames} frame{'s' * (frames != 1)}, {args.steps} step{'s' * (args.steps != 1)}, "
           f"{time.perf_counter() - started:.1f} s)")
     return out
+
+
+def _beta_end_applies(scheduler) -> bool:
+    """Whether ``scheduler``'s noise schedule is set by its ``beta_end`` (not by given betas or a cosine)."""
+    config = scheduler.config
+    return config.get("trained_betas") is None and config.get("beta_schedule") in ("linear", "scaled_linear")
 
 
 def _read_picture(path, flag: str = "--image"):
@@ -532,7 +560,7 @@ def _add_adapters(args, pipe, dtype, device, height, width):
     from .adapters import AnimateLCMImageEncoder
     from .loading import holds_image_encoder, load_controlnet, load_image_adapter
     from .pipelines import AnimateLCMControlNetPipeline
-    from .schedulers import IMAGE_TO_VIDEO_ORIGINAL_STEPS, lcm_scheduler_like
+    from .schedulers import IMAGE_TO_VIDEO_BETA_END, IMAGE_TO_VIDEO_ORIGINAL_STEPS, lcm_scheduler_like
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     height, width = height or size, width or size
@@ -549,14 +577,19 @@ def _add_adapters(args, pipe, dtype, device, height, width):
                             "release as --motion-module (its image encoder comes with it)")
         if args.image_motion_scale is not None:
             pipe.image_adapter.register_to_config(motion_scale=args.image_motion_scale)
-        if isinstance(pipe.image_adapter, AnimateLCMImageEncoder) and not args.model:
-            print(f"NOTE: sampling AnimateLCM-I2V's image encoder on its original_inference_steps="
-                  f"{IMAGE_TO_VIDEO_ORIGINAL_STEPS}", file=sys.stderr)
-            pipe.scheduler = lcm_scheduler_like(pipe.scheduler, IMAGE_TO_VIDEO_ORIGINAL_STEPS)
+        release = isinstance(pipe.image_adapter, AnimateLCMImageEncoder) and not args.model
+        if release:  # sampled as AnimateLCM-I2V's demo samples it
+            overrides = {"original_inference_steps": IMAGE_TO_VIDEO_ORIGINAL_STEPS}
+            if _beta_end_applies(pipe.scheduler):
+                overrides["beta_end"] = IMAGE_TO_VIDEO_BETA_END if args.beta_end is None else args.beta_end
+            print(f"NOTE: sampling AnimateLCM-I2V's image encoder as its demo does: "
+                  f"{', '.join(f'{k}={v:g}' for k, v in overrides.items())}", file=sys.stderr)
+            pipe.scheduler = lcm_scheduler_like(pipe.scheduler, **overrides)
         # the picture's centre at the clip's aspect ratio, as training clips are cropped and AnimateLCM-I2V's demo
         # crops (the pipeline would stretch it)
         picture = ImageOps.fit(_read_picture(args.image), (width, height), method=Image.Resampling.LANCZOS)
-        return pipe, {"num_frames": args.frames or 16, "image": picture}
+        match_colors = release if args.match_image_colors is None else args.match_image_colors
+        return pipe, {"num_frames": args.frames or 16, "image": picture, "match_image_colors": match_colors}
     if args.control:
         controlnets = [load_controlnet(path, torch_dtype=dtype, unet=pipe.unet, allow_pickle=args.allow_pickle)
                        .to(device) for path in args.controlnet]

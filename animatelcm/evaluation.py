@@ -193,7 +193,8 @@ def sampling_scheduler(pipe, kind: str, lcm_original_steps: int | None = None):
     from .schedulers import lcm_scheduler_like
 
     if kind == "lcm":
-        return lcm_scheduler_like(pipe.scheduler, lcm_original_steps)
+        overrides = {} if lcm_original_steps is None else {"original_inference_steps": lcm_original_steps}
+        return lcm_scheduler_like(pipe.scheduler, **overrides)
     config = dict(pipe.scheduler.config)
     config = {k: v for k, v in config.items() if k not in ("original_inference_steps", "timestep_scaling")}
     if kind == "ddim":

@@ -12,6 +12,7 @@ from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, Autoe
                        UNet2DConditionModel, UNetMotionModel)
 from diffusers import LCMScheduler as DiffusersLCMScheduler
 from diffusers.image_processor import VaeImageProcessor
+from diffusers.pipelines.animatediff.pipeline_output import AnimateDiffPipelineOutput
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
 from .adapters import AnimateLCMImageEncoder, ImageToVideoAdapter, features_before_motion_modules
@@ -196,7 +197,7 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
     def __call__(self, prompt=None, num_frames: int = DEFAULT_FRAMES, height=None, width=None,
                  num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
                  output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1,
-                 image=None, **kwargs):
+                 image=None, match_image_colors: bool = False, **kwargs):
         """Generate videos; arguments as :meth:`diffusers.AnimateDiffPipeline.__call__` (latents
         ``[B, 4, F, H/8, W/8]``), with AnimateLCM defaults: 4 steps, guidance 1.0, 16 frames.
 
@@ -208,7 +209,11 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
         PIL images, arrays ``[H, W, 3]`` / ``[N, H, W, 3]`` or tensors ``[3, H, W]`` / ``[N, 3, H, W]`` with values
         in [0, 1], or a list of those (sizes and kinds may differ); each resized to ``height`` x ``width``. Its VAE latent (the distribution's mean) drives the adapter,
         whose features are added before motion module ``image_adapter.injection_layer`` of every down block, on
-        both halves of classifier-free guidance (as the adapter was trained)."""
+        both halves of classifier-free guidance (as the adapter was trained).
+
+        ``match_image_colors`` (with ``image``, decoded output types only): shift each decoded frame's mean hue,
+        saturation and value towards its video's picture (:func:`match_picture_colors`), the post-processing of
+        AnimateLCM-I2V's demo against the colour drift of its few-step samples."""
         self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
                                    num_videos_per_prompt)
         prompts = _prompt_count(prompt, kwargs)
@@ -217,16 +222,33 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
         arguments = dict(prompt=prompt, num_frames=num_frames, height=height, width=width,
                          num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                          output_type=output_type, decode_chunk_size=decode_chunk_size, **kwargs)
+        if match_image_colors and (image is None or output_type == "latent"):
+            raise ValueError("match_image_colors=True shifts decoded frames towards the image: it needs image= and "
+                             f"an output_type of pil, np or pt (got image={type(image).__name__}, "
+                             f"output_type={output_type!r})")
         if image is None:
             return super().__call__(**arguments)
-        features = self._image_features(image, prompts, num_videos_per_prompt, num_frames, height, width)
+        features, pixels = self._image_features(image, prompts, num_videos_per_prompt, num_frames, height, width)
+        if match_image_colors:
+            arguments["output_type"] = "pt"
         with features_before_motion_modules(self.unet, features, self.image_adapter.injection_layer):
-            return super().__call__(**arguments)
+            output = super().__call__(**arguments)
+        if not match_image_colors:
+            return output
+        return_dict = kwargs.get("return_dict", True)
+        frames = match_picture_colors(output.frames if return_dict else output[0], (pixels + 1) / 2)
+        if output_type == "np":
+            frames = frames.permute(0, 1, 3, 4, 2).cpu().float().numpy()
+        elif output_type == "pil":
+            frames = [self.video_processor.numpy_to_pil(video.permute(0, 2, 3, 1).cpu().float().numpy())
+                      for video in frames]
+        return AnimateDiffPipelineOutput(frames=frames) if return_dict else (frames,)
 
     @torch.no_grad()
     def _image_features(self, image, prompts: int, num_videos_per_prompt: int, num_frames: int, height, width):
-        """The image adapter's feature maps ``[B*F, C_l, h_l, w_l]`` per down block for B = prompts x
-        ``num_videos_per_prompt`` videos."""
+        """``(features, pixels)``: the image adapter's feature maps ``[B*F, C_l, h_l, w_l]`` per down block for
+        B = prompts x ``num_videos_per_prompt`` videos, and the pictures they came from ``[B, 3, H, W]`` in
+        [-1, 1]."""
         if self.image_adapter is None:
             raise ValueError("image= needs an image adapter: build the pipeline with image_adapter="
                              "ImageToVideoAdapter.from_pretrained(...) (the teacher_free stage with adapter.kind: i2v "
@@ -255,7 +277,7 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
                              "prompt")
         device = self._execution_device  # (with model CPU offload, the hooks bring the VAE and adapter there)
         latent = self.vae.encode(pixels.to(device, self.vae.dtype)).latent_dist.mode()
-        return self.image_adapter(latent * self.vae.config.scaling_factor, num_frames=num_frames)
+        return self.image_adapter(latent * self.vae.config.scaling_factor, num_frames=num_frames), pixels
 
 
 class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPipeline):
@@ -322,6 +344,62 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
         if do_classifier_free_guidance and not guess_mode:
             frames = torch.cat([frames] * 2)
         return frames
+
+
+def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
+    """``[..., 3, H, W]`` RGB in [0, 1] -> HSV on OpenCV's 8-bit scale: hue in [0, 180) (degrees / 2), saturation
+    and value in [0, 255]."""
+    red, green, blue = rgb.unbind(-3)
+    value, low = rgb.amax(-3), rgb.amin(-3)
+    spread = value - low
+    safe = spread.clamp_min(1e-12)
+    hue = torch.where(value == red, 60 * (green - blue) / safe,
+                      torch.where(value == green, 120 + 60 * (blue - red) / safe, 240 + 60 * (red - green) / safe))
+    hue = torch.where(spread > 0, hue, torch.zeros_like(hue)) % 360
+    saturation = torch.where(value > 0, spread / value.clamp_min(1e-12), torch.zeros_like(value))
+    return torch.stack([hue / 2, saturation * 255, value * 255], dim=-3)
+
+
+def _hsv_to_rgb(hsv: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_rgb_to_hsv`: ``[..., 3, H, W]`` on OpenCV's 8-bit HSV scale -> RGB in [0, 1]."""
+    hue, saturation, value = hsv.unbind(-3)
+    sector = (hue * 2 / 60) % 6  # hue in sixths of the circle
+    saturation, value = saturation / 255, value / 255
+
+    def channel(n):  # the closed form of the piecewise HSV -> RGB map
+        k = (n + sector) % 6
+        return value - value * saturation * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+    return torch.stack([channel(5), channel(3), channel(1)], dim=-3)
+
+
+def match_picture_colors(frames: torch.Tensor, pictures: torch.Tensor, hue_weight: float = 0.03) -> torch.Tensor:
+    """Frames with their colours moved towards a picture's, as AnimateLCM-I2V's demo post-processes its clips.
+
+    For each frame, on OpenCV's 8-bit HSV scale: saturation and value are shifted by the whole difference between
+    the picture's mean and the frame's mean, hue by ``hue_weight`` of it (hue is kept nearly as generated), each
+    clipped to its range. (The demo rounds every stage to 8 bits; this computes in floating point.)
+
+    Args:
+        frames: ``[B, F, 3, H, W]`` RGB in [0, 1].
+        pictures: ``[B, 3, H', W']`` (or ``[3, H', W']`` for every video) RGB in [0, 1], any size.
+    Returns:
+        ``[B, F, 3, H, W]`` RGB in [0, 1], the dtype and device of ``frames``.
+    """
+    if frames.dim() != 5 or frames.shape[2] != 3:
+        raise ValueError(f"frames must be [B, F, 3, H, W] RGB, got shape {tuple(frames.shape)}")
+    if pictures.dim() == 3:
+        pictures = pictures[None]
+    if pictures.dim() != 4 or pictures.shape[1] != 3 or pictures.shape[0] not in (1, frames.shape[0]):
+        raise ValueError(f"pictures must be [B, 3, H, W] RGB with B = {frames.shape[0]} (or 1), got shape "
+                         f"{tuple(pictures.shape)}")
+    hsv = _rgb_to_hsv(frames.float().clamp(0, 1))
+    target = _rgb_to_hsv(pictures.to(frames.device, torch.float32).clamp(0, 1)).mean(dim=(-2, -1))[:, None]
+    shift = (target - hsv.mean(dim=(-2, -1))) * torch.tensor([hue_weight, 1.0, 1.0], device=frames.device)
+    hsv = hsv + shift[..., None, None]
+    limits = torch.tensor([180.0, 255.0, 255.0], device=frames.device)[:, None, None]
+    hsv = torch.minimum(hsv.clamp_min(0), limits)
+    return _hsv_to_rgb(hsv).to(frames.dtype)
 
 
 def _control_frame_list(frames):

@@ -174,6 +174,7 @@ class LCMScheduler(DiffusersLCMScheduler):
 
 
 IMAGE_TO_VIDEO_ORIGINAL_STEPS = 200  # AnimateLCM's image-to-video configs (configs/inference-i2v.yaml)
+IMAGE_TO_VIDEO_BETA_END = 0.014  # AnimateLCM-I2V's demo default (app-i2v.py): "a tricky way for selecting noisy steps"
 
 
 def animatelcm_scheduler(**overrides) -> LCMScheduler:
@@ -187,18 +188,22 @@ def animatelcm_scheduler(**overrides) -> LCMScheduler:
     return LCMScheduler(**config)
 
 
-def lcm_scheduler_like(scheduler, original_inference_steps: int | None = None) -> LCMScheduler:
-    """AnimateLCM's scheduler (:func:`animatelcm_scheduler`) on the noise schedule and prediction type of another
-    scheduler (DDIM, Euler, ... : ``beta_schedule``, ``beta_start``, ``beta_end``, ``num_train_timesteps``,
-    ``trained_betas``, ``rescale_betas_zero_snr``, ``prediction_type``, and ``original_inference_steps`` when it
-    has one); ``scheduler`` itself when it is already
-    an :class:`LCMScheduler` and ``original_inference_steps`` is None."""
-    if isinstance(scheduler, LCMScheduler) and original_inference_steps is None:
+def lcm_scheduler_like(scheduler, **overrides) -> LCMScheduler:
+    """An :class:`LCMScheduler` for sampling a model whose scheduler is ``scheduler``, with ``overrides`` replacing
+    config entries (``original_inference_steps``, ``beta_end``, ...).
+
+    An LCM scheduler (this package's or diffusers') keeps its whole config: ``scheduler`` itself when there is
+    nothing to override. Any other (DDIM, Euler, ...) gives AnimateLCM's scheduler (:func:`animatelcm_scheduler`) on
+    its noise schedule and prediction type: ``beta_schedule``, ``beta_start``, ``beta_end``,
+    ``num_train_timesteps``, ``trained_betas``, ``rescale_betas_zero_snr``, ``prediction_type``, and
+    ``original_inference_steps`` when it has one."""
+    if isinstance(scheduler, LCMScheduler) and not overrides:
         return scheduler
     config = scheduler.config
+    if isinstance(scheduler, DiffusersLCMScheduler):
+        return LCMScheduler.from_config(config, **overrides)
     keep = {k: config[k] for k in ("beta_schedule", "beta_start", "beta_end", "num_train_timesteps", "trained_betas",
                                    "rescale_betas_zero_snr", "prediction_type", "original_inference_steps")
             if k in config}
-    if original_inference_steps is not None:
-        keep["original_inference_steps"] = original_inference_steps
+    keep.update(overrides)
     return animatelcm_scheduler(**keep)

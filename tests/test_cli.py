@@ -290,6 +290,57 @@ def test_generate_from_an_image_with_the_animatelcm_i2v_release(components, tiny
     assert (released != text_only).any() and (released != no_embedding).any()
 
 
+def test_generate_samples_animatelcm_i2v_as_its_demo(components, tiny_model_args, tmp_path, capsys, monkeypatch):
+    """With AnimateLCM-I2V's encoder the clip is sampled as its demo samples it: original_inference_steps 200,
+    beta_end 0.014 and the frames' colours moved towards the picture; --beta-end and --no-match-image-colors change
+    that. Other image adapters and text-to-video keep the model's schedule and colours unless told; --beta-end on a
+    schedule it does not set is a one-line error."""
+    from ldm_layout import write_animatelcm_i2v_release
+
+    from animatelcm import LCMScheduler
+    from animatelcm.adapters import ImageToVideoAdapter
+    from animatelcm.pipelines import AnimateLCMPipeline
+
+    release = tmp_path / "AnimateLCM_sd15_i2v.safetensors"
+    write_animatelcm_i2v_release(release, components["motion_adapter"],
+                                 tuple(components["unet"].config.block_out_channels))
+    ImageToVideoAdapter(block_out_channels=tuple(components["unet"].config.block_out_channels)).save_pretrained(
+        tmp_path / "own")
+    picture = tmp_path / "first.png"
+    Image.fromarray(torch.randint(0, 255, (32, 32, 3), dtype=torch.uint8).numpy()).save(picture)
+    calls, call = [], AnimateLCMPipeline.__call__
+
+    def spy(pipe, *args, **kwargs):
+        config = pipe.scheduler.config
+        calls.append((config.original_inference_steps, config.beta_end, kwargs.get("match_image_colors")))
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(AnimateLCMPipeline, "__call__", spy)
+    released = [*tiny_model_args, "--motion-module", str(release), "--image", str(picture)]
+    cases = [(released, (200, 0.014, True)),
+             ([*released, "--beta-end", "0.013", "--no-match-image-colors"], (200, 0.013, False)),
+             ([*tiny_model_args, "--image", str(picture), "--image-adapter", str(tmp_path / "own")], (100, 0.012, False)),
+             ([*tiny_model_args, "--image", str(picture), "--image-adapter", str(tmp_path / "own"),
+               "--match-image-colors"], (100, 0.012, True)),
+             ([*tiny_model_args, "--beta-end", "0.015"], (100, 0.015, None))]
+    for argv, expected in cases:
+        calls.clear()
+        assert main(["generate", "--prompt", "a cat", *argv, "--frames", "3", "--out", str(tmp_path / "a.gif")]) == 0
+        assert calls == [expected], argv
+    assert "original_inference_steps=200, beta_end=0.014" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "a cat", *tiny_model_args, "--match-image-colors", "--out",
+                 str(tmp_path / "x.gif")]) == 2
+    assert "--match-image-colors needs --image" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["generate", "--prompt", "a cat", "--beta-end", "1.5"])
+    assert "between 0 and 1" in capsys.readouterr().err
+    AnimateLCMPipeline(**components, scheduler=LCMScheduler(beta_schedule="squaredcos_cap_v2")).save_pretrained(
+        tmp_path / "cosine")
+    assert main(["generate", "--prompt", "a cat", "--model", str(tmp_path / "cosine"), "--beta-end", "0.015",
+                 "--height", "32", "--width", "32", "--out", str(tmp_path / "x.gif")]) == 2
+    assert "does not use beta_end" in capsys.readouterr().err
+
+
 def test_generate_with_a_pickled_motion_lora(components, tiny_model_args, tmp_path, capsys):
     """An AnimateDiff motion LoRA as released (a .ckpt in the original layout) through --lora: refused without
     --allow-pickle, and with it the clip changes."""

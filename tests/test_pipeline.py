@@ -301,6 +301,81 @@ def test_image_to_video_inputs(components, tmp_path):
         pipe("a cat", image=image, **common)
 
 
+def demo_adjust_colors(frame, picture, hue_weight=0.03):
+    """AnimateLCM-I2V's demo's colour correction restated with colorsys, pixel by pixel, in floating point: RGB
+    ``[H, W, 3]`` in [0, 1] -> RGB, on OpenCV's 8-bit HSV scale (hue 0..180, saturation and value 0..255)."""
+    import colorsys
+
+    def hsv(rgb):
+        return np.array([[colorsys.rgb_to_hsv(*pixel) for pixel in row] for row in rgb]) * [180, 255, 255]
+
+    frame_hsv, picture_hsv = hsv(frame), hsv(picture)
+    shift = (picture_hsv.mean(axis=(0, 1)) - frame_hsv.mean(axis=(0, 1))) * [hue_weight, 1, 1]
+    moved = np.clip(frame_hsv + shift, 0, [180, 255, 255]) / [180, 255, 255]
+    return np.array([[colorsys.hsv_to_rgb(*(pixel % [1, 2, 2])) for pixel in row] for row in moved])
+
+
+def test_match_picture_colors_is_the_demos_colour_correction():
+    """Each frame of each video moves towards its own picture as the demo's adjust_colors moves it (colorsys
+    restatement); greys, saturated colours and clipping included; a frame already like its picture stays as it is."""
+    from animatelcm.pipelines import match_picture_colors
+
+    rng = np.random.default_rng(0)
+    frames = rng.random((2, 3, 3, 6, 7)).astype(np.float32)
+    frames[0, 0, :, :2] = 0.5  # grey pixels (no hue)
+    frames[0, 1, 0] = 1.0  # saturated red channel
+    pictures = rng.random((2, 3, 9, 5)).astype(np.float32) ** 3  # dark: values clip at 0
+    ours = match_picture_colors(torch.from_numpy(frames), torch.from_numpy(pictures))
+    assert ours.shape == frames.shape and ours.dtype == torch.float32
+    for video in range(2):
+        for frame in range(3):
+            expected = demo_adjust_colors(frames[video, frame].transpose(1, 2, 0), pictures[video].transpose(1, 2, 0))
+            np.testing.assert_allclose(ours[video, frame].numpy().transpose(1, 2, 0), expected, atol=1e-5)
+    same = torch.from_numpy(frames[:1, :1])
+    torch.testing.assert_close(match_picture_colors(same, same[0, 0]), same, atol=1e-5, rtol=0)
+    half = match_picture_colors(torch.from_numpy(frames).half(), torch.from_numpy(pictures))
+    assert half.dtype == torch.float16 and (half.float() - ours).abs().max() < 4e-3
+    with pytest.raises(ValueError, match=r"pictures must be \[B, 3, H, W\]"):
+        match_picture_colors(torch.from_numpy(frames), torch.from_numpy(pictures[:, :2]))
+    with pytest.raises(ValueError, match=r"frames must be \[B, F, 3, H, W\]"):
+        match_picture_colors(torch.from_numpy(frames[0]), torch.from_numpy(pictures))
+
+
+def test_image_to_video_matches_the_pictures_colours_when_asked(components):
+    """match_image_colors=True gives the frames of the same call without it, each video moved towards its own
+    picture, for every decoded output type and return_dict=False; without an image or with latents it is an
+    error."""
+    from animatelcm.pipelines import match_picture_colors
+
+    pipe = AnimateLCMPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.image_adapter = random_image_adapter(pipe.unet, seed=3)
+    images = pictures(2, 32, 7)
+    common = dict(prompt=["a cat", "a dog"], image=images, num_frames=3, height=32, width=32, num_inference_steps=2)
+    latents = torch.randn(2, 4, 3, 4, 4)
+
+    def run(**kwargs):
+        return pipe(latents=latents, generator=torch.Generator().manual_seed(0), **common, **kwargs)
+
+    plain = run(output_type="pt").frames
+    targets = torch.stack([torch.from_numpy(np.array(image)).permute(2, 0, 1) / 255 for image in images])
+    expected = match_picture_colors(plain, targets)
+    assert (expected - plain).abs().max() > 1e-2
+    torch.testing.assert_close(run(output_type="pt", match_image_colors=True).frames, expected)
+    matched = run(output_type="np", match_image_colors=True).frames
+    assert matched.shape == (2, 3, 32, 32, 3)
+    np.testing.assert_allclose(matched, expected.permute(0, 1, 3, 4, 2).numpy(), atol=1e-6)
+    (as_tuple,) = run(output_type="np", match_image_colors=True, return_dict=False)
+    np.testing.assert_array_equal(as_tuple, matched)
+    pil = run(match_image_colors=True).frames
+    assert len(pil) == 2 and len(pil[1]) == 3
+    assert np.abs(np.asarray(pil[1][2]) / 255 - matched[1, 2]).max() <= 0.5 / 255 + 1e-6
+    with pytest.raises(ValueError, match="needs image="):
+        pipe("a cat", num_frames=3, height=32, width=32, match_image_colors=True)
+    with pytest.raises(ValueError, match="output_type='latent'"):
+        run(output_type="latent", match_image_colors=True)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_controlnet_pipeline_matches_diffusers(components, guidance):
     controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()

@@ -179,4 +179,22 @@ def test_lcm_scheduler_like_keeps_the_noise_schedule(make):
     assert type(lcm) is LCMScheduler and lcm.config.original_inference_steps == 100
     torch.testing.assert_close(lcm.alphas_cumprod, other.alphas_cumprod)
     assert lcm.config.prediction_type == other.config.prediction_type
-    assert lcm_scheduler_like(lcm) is lcm and lcm_scheduler_like(lcm, 200).config.original_inference_steps == 200
+    assert lcm_scheduler_like(lcm) is lcm
+
+
+def test_lcm_scheduler_like_keeps_an_lcm_config_and_overrides_entries():
+    """An LCM scheduler (ours or diffusers') keeps all of its config (timestep spacing, say), overrides replace
+    single entries, and the scheduler given is never changed."""
+    from animatelcm.schedulers import lcm_scheduler_like
+
+    for make in (LCMScheduler, diffusers.LCMScheduler):
+        given = make(beta_schedule="linear", timestep_spacing="trailing", original_inference_steps=50)
+        lcm = lcm_scheduler_like(given, original_inference_steps=200, beta_end=0.014)
+        assert type(lcm) is LCMScheduler and lcm is not given
+        assert (lcm.config.original_inference_steps, lcm.config.beta_end) == (200, 0.014)
+        assert lcm.config.timestep_spacing == "trailing" and lcm.config.beta_schedule == "linear"
+        assert (given.config.original_inference_steps, given.config.beta_end) == (50, 0.012)
+    plain = lcm_scheduler_like(diffusers.LCMScheduler(timestep_spacing="trailing"))
+    assert type(plain) is LCMScheduler and plain.config.timestep_spacing == "trailing"
+    ddim = lcm_scheduler_like(diffusers.DDIMScheduler(beta_schedule="linear"), beta_end=0.014)
+    assert ddim.config.beta_end == 0.014 and ddim.config.original_inference_steps == 100

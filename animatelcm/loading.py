@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from . import motion_prompt
+from . import diffusers_notices, motion_prompt  # noqa: F401 (diffusers_notices: at import)
 
 SAFE_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")

@@ -15,6 +15,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.animatediff.pipeline_output import AnimateDiffPipelineOutput
 from diffusers.models.controlnets.multicontrolnet import MultiControlNetModel
 
+from . import diffusers_notices  # noqa: F401 (its filter is installed at import)
 from .adapters import AnimateLCMImageEncoder, ImageToVideoAdapter, features_before_motion_modules
 from .motion_prompt import inflate, motion_cross_attention_dim
 from .schedulers import LCMScheduler, animatelcm_scheduler

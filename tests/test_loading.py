@@ -718,6 +718,34 @@ def test_parts_saved_in_float16_load_in_one_dtype(components, tmp_path):
         torch.bfloat16}
 
 
+def test_casting_prints_no_false_float32_notice(components, sd_folder, tmp_path):
+    """diffusers 0.42 warns on every cast that modules "should be kept in float32: []", an empty list; loading in
+    float16 (and the pipeline's own cast of the UNet it builds) logs nothing of it, while a notice naming modules
+    still does."""
+    import logging
+
+    from diffusers.utils import logging as diffusers_logging
+
+    motion = save_motion_adapter(components["motion_adapter"], tmp_path / "mm.safetensors")
+    records = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    library_logger, level = logging.getLogger("diffusers"), diffusers_logging.get_verbosity()
+    library_logger.addHandler(handler)
+    diffusers_logging.set_verbosity_warning()  # (the CLI's tests lower it for the whole process)
+    try:
+        pipe = load_pipeline(base=sd_folder, motion_module=motion, motion_config=TINY_OVERRIDES,
+                             torch_dtype=torch.float16)
+        pipe.to(torch.bfloat16)
+        assert not [r for r in records if "kept in float32" in r.getMessage()]
+        logging.getLogger("diffusers.models.modeling_utils").warning(
+            "There are modules in UNetMotionModel that should be kept in float32: ['norm']. Casting ...")
+        assert [r for r in records if "['norm']" in r.getMessage()]
+    finally:
+        library_logger.removeHandler(handler)
+        diffusers_logging.set_verbosity(level)
+
+
 def test_a_base_and_a_motion_module_made_for_other_models_are_refused(components, sd_folder, tmp_path):
     """Named at load, with both files: a motion module for other UNet widths (diffusers only says "incompatible"),
     and an SDXL UNet (its extra embeddings would fail the first call with a TypeError)."""

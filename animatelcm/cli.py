@@ -577,8 +577,8 @@ def _add_adapters(args, pipe, dtype, device, height, width):
                             "release as --motion-module (its image encoder comes with it)")
         if args.image_motion_scale is not None:
             pipe.image_adapter.register_to_config(motion_scale=args.image_motion_scale)
-        release = isinstance(pipe.image_adapter, AnimateLCMImageEncoder) and not args.model
-        if release:  # sampled as AnimateLCM-I2V's demo samples it
+        release = isinstance(pipe.image_adapter, AnimateLCMImageEncoder)
+        if release and not args.model:  # sampled as AnimateLCM-I2V's demo samples it (a saved folder: its scheduler)
             overrides = {"original_inference_steps": IMAGE_TO_VIDEO_ORIGINAL_STEPS}
             if _beta_end_applies(pipe.scheduler):
                 overrides["beta_end"] = IMAGE_TO_VIDEO_BETA_END if args.beta_end is None else args.beta_end

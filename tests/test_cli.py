@@ -292,13 +292,14 @@ def test_generate_from_an_image_with_the_animatelcm_i2v_release(components, tiny
 
 def test_generate_samples_animatelcm_i2v_as_its_demo(components, tiny_model_args, tmp_path, capsys, monkeypatch):
     """With AnimateLCM-I2V's encoder the clip is sampled as its demo samples it: original_inference_steps 200,
-    beta_end 0.014 and the frames' colours moved towards the picture; --beta-end and --no-match-image-colors change
-    that. Other image adapters and text-to-video keep the model's schedule and colours unless told; --beta-end on a
+    beta_end 0.014 and the frames' colours moved towards the picture (a saved pipeline with that encoder: its own
+    scheduler, the colours matched); --beta-end and --no-match-image-colors change that. Other image adapters and text-to-video keep the model's schedule and colours unless told; --beta-end on a
     schedule it does not set is a one-line error."""
     from ldm_layout import write_animatelcm_i2v_release
 
     from animatelcm import LCMScheduler
     from animatelcm.adapters import ImageToVideoAdapter
+    from animatelcm.loading import load_image_adapter
     from animatelcm.pipelines import AnimateLCMPipeline
 
     release = tmp_path / "AnimateLCM_sd15_i2v.safetensors"
@@ -322,7 +323,10 @@ def test_generate_samples_animatelcm_i2v_as_its_demo(components, tiny_model_args
              ([*tiny_model_args, "--image", str(picture), "--image-adapter", str(tmp_path / "own")], (100, 0.012, False)),
              ([*tiny_model_args, "--image", str(picture), "--image-adapter", str(tmp_path / "own"),
                "--match-image-colors"], (100, 0.012, True)),
-             ([*tiny_model_args, "--beta-end", "0.015"], (100, 0.015, None))]
+             ([*tiny_model_args, "--beta-end", "0.015"], (100, 0.015, None)),
+             (["--model", str(tmp_path / "saved"), "--image", str(picture), "--height", "32", "--width", "32"],
+              (100, 0.012, True))]
+    AnimateLCMPipeline(**components, image_adapter=load_image_adapter(release)).save_pretrained(tmp_path / "saved")
     for argv, expected in cases:
         calls.clear()
         assert main(["generate", "--prompt", "a cat", *argv, "--frames", "3", "--out", str(tmp_path / "a.gif")]) == 0

@@ -126,8 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="turn a prompt (and an image, or control frames) into a GIF or MP4",
                          description="Generate a clip. With no model arguments the embedded default model is used.")
-    gen.add_argument("--prompt", required=True, help="what the clip should show")
-    gen.add_argument("--negative-prompt", default=None, help="what to avoid (only used with --guidance > 1)")
+    gen.add_argument("--prompt", required=True, action="append",
+                     help="what the clip should show; repeat it for several clips from one model load (written as "
+                          "OUT's name with -0, -1, ... added)")
+    gen.add_argument("--negative-prompt", action="append", default=[],
+                     help="what to avoid (only used with --guidance > 1); one for every clip, or one per --prompt")
     _add_model_arguments(gen)
     adapters = gen.add_argument_group("image to video, control frames to video")
     adapters.add_argument("--image", help="picture to animate (PNG/JPEG/...): the clip starts from it; needs an image "
@@ -175,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--clip-skip", type=_positive_int, default=None, metavar="N",
                      help="encode the prompt with the text encoder's layer N before the last (through its final "
                           "norm), as some personalised SD1.5 models expect (often 1; diffusers' clip_skip)")
-    gen.add_argument("--seed", type=_generator_seed, default=0,
-                     help="random seed (default 0); -1 draws one and prints it, to make the clip again")
+    gen.add_argument("--seed", type=_generator_seed, action="append", default=[],
+                     help="random seed (default 0); -1 draws one and prints it, to make the clip again. One for every "
+                          "clip, or one per clip: repeat it (with one --prompt, one clip per seed)")
     gen.add_argument("--fps", type=_positive_float, default=None, help="frames per second of the file (default 8)")
     gen.add_argument("--out", default="outputs/animatelcm.gif", help="output file, .gif or .mp4")
     gen.add_argument("--upscale", type=_positive_int, default=1,
@@ -325,6 +329,7 @@ def _check_paths(args) -> None:
         if value is not None and value % 8:
             raise UserError(f"--{flag} {value} must be a multiple of 8")
     if args.command == "generate":
+        _clips(args)  # the repeated flags agree, before the model loads
         if args.controlnet and not args.control:
             raise UserError("--controlnet needs --control (the control frames it reads)")
         if args.control and not args.controlnet:
@@ -432,7 +437,8 @@ FREE_NOISE_WINDOW = 16  # frames per FreeNoise window: the clip length AnimateLC
 FREE_NOISE_STRIDE = 4   # frames between window starts (diffusers' default)
 
 
-def generate(args) -> Path:
+def generate(args) -> list[Path]:
+    """Write the clips the arguments ask for, from one model load; returns their files."""
     import torch
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
@@ -475,23 +481,45 @@ def generate(args) -> Path:
     if args.negative_prompt and args.guidance <= 1:
         print(f"NOTE: --negative-prompt has no effect at --guidance {args.guidance:g} (it steers only with "
               "classifier-free guidance, --guidance > 1)", file=sys.stderr)
-    seed = args.seed
-    if seed == -1:
-        seed = random.SystemRandom().randrange(2 ** 63)
-        print(f"seed {seed} (drawn for --seed -1; --seed {seed} makes this clip again)", file=sys.stderr)
-    generator = torch.Generator("cpu").manual_seed(seed)
     frames = call_arguments.pop("num_frames")
-    result = pipe(prompt=args.prompt, negative_prompt=args.negative_prompt, num_frames=frames, height=height,
-                  width=width, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=generator,
-                  decode_chunk_size=args.decode_chunk_size, clip_skip=args.clip_skip, output_type="np",
-                  **call_arguments)
-    clip = result.frames[0]
-    if args.upscale > 1:
-        clip = clip.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
-    out = export_video(clip, args.out, fps=fps or 8.0)
-    print(f"wrote {out} ({frames} frame{'s' * (frames != 1)}, {args.steps} step{'s' * (args.steps != 1)}, "
-          f"{time.perf_counter() - started:.1f} s)")
-    return out
+    written = []
+    for prompt, negative_prompt, seed, out in _clips(args):
+        if seed == -1:
+            seed = random.SystemRandom().randrange(2 ** 63)
+            print(f"seed {seed} (drawn for --seed -1; --seed {seed} makes this clip again)", file=sys.stderr)
+        result = pipe(prompt=prompt, negative_prompt=negative_prompt, num_frames=frames, height=height,
+                      width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                      generator=torch.Generator("cpu").manual_seed(seed), decode_chunk_size=args.decode_chunk_size,
+                      clip_skip=args.clip_skip, output_type="np", **call_arguments)
+        clip = result.frames[0]
+        if args.upscale > 1:
+            clip = clip.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
+        written.append(export_video(clip, out, fps=fps or 8.0))
+        print(f"wrote {written[-1]} ({frames} frame{'s' * (frames != 1)}, {args.steps} step"
+              f"{'s' * (args.steps != 1)}, {time.perf_counter() - started:.1f} s)")
+        started = time.perf_counter()
+    return written
+
+
+def _clips(args) -> list[tuple[str, str | None, int, Path]]:
+    """``(prompt, negative prompt, seed, output file)`` of each clip the arguments ask for: as many as the most
+    repeated of --prompt, --negative-prompt and --seed (each given once or that many times); several clips are
+    written as ``--out``'s name with ``-0``, ``-1``, ... added."""
+    negatives = args.negative_prompt or [None]
+    seeds = args.seed or [0]
+    count = max(len(args.prompt), len(negatives), len(seeds))
+    for flag, values in (("--prompt", args.prompt), ("--negative-prompt", negatives), ("--seed", seeds)):
+        if len(values) not in (1, count):
+            raise UserError(f"{flag} is given {len(values)} times for {count} clips: give it once (for every clip) "
+                            f"or {count} times")
+    out = Path(args.out)
+    width = len(str(count - 1))
+    outputs = [out] if count == 1 else [out.with_name(f"{out.stem}-{i:0{width}d}{out.suffix}") for i in range(count)]
+
+    def each(values):
+        return values * count if len(values) == 1 else values
+
+    return list(zip(each(args.prompt), each(negatives), each(seeds), outputs))
 
 
 def _beta_end_applies(scheduler) -> bool:

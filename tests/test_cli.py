@@ -76,6 +76,36 @@ def test_seed_minus_one_draws_a_seed_and_says_which(tmp_path, capsys):
     assert (iio.imread(tmp_path / "drawn.gif") == iio.imread(tmp_path / "again.gif")).all()
 
 
+def test_several_clips_from_one_model_load(tmp_path, capsys, monkeypatch):
+    """Repeated --prompt / --negative-prompt / --seed make one clip each (a flag given once applies to all), written
+    as --out's name with -0, -1, ... (zero-padded to sort), each the clip its arguments make alone; the model loads
+    once; counts that do not agree are a one-line error before it loads."""
+    import animatelcm.default_model as default_model
+
+    loads = []
+    real_load = default_model.load_default_model
+    monkeypatch.setattr(default_model, "load_default_model", lambda **k: loads.append(1) or real_load(**k))
+    common = ["--steps", "2", "--frames", "3", "--guidance", "1.5"]
+    argv = ["generate", *common, "--prompt", "a red circle moving up", "--prompt", "a blue square moving left",
+            "--negative-prompt", "green", "--seed", "5", "--out", str(tmp_path / "set.gif")]
+    assert main(argv) == 0 and len(loads) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set-0.gif", "set-1.gif"]
+    for index, prompt in enumerate(["a red circle moving up", "a blue square moving left"]):
+        assert main(["generate", *common, "--prompt", prompt, "--negative-prompt", "green", "--seed", "5", "--out",
+                     str(tmp_path / "alone.gif")]) == 0
+        assert (iio.imread(tmp_path / f"set-{index}.gif") == iio.imread(tmp_path / "alone.gif")).all()
+    seeds = [str(seed) for seed in range(11)]
+    assert main(["generate", *common, "--prompt", "a red circle moving up", *[a for s in seeds for a in ("--seed", s)],
+                 "--out", str(tmp_path / "seeds" / "s.mp4")]) == 0
+    names = sorted(p.name for p in (tmp_path / "seeds").iterdir())
+    assert names == [f"s-{i:02d}.mp4" for i in range(11)]
+    assert not (iio.imread(tmp_path / "seeds" / names[0]) == iio.imread(tmp_path / "seeds" / names[1])).all()
+    capsys.readouterr()
+    loads.clear()
+    assert main(["generate", "--prompt", "a", "--prompt", "b", "--seed", "1", "--seed", "2", "--seed", "3"]) == 2
+    assert "--prompt is given 2 times for 3 clips" in capsys.readouterr().err and not loads
+
+
 def test_user_errors_are_one_line_exit_2(tmp_path, capsys, monkeypatch):
     (tmp_path / "a_file").write_text("")
     (tmp_path / "a_folder.gif").mkdir()

@@ -68,6 +68,13 @@ def _positive_float(text):
     return value
 
 
+def _strength(text):
+    value = _finite_float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"{value} must be in (0, 1]")
+    return value
+
+
 def _beta(text):
     value = _finite_float(text)
     if not 0 < value < 1:
@@ -124,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"animatelcm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineErrorParser)
 
-    gen = sub.add_parser("generate", help="turn a prompt (and an image, or control frames) into a GIF or MP4",
+    gen = sub.add_parser("generate", help="turn a prompt (and an image, a video, or control frames) into a GIF or MP4",
                          description="Generate a clip. With no model arguments the embedded default model is used.")
     gen.add_argument("--prompt", required=True, action="append",
                      help="what the clip should show; repeat it for several clips from one model load (written as "
@@ -147,6 +154,12 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("--match-image-colors", action=argparse.BooleanOptionalAction, default=None,
                           help="shift each frame's mean hue, saturation and brightness towards the picture's, as "
                                "AnimateLCM-I2V's demo does (default: on with AnimateLCM-I2V's encoder, off otherwise)")
+    adapters.add_argument("--video", help="video to video: a clip (a video file, or a folder of images in natural "
+                                          "name order) redrawn to the prompt, keeping its layout and motion; as "
+                                          "many frames as it has (or the first --frames)")
+    adapters.add_argument("--strength", type=_strength, default=None, metavar="S",
+                          help="how much of --video is redrawn, in (0, 1]: the last int(steps x S) steps run from "
+                               "its frames noised to the first of them (default 0.8, diffusers'; 1 redraws all)")
     adapters.add_argument("--control", action="append", default=[],
                           help="control clip, one image per frame: a video file (.mp4, .gif, ...) or a folder of "
                                "images in natural name order (frame2 before frame10); needs --controlnet. Repeat "
@@ -305,7 +318,7 @@ def _check_writable(flag: str, path: Path) -> None:
 
 def _check_paths(args) -> None:
     for flag in ("model", "base", "base_config", "motion_module", "vae", "lcm_lora", "image", "image_adapter",
-                 "control", "controlnet"):
+                 "video", "control", "controlnet"):
         value = getattr(args, flag, None)
         for path in value if isinstance(value, list) else [value]:  # repeatable flags give lists
             if path is not None and not Path(path).exists():
@@ -340,8 +353,18 @@ def _check_paths(args) -> None:
         if len(args.control_scale) not in (0, 1, len(args.controlnet)):
             raise UserError(f"--control-scale: give one for all ControlNets or one each ({len(args.controlnet)}), "
                             f"not {len(args.control_scale)}")
-        if args.image and args.control:
-            raise UserError("give --image or --control, not both")
+        given = [flag for flag in ("image", "video", "control") if getattr(args, flag)]
+        if len(given) > 1:
+            raise UserError(f"give one of --image, --video and --control, not {' and '.join('--' + f for f in given)}")
+        if args.strength is not None and not args.video:
+            raise UserError("--strength needs --video (the clip to redraw)")
+        if args.video:
+            from .pipelines import DEFAULT_STRENGTH
+
+            strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+            if int(args.steps * strength) < 1:
+                raise UserError(f"--strength {strength:g} of --steps {args.steps} runs no step (the last "
+                                "int(steps x strength) steps run): raise one of them")
         for flag in ("image_adapter", "image_motion_scale", "match_image_colors"):
             if getattr(args, flag) is not None and not args.image:
                 raise UserError(f"--{flag.replace('_', '-')} needs --image (the picture to animate)")
@@ -481,22 +504,23 @@ def generate(args) -> list[Path]:
     if args.negative_prompt and args.guidance <= 1:
         print(f"NOTE: --negative-prompt has no effect at --guidance {args.guidance:g} (it steers only with "
               "classifier-free guidance, --guidance > 1)", file=sys.stderr)
-    frames = call_arguments.pop("num_frames")
+    frames = call_arguments.get("num_frames") or len(call_arguments["video"])
+    steps = int(args.steps * call_arguments["strength"]) if "strength" in call_arguments else args.steps
     written = []
     for prompt, negative_prompt, seed, out in _clips(args):
         if seed == -1:
             seed = random.SystemRandom().randrange(2 ** 63)
             print(f"seed {seed} (drawn for --seed -1; --seed {seed} makes this clip again)", file=sys.stderr)
-        result = pipe(prompt=prompt, negative_prompt=negative_prompt, num_frames=frames, height=height,
-                      width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
+        result = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+                      num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=torch.Generator("cpu").manual_seed(seed), decode_chunk_size=args.decode_chunk_size,
                       clip_skip=args.clip_skip, output_type="np", **call_arguments)
         clip = result.frames[0]
         if args.upscale > 1:
             clip = clip.repeat(args.upscale, axis=1).repeat(args.upscale, axis=2)
         written.append(export_video(clip, out, fps=fps or 8.0))
-        print(f"wrote {written[-1]} ({frames} frame{'s' * (frames != 1)}, {args.steps} step"
-              f"{'s' * (args.steps != 1)}, {time.perf_counter() - started:.1f} s)")
+        print(f"wrote {written[-1]} ({frames} frame{'s' * (frames != 1)}, {steps} step{'s' * (steps != 1)}, "
+              f"{time.perf_counter() - started:.1f} s)")
         started = time.perf_counter()
     return written
 
@@ -543,9 +567,10 @@ def _natural_order(path: Path) -> list:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", path.name)]
 
 
-def _read_control_frames(path, frames: int | None, height: int, width: int, edges: bool):
-    """The control clip as ``[F, 3, height, width]`` in [0, 1] (``frames`` of them, from the start; all when None):
-    each frame's centre at the clip's aspect ratio, resized; optionally as edge maps."""
+def _read_clip(path, frames: int | None, height: int, width: int, edges: bool = False, flag: str = "--control"):
+    """The clip at ``path`` (a video file or a folder of images; read for the option ``flag``) as
+    ``[F, 3, height, width]`` in [0, 1] (``frames`` of them, from the start; all when None): each frame's centre at
+    the clip's aspect ratio, resized; optionally as edge maps."""
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -557,17 +582,17 @@ def _read_control_frames(path, frames: int | None, height: int, width: int, edge
     if path.is_dir():
         files = sorted((p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES), key=_natural_order)
         if not files:
-            raise UserError(f"--control {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
-        pictures = [_read_picture(file, "--control") for file in files[:frames]]
+            raise UserError(f"{flag} {path}: no images ({', '.join(IMAGE_SUFFIXES)}) in the folder")
+        pictures = [_read_picture(file, flag) for file in files[:frames]]
         clip = np.stack([np.asarray(picture.resize(pictures[0].size)) for picture in pictures])
     else:
         try:
             first_frames = None if frames is None else (lambda available: list(range(min(available, frames))))
             clip = decode_video(path, select=first_frames)
         except DataError as error:
-            raise UserError(f"--control {error}") from None
+            raise UserError(f"{flag} {error}") from None
     if frames is not None and len(clip) < frames:
-        raise UserError(f"--control {path} has {len(clip)} frames, fewer than --frames {frames}")
+        raise UserError(f"{flag} {path} has {len(clip)} frames, fewer than --frames {frames}")
     clip = torch.from_numpy(clip[:frames]).permute(0, 3, 1, 2).float() / 255
     rows, columns = clip.shape[-2:]  # the centre at the clip's aspect ratio (ControlNet UIs' "crop and resize")
     if rows * width > columns * height:
@@ -582,12 +607,13 @@ def _read_control_frames(path, frames: int | None, height: int, width: int, edge
 
 def _add_adapters(args, pipe, dtype, device, height, width):
     """``(pipe, extra call arguments)``: the pipeline with the image adapter or ControlNet the arguments name (a
-    ControlNet pipeline for --control), and what its call needs besides the prompt (``num_frames`` always)."""
+    ControlNet pipeline for --control, a video-to-video one for --video), and what its call needs besides the
+    prompt (``num_frames``, or the ``video`` whose frames it redraws)."""
     from PIL import Image, ImageOps
 
     from .adapters import AnimateLCMImageEncoder
     from .loading import holds_image_encoder, load_controlnet, load_image_adapter
-    from .pipelines import AnimateLCMControlNetPipeline
+    from .pipelines import DEFAULT_STRENGTH, AnimateLCMControlNetPipeline, AnimateLCMVideoToVideoPipeline
     from .schedulers import IMAGE_TO_VIDEO_BETA_END, IMAGE_TO_VIDEO_ORIGINAL_STEPS, lcm_scheduler_like
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -618,10 +644,14 @@ def _add_adapters(args, pipe, dtype, device, height, width):
         picture = ImageOps.fit(_read_picture(args.image), (width, height), method=Image.Resampling.LANCZOS)
         match_colors = release if args.match_image_colors is None else args.match_image_colors
         return pipe, {"num_frames": args.frames or 16, "image": picture, "match_image_colors": match_colors}
+    if args.video:
+        clip = _read_clip(args.video, args.frames, height, width, flag="--video")
+        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
+        return AnimateLCMVideoToVideoPipeline.from_pipe(pipe), {"video": list(clip), "strength": strength}
     if args.control:
         controlnets = [load_controlnet(path, torch_dtype=dtype, unet=pipe.unet, allow_pickle=args.allow_pickle)
                        .to(device) for path in args.controlnet]
-        clips = [_read_control_frames(path, args.frames, height, width, args.control_edges) for path in args.control]
+        clips = [_read_clip(path, args.frames, height, width, args.control_edges) for path in args.control]
         if len({len(clip) for clip in clips}) > 1:
             raise UserError(f"the --control clips have {', '.join(str(len(clip)) for clip in clips)} frames: give "
                             "--frames N to take the first N of each")

@@ -1,5 +1,6 @@
-"""``AnimateLCMPipeline`` (text or image to video) and ``AnimateLCMControlNetPipeline`` (control frames to video):
-diffusers' AnimateDiff pipelines with AnimateLCM's defaults and the fused scheduler."""
+"""``AnimateLCMPipeline`` (text or image to video), ``AnimateLCMControlNetPipeline`` (control frames to video) and
+``AnimateLCMVideoToVideoPipeline`` (a video redrawn): diffusers' AnimateDiff pipelines with AnimateLCM's defaults and
+the fused scheduler."""
 
 import json
 import numbers
@@ -8,8 +9,8 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AutoencoderKL, ControlNetModel, MotionAdapter,
-                       UNet2DConditionModel, UNetMotionModel)
+from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AnimateDiffVideoToVideoPipeline, AutoencoderKL,
+                       ControlNetModel, MotionAdapter, UNet2DConditionModel, UNetMotionModel)
 from diffusers import LCMScheduler as DiffusersLCMScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.animatediff.pipeline_output import AnimateDiffPipelineOutput
@@ -23,6 +24,7 @@ from .schedulers import LCMScheduler, animatelcm_scheduler
 DEFAULT_STEPS = 4
 DEFAULT_GUIDANCE = 1.0
 DEFAULT_FRAMES = 16
+DEFAULT_STRENGTH = 0.8  # diffusers' AnimateDiffVideoToVideoPipeline's
 
 
 def _animatelcm_parts(unet, motion_adapter, scheduler):
@@ -315,7 +317,7 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
         if conditioning_frames is None:
             raise ValueError("conditioning_frames is required: one control image per frame")
         if not isinstance(self.controlnet, MultiControlNetModel):
-            conditioning_frames = _control_frame_list(conditioning_frames)
+            conditioning_frames = _frame_list(conditioning_frames, "conditioning_frames")
         if isinstance(conditioning_frames, (list, tuple)) and conditioning_frames and not isinstance(
                 self.controlnet, MultiControlNetModel):
             count = len(conditioning_frames)
@@ -345,6 +347,73 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
         if do_classifier_free_guidance and not guess_mode:
             frames = torch.cat([frames] * 2)
         return frames
+
+
+class AnimateLCMVideoToVideoPipeline(_AnimateLCMDefaults, AnimateDiffVideoToVideoPipeline):
+    """A video redrawn to a prompt in a few steps: diffusers' :class:`~diffusers.AnimateDiffVideoToVideoPipeline`
+    with AnimateLCM's scheduler and defaults (4 steps, guidance 1.0, ``strength`` 0.8: the last
+    ``int(steps * strength)`` steps of the schedule run, from the video's latents noised to the first of them),
+    ``num_videos_per_prompt`` honoured and one clip serving several prompts. Build one from a loaded pipeline with
+    ``AnimateLCMVideoToVideoPipeline.from_pipe(pipe)``.
+
+    ``__call__(video, prompt, ...)``: ``video`` is one clip for every video, as a list of frames (PIL images, arrays
+    ``[H, W, 3]`` or tensors ``[3, H, W]`` in [0, 1]), an array ``[F, H, W, 3]`` or a tensor ``[F, 3, H, W]``; or a
+    list of such clips, one per prompt. Each frame is resized to ``height`` x ``width``. Output as
+    :class:`AnimateLCMPipeline`'s, with as many frames as the clip."""
+
+    _optional_components = [*AnimateDiffVideoToVideoPipeline._optional_components, "scheduler"]
+
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
+                 motion_adapter: MotionAdapter, scheduler=None, feature_extractor=None, image_encoder=None):
+        unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                         motion_adapter=motion_adapter, scheduler=scheduler, feature_extractor=feature_extractor,
+                         image_encoder=image_encoder)
+
+    def __call__(self, video=None, prompt=None, height=None, width=None, num_inference_steps: int = DEFAULT_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE, strength: float = DEFAULT_STRENGTH,
+                 output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1, **kwargs):
+        """Redraw ``video`` (required) to ``prompt``; the other arguments as :meth:`AnimateLCMPipeline.__call__`
+        and diffusers' ``strength`` (in (0, 1]; ``int(num_inference_steps * strength)`` must be at least 1)."""
+        if video is None:
+            raise ValueError("video is required: the clip to redraw, as a list of frames, an array [F, H, W, 3] or a "
+                             "tensor [F, 3, H, W]")
+        clips = _video_clips(video)
+        lengths = sorted({len(clip) for clip in clips})
+        if len(lengths) > 1:
+            raise ValueError(f"the clips have {lengths} frames; give clips of one length")
+        self._check_call_arguments(lengths[0], num_inference_steps, guidance_scale, decode_chunk_size, output_type,
+                                   num_videos_per_prompt)
+        if not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+        if int(num_inference_steps * strength) < 1:
+            raise ValueError(f"strength={strength} of num_inference_steps={num_inference_steps} runs no step "
+                             f"(int(steps x strength) = 0): raise one of them")
+        prompts = _prompt_count(prompt, kwargs)
+        if len(clips) not in (1, prompts):
+            raise ValueError(f"got {len(clips)} clips for {prompts} prompt(s); give one clip, or one per prompt")
+        videos = prompts * num_videos_per_prompt
+        self._check_latents(kwargs.get("latents"), videos, lengths[0], height, width)
+        clips = clips * videos if len(clips) == 1 else [clip for clip in clips for _ in range(num_videos_per_prompt)]
+        prompt, kwargs = self._batched_prompts(prompt, kwargs, num_videos_per_prompt)
+        return super().__call__(video=clips, prompt=prompt, height=height, width=width,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                strength=strength, output_type=output_type, decode_chunk_size=decode_chunk_size,
+                                **kwargs)
+
+
+def _video_clips(video) -> list[list]:
+    """``video`` as a list of clips, each a list of frames (one clip, or a list of them)."""
+    import numpy as np
+
+    if isinstance(video, (list, tuple)) and video and (
+            isinstance(video[0], (list, tuple)) or getattr(video[0], "ndim", 0) == 4):
+        return [_frame_list(clip, "video") for clip in video]
+    clip = _frame_list(video, "video")
+    if not isinstance(clip, list) or not clip or isinstance(clip[0], (np.ndarray, torch.Tensor)) and clip[0].ndim != 3:
+        raise TypeError(f"video must be a list of frames, an array [F, H, W, 3], a tensor [F, 3, H, W], or a list of "
+                        f"those (one clip per prompt); got {type(video).__name__}")
+    return [clip]
 
 
 def _rgb_to_hsv(rgb: torch.Tensor) -> torch.Tensor:
@@ -403,21 +472,21 @@ def match_picture_colors(frames: torch.Tensor, pictures: torch.Tensor, hue_weigh
     return _hsv_to_rgb(hsv).to(frames.dtype)
 
 
-def _control_frame_list(frames):
-    """One ControlNet's control frames as the list diffusers takes: an array ``[F, H, W, 3]`` or a tensor
+def _frame_list(frames, name: str):
+    """A clip's frames (the argument ``name``) as the list diffusers takes: an array ``[F, H, W, 3]`` or a tensor
     ``[F, 3, H, W]`` split into its frames; a list is checked for frames diffusers would fail to stack."""
     import numpy as np
 
     if isinstance(frames, (np.ndarray, torch.Tensor)):
         if frames.ndim != 4:
-            raise ValueError(f"conditioning_frames as an array must be [F, H, W, 3] (a tensor [F, 3, H, W]), got "
-                             f"shape {tuple(frames.shape)}")
+            raise ValueError(f"{name} as an array must be [F, H, W, 3] (a tensor [F, 3, H, W]), got shape "
+                             f"{tuple(frames.shape)}")
         return list(frames)
     if isinstance(frames, (list, tuple)):
         shapes = {tuple(frame.shape) for frame in frames if isinstance(frame, (np.ndarray, torch.Tensor))}
         if len(shapes) > 1:
-            raise ValueError(f"conditioning_frames given as arrays or tensors must share one shape, got "
-                             f"{sorted(shapes)}; resize them to one size first, or pass PIL images (resized for you)")
+            raise ValueError(f"{name} given as arrays or tensors must share one shape, got {sorted(shapes)}; resize "
+                             "them to one size first, or pass PIL images (resized for you)")
         return list(frames)
     return frames
 

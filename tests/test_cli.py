@@ -166,19 +166,19 @@ def test_devices_this_torch_cannot_use_are_named(monkeypatch):
 
 def test_control_frames_from_a_folder_in_natural_name_order(tmp_path):
     """frame2.png comes before frame10.png (unpadded frame numbers, as many tools write them)."""
-    from animatelcm.cli import _read_control_frames
+    from animatelcm.cli import _read_clip
 
     for index in range(1, 13):
         Image.fromarray(np.full((8, 8, 3), index * 20, dtype=np.uint8)).save(tmp_path / f"frame{index}.png")
-    clip = _read_control_frames(tmp_path, None, 8, 8, edges=False)
+    clip = _read_clip(tmp_path, None, 8, 8, edges=False)
     assert torch.allclose(clip.mean(dim=(1, 2, 3)) * 255, torch.arange(1, 13) * 20.0, atol=0.5)
-    assert len(_read_control_frames(tmp_path, 5, 8, 8, edges=False)) == 5
+    assert len(_read_clip(tmp_path, 5, 8, 8, edges=False)) == 5
 
 
 def test_control_frames_keep_their_aspect_ratio(tmp_path):
     """A 16:9-ish control clip for a square video gives its centre, not the whole frame squashed (as the --image
     picture and ControlNet UIs' crop and resize)."""
-    from animatelcm.cli import _read_control_frames
+    from animatelcm.cli import _read_clip
 
     frames = np.random.default_rng(0).integers(0, 255, (3, 24, 40, 3), dtype=np.uint8)
     for folder, clip in (("wide", frames), ("square", frames[:, :, 8:32]), ("strip", frames[:, :, 17:23])):
@@ -187,7 +187,7 @@ def test_control_frames_keep_their_aspect_ratio(tmp_path):
             Image.fromarray(frame).save(tmp_path / folder / f"{index}.png")
 
     def read(folder, height, width):
-        return _read_control_frames(tmp_path / folder, None, height, width, edges=False)
+        return _read_clip(tmp_path / folder, None, height, width, edges=False)
 
     assert read("wide", 16, 16).shape == (3, 3, 16, 16)
     assert torch.equal(read("wide", 16, 16), read("square", 16, 16))
@@ -395,6 +395,46 @@ def test_generate_with_a_pickled_motion_lora(components, tiny_model_args, tmp_pa
     assert main(argv + ["--out", str(tmp_path / "plain.gif")]) == 0
     zoom, plain = (iio.imread(tmp_path / name).astype(np.int16) for name in ("zoom.gif", "plain.gif"))
     assert zoom.shape == plain.shape and np.abs(zoom - plain).max() > 10
+
+
+def test_generate_from_a_video(tiny_model_args, tmp_path, capsys, monkeypatch):
+    """--video redraws a clip (a video file or a folder of frames): the video-to-video pipeline gets its frames
+    (centre at the clip's aspect ratio, the first --frames) and --strength (default 0.8); the clip is reproducible,
+    changes with the strength and differs from text-to-video; bad combinations are one-line errors."""
+    from animatelcm.cli import _read_clip
+    from animatelcm.pipelines import AnimateLCMVideoToVideoPipeline
+
+    source = torch.randint(0, 255, (6, 40, 56, 3), dtype=torch.uint8).numpy()
+    iio.imwrite(tmp_path / "source.gif", source, extension=".gif", duration=125, loop=0)
+    calls, call = [], AnimateLCMVideoToVideoPipeline.__call__
+
+    def spy(pipe, *args, **kwargs):
+        calls.append(kwargs)
+        return call(pipe, *args, **kwargs)
+
+    monkeypatch.setattr(AnimateLCMVideoToVideoPipeline, "__call__", spy)
+    base = ["generate", "--prompt", "a cat", *tiny_model_args]
+    for name, extra in {"a.gif": [], "b.gif": [], "full.gif": ["--strength", "1"], "four.gif": ["--frames", "4"]}.items():
+        assert main([*base, "--video", str(tmp_path / "source.gif"), *extra, "--out", str(tmp_path / name)]) == 0
+    assert main([*base, "--frames", "6", "--out", str(tmp_path / "text.gif")]) == 0
+    assert [c["strength"] for c in calls] == [0.8, 0.8, 1.0, 0.8] and len(calls[3]["video"]) == 4
+    expected = _read_clip(tmp_path / "source.gif", None, 32, 32)
+    torch.testing.assert_close(torch.stack(calls[0]["video"]), expected)
+    clips = {name: iio.imread(tmp_path / name) for name in ("a.gif", "b.gif", "full.gif", "four.gif", "text.gif")}
+    assert clips["a.gif"].shape[:3] == (6, 32, 32) and clips["four.gif"].shape[0] == 4
+    assert (clips["a.gif"] == clips["b.gif"]).all()
+    assert (clips["a.gif"] != clips["full.gif"]).any() and (clips["a.gif"] != clips["text.gif"]).any()
+    assert "(6 frames, 1 step," in capsys.readouterr().out  # --steps 2 at strength 0.8: the last int(1.6) = 1
+    for argv, needle in [(["--strength", "0.5"], "--strength needs --video"),
+                         (["--video", str(tmp_path / "source.gif"), "--image", str(tmp_path / "x.png")],
+                          "not --image and --video"),
+                         (["--video", str(tmp_path / "source.gif"), "--strength", "0.3"], "runs no step"),
+                         (["--video", str(tmp_path / "source.gif"), "--frames", "7"], "fewer than --frames 7"),
+                         (["--video", str(tmp_path / "empty")], f"--video {tmp_path / 'empty'}: no images")]:
+        Image.fromarray(source[0]).save(tmp_path / "x.png")
+        (tmp_path / "empty").mkdir(exist_ok=True)
+        assert main([*base, *argv, "--out", str(tmp_path / "x.gif")]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
 
 
 def test_generate_from_control_frames(components, tiny_model_args, tmp_path, capsys):

@@ -376,6 +376,68 @@ def test_image_to_video_matches_the_pictures_colours_when_asked(components):
         run(output_type="latent", match_image_colors=True)
 
 
+@pytest.mark.parametrize("guidance, strength, steps", [(1.0, 0.8, 4), (2.0, 0.5, 4), (1.0, 1.0, 2)])
+def test_video_to_video_matches_diffusers(components, guidance, strength, steps):
+    """AnimateLCMVideoToVideoPipeline gives diffusers' AnimateDiffVideoToVideoPipeline + diffusers.LCMScheduler's
+    frames for the same components, clip and generator (the last int(steps x strength) steps of the schedule)."""
+    from animatelcm import AnimateLCMVideoToVideoPipeline
+
+    ours = AnimateLCMVideoToVideoPipeline(**components)
+    theirs = diffusers.AnimateDiffVideoToVideoPipeline(
+        **components, scheduler=diffusers.LCMScheduler.from_config(ours.scheduler.config))
+    assert isinstance(ours.scheduler, LCMScheduler)
+    clip = pictures(5, 40, seed=3)
+    common = dict(prompt="a red circle moving right", negative_prompt="blurry", height=32, width=32,
+                  num_inference_steps=steps, guidance_scale=guidance, strength=strength, output_type="np")
+    frames = {}
+    for name, pipe in (("ours", ours), ("theirs", theirs)):
+        pipe.set_progress_bar_config(disable=True)
+        frames[name] = pipe(video=clip, generator=torch.Generator().manual_seed(4), **common).frames
+    assert frames["ours"].shape == (1, 5, 32, 32, 3)
+    assert np.abs(frames["ours"] - frames["theirs"]).max() <= 1e-4
+    again = ours(video=clip, generator=torch.Generator().manual_seed(4), **{**common, "strength": 0.5 if strength == 1 else 1.0}).frames
+    assert np.abs(again - frames["ours"]).max() > 1e-3  # strength changes the clip
+
+
+def test_video_to_video_inputs(components):
+    """One clip for several prompts and num_videos_per_prompt (each video as if made alone, one step), a clip as
+    an array or a tensor, a clip per prompt; bad input says what to do."""
+    from animatelcm import AnimateLCMVideoToVideoPipeline
+
+    pipe = AnimateLCMVideoToVideoPipeline(**components)
+    pipe.set_progress_bar_config(disable=True)
+    clip, other = pictures(3, 32, seed=0), pictures(3, 32, seed=1)
+    common = dict(height=32, width=32, num_inference_steps=2, strength=0.5, output_type="pt")
+
+    def run(video, prompt, videos=1, **kwargs):  # a generator per video: each video as if made alone
+        generator = [torch.Generator().manual_seed(1) for _ in range(videos)]
+        return pipe(video=video, prompt=prompt, generator=generator, **common, **kwargs).frames
+
+    alone = run(clip, "a cat")
+    array = np.stack([np.asarray(frame) for frame in clip]).astype(np.float32) / 255
+    torch.testing.assert_close(run(array, "a cat"), alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(run(torch.from_numpy(array).permute(0, 3, 1, 2), "a cat"), alone, atol=1e-4, rtol=1e-4)
+    both = run(clip, ["a cat", "a dog"], videos=2)
+    assert both.shape == (2, 3, 3, 32, 32)
+    torch.testing.assert_close(both[:1], alone, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(both[1:], run(clip, "a dog"), atol=1e-4, rtol=1e-4)
+    two = run(clip, "a cat", videos=2, num_videos_per_prompt=2)
+    torch.testing.assert_close(two, torch.cat([alone, alone]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(run([clip, other], ["a cat", "a dog"], videos=2)[1:], run(other, "a dog"), atol=1e-4,
+                               rtol=1e-4)
+    for kwargs, error, needle in [(dict(video=None), ValueError, "video is required"),
+                                  (dict(strength=0.2), ValueError, "runs no step"),
+                                  (dict(strength=1.5), ValueError, r"strength must be in \(0, 1\]"),
+                                  (dict(video=[clip, clip, clip], prompt=["a", "b"]), ValueError, "one per prompt"),
+                                  (dict(video=[clip, pictures(4, 32, 2)], prompt=["a", "b"]), ValueError,
+                                   "one length"),
+                                  (dict(video=np.zeros((32, 32, 3))), ValueError, r"\[F, H, W, 3\]"),
+                                  (dict(video="clip.mp4"), TypeError, "list of frames")]:
+        arguments = {"video": clip, "prompt": "a cat", **common, **kwargs}
+        with pytest.raises(error, match=needle):
+            pipe(**arguments)
+
+
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_controlnet_pipeline_matches_diffusers(components, guidance):
     controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()

@@ -299,7 +299,7 @@ def test_photos_are_read_upright_by_their_exif_orientation(tmp_path, orientation
 def test_sixteen_bit_and_float_grey_images_keep_their_levels(tmp_path):
     """Depth maps are often 16-bit PNGs (or float TIFFs); read as 8-bit grey levels in proportion, by the CLI's
     --control and --image and by the training data, not clipped at 255 into a white image."""
-    from animatelcm.cli import _read_control_frames
+    from animatelcm.cli import _read_clip
 
     depth = np.linspace(0, 1, 24 * 24).reshape(24, 24)
     Image.fromarray(np.rint(depth * 65535).astype(np.uint16)).save(tmp_path / "0_depth16.png")
@@ -307,7 +307,7 @@ def test_sixteen_bit_and_float_grey_images_keep_their_levels(tmp_path):
     expected = np.repeat(np.rint(depth * 255)[..., None], 3, axis=-1)
     for name in ("0_depth16.png", "1_depth_float.tiff"):
         assert np.abs(np.asarray(read_rgb_image(tmp_path / name)) - expected).max() <= 1, name
-    frames = _read_control_frames(tmp_path, None, 24, 24, edges=False)  # [F, 3, H, W] in [0, 1]
+    frames = _read_clip(tmp_path, None, 24, 24, edges=False)  # [F, 3, H, W] in [0, 1]
     assert frames.shape == (2, 3, 24, 24)
     assert (frames * 255 - torch.from_numpy(expected).permute(2, 0, 1)).abs().max() <= 1.01
 

@@ -536,8 +536,8 @@ def is_kohya_layout(keys) -> bool:
 
 def _alphas_folded(state: dict, path: Path) -> dict:
     """A kohya LoRA with each layer's ``alpha / rank`` multiplied into its ``lora_up`` and the ``.alpha`` entries
-    dropped: the same deltas (``alpha / rank * up @ down``) with the per-layer scale 1 diffusers gives a file
-    without alphas. diffusers 0.42 applies one alpha to layers whose alphas or ranks differ (kohya's resized and
+    dropped, ranks made one (:func:`_ranks_padded`): the same deltas (``alpha / rank * up @ down``) with the
+    per-layer scale 1 diffusers gives a file without alphas. diffusers 0.42 applies one alpha to layers whose alphas or ranks differ (kohya's resized and
     extracted LoRAs, LoCon's own ``conv_alpha``): measured, 109 of 236 layers of a tiny UNet got the wrong scale."""
     folded = {key: value for key, value in state.items() if not key.endswith(".alpha")}
     for key in state.keys() - folded.keys():
@@ -547,7 +547,28 @@ def _alphas_folded(state: dict, path: Path) -> dict:
             raise CheckpointError(f"{path}: {key} has no {stem}.lora_down.weight and .lora_up.weight beside it; "
                                   "is the file truncated, or not a LoRA?")
         folded[f"{stem}.lora_up.weight"] = (up.float() * (float(state[key]) / down.shape[0])).to(up.dtype)
-    return folded
+    return _ranks_padded(folded)
+
+
+def _ranks_padded(state: dict) -> dict:
+    """A kohya LoRA whose layers differ in rank, each padded to the largest with zeros (rows of ``lora_down``,
+    columns of ``lora_up``): the same deltas ``up @ down``, one rank for all. Without alphas, diffusers 0.32 scales a
+    layer whose rank is not the most common one by ``first rank / its rank`` (measured: 5x on text encoder layers of
+    rank 1 beside rank 5), so mixed ranks are made one. (The largest costs the unfused LoRA some arithmetic.)"""
+    ranks = {key[:-len(".lora_down.weight")]: value.shape[0] for key, value in state.items()
+             if key.endswith(".lora_down.weight")}
+    if len(set(ranks.values())) < 2:
+        return state
+    rank = max(ranks.values())
+    padded = dict(state)
+    for stem, own in ranks.items():
+        up_key = f"{stem}.lora_up.weight"
+        if own == rank or up_key not in state:
+            continue
+        down, up = state[f"{stem}.lora_down.weight"], state[up_key]
+        padded[f"{stem}.lora_down.weight"] = torch.cat([down, down.new_zeros((rank - own, *down.shape[1:]))], dim=0)
+        padded[up_key] = torch.cat([up, up.new_zeros((up.shape[0], rank - own, *up.shape[2:]))], dim=1)
+    return padded
 
 
 def _kohya_lora_in_diffusers_layout(state: dict, path: Path) -> dict:

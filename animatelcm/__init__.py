@@ -5,6 +5,7 @@ Public API (imported lazily so ``import animatelcm`` stays cheap):
     AnimateLCMPipeline                        AnimateDiff pipeline with AnimateLCM defaults (text or image to video)
     AnimateLCMControlNetPipeline              the same for control frames (a ControlNet)
     AnimateLCMVideoToVideoPipeline            the same for a video redrawn to a prompt
+    AnimateLCMVideoToVideoControlNetPipeline  and for a video redrawn following control frames
     ImageToVideoAdapter                       the image-to-video adapter AnimateLCMPipeline(image_adapter=...) takes
     AnimateLCMImageEncoder                    the image encoder of AnimateLCM's released I2V model, the other one
     load_motion_adapter, load_pipeline        offline loaders for the checkpoints people download
@@ -24,6 +25,7 @@ _LAZY = {
     "AnimateLCMPipeline": "animatelcm.pipelines",
     "AnimateLCMControlNetPipeline": "animatelcm.pipelines",
     "AnimateLCMVideoToVideoPipeline": "animatelcm.pipelines",
+    "AnimateLCMVideoToVideoControlNetPipeline": "animatelcm.pipelines",
     "ImageToVideoAdapter": "animatelcm.adapters",
     "AnimateLCMImageEncoder": "animatelcm.adapters",
     "load_motion_adapter": "animatelcm.loading",

@@ -353,9 +353,8 @@ def _check_paths(args) -> None:
         if len(args.control_scale) not in (0, 1, len(args.controlnet)):
             raise UserError(f"--control-scale: give one for all ControlNets or one each ({len(args.controlnet)}), "
                             f"not {len(args.control_scale)}")
-        given = [flag for flag in ("image", "video", "control") if getattr(args, flag)]
-        if len(given) > 1:
-            raise UserError(f"give one of --image, --video and --control, not {' and '.join('--' + f for f in given)}")
+        if args.image and (args.video or args.control):
+            raise UserError("--image starts a clip from a picture: give it without --video and --control")
         if args.strength is not None and not args.video:
             raise UserError("--strength needs --video (the clip to redraw)")
         if args.video:
@@ -607,13 +606,14 @@ def _read_clip(path, frames: int | None, height: int, width: int, edges: bool = 
 
 def _add_adapters(args, pipe, dtype, device, height, width):
     """``(pipe, extra call arguments)``: the pipeline with the image adapter or ControlNet the arguments name (a
-    ControlNet pipeline for --control, a video-to-video one for --video), and what its call needs besides the
-    prompt (``num_frames``, or the ``video`` whose frames it redraws)."""
+    ControlNet pipeline for --control, a video-to-video one for --video, with a ControlNet for both), and what its
+    call needs besides the prompt (``num_frames``, or the ``video`` whose frames it redraws)."""
     from PIL import Image, ImageOps
 
     from .adapters import AnimateLCMImageEncoder
     from .loading import holds_image_encoder, load_controlnet, load_image_adapter
-    from .pipelines import DEFAULT_STRENGTH, AnimateLCMControlNetPipeline, AnimateLCMVideoToVideoPipeline
+    from .pipelines import (DEFAULT_STRENGTH, AnimateLCMControlNetPipeline, AnimateLCMVideoToVideoControlNetPipeline,
+                            AnimateLCMVideoToVideoPipeline)
     from .schedulers import IMAGE_TO_VIDEO_BETA_END, IMAGE_TO_VIDEO_ORIGINAL_STEPS, lcm_scheduler_like
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -644,26 +644,31 @@ def _add_adapters(args, pipe, dtype, device, height, width):
         picture = ImageOps.fit(_read_picture(args.image), (width, height), method=Image.Resampling.LANCZOS)
         match_colors = release if args.match_image_colors is None else args.match_image_colors
         return pipe, {"num_frames": args.frames or 16, "image": picture, "match_image_colors": match_colors}
-    if args.video:
-        clip = _read_clip(args.video, args.frames, height, width, flag="--video")
-        strength = DEFAULT_STRENGTH if args.strength is None else args.strength
-        return AnimateLCMVideoToVideoPipeline.from_pipe(pipe), {"video": list(clip), "strength": strength}
-    if args.control:
-        controlnets = [load_controlnet(path, torch_dtype=dtype, unet=pipe.unet, allow_pickle=args.allow_pickle)
-                       .to(device) for path in args.controlnet]
-        clips = [_read_clip(path, args.frames, height, width, args.control_edges) for path in args.control]
-        if len({len(clip) for clip in clips}) > 1:
-            raise UserError(f"the --control clips have {', '.join(str(len(clip)) for clip in clips)} frames: give "
-                            "--frames N to take the first N of each")
-        scales = args.control_scale or [1.0]
-        if len(controlnets) == 1:
-            pipe = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnets[0])
-            return pipe, {"num_frames": len(clips[0]), "conditioning_frames": list(clips[0]),
-                          "controlnet_conditioning_scale": scales[0]}
-        pipe = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnets)
-        return pipe, {"num_frames": len(clips[0]), "conditioning_frames": [list(clip) for clip in clips],
-                      "controlnet_conditioning_scale": scales * len(controlnets) if len(scales) == 1 else scales}
-    return pipe, {"num_frames": args.frames or 16}
+    video = _read_clip(args.video, args.frames, height, width, flag="--video") if args.video else None
+    arguments = {} if video is None else {
+        "video": list(video), "strength": DEFAULT_STRENGTH if args.strength is None else args.strength}
+    if not args.control:
+        if video is not None:
+            return AnimateLCMVideoToVideoPipeline.from_pipe(pipe), arguments
+        return pipe, {"num_frames": args.frames or 16}
+    controlnets = [load_controlnet(path, torch_dtype=dtype, unet=pipe.unet, allow_pickle=args.allow_pickle)
+                   .to(device) for path in args.controlnet]
+    clips = [_read_clip(path, args.frames, height, width, args.control_edges) for path in args.control]
+    lengths = [len(clip) for clip in [*clips, *([] if video is None else [video])]]
+    if len(set(lengths)) > 1:
+        named = ", ".join(f"{flag} {length}" for flag, length in
+                          zip(["--control"] * len(clips) + ["--video"], lengths))
+        raise UserError(f"the clips differ in length ({named} frames): give --frames N to take the first N of each")
+    scales = args.control_scale or [1.0]
+    cls = AnimateLCMControlNetPipeline if video is None else AnimateLCMVideoToVideoControlNetPipeline
+    if video is None:
+        arguments["num_frames"] = lengths[0]
+    if len(controlnets) == 1:
+        return cls.from_pipe(pipe, controlnet=controlnets[0]), {
+            **arguments, "conditioning_frames": list(clips[0]), "controlnet_conditioning_scale": scales[0]}
+    return cls.from_pipe(pipe, controlnet=controlnets), {
+        **arguments, "conditioning_frames": [list(clip) for clip in clips],
+        "controlnet_conditioning_scale": scales * len(controlnets) if len(scales) == 1 else scales}
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,7 @@
-"""``AnimateLCMPipeline`` (text or image to video), ``AnimateLCMControlNetPipeline`` (control frames to video) and
-``AnimateLCMVideoToVideoPipeline`` (a video redrawn): diffusers' AnimateDiff pipelines with AnimateLCM's defaults and
-the fused scheduler."""
+"""``AnimateLCMPipeline`` (text or image to video), ``AnimateLCMControlNetPipeline`` (control frames to video),
+``AnimateLCMVideoToVideoPipeline`` (a video redrawn) and ``AnimateLCMVideoToVideoControlNetPipeline`` (a video
+redrawn following control frames): diffusers' AnimateDiff pipelines with AnimateLCM's defaults and the fused
+scheduler."""
 
 import json
 import numbers
@@ -9,8 +10,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AnimateDiffVideoToVideoPipeline, AutoencoderKL,
-                       ControlNetModel, MotionAdapter, UNet2DConditionModel, UNetMotionModel)
+from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AnimateDiffVideoToVideoControlNetPipeline,
+                       AnimateDiffVideoToVideoPipeline, AutoencoderKL, ControlNetModel, MotionAdapter,
+                       UNet2DConditionModel, UNetMotionModel)
 from diffusers import LCMScheduler as DiffusersLCMScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.animatediff.pipeline_output import AnimateDiffPipelineOutput
@@ -314,16 +316,7 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
         arguments as :meth:`AnimateLCMPipeline.__call__`."""
         self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
                                    num_videos_per_prompt)
-        if conditioning_frames is None:
-            raise ValueError("conditioning_frames is required: one control image per frame")
-        if not isinstance(self.controlnet, MultiControlNetModel):
-            conditioning_frames = _frame_list(conditioning_frames, "conditioning_frames")
-        if isinstance(conditioning_frames, (list, tuple)) and conditioning_frames and not isinstance(
-                self.controlnet, MultiControlNetModel):
-            count = len(conditioning_frames)
-            if count != num_frames:
-                raise ValueError(f"got {count} conditioning frames for num_frames={num_frames}; give one control "
-                                 "image per frame")
+        conditioning_frames = _checked_conditioning_frames(self.controlnet, conditioning_frames, num_frames)
         self._check_latents(kwargs.get("latents"), _prompt_count(prompt, kwargs) * num_videos_per_prompt,
                             num_frames, height, width)
         prompt, kwargs = self._batched_prompts(prompt, kwargs, num_videos_per_prompt)
@@ -334,19 +327,9 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
 
     def prepare_video(self, video, width, height, batch_size, num_videos_per_prompt, device, dtype,
                       do_classifier_free_guidance=False, guess_mode=False):
-        """The control images ``[batch_size, 3, H', W']`` (``batch_size`` = videos x frames), one copy of the clip per
-        video (diffusers' own prepares a single clip whatever the number of prompts), doubled for guidance. H' x W'
-        is the latent size times the ControlNet's downsampling, as the ``teacher_free`` stage trains it: the pixel
-        size for SD1.5 (both 8), twice it for a VAE that downsamples 4x."""
-        net = self.controlnet.nets[0] if isinstance(self.controlnet, MultiControlNetModel) else self.controlnet
-        factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
-        height, width = height // self.vae_scale_factor * factor, width // self.vae_scale_factor * factor
-        frames = super().prepare_video(video, width, height, batch_size, num_videos_per_prompt, device, dtype)
-        if frames.shape[0] != batch_size and batch_size % frames.shape[0] == 0:
-            frames = frames.repeat(batch_size // frames.shape[0], 1, 1, 1)
-        if do_classifier_free_guidance and not guess_mode:
-            frames = torch.cat([frames] * 2)
-        return frames
+        """The control images as :func:`_control_images` prepares them."""
+        return _control_images(self, super().prepare_video, video, width, height, batch_size, num_videos_per_prompt,
+                               device, dtype, do_classifier_free_guidance and not guess_mode)
 
 
 class AnimateLCMVideoToVideoPipeline(_AnimateLCMDefaults, AnimateDiffVideoToVideoPipeline):
@@ -375,31 +358,117 @@ class AnimateLCMVideoToVideoPipeline(_AnimateLCMDefaults, AnimateDiffVideoToVide
                  output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1, **kwargs):
         """Redraw ``video`` (required) to ``prompt``; the other arguments as :meth:`AnimateLCMPipeline.__call__`
         and diffusers' ``strength`` (in (0, 1]; ``int(num_inference_steps * strength)`` must be at least 1)."""
-        if video is None:
-            raise ValueError("video is required: the clip to redraw, as a list of frames, an array [F, H, W, 3] or a "
-                             "tensor [F, 3, H, W]")
-        clips = _video_clips(video)
-        lengths = sorted({len(clip) for clip in clips})
-        if len(lengths) > 1:
-            raise ValueError(f"the clips have {lengths} frames; give clips of one length")
-        self._check_call_arguments(lengths[0], num_inference_steps, guidance_scale, decode_chunk_size, output_type,
-                                   num_videos_per_prompt)
-        if not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1], got {strength!r}")
-        if int(num_inference_steps * strength) < 1:
-            raise ValueError(f"strength={strength} of num_inference_steps={num_inference_steps} runs no step "
-                             f"(int(steps x strength) = 0): raise one of them")
-        prompts = _prompt_count(prompt, kwargs)
-        if len(clips) not in (1, prompts):
-            raise ValueError(f"got {len(clips)} clips for {prompts} prompt(s); give one clip, or one per prompt")
-        videos = prompts * num_videos_per_prompt
-        self._check_latents(kwargs.get("latents"), videos, lengths[0], height, width)
-        clips = clips * videos if len(clips) == 1 else [clip for clip in clips for _ in range(num_videos_per_prompt)]
-        prompt, kwargs = self._batched_prompts(prompt, kwargs, num_videos_per_prompt)
+        clips, prompt, kwargs, _ = _video_call(self, video, prompt, kwargs, height, width, num_inference_steps,
+                                               guidance_scale, strength, output_type, decode_chunk_size,
+                                               num_videos_per_prompt)
         return super().__call__(video=clips, prompt=prompt, height=height, width=width,
                                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                                 strength=strength, output_type=output_type, decode_chunk_size=decode_chunk_size,
                                 **kwargs)
+
+
+class AnimateLCMVideoToVideoControlNetPipeline(_AnimateLCMDefaults, AnimateDiffVideoToVideoControlNetPipeline):
+    """A video redrawn to a prompt while following control frames (poses, depth, edges of it, say): diffusers'
+    :class:`~diffusers.AnimateDiffVideoToVideoControlNetPipeline` with AnimateLCM's scheduler and defaults, the
+    video as :class:`AnimateLCMVideoToVideoPipeline` takes it and the control frames as
+    :class:`AnimateLCMControlNetPipeline` takes them (one per frame of the video). Build one with
+    ``AnimateLCMVideoToVideoControlNetPipeline.from_pipe(pipe, controlnet=controlnet)``."""
+
+    _optional_components = [*AnimateDiffVideoToVideoControlNetPipeline._optional_components, "scheduler"]
+
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
+                 motion_adapter: MotionAdapter,
+                 controlnet: Union[ControlNetModel, list[ControlNetModel], tuple[ControlNetModel], MultiControlNetModel],
+                 scheduler=None, feature_extractor=None, image_encoder=None):
+        unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                         motion_adapter=motion_adapter, controlnet=controlnet, scheduler=scheduler,
+                         feature_extractor=feature_extractor, image_encoder=image_encoder)
+
+    def __call__(self, video=None, prompt=None, height=None, width=None, num_inference_steps: int = DEFAULT_STEPS,
+                 guidance_scale: float = DEFAULT_GUIDANCE, strength: float = DEFAULT_STRENGTH,
+                 output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1,
+                 conditioning_frames=None, **kwargs):
+        """Redraw ``video`` following ``conditioning_frames`` (one control image per frame of the video; both
+        required); the other arguments as :meth:`AnimateLCMVideoToVideoPipeline.__call__`."""
+        clips, prompt, kwargs, frames = _video_call(self, video, prompt, kwargs, height, width, num_inference_steps,
+                                                    guidance_scale, strength, output_type, decode_chunk_size,
+                                                    num_videos_per_prompt)
+        conditioning_frames = _checked_conditioning_frames(self.controlnet, conditioning_frames, frames)
+        return super().__call__(video=clips, prompt=prompt, height=height, width=width,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                strength=strength, output_type=output_type, decode_chunk_size=decode_chunk_size,
+                                conditioning_frames=conditioning_frames, **kwargs)
+
+    def check_inputs(self, *args, video=None, **kwargs):
+        """diffusers' checks, shown the first clip: they count the frames as ``len(video)``, which for the list of
+        clips this class passes (one per video) is the number of videos."""
+        return super().check_inputs(*args, video=video[0] if video else video, **kwargs)
+
+    def prepare_conditioning_frames(self, video, width, height, batch_size, num_videos_per_prompt, device, dtype,
+                                    do_classifier_free_guidance=False, guess_mode=False):
+        """The control images as :func:`_control_images` prepares them."""
+        return _control_images(self, super().prepare_conditioning_frames, video, width, height, batch_size,
+                               num_videos_per_prompt, device, dtype, do_classifier_free_guidance and not guess_mode)
+
+
+def _video_call(pipe, video, prompt, kwargs: dict, height, width, num_inference_steps, guidance_scale, strength,
+                output_type, decode_chunk_size, num_videos_per_prompt):
+    """``(clips, prompt, kwargs, frames)`` for a video-to-video call: the arguments checked, ``video`` as one clip
+    (a list of frames) per video, the prompts batched as :meth:`_AnimateLCMDefaults._batched_prompts` does."""
+    if video is None:
+        raise ValueError("video is required: the clip to redraw, as a list of frames, an array [F, H, W, 3] or a "
+                         "tensor [F, 3, H, W]")
+    clips = _video_clips(video)
+    lengths = sorted({len(clip) for clip in clips})
+    if len(lengths) > 1:
+        raise ValueError(f"the clips have {lengths} frames; give clips of one length")
+    pipe._check_call_arguments(lengths[0], num_inference_steps, guidance_scale, decode_chunk_size, output_type,
+                               num_videos_per_prompt)
+    if not isinstance(strength, numbers.Real) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1], got {strength!r}")
+    if int(num_inference_steps * strength) < 1:
+        raise ValueError(f"strength={strength} of num_inference_steps={num_inference_steps} runs no step "
+                         f"(int(steps x strength) = 0): raise one of them")
+    prompts = _prompt_count(prompt, kwargs)
+    if len(clips) not in (1, prompts):
+        raise ValueError(f"got {len(clips)} clips for {prompts} prompt(s); give one clip, or one per prompt")
+    videos = prompts * num_videos_per_prompt
+    pipe._check_latents(kwargs.get("latents"), videos, lengths[0], height, width)
+    clips = clips * videos if len(clips) == 1 else [clip for clip in clips for _ in range(num_videos_per_prompt)]
+    prompt, kwargs = pipe._batched_prompts(prompt, kwargs, num_videos_per_prompt)
+    return clips, prompt, kwargs, lengths[0]
+
+
+def _checked_conditioning_frames(controlnet, conditioning_frames, num_frames: int):
+    """The control frames of a ControlNet pipeline's call, required and one per frame (for one ControlNet; a
+    MultiControlNetModel takes a list of clips, checked by diffusers)."""
+    if conditioning_frames is None:
+        raise ValueError("conditioning_frames is required: one control image per frame")
+    if isinstance(controlnet, MultiControlNetModel):
+        return conditioning_frames
+    conditioning_frames = _frame_list(conditioning_frames, "conditioning_frames")
+    if isinstance(conditioning_frames, (list, tuple)) and conditioning_frames and len(conditioning_frames) != num_frames:
+        raise ValueError(f"got {len(conditioning_frames)} conditioning frames for {num_frames} frames; give one "
+                         "control image per frame")
+    return conditioning_frames
+
+
+def _control_images(pipe, prepare, video, width, height, batch_size, num_videos_per_prompt, device, dtype,
+                    doubled: bool):
+    """The control images ``[batch_size, 3, H', W']`` (``batch_size`` = videos x frames) from diffusers' ``prepare``
+    (its ``prepare_video``): one copy of the clip per video (diffusers' own prepares a single clip whatever the
+    number of prompts), doubled for guidance when ``doubled``. H' x W' is the latent size times the ControlNet's
+    downsampling, as the ``teacher_free`` stage trains it: the pixel size for SD1.5 (both 8), twice it for a VAE
+    that downsamples 4x."""
+    controlnet = pipe.controlnet
+    net = controlnet.nets[0] if isinstance(controlnet, MultiControlNetModel) else controlnet
+    factor = 2 ** (len(net.config.conditioning_embedding_out_channels) - 1)
+    height, width = height // pipe.vae_scale_factor * factor, width // pipe.vae_scale_factor * factor
+    frames = prepare(video, width, height, batch_size, num_videos_per_prompt, device, dtype)
+    if frames.shape[0] != batch_size and batch_size % frames.shape[0] == 0:
+        frames = frames.repeat(batch_size // frames.shape[0], 1, 1, 1)
+    return torch.cat([frames] * 2) if doubled else frames
 
 
 def _video_clips(video) -> list[list]:

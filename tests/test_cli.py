@@ -427,7 +427,7 @@ def test_generate_from_a_video(tiny_model_args, tmp_path, capsys, monkeypatch):
     assert "(6 frames, 1 step," in capsys.readouterr().out  # --steps 2 at strength 0.8: the last int(1.6) = 1
     for argv, needle in [(["--strength", "0.5"], "--strength needs --video"),
                          (["--video", str(tmp_path / "source.gif"), "--image", str(tmp_path / "x.png")],
-                          "not --image and --video"),
+                          "without --video and --control"),
                          (["--video", str(tmp_path / "source.gif"), "--strength", "0.3"], "runs no step"),
                          (["--video", str(tmp_path / "source.gif"), "--frames", "7"], "fewer than --frames 7"),
                          (["--video", str(tmp_path / "empty")], f"--video {tmp_path / 'empty'}: no images")]:
@@ -474,7 +474,16 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
     assert main(["generate", "--prompt", "a cat", *tiny_model_args, *runs["video.gif"], *runs["video.gif"],
                  "--controlnet", str(tmp_path / "cn"), "--controlnet", str(tmp_path / "control_v11p_sd15_test.pth"),
                  "--allow-pickle", "--control-scale", "1.0", "--out", str(tmp_path / "two.gif")]) == 0
-    clips = {name: iio.imread(tmp_path / name).astype(int) for name in [*runs, "file.gif", "two.gif"]}
+    # the video redrawn following the control frames (video to video with a ControlNet)
+    iio.imwrite(tmp_path / "source.gif", np.ascontiguousarray(control[::-1]), extension=".gif", duration=125, loop=0)
+    for name, extra in (("redrawn.gif", control_args), ("redrawn_alone.gif", [])):
+        assert main(["generate", "--prompt", "a cat", *tiny_model_args, "--video", str(tmp_path / "source.gif"),
+                     "--strength", "1", *(["--control", str(tmp_path / "control.gif")] if extra else []), *extra,
+                     "--out", str(tmp_path / name)]) == 0, name
+    clips = {name: iio.imread(tmp_path / name).astype(int)
+             for name in [*runs, "file.gif", "two.gif", "redrawn.gif", "redrawn_alone.gif"]}
+    assert clips["redrawn.gif"].shape[:3] == (6, 32, 32)
+    assert np.abs(clips["redrawn.gif"] - clips["redrawn_alone.gif"]).mean() > 1
     assert np.array_equal(clips["file.gif"], clips["video.gif"])
     to_single, to_text = (np.abs(clips["two.gif"] - clips[name]).mean() for name in ("video.gif", "text.gif"))
     assert to_single < 0.5 and to_text > 5 * to_single
@@ -493,7 +502,12 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
                          (["--control", str(tmp_path / "frames"), "--control", str(tmp_path / "frames"),
                            *control_args, *control_args, "--control-scale", "1"], "one each (2), not 3"),
                          (["--control", str(tmp_path / "frames"), "--control", str(tmp_path / "frames" / "000.png"),
-                           *control_args, *control_args], "have 6, 1 frames")]:
+                           *control_args, *control_args], "(--control 6, --control 1 frames)"),
+                         (["--control", str(tmp_path / "frames"), "--video", str(tmp_path / "three"), *control_args],
+                          "(--control 6, --video 3 frames): give --frames N")]:
+        (tmp_path / "three").mkdir(exist_ok=True)
+        for index in range(3):
+            Image.fromarray(control[index]).save(tmp_path / "three" / f"{index}.png")
         assert main(["generate", "--prompt", "a cat", *tiny_model_args, *argv, "--out", str(tmp_path / "x.gif")]) == 2
         assert needle in capsys.readouterr().err, argv
 

@@ -439,6 +439,45 @@ def test_video_to_video_inputs(components):
 
 
 @pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_video_to_video_with_a_controlnet_matches_diffusers(components, guidance):
+    """AnimateLCMVideoToVideoControlNetPipeline gives diffusers' AnimateDiffVideoToVideoControlNetPipeline +
+    diffusers.LCMScheduler's frames; several prompts share the clip and its control frames (each video as made
+    alone), which diffusers' own refuses; the control frames must be one per frame of the video."""
+    from animatelcm import AnimateLCMVideoToVideoControlNetPipeline
+
+    controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
+    with torch.no_grad():  # its output convs start at zero: give them weights so the control shows
+        for name, parameter in controlnet.named_parameters():
+            if name.startswith(("controlnet_down_blocks", "controlnet_mid_block", "controlnet_cond_embedding.conv_out")):
+                parameter.copy_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(0)) * 0.2)
+    ours = AnimateLCMVideoToVideoControlNetPipeline.from_pipe(AnimateLCMPipeline(**components), controlnet=controlnet)
+    assert type(ours.scheduler) is LCMScheduler
+    reference = diffusers.AnimateDiffVideoToVideoControlNetPipeline(
+        **components, controlnet=controlnet, scheduler=diffusers.LCMScheduler.from_config(ours.scheduler.config))
+    for pipe in (ours, reference):
+        pipe.set_progress_bar_config(disable=True)
+    video, control = pictures(4, 40, seed=1), pictures(4, 32, seed=2)
+    common = dict(video=video, negative_prompt="blurry", height=32, width=32, num_inference_steps=4,
+                  guidance_scale=guidance, strength=0.6, output_type="np", conditioning_frames=control)
+    got = ours(prompt="a red circle", generator=torch.Generator().manual_seed(1), **common).frames
+    expected = reference(prompt="a red circle", generator=torch.Generator().manual_seed(1), **common).frames
+    assert got.shape == (1, 4, 32, 32, 3) and np.abs(got - expected).max() <= 1e-4
+    latents = [ours(prompt="a red circle", generator=torch.Generator().manual_seed(1),
+                    **{**common, "conditioning_frames": frames, "output_type": "latent", "strength": 1.0}).frames
+               for frames in (np.zeros((4, 32, 32, 3), np.float32), np.ones((4, 32, 32, 3), np.float32))]
+    # the control frames steer the clip (black against white; from t = 999, where the x0 prediction amplifies most)
+    assert (latents[0] - latents[1]).abs().max() > 1e-2
+    generators = [torch.Generator().manual_seed(1) for _ in range(2)]
+    both = ours(prompt=["a cat", "a red circle"], generator=generators, **common).frames
+    alone = ours(prompt="a red circle", generator=[torch.Generator().manual_seed(1)], **common).frames
+    assert both.shape[0] == 2 and np.abs(both[1] - alone[0]).max() <= 1e-4
+    with pytest.raises(ValueError, match="one control image per frame"):
+        ours(prompt="x", **{**common, "conditioning_frames": control[:3]})
+    with pytest.raises(ValueError, match="conditioning_frames is required"):
+        ours(prompt="x", **{**common, "conditioning_frames": None})
+
+
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
 def test_controlnet_pipeline_matches_diffusers(components, guidance):
     controlnet = diffusers.ControlNetModel.from_unet(components["unet"], conditioning_channels=3).eval()
     pipe = AnimateLCMPipeline(**components)

@@ -285,7 +285,21 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
         return self.image_adapter(latent * self.vae.config.scaling_factor, num_frames=num_frames), pixels
 
 
-class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPipeline):
+class _ControlNetParts:
+    """The constructor of AnimateLCM's ControlNet pipelines: diffusers' components, with the scheduler and UNet as
+    :func:`_animatelcm_parts` makes them. (diffusers reads the components and their classes from this signature.)"""
+
+    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
+                 motion_adapter: MotionAdapter,
+                 controlnet: Union[ControlNetModel, list[ControlNetModel], tuple[ControlNetModel], MultiControlNetModel],
+                 scheduler=None, feature_extractor=None, image_encoder=None):
+        unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                         motion_adapter=motion_adapter, controlnet=controlnet, scheduler=scheduler,
+                         feature_extractor=feature_extractor, image_encoder=image_encoder)
+
+
+class AnimateLCMControlNetPipeline(_ControlNetParts, _AnimateLCMDefaults, AnimateDiffControlNetPipeline):
     """Control frames (edges, depth, poses, or the frames themselves, per the ControlNet) to video in a few steps:
     diffusers' :class:`~diffusers.AnimateDiffControlNetPipeline` with AnimateLCM's scheduler and defaults (4 steps,
     guidance 1.0, 16 frames), ``num_videos_per_prompt`` honoured. ``controlnet`` is a diffusers ControlNetModel (or
@@ -298,15 +312,6 @@ class AnimateLCMControlNetPipeline(_AnimateLCMDefaults, AnimateDiffControlNetPip
     frame, resized to ``height`` x ``width``; output as :class:`AnimateLCMPipeline`'s."""
 
     _optional_components = [*AnimateDiffControlNetPipeline._optional_components, "scheduler"]
-
-    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
-                 motion_adapter: MotionAdapter,
-                 controlnet: Union[ControlNetModel, list[ControlNetModel], tuple[ControlNetModel], MultiControlNetModel],
-                 scheduler=None, feature_extractor=None, image_encoder=None):
-        unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                         motion_adapter=motion_adapter, controlnet=controlnet, scheduler=scheduler,
-                         feature_extractor=feature_extractor, image_encoder=image_encoder)
 
     def __call__(self, prompt=None, num_frames: int = DEFAULT_FRAMES, height=None, width=None,
                  num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
@@ -367,7 +372,8 @@ class AnimateLCMVideoToVideoPipeline(_AnimateLCMDefaults, AnimateDiffVideoToVide
                                 **kwargs)
 
 
-class AnimateLCMVideoToVideoControlNetPipeline(_AnimateLCMDefaults, AnimateDiffVideoToVideoControlNetPipeline):
+class AnimateLCMVideoToVideoControlNetPipeline(_ControlNetParts, _AnimateLCMDefaults,
+                                               AnimateDiffVideoToVideoControlNetPipeline):
     """A video redrawn to a prompt while following control frames (poses, depth, edges of it, say): diffusers'
     :class:`~diffusers.AnimateDiffVideoToVideoControlNetPipeline` with AnimateLCM's scheduler and defaults, the
     video as :class:`AnimateLCMVideoToVideoPipeline` takes it and the control frames as
@@ -375,15 +381,6 @@ class AnimateLCMVideoToVideoControlNetPipeline(_AnimateLCMDefaults, AnimateDiffV
     ``AnimateLCMVideoToVideoControlNetPipeline.from_pipe(pipe, controlnet=controlnet)``."""
 
     _optional_components = [*AnimateDiffVideoToVideoControlNetPipeline._optional_components, "scheduler"]
-
-    def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
-                 motion_adapter: MotionAdapter,
-                 controlnet: Union[ControlNetModel, list[ControlNetModel], tuple[ControlNetModel], MultiControlNetModel],
-                 scheduler=None, feature_extractor=None, image_encoder=None):
-        unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
-        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                         motion_adapter=motion_adapter, controlnet=controlnet, scheduler=scheduler,
-                         feature_extractor=feature_extractor, image_encoder=image_encoder)
 
     def __call__(self, video=None, prompt=None, height=None, width=None, num_inference_steps: int = DEFAULT_STEPS,
                  guidance_scale: float = DEFAULT_GUIDANCE, strength: float = DEFAULT_STRENGTH,

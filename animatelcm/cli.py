@@ -139,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", action="append", default=[],
                      help="what to avoid (only used with --guidance > 1); one for every clip, or one per --prompt")
     _add_model_arguments(gen)
-    adapters = gen.add_argument_group("image to video, control frames to video")
+    adapters = gen.add_argument_group("image to video, video to video, control frames to video")
     adapters.add_argument("--image", help="picture to animate (PNG/JPEG/...): the clip starts from it; needs an image "
                                           "adapter (--image-adapter, one saved in --model, or AnimateLCM-I2V's "
                                           "release as --motion-module)")
@@ -180,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "0.014 with AnimateLCM-I2V's encoder, as its demo, which offers 0.012 to 0.016: higher "
                           "samples noisier steps)")
     gen.add_argument("--frames", type=_positive_int, default=None,
-                     help="frames (default 16, or the length of --control)")
+                     help="frames (default 16, or the length of --video or --control)")
     gen.add_argument("--free-noise", action="store_true",
                      help="for clips longer than the motion module's positional table: denoise overlapping 16-frame "
                           "windows, 4 frames apart (diffusers' FreeNoise; not with --image)")

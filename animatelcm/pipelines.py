@@ -139,8 +139,9 @@ class _AnimateLCMDefaults:
             longer = ("" if motion_cross_attention_dim(self.unet) is not None else
                       " or enable FreeNoise (pipe.enable_free_noise(), or --free-noise on the command line) for "
                       "longer clips")
-            raise ValueError(f"num_frames={num_frames} exceeds the motion module's positional table "
-                             f"({limit} frames); generate at most {limit} frames{longer}")
+            raise ValueError(f"a clip of {num_frames} frames exceeds the motion module's positional table "
+                             f"({limit} frames); generate at most {limit} frames (--frames {limit} takes the first "
+                             f"{limit} of a --video or --control clip){longer}")
         if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(guidance_scale, numbers.Real) or guidance_scale < 0:

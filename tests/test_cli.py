@@ -430,7 +430,10 @@ def test_generate_from_a_video(tiny_model_args, tmp_path, capsys, monkeypatch):
                           "without --video and --control"),
                          (["--video", str(tmp_path / "source.gif"), "--strength", "0.3"], "runs no step"),
                          (["--video", str(tmp_path / "source.gif"), "--frames", "7"], "fewer than --frames 7"),
-                         (["--video", str(tmp_path / "empty")], f"--video {tmp_path / 'empty'}: no images")]:
+                         (["--video", str(tmp_path / "empty")], f"--video {tmp_path / 'empty'}: no images"),
+                         (["--video", str(tmp_path / "long.gif")], "--frames 32 takes the first 32")]:
+        if not (tmp_path / "long.gif").exists():  # longer than the motion module's positional table (32)
+            iio.imwrite(tmp_path / "long.gif", np.tile(source, (7, 1, 1, 1)), extension=".gif", duration=125, loop=0)
         Image.fromarray(source[0]).save(tmp_path / "x.png")
         (tmp_path / "empty").mkdir(exist_ok=True)
         assert main([*base, *argv, "--out", str(tmp_path / "x.gif")]) == 2, argv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numbers
+import threading
 
 import torch
 from diffusers import LCMScheduler as DiffusersLCMScheduler
@@ -15,16 +16,51 @@ from .ops.consistency import predicted_original_sample
 SIGMA_DATA = 0.5  # diffusers' LCMScheduler boundary-condition constant
 
 
+class _PinnedStaging(threading.local):
+    """Page-locked host buffers that carry host tensors to a CUDA device without a sync, kept per thread for the
+    last few (shape, dtype) pairs and reused once the copy that last read them is done. ``Tensor.pin_memory()`` per
+    draw page-locks fresh memory each time (``cudaHostAlloc``: 20 ms over the three noise draws of a 4-step call at
+    SD1.5's 16x512x512 latents on an H100's host, run 10 in benchmarks/results/gpu_runs.md). A buffer whose copy is
+    still queued is never waited for: another one is pinned beside it."""
+
+    SHAPES_KEPT = 4
+
+    def __init__(self):
+        self.slots = {}  # (shape, dtype) -> [[pinned buffer, event recorded after its last copy or None], ...]
+
+    def to_device(self, host: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """``host`` (a CPU tensor) as a new tensor on CUDA ``device``, copied asynchronously on the device's current
+        stream; ``host`` may be changed or freed as soon as this returns."""
+        key = (tuple(host.shape), host.dtype)
+        slots = self.slots.pop(key, [])
+        self.slots[key] = slots  # the most recently used shapes last
+        while len(self.slots) > self.SHAPES_KEPT:  # a dropped buffer still being read is freed once its copy is done
+            del self.slots[next(iter(self.slots))]
+        slot = next((slot for slot in slots if slot[1] is None or slot[1].query()), None)
+        if slot is None:
+            slot = [torch.empty(host.shape, dtype=host.dtype, pin_memory=True), None]
+            slots.append(slot)
+        slot[0].copy_(host)
+        out = slot[0].to(device, non_blocking=True)
+        slot[1] = torch.cuda.Event()
+        slot[1].record(torch.cuda.current_stream(device))
+        return out
+
+
+_pinned_staging = _PinnedStaging()
+
+
 def draw_step_noise(shape, generator, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """Standard normal noise ``shape`` on ``device``, the values :func:`diffusers.utils.torch_utils.randn_tensor`
     draws for the same arguments, without its host synchronisation: a CPU generator (or list of them) draws on the
-    host as diffusers does, and the draw reaches a CUDA device through pinned memory and an asynchronous copy
-    (``randn_tensor`` copies from pageable memory, which waits for every queued kernel to finish)."""
+    host as diffusers does, and the draw reaches a CUDA device through a reused page-locked buffer and an
+    asynchronous copy (``randn_tensor`` copies from pageable memory, which waits for every queued kernel to
+    finish)."""
     first = generator[0] if isinstance(generator, list) else generator
     if first is None or first.device.type != "cpu" or device.type != "cuda":
         return randn_tensor(shape, generator=generator, device=device, dtype=dtype)
     host = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)
-    return host.pin_memory().to(device, non_blocking=True)
+    return _pinned_staging.to_device(host, device)
 
 
 def boundary_condition_scalings(timesteps: torch.Tensor, timestep_scaling: float = 10.0):

@@ -12,9 +12,9 @@
 # loses only itself. The step timeouts (SIGINT, so pytest still writes its results) are capped by what is left of a
 # 580 s budget, so everything fits one device call's 600 s. GPU_CHECK_STEPS="tests e2e" (say) runs those steps in
 # that order (default "build e2e host tests kernels"); on a machine still warm from an earlier call the build is
-# kept there. GPU_CHECK_E2E_ARGS sets extra arguments of the end-to-end step (default --backends cuda: the patch
-# with every op that has a CUDA C++ kernel on it, whose launches cost the host less than Triton's; --channels-last
-# or --backends triton, say). The steps:
+# kept there. GPU_CHECK_E2E_ARGS sets extra arguments of the end-to-end step (default --backends cuda triton: the
+# patch with every op that has a CUDA C++ kernel on it, and with every op that has a Triton one on it, beside the
+# default that splits them by size; --channels-last, say). The steps:
 #   build:   ANIMATELCM_CUDA=1, archs 90 (Hopper) only, to keep the compile short;
 #   e2e:     SD1.5 + motion modules, random weights, 16 frames at 512x512, 4 steps, fp16, guidance 1 and 2, with MFU,
 #            the VAE decode alone, a profile and where the host's time goes: end_to_end_cuda.md,
@@ -71,7 +71,7 @@ step_build() {
 step_e2e() {
   log "end-to-end"
   timeout -s INT -k 10 "$(step_limit 240)" "$PYTHON" benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 2 --profile \
-    --decode-alone --host-profile --no-compile ${GPU_CHECK_E2E_ARGS---backends cuda} > "$RESULTS/end_to_end.log" 2>&1
+    --decode-alone --host-profile --no-compile ${GPU_CHECK_E2E_ARGS---backends cuda triton} > "$RESULTS/end_to_end.log" 2>&1
   cp benchmarks/results/end_to_end_cuda.md benchmarks/results/end_to_end_profile_cuda.md \
     benchmarks/results/end_to_end_cuda_host_profile.md "$RESULTS/" 2>/dev/null
   pack

@@ -84,12 +84,12 @@ def providers(x, weight, bias, out):
             x, out, GROUPS, weight, bias, 1e-5, True, reverse=r, l2_hints=h))
     calls["triton (as dispatched)"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="triton")
     if cuda_kernels_unavailable_reason() is None:
-        # the CUDA C++ kernel as dispatched (on sm_90 a group that a cluster of blocks holds in registers, else one
-        # that fits in shared memory, is read once), with other cluster sizes, without clusters, and its three launches
+        # the CUDA C++ kernel as dispatched (a group that fits in shared memory is read once), on sm_90 with thread
+        # block clusters holding a group in registers instead, and its three launches
         calls["cuda"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="cuda")
         for name, options in (("cuda, cluster 2 packs", dict(cluster_packs=2)),
+                              ("cuda, cluster 4 packs", dict(cluster_packs=4)),
                               ("cuda, cluster 8 packs", dict(cluster_packs=8)),
-                              ("cuda, shared-memory groups", dict(cluster_packs=0)),
                               ("cuda, three launches", dict(cluster_packs=0, resident_groups=False))):
             calls[name] = lambda o=options: group_norm._native_group_norm(
                 "group_norm_cuda", group_norm._cuda_extra, x, x.shape[0], 1, GROUPS, weight, bias, 1e-5, True, False,

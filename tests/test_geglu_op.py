@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from animatelcm import ops
+from animatelcm.ops import native
 from animatelcm.ops.geglu import IMPLEMENTATIONS, LINEAR_GEGLU_IMPLEMENTATIONS
 from conftest import CPU_ISAS, assert_close_to_reference, backend_device, backends_usable_here
 
@@ -153,9 +154,10 @@ def test_linear_geglu_bad_inputs():
         ops.linear_geglu(x, torch.randn(6, 4), torch.randn(4))
 
 
-def test_automatic_choice_passes_over_where_a_later_backend_was_measured_faster():
+def test_automatic_choice_passes_over_where_a_later_backend_was_measured_faster(monkeypatch):
     """An implementation's pass_over steers only the automatic choice (and says why in explain); forcing that
-    backend still runs it. The Triton GEGLU projection passes float32 CUDA inputs over to cuBLAS + the CUDA GEGLU."""
+    backend still runs it. The Triton GEGLU projection passes float32 CUDA inputs, and small ones, over to cuBLAS + the
+    CUDA GEGLU."""
     from types import SimpleNamespace
 
     from animatelcm.ops.dispatch import Implementation, explain, select
@@ -171,7 +173,33 @@ def test_automatic_choice_passes_over_where_a_later_backend_was_measured_faster(
     assert explain(implementations, -1) == [("triton", "slower here"), ("eager", None)]
 
     pass_over = next(i for i in LINEAR_GEGLU_IMPLEMENTATIONS if i.backend == "triton").pass_over
-    assert "cuBLAS" in pass_over(SimpleNamespace(dtype=torch.float32, is_cuda=True))
-    for dtype, is_cuda in ((torch.float16, True), (torch.bfloat16, True), (torch.float32, False)):
-        assert pass_over(SimpleNamespace(dtype=dtype, is_cuda=is_cuda)) is None
+
+    def fake(dtype, device, numel):
+        return SimpleNamespace(dtype=dtype, is_cuda=device == "cuda", device=torch.device(device),
+                               numel=lambda: numel)
+
+    assert "cuBLAS" in pass_over(fake(torch.float32, "cuda", 2**30))
+    for dtype, device in ((torch.float16, "cuda"), (torch.bfloat16, "cuda"), (torch.float32, "cpu")):
+        assert pass_over(fake(dtype, device, 2**24)) is None
+    monkeypatch.setattr(native, "cuda_kernels_unavailable_reason", lambda: None)  # as where _C has CUDA kernels
+    assert "CUDA C++" in pass_over(fake(torch.float16, "cuda", 2**24 - 1))
+    assert pass_over(fake(torch.float16, "cuda", 2**24)) is None
+    assert pass_over(fake(torch.float16, "cpu", 10)) is None  # Triton under TRITON_INTERPRET=1 keeps CPU tensors
     assert [i.backend for i in LINEAR_GEGLU_IMPLEMENTATIONS] == ["cpp", "triton", "cuda", "eager"]
+
+
+def test_small_inputs_pass_over_triton_only_to_a_cuda_twin_that_can_run_them(monkeypatch):
+    """small_for_triton sends a small input to the CUDA C++ twin (cheaper launch), and only where that twin exists
+    and takes the input: without _C's CUDA kernels, or for a dtype they lack, Triton keeps it."""
+    from types import SimpleNamespace
+
+    from animatelcm.ops.native import small_for_triton
+
+    pass_over = small_for_triton(1000)
+    small = SimpleNamespace(dtype=torch.float16, device=torch.device("cuda"), numel=lambda: 999)
+    monkeypatch.setattr(native, "cuda_kernels_unavailable_reason", lambda: "built without CUDA")
+    assert pass_over(small) is None
+    monkeypatch.setattr(native, "cuda_kernels_unavailable_reason", lambda: None)
+    assert "999 elements, fewer than 1000" in pass_over(small)
+    assert pass_over(SimpleNamespace(dtype=torch.float16, device=torch.device("cuda"), numel=lambda: 1000)) is None
+    assert pass_over(SimpleNamespace(dtype=torch.float64, device=torch.device("cuda"), numel=lambda: 5)) is None

@@ -165,6 +165,34 @@ def test_cuda_steps_with_cpu_generators_match_diffusers_without_a_sync(generator
         assert torch.equal(mine.get_state(), theirs.get_state()), "noise draws diverged"
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_step_noise_reuses_pinned_buffers_without_a_sync_or_a_clobbered_draw():
+    """Noise draws through the reused page-locked buffers: each equals randn_tensor's on the CPU, none is
+    overwritten by a later draw while its copy is queued (long kernels keep the copies waiting), shapes and dtypes
+    come and go, and no draw waits for the GPU."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from animatelcm.schedulers import _pinned_staging, draw_step_noise
+
+    shapes = [(1, 4, 16, 8, 8), (2, 4, 3, 5, 7)] * 3 + [(1, 1, 1, 1, 9), (3, 2), (5,), (1, 4, 16, 8, 8)]
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    busy = torch.randn(4096, 4096, device="cuda")
+    draws, expected = [], []
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for index, shape in enumerate(shapes):
+            dtype = dtypes[index % len(dtypes)]
+            busy = busy @ busy / 64  # keeps the stream busy so the copies stay queued
+            draws.append(draw_step_noise(shape, torch.Generator().manual_seed(index), torch.device("cuda"), dtype))
+            expected.append(randn_tensor(shape, generator=torch.Generator().manual_seed(index), dtype=dtype))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for draw, reference in zip(draws, expected):
+        assert draw.device.type == "cuda" and draw.dtype == reference.dtype
+        assert torch.equal(draw.cpu(), reference)
+    assert len(_pinned_staging.slots) <= _pinned_staging.SHAPES_KEPT
+
+
 @pytest.mark.parametrize("make", [
     lambda: diffusers.DDIMScheduler(rescale_betas_zero_snr=True, beta_schedule="scaled_linear",
                                     prediction_type="v_prediction"),

@@ -37,6 +37,7 @@ from .native import (
     native_unavailable_reason,
     pointer,
     reject_unless_native,
+    small_for_triton,
 )
 
 
@@ -182,21 +183,25 @@ def _linear_geglu_cpu_blocked(x, weight, bias):
     return out
 
 
-def _float32_to_cublas(x, *rest) -> str | None:
+_SMALL_FOR_TRITON_GEGLU = small_for_triton(2**24)
+
+
+def _to_cublas(x, *rest) -> str | None:
     """The Triton GEGLU projection's pass_over: float32 runs exact (IEEE) dots, where cuBLAS's SGEMM + the CUDA
-    GEGLU stay the default (only half precision was timed on a GPU)."""
+    GEGLU stay the default (only half precision was timed on a GPU); so do inputs of fewer than 2**24 elements, where
+    the Triton launch's host cost outweighs its GPU time saved (60 us at [65536, 320], 21 million elements)."""
     if x.dtype == torch.float32 and x.is_cuda:
         return "float32 on a GPU goes to cuBLAS + the CUDA GEGLU (backend='triton' still runs it)"
-    return None
+    return _SMALL_FOR_TRITON_GEGLU(x)
 
 
 LINEAR_GEGLU_IMPLEMENTATIONS = [
     Implementation("cpp", _linear_geglu_cpu_blocked, native_unavailable_reason, reject_unless_native("cpu")),
-    # ahead of cuda in half precision: on an H100 in fp16 (benchmarks/results/kernels_gpu.md, run 9) 0.355 ms of GPU
-    # time against 0.415 for cuBLAS + the CUDA GEGLU at [65536, 320] x [320, 2560], and the patched pipeline with it
-    # as fast or faster end to end (benchmarks/results/end_to_end_cuda.md, `patched, backend=triton`)
+    # ahead of cuda in half precision on inputs of 2**24 elements or more: on an H100 in fp16 (run 9,
+    # benchmarks/results/gpu_runs.md) 0.355 ms of GPU time against 0.415 for cuBLAS + the CUDA GEGLU at
+    # [65536, 320] x [320, 2560]; smaller ones go to cuBLAS + the CUDA GEGLU (_to_cublas)
     Implementation("triton", lambda x, weight, bias: triton_backend.triton_linear_geglu(x, weight, bias),
-                   triton_backend.triton_unavailable_reason, triton_backend.reject_unless_triton, _float32_to_cublas),
+                   triton_backend.triton_unavailable_reason, triton_backend.reject_unless_triton, _to_cublas),
     Implementation("cuda", lambda x, weight, bias: _native("geglu_cuda", lambda t: (cuda_stream_handle(t.device),),
                                                            F.linear(x, weight), bias),
                    cuda_kernels_unavailable_reason, reject_unless_native("cuda")),

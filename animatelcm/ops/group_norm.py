@@ -30,6 +30,7 @@ from .native import (
     native_unavailable_reason,
     pointer,
     reject_unless_native,
+    small_for_triton,
 )
 from .triton_backend import (
     reject_unless_triton,
@@ -250,13 +251,24 @@ def _reject_triton(x, *rest):
 
 
 # cpp first (CPU tensors only; Triton takes CPU tensors only under TRITON_INTERPRET=1, as in CI's tests), then Triton
-# ahead of the CUDA C++ kernels: on an H100 the Triton kernels take 0.28-0.83x the CUDA ones' GPU time per call
-# (benchmarks/results/kernels_gpu.md, 2026-11-27). CUDA C++ keeps what Triton declines (float64, 2**31 elements).
-def _gn_impls(reference, run_native, run_triton):
+# ahead of the CUDA C++ kernels on large inputs: on an H100 the Triton kernels take 0.28-0.83x the CUDA ones' GPU time
+# per call (benchmarks/results/kernels_gpu.md, tune_group_norm_cuda.md), which pays for their costlier launch above
+# about 2**24 elements (GroupNorm+SiLU: 1.4 us of GPU time saved per million fp16 elements), 2**22 (channels-last:
+# 10 us per million) and 2**23 (the frame-spanning GroupNorm and its way back: 4.6 us per million); smaller ones go to
+# CUDA C++ (small_for_triton). CUDA C++ also keeps what Triton declines (float64, 2**31 elements).
+TEMPORAL_TRITON_MIN_ELEMENTS = 2**23
+
+
+def _group_norm_silu_small_for_triton():
+    planar, channels_last = small_for_triton(2**24), small_for_triton(2**22)
+    return lambda x, *rest: (channels_last if is_channels_last(x) else planar)(x, *rest)
+
+
+def _gn_impls(reference, run_native, run_triton, triton_pass_over):
     return [
         Implementation("cpp", lambda *a: run_native("group_norm_cpu", _cpu_extra, *a), native_unavailable_reason,
                        reject_unless_native("cpu")),
-        Implementation("triton", run_triton, triton_unavailable_reason, _reject_triton),
+        Implementation("triton", run_triton, triton_unavailable_reason, _reject_triton, triton_pass_over),
         Implementation("cuda", lambda *a: run_native("group_norm_cuda", _cuda_extra, *a), cuda_kernels_unavailable_reason,
                        reject_unless_native("cuda")),
         Implementation("eager", reference, lambda: None, lambda *a: None),
@@ -267,16 +279,18 @@ GROUP_NORM_SILU = _gn_impls(
     lambda x, g, w, b, eps, silu: group_norm_silu_reference(x, g, w, b, eps, silu).contiguous(
         memory_format=_output_format(x)),
     _native_group_norm_silu,
-    lambda x, g, w, b, eps, silu: triton_group_norm_silu(x, g, w, b, eps, silu, is_channels_last(x)))
+    lambda x, g, w, b, eps, silu: triton_group_norm_silu(x, g, w, b, eps, silu, is_channels_last(x)),
+    _group_norm_silu_small_for_triton())
 TEMPORAL_GROUP_NORM = _gn_impls(
     lambda x, f, g, w, b, eps: temporal_group_norm_reference(x, f, g, w, b, eps),
     lambda kernel, extra, x, f, g, w, b, eps: _native_group_norm(kernel, extra, x, x.shape[0] // f, f, g, w, b, eps,
                                                                  False, True),
-    triton_temporal_group_norm)
+    triton_temporal_group_norm, small_for_triton(TEMPORAL_TRITON_MIN_ELEMENTS))
 UNPERMUTE_RESIDUAL = [
     Implementation("cpp", lambda *a: _native_unpermute("unpermute_residual_cpu", _no_extra, *a),
                    native_unavailable_reason, reject_unless_native("cpu")),
-    Implementation("triton", triton_unpermute_residual, triton_unavailable_reason, _reject_triton),
+    Implementation("triton", triton_unpermute_residual, triton_unavailable_reason, _reject_triton,
+                   small_for_triton(TEMPORAL_TRITON_MIN_ELEMENTS)),
     Implementation("cuda", lambda *a: _native_unpermute("unpermute_residual_cuda", _cuda_extra, *a),
                    cuda_kernels_unavailable_reason, reject_unless_native("cuda")),
     Implementation("eager", temporal_unpermute_residual_reference, lambda: None, lambda *a: None),

@@ -92,6 +92,21 @@ def exceeds_last_level_cache(*tensors: torch.Tensor) -> bool:
     return sum(t.numel() * t.element_size() for t in tensors) > last_level_cache_bytes()
 
 
+def small_for_triton(min_elements: int):
+    """An Implementation.pass_over for a Triton kernel with a CUDA C++ twin: a first input of fewer than
+    ``min_elements`` elements goes to the twin when it can run it. Triton's Python launcher costs the host about
+    30 us a call more than a _C launch (run 10 on an H100, benchmarks/results/gpu_runs.md), which decides a call
+    that the GPU runs in less time than that anyway, and every call of a host-bound pipeline."""
+    reject_cuda = reject_unless_native("cuda")
+
+    def pass_over(tensor, *rest):
+        if tensor.numel() >= min_elements or cuda_kernels_unavailable_reason() or reject_cuda(tensor):
+            return None
+        return (f"{tensor.numel()} elements, fewer than {min_elements}: the CUDA C++ kernel, whose launch costs the "
+                "host less, is the faster there (backend='triton' still runs it)")
+    return pass_over
+
+
 def pointer(tensor: torch.Tensor | None) -> int:
     """Data pointer of a tensor as an int for _C; 0 for None (an optional input left out)."""
     return 0 if tensor is None else tensor.data_ptr()

@@ -59,7 +59,7 @@ struct GroupNormArgs {
   bool channels_last = false;
   bool stream_output = false;
   bool resident_groups = true;  // CUDA: a group that fits in shared memory is read once (group_norm.cu)
-  int cluster_packs = 4;  // CUDA, sm_90: 16-byte packs a thread of a block cluster holding the group (0: no cluster)
+  int cluster_packs = 0;  // CUDA, sm_90: 16-byte packs a thread of a block cluster holding the group (0: no cluster)
 };
 
 // out [batch*frames, channels, spatial] = permute(y [batch*spatial, frames, channels]) + residual (same as out).

@@ -11,10 +11,12 @@
 // A plain [N, C, S] GroupNorm whose groups fit in shared memory (SD1.5's UNet in fp16: 5-80 KB a group), with enough
 // groups to fill the GPU, runs as one launch instead: one block per group reads it from memory once into shared
 // memory, takes the mean and the variance about it from there, and writes the output (one read and one write of x,
-// where the three launches read it twice). On Hopper (sm_90) such a GroupNorm takes a cluster of up to 8 blocks a
-// group first: the group lives in the cluster's registers (a few 16-byte packs a thread, all read at once), the
-// blocks add their partial sums through distributed shared memory, and each writes its part: the same single read,
-// with many small blocks an SM in flight instead of two large ones that alternate between reading and writing.
+// where the three launches read it twice). On Hopper (sm_90), asked for (cluster_packs > 0), such a GroupNorm takes
+// a cluster of up to 8 blocks a group instead: the group lives in the cluster's registers (a few 16-byte packs a
+// thread, all read at once), the blocks add their partial sums through distributed shared memory, and each writes
+// its part: the same single read, with many small blocks an SM in flight instead of two large ones. On an H100 it
+// was slower than the shared-memory path on 13 of 18 SD1.5 shapes (run 10, benchmarks/results/
+// tune_group_norm_cuda.md), so it is not the default; the tuning script times it.
 #include <cooperative_groups.h>
 
 #include <algorithm>

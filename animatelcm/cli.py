@@ -96,6 +96,17 @@ def _lora_spec(text):
     return text, 1.0
 
 
+def _frame_prompt(text):
+    """FRAME:TEXT (prompt travel): a frame index of 1 or more and a non-empty prompt."""
+    frame, sep, prompt = text.partition(":")
+    if not sep or not frame.strip().isdigit() or not prompt.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FRAME:TEXT, a frame number and the prompt from there "
+                                         "on (e.g. 8:a dog running)")
+    if int(frame) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: frame 0 takes --prompt; give frames of 1 or more")
+    return int(frame), prompt.strip()
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one line (no usage dump) with exit status 2."""
 
@@ -136,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, action="append",
                      help="what the clip should show; repeat it for several clips from one model load (written as "
                           "OUT's name with -0, -1, ... added)")
+    gen.add_argument("--prompt-at", action="append", default=[], type=_frame_prompt, metavar="FRAME:TEXT",
+                     help="prompt travel: the prompt at frame FRAME (repeatable; --prompt is frame 0's). Between "
+                          "these frames the text embeddings are interpolated, after the last held; runs on FreeNoise "
+                          "(as --free-noise), so not with --image")
     gen.add_argument("--negative-prompt", action="append", default=[],
                      help="what to avoid (only used with --guidance > 1); one for every clip, or one per --prompt")
     _add_model_arguments(gen)
@@ -343,6 +358,10 @@ def _check_paths(args) -> None:
             raise UserError(f"--{flag} {value} must be a multiple of 8")
     if args.command == "generate":
         _clips(args)  # the repeated flags agree, before the model loads
+        _prompt_travel(args.prompt_at, args.frames)  # and the clip's frames, where --frames gives them
+        if args.prompt_at and args.image:
+            raise UserError("--prompt-at with --image: prompt travel runs on FreeNoise, which denoises windows of "
+                            "the clip, and the image adapter embeds the frame index of the whole clip; drop one")
         if args.controlnet and not args.control:
             raise UserError("--controlnet needs --control (the control frames it reads)")
         if args.control and not args.controlnet:
@@ -487,12 +506,14 @@ def generate(args) -> list[Path]:
                             f"{pipe.scheduler.config.beta_schedule!r}, trained_betas "
                             f"{'given' if pipe.scheduler.config.trained_betas is not None else 'none'}); leave it out")
         pipe.scheduler = lcm_scheduler_like(pipe.scheduler, beta_end=args.beta_end)
-    if args.free_noise:  # before the patch, which runs FreeNoise's blocks as it finds them
+    frames = call_arguments.get("num_frames") or len(call_arguments["video"])
+    travel = _prompt_travel(args.prompt_at, frames)
+    if args.free_noise or travel:  # before the patch, which runs FreeNoise's blocks as it finds them
         if args.image:
             raise UserError("--free-noise with --image: the image adapter embeds the frame index of the whole clip, "
                             "FreeNoise denoises windows of it; drop one of them")
-        pipe.enable_free_noise(context_length=min(FREE_NOISE_WINDOW, pipe.max_frames() or FREE_NOISE_WINDOW),
-                               context_stride=FREE_NOISE_STRIDE)
+        window = min(FREE_NOISE_WINDOW, pipe.max_frames() or FREE_NOISE_WINDOW, frames)
+        pipe.enable_free_noise(context_length=window, context_stride=FREE_NOISE_STRIDE)
     if not args.no_fused:
         from . import patching
 
@@ -503,14 +524,13 @@ def generate(args) -> list[Path]:
     if args.negative_prompt and args.guidance <= 1:
         print(f"NOTE: --negative-prompt has no effect at --guidance {args.guidance:g} (it steers only with "
               "classifier-free guidance, --guidance > 1)", file=sys.stderr)
-    frames = call_arguments.get("num_frames") or len(call_arguments["video"])
     steps = int(args.steps * call_arguments["strength"]) if "strength" in call_arguments else args.steps
     written = []
     for prompt, negative_prompt, seed, out in _clips(args):
         if seed == -1:
             seed = random.SystemRandom().randrange(2 ** 63)
             print(f"seed {seed} (drawn for --seed -1; --seed {seed} makes this clip again)", file=sys.stderr)
-        result = pipe(prompt=prompt, negative_prompt=negative_prompt, height=height, width=width,
+        result = pipe(prompt={0: prompt, **travel} if travel else prompt, negative_prompt=negative_prompt, height=height, width=width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=torch.Generator("cpu").manual_seed(seed), decode_chunk_size=args.decode_chunk_size,
                       clip_skip=args.clip_skip, output_type="np", **call_arguments)
@@ -543,6 +563,20 @@ def _clips(args) -> list[tuple[str, str | None, int, Path]]:
         return values * count if len(values) == 1 else values
 
     return list(zip(each(args.prompt), each(negatives), each(seeds), outputs))
+
+
+def _prompt_travel(frame_prompts: list[tuple[int, str]], frames: int | None) -> dict[int, str]:
+    """--prompt-at's ``(frame, prompt)`` pairs as diffusers' FreeNoise prompt dict (without frame 0, which each clip's
+    --prompt fills); each frame must be in the clip of ``frames`` (not checked for None) and given once."""
+    travel = {}
+    for frame, prompt in frame_prompts:
+        if frames is not None and frame >= frames:
+            raise UserError(f"--prompt-at {frame}:...: the clip has {frames} frames (0 to {frames - 1}); give a frame "
+                            "in it")
+        if frame in travel:
+            raise UserError(f"--prompt-at names frame {frame} twice; give each frame one prompt")
+        travel[frame] = prompt
+    return dict(sorted(travel.items()))
 
 
 def _beta_end_applies(scheduler) -> bool:

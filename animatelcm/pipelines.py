@@ -142,6 +142,12 @@ class _AnimateLCMDefaults:
             raise ValueError(f"a clip of {num_frames} frames exceeds the motion module's positional table "
                              f"({limit} frames); generate at most {limit} frames (--frames {limit} takes the first "
                              f"{limit} of a --video or --control clip){longer}")
+        window = getattr(self, "_free_noise_context_length", None) if self.free_noise_enabled else None
+        if isinstance(window, int) and num_frames < window:
+            raise ValueError(f"FreeNoise's window ({window} frames) is longer than the clip ({num_frames} frames), "
+                             f"which leaves diffusers' FreeNoise blocks no window to denoise; enable it with "
+                             f"context_length={num_frames} (one window: plain sampling, with a per-frame prompt "
+                             f"dict) or generate at least {window} frames")
         if not isinstance(num_inference_steps, numbers.Integral) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be a positive integer, got {num_inference_steps!r}")
         if not isinstance(guidance_scale, numbers.Real) or guidance_scale < 0:

@@ -515,6 +515,42 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
         assert needle in capsys.readouterr().err, argv
 
 
+def test_prompt_travel(tiny_model_args, tmp_path, capsys, monkeypatch):
+    """--prompt-at FRAME:TEXT hands the pipeline diffusers' FreeNoise prompt dict ({0: --prompt, FRAME: TEXT}) for
+    every clip; FreeNoise's window is the clip when the clip is shorter, so a travel that names the same prompt
+    again is the plain clip exactly (guidance 1) and another prompt changes it; clips shorter than 16 frames work
+    under --free-noise too (diffusers' FreeNoise has no window for them); bad frames are one-line errors before
+    the model loads."""
+    from animatelcm.pipelines import AnimateLCMPipeline
+
+    prompts, call = [], AnimateLCMPipeline.__call__
+    monkeypatch.setattr(AnimateLCMPipeline, "__call__",
+                        lambda pipe, *a, **k: prompts.append(k["prompt"]) or call(pipe, *a, **k))
+    base = ["generate", "--prompt", "a cat", *tiny_model_args, "--frames", "6"]
+    for name, extra in {"plain": [], "same": ["--prompt-at", "3:a cat"], "free": ["--free-noise"],
+                        "dog": ["--prompt-at", "4: a dog", "--prompt-at", "2:a cow"]}.items():
+        assert main([*base, *extra, "--out", str(tmp_path / f"{name}.gif")]) == 0, name
+    assert prompts == ["a cat", {0: "a cat", 3: "a cat"}, "a cat", {0: "a cat", 2: "a cow", 4: "a dog"}]
+    clips = {name: iio.imread(tmp_path / f"{name}.gif") for name in ("plain", "same", "free", "dog")}
+    assert (clips["same"] == clips["plain"]).all() and (clips["free"] == clips["plain"]).all()
+    assert (clips["dog"] != clips["plain"]).any()
+    assert main([*base, "--prompt", "a cow", "--prompt-at", "3:a dog", "--out", str(tmp_path / "two.gif")]) == 0
+    assert prompts[-2:] == [{0: "a cat", 3: "a dog"}, {0: "a cow", 3: "a dog"}]
+    capsys.readouterr()
+    for argv, needle in [(["--prompt-at", "6:a dog"], "the clip has 6 frames (0 to 5)"),
+                         (["--prompt-at", "3:a", "--prompt-at", "3:b"], "names frame 3 twice"),
+                         (["--prompt-at", "3:a", "--image", str(tmp_path / "plain.gif")], "--prompt-at with --image")]:
+        assert main([*base, *argv, "--out", str(tmp_path / "x.gif")]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    for argv, needle in [(["--prompt-at", "0:a dog"], "frame 0 takes --prompt"),
+                         (["--prompt-at", "3"], "expected FRAME:TEXT")]:
+        with pytest.raises(SystemExit) as exited:  # argparse's own one-line error
+            main([*base, *argv, "--out", str(tmp_path / "x.gif")])
+        assert exited.value.code == 2 and needle in capsys.readouterr().err, argv
+    code, _, stderr = run_cli("generate", "--prompt", "x", "--prompt-at", "8:y", "--out", str(tmp_path / "y.gif"))
+    assert code == 2 and "prompt attention" in stderr and "Traceback" not in stderr  # the default model's modules
+
+
 def test_generate_longer_than_the_positional_table_with_free_noise(tiny_model_args, tmp_path):
     """--free-noise makes clips longer than the motion module's table (32 frames here) in overlapping windows; the
     embedded default model's prompted motion modules refuse it with the reason."""

@@ -554,3 +554,8 @@ def test_free_noise_makes_clips_longer_than_the_table_as_diffusers(components):
         torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="FreeNoise makes one video a call"):
         pipe("a red circle", num_videos_per_prompt=2, **common)
+    # a clip shorter than the window: diffusers' FreeNoise blocks find no window (an IndexError deep in the UNet)
+    with pytest.raises(IndexError):
+        reference("a red circle", **{**common, "num_frames": 12})
+    with pytest.raises(ValueError, match=r"FreeNoise's window \(16 frames\) is longer than the clip \(12 frames\)"):
+        pipe("a red circle", **{**common, "num_frames": 12})

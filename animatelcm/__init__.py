@@ -6,10 +6,12 @@ Public API (imported lazily so ``import animatelcm`` stays cheap):
     AnimateLCMControlNetPipeline              the same for control frames (a ControlNet)
     AnimateLCMVideoToVideoPipeline            the same for a video redrawn to a prompt
     AnimateLCMVideoToVideoControlNetPipeline  and for a video redrawn following control frames
+    AnimateLCMSparseControlNetPipeline        and for control images at a few frames (SparseCtrl)
     ImageToVideoAdapter                       the image-to-video adapter AnimateLCMPipeline(image_adapter=...) takes
     AnimateLCMImageEncoder                    the image encoder of AnimateLCM's released I2V model, the other one
     load_motion_adapter, load_pipeline        offline loaders for the checkpoints people download
     load_image_adapter, load_controlnet       and for the adapters (the trainer's, AnimateLCM-I2V's)
+    load_sparse_controlnet                    and SparseCtrl models (AnimateDiff v3's)
     export_to_gif, export_to_mp4, export_video
     patch_pipeline, unpatch_pipeline          run a diffusers AnimateDiff pipeline on the fused kernels
     ops                                       fused kernels and their dispatcher
@@ -26,6 +28,7 @@ _LAZY = {
     "AnimateLCMControlNetPipeline": "animatelcm.pipelines",
     "AnimateLCMVideoToVideoPipeline": "animatelcm.pipelines",
     "AnimateLCMVideoToVideoControlNetPipeline": "animatelcm.pipelines",
+    "AnimateLCMSparseControlNetPipeline": "animatelcm.pipelines",
     "ImageToVideoAdapter": "animatelcm.adapters",
     "AnimateLCMImageEncoder": "animatelcm.adapters",
     "load_motion_adapter": "animatelcm.loading",
@@ -33,6 +36,7 @@ _LAZY = {
     "load_lora": "animatelcm.loading",
     "load_image_adapter": "animatelcm.loading",
     "load_controlnet": "animatelcm.loading",
+    "load_sparse_controlnet": "animatelcm.loading",
     "load_vae": "animatelcm.loading",
     "export_to_gif": "animatelcm.export",
     "export_to_mp4": "animatelcm.export",

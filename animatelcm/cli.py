@@ -107,6 +107,15 @@ def _frame_prompt(text):
     return int(frame), prompt.strip()
 
 
+def _frame_image(text):
+    """FRAME:PATH (SparseCtrl): a frame index and the control image for it."""
+    frame, sep, path = text.partition(":")
+    if not sep or not frame.strip().isdigit() or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected FRAME:IMAGE, a frame number and the control image for "
+                                         "it (e.g. 0:first.png)")
+    return int(frame), path
+
+
 class OneLineErrorParser(argparse.ArgumentParser):
     """argparse that reports a bad command line as one line (no usage dump) with exit status 2."""
 
@@ -189,6 +198,14 @@ def build_parser() -> argparse.ArgumentParser:
     adapters.add_argument("--control-edges", action="store_true",
                           help="turn the control frames into Sobel edge maps first (for ControlNets trained with "
                                "adapter.control: edges)")
+    adapters.add_argument("--sparsectrl",
+                          help="SparseCtrl model (AnimateDiff v3's: RGB or scribble) steering a few frames given "
+                               "with --sparse-frame: a diffusers folder, or its file in AnimateDiff's layout "
+                               "(v3_sd15_sparsectrl_*.ckpt: --allow-pickle; or .safetensors). --control-scale sets "
+                               "its strength")
+    adapters.add_argument("--sparse-frame", action="append", default=[], type=_frame_image, metavar="FRAME:IMAGE",
+                          help="a control image for frame FRAME (repeatable; a picture for the RGB model, a "
+                               "scribble for the scribble one): its centre at the clip's aspect ratio, resized")
     gen.add_argument("--steps", type=_positive_int, default=4, help="sampling steps (default 4)")
     gen.add_argument("--beta-end", type=_beta, default=None, metavar="B",
                      help="last beta of the noise schedule the LCM scheduler samples on (default: the model's; "
@@ -333,7 +350,7 @@ def _check_writable(flag: str, path: Path) -> None:
 
 def _check_paths(args) -> None:
     for flag in ("model", "base", "base_config", "motion_module", "vae", "lcm_lora", "image", "image_adapter",
-                 "video", "control", "controlnet"):
+                 "video", "control", "controlnet", "sparsectrl"):
         value = getattr(args, flag, None)
         for path in value if isinstance(value, list) else [value]:  # repeatable flags give lists
             if path is not None and not Path(path).exists():
@@ -341,6 +358,9 @@ def _check_paths(args) -> None:
     for path, _ in args.lora:
         if not Path(path).exists():
             raise UserError(f"--lora {path}: no such file or folder")
+    for frame, path in getattr(args, "sparse_frame", []):
+        if not Path(path).is_file():
+            raise UserError(f"--sparse-frame {frame}:{path}: no such file")
     if args.command == "generate" and Path(args.out).suffix.lower() not in (".gif", ".mp4"):
         raise UserError(f"--out {args.out}: the file name must end in .gif or .mp4")
     for flag in ("out", "save_clips"):  # checked before the model loads, not after the work is done
@@ -359,6 +379,7 @@ def _check_paths(args) -> None:
     if args.command == "generate":
         _clips(args)  # the repeated flags agree, before the model loads
         _prompt_travel(args.prompt_at, args.frames)  # and the clip's frames, where --frames gives them
+        _check_sparse_control(args)
         if args.prompt_at and args.image:
             raise UserError("--prompt-at with --image: prompt travel runs on FreeNoise, which denoises windows of "
                             "the clip, and the image adapter embeds the frame index of the whole clip; drop one")
@@ -530,6 +551,7 @@ def generate(args) -> list[Path]:
         if seed == -1:
             seed = random.SystemRandom().randrange(2 ** 63)
             print(f"seed {seed} (drawn for --seed -1; --seed {seed} makes this clip again)", file=sys.stderr)
+        torch.manual_seed(seed)  # what draws from torch's global generator (SparseCtrl's RGB encode) repeats too
         result = pipe(prompt={0: prompt, **travel} if travel else prompt, negative_prompt=negative_prompt, height=height, width=width,
                       num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=torch.Generator("cpu").manual_seed(seed), decode_chunk_size=args.decode_chunk_size,
@@ -577,6 +599,32 @@ def _prompt_travel(frame_prompts: list[tuple[int, str]], frames: int | None) -> 
             raise UserError(f"--prompt-at names frame {frame} twice; give each frame one prompt")
         travel[frame] = prompt
     return dict(sorted(travel.items()))
+
+
+def _check_sparse_control(args) -> None:
+    """--sparsectrl and --sparse-frame go together, alone (text to video), one image per frame of the clip."""
+    if bool(args.sparsectrl) != bool(args.sparse_frame):
+        raise UserError("--sparsectrl and --sparse-frame go together: the SparseCtrl model and the frames it steers "
+                        "(--sparse-frame 0:first.png, say)")
+    if not args.sparsectrl:
+        return
+    for flag in ("image", "video", "control"):
+        if getattr(args, flag):
+            raise UserError(f"--sparsectrl with --{flag}: SparseCtrl steers a text-to-video clip; drop one of them")
+    if args.control_edges:
+        raise UserError("--control-edges applies to --control; give --sparse-frame the scribbles or pictures the "
+                        "SparseCtrl model reads")
+    if len(args.control_scale) > 1:
+        raise UserError("--control-scale: one SparseCtrl model takes one scale")
+    frames = args.frames or 16
+    seen = set()
+    for frame, _ in args.sparse_frame:
+        if frame >= frames:
+            raise UserError(f"--sparse-frame {frame}:...: the clip has {frames} frames (0 to {frames - 1}); give a "
+                            "frame in it")
+        if frame in seen:
+            raise UserError(f"--sparse-frame names frame {frame} twice; give each frame one image")
+        seen.add(frame)
 
 
 def _beta_end_applies(scheduler) -> bool:
@@ -645,9 +693,9 @@ def _add_adapters(args, pipe, dtype, device, height, width):
     from PIL import Image, ImageOps
 
     from .adapters import AnimateLCMImageEncoder
-    from .loading import holds_image_encoder, load_controlnet, load_image_adapter
-    from .pipelines import (DEFAULT_STRENGTH, AnimateLCMControlNetPipeline, AnimateLCMVideoToVideoControlNetPipeline,
-                            AnimateLCMVideoToVideoPipeline)
+    from .loading import holds_image_encoder, load_controlnet, load_image_adapter, load_sparse_controlnet
+    from .pipelines import (DEFAULT_STRENGTH, AnimateLCMControlNetPipeline, AnimateLCMSparseControlNetPipeline,
+                            AnimateLCMVideoToVideoControlNetPipeline, AnimateLCMVideoToVideoPipeline)
     from .schedulers import IMAGE_TO_VIDEO_BETA_END, IMAGE_TO_VIDEO_ORIGINAL_STEPS, lcm_scheduler_like
 
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -678,6 +726,15 @@ def _add_adapters(args, pipe, dtype, device, height, width):
         picture = ImageOps.fit(_read_picture(args.image), (width, height), method=Image.Resampling.LANCZOS)
         match_colors = release if args.match_image_colors is None else args.match_image_colors
         return pipe, {"num_frames": args.frames or 16, "image": picture, "match_image_colors": match_colors}
+    if args.sparsectrl:
+        controlnet = load_sparse_controlnet(args.sparsectrl, torch_dtype=dtype, unet=pipe.unet,
+                                            allow_pickle=args.allow_pickle).to(device)
+        pictures = [ImageOps.fit(_read_picture(path, "--sparse-frame"), (width, height),
+                                 method=Image.Resampling.LANCZOS) for _, path in args.sparse_frame]
+        return AnimateLCMSparseControlNetPipeline.from_pipe(pipe, controlnet=controlnet), {
+            "num_frames": args.frames or 16, "conditioning_frames": pictures,
+            "controlnet_frame_indices": [frame for frame, _ in args.sparse_frame],
+            "controlnet_conditioning_scale": (args.control_scale or [1.0])[0]}
     video = _read_clip(args.video, args.frames, height, width, flag="--video") if args.video else None
     arguments = {} if video is None else {
         "video": list(video), "strength": DEFAULT_STRENGTH if args.strength is None else args.strength}

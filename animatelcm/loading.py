@@ -469,6 +469,99 @@ def load_controlnet(path, torch_dtype: torch.dtype | None = None, unet=None, all
     return model.eval()
 
 
+def _original_to_diffusers_sparse_keys(state: dict) -> dict:
+    """AnimateDiff v3's SparseCtrl names (its motion modules as in a motion-module file, the ControlNet half already
+    as diffusers names it) in diffusers' layout; the positional tables are kept (``pos_embed.pe``)."""
+    renames = ((".temporal_transformer", ""), (".attention_blocks.0", ".attn1"), (".attention_blocks.1", ".attn2"),
+               (".attn1.pos_encoder", ".attn1.pos_embed"), (".attn2.pos_encoder", ".attn2.pos_embed"),
+               (".norms.0", ".norm1"), (".norms.1", ".norm2"), (".ff_norm", ".norm3"))
+    converted = {}
+    for key, value in state.items():
+        for old, new in renames:
+            key = key.replace(old, new)
+        converted[key] = value
+    return converted
+
+
+def sparse_controlnet_config_for(unet, state: dict) -> dict:
+    """The ``diffusers.SparseControlNetModel`` config of SparseCtrl tensors ``state`` (diffusers' names) for
+    ``unet`` (a UNetMotionModel, or a UNet2DConditionModel): the encoder half's architecture from the UNet, the
+    motion modules' heads from it too (their count cannot be read from tensors), and from the tensors the
+    conditioning embedding (a VAE latent through one convolution, AnimateDiff's RGB model; or an image through a
+    small encoder, its scribble one), whether the mask of conditioned frames is concatenated, and the positional
+    table's length."""
+    import inspect
+
+    from diffusers import SparseControlNetModel
+
+    accepted = inspect.signature(SparseControlNetModel.__init__).parameters
+    config = {key: value for key, value in unet.config.items() if key in accepted and not key.startswith("_")}
+    config["down_block_types"] = tuple(kind.replace("2D", "Motion") for kind in unet.config.down_block_types)
+    simplified = "controlnet_cond_embedding.weight" in state
+    first = state.get("controlnet_cond_embedding.weight" if simplified else "controlnet_cond_embedding.conv_in.weight")
+    if first is None:
+        raise CheckpointError("no controlnet_cond_embedding tensors: this is not a SparseCtrl model")
+    channels = 4 if simplified else 3  # a VAE latent, or an RGB image
+    if int(first.shape[1]) - channels not in (0, 1):
+        raise CheckpointError(f"its conditioning embedding reads {int(first.shape[1])} channels: a SparseCtrl model "
+                              f"{'on latents' if simplified else 'on images'} reads {channels} (+1 for the mask)")
+    config.update(use_simplified_condition_embedding=simplified, conditioning_channels=channels,
+                  concat_conditioning_mask=int(first.shape[1]) == channels + 1)
+    if not simplified:
+        # conv_in, then per level a convolution keeping the width and one widening it (blocks 1, 3, ...)
+        widths, block = [int(first.shape[0])], 1
+        while f"controlnet_cond_embedding.blocks.{block}.weight" in state:
+            widths.append(int(state[f"controlnet_cond_embedding.blocks.{block}.weight"].shape[0]))
+            block += 2
+        config["conditioning_embedding_out_channels"] = tuple(widths)
+    motion_heads = unet.config.get("motion_num_attention_heads")
+    if motion_heads is not None:
+        config["motion_num_attention_heads"] = motion_heads
+    lengths = {int(value.shape[1]) for key, value in state.items() if key.endswith("pos_embed.pe")}
+    if len(lengths) == 1:
+        config["motion_max_seq_length"] = lengths.pop()
+    return config
+
+
+def load_sparse_controlnet(path, torch_dtype: torch.dtype | None = None, unet=None, allow_pickle: bool = False):
+    """A :class:`diffusers.SparseControlNetModel` (AnimateDiff v3's SparseCtrl: control images at a few frames) for
+    :class:`AnimateLCMSparseControlNetPipeline`, from a diffusers folder (the hub's
+    ``guoyww/animatediff-sparsectrl-rgb`` / ``-scribble``) or one file in AnimateDiff's layout
+    (``v3_sd15_sparsectrl_rgb.ckpt``, pickled, so ``allow_pickle=True``; or a ``.safetensors`` of it) or in
+    diffusers', whose encoder architecture is ``unet``'s (:func:`sparse_controlnet_config_for`)."""
+    from diffusers import SparseControlNetModel
+
+    path = _require_path(path, "SparseCtrl model")
+    if path.is_dir():
+        return _load_model_folder(SparseControlNetModel, path, "SparseCtrl model", torch_dtype)
+    if unet is None:
+        raise CheckpointError(f"SparseCtrl model {path}: a single file holds no architecture; pass the UNet it "
+                              "controls (load_sparse_controlnet(path, unet=pipe.unet)), or give a diffusers folder")
+    state = read_state_dict(path, allow_pickle=allow_pickle)
+    if "state_dict" in state and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    state = _original_to_diffusers_sparse_keys(state)
+    try:
+        config = sparse_controlnet_config_for(unet, state)
+    except CheckpointError as error:
+        raise CheckpointError(f"SparseCtrl model {path}: {error}") from None
+    model = SparseControlNetModel.from_config(config)
+    expected = model.state_dict()
+    state = {**{key: value for key, value in expected.items() if key.endswith("pos_embed.pe")}, **state}
+    problems = ([f"missing {key}" for key in expected if key not in state]
+                + [f"unexpected {key}" for key in state if key not in expected]
+                + [f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
+                   for key, value in state.items() if key in expected and value.shape != expected[key].shape])
+    if problems:
+        raise CheckpointError(f"SparseCtrl model {path}: not a SparseCtrl model for this model's UNet "
+                              f"({len(problems)} mismatches, e.g. {problems[0]}): AnimateDiff v3's SparseCtrl for "
+                              "SD1.5, in its own layout or diffusers', is expected")
+    model.load_state_dict(state, assign=True)
+    if torch_dtype is not None:
+        model.to(torch_dtype)
+    return model.eval()
+
+
 def first_folder(*paths) -> Path | None:
     """The first of ``paths`` (None entries skipped) that is a folder: where a single-file VAE finds its config."""
     return next((Path(path) for path in paths if path is not None and Path(path).is_dir()), None)

@@ -10,9 +10,9 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
-from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AnimateDiffVideoToVideoControlNetPipeline,
-                       AnimateDiffVideoToVideoPipeline, AutoencoderKL, ControlNetModel, MotionAdapter,
-                       UNet2DConditionModel, UNetMotionModel)
+from diffusers import (AnimateDiffControlNetPipeline, AnimateDiffPipeline, AnimateDiffSparseControlNetPipeline,
+                       AnimateDiffVideoToVideoControlNetPipeline, AnimateDiffVideoToVideoPipeline, AutoencoderKL,
+                       ControlNetModel, MotionAdapter, SparseControlNetModel, UNet2DConditionModel, UNetMotionModel)
 from diffusers import LCMScheduler as DiffusersLCMScheduler
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.animatediff.pipeline_output import AnimateDiffPipelineOutput
@@ -294,11 +294,13 @@ class AnimateLCMPipeline(_AnimateLCMDefaults, AnimateDiffPipeline):
 
 class _ControlNetParts:
     """The constructor of AnimateLCM's ControlNet pipelines: diffusers' components, with the scheduler and UNet as
-    :func:`_animatelcm_parts` makes them. (diffusers reads the components and their classes from this signature.)"""
+    :func:`_animatelcm_parts` makes them. (diffusers reads the components and their classes from this signature;
+    the SparseCtrl pipeline takes a SparseControlNetModel, the others a ControlNetModel or several.)"""
 
     def __init__(self, vae: AutoencoderKL, text_encoder, tokenizer, unet: Union[UNet2DConditionModel, UNetMotionModel],
                  motion_adapter: MotionAdapter,
-                 controlnet: Union[ControlNetModel, list[ControlNetModel], tuple[ControlNetModel], MultiControlNetModel],
+                 controlnet: Union[ControlNetModel, list[ControlNetModel], tuple[ControlNetModel], MultiControlNetModel,
+                                   SparseControlNetModel],
                  scheduler=None, feature_extractor=None, image_encoder=None):
         unet, scheduler = _animatelcm_parts(unet, motion_adapter, scheduler)
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
@@ -414,6 +416,71 @@ class AnimateLCMVideoToVideoControlNetPipeline(_ControlNetParts, _AnimateLCMDefa
         """The control images as :func:`_control_images` prepares them."""
         return _control_images(self, super().prepare_conditioning_frames, video, width, height, batch_size,
                                num_videos_per_prompt, device, dtype, do_classifier_free_guidance and not guess_mode)
+
+
+class AnimateLCMSparseControlNetPipeline(_ControlNetParts, _AnimateLCMDefaults, AnimateDiffSparseControlNetPipeline):
+    """Video from a prompt and control images at a few of its frames (AnimateDiff v3's SparseCtrl: RGB frames,
+    scribbles) in a few steps: diffusers' :class:`~diffusers.AnimateDiffSparseControlNetPipeline` with AnimateLCM's
+    scheduler and defaults (4 steps, guidance 1.0, 16 frames), ``num_videos_per_prompt`` honoured (each video
+    follows the same control images) and the VAE decode in chunks of ``decode_chunk_size`` frames, as the other
+    pipelines'. ``controlnet`` is a :class:`diffusers.SparseControlNetModel`
+    (:func:`animatelcm.loading.load_sparse_controlnet`). Build one from a loaded pipeline with
+    ``AnimateLCMSparseControlNetPipeline.from_pipe(pipe, controlnet=controlnet)``.
+
+    ``__call__(prompt, conditioning_frames=[images], controlnet_frame_indices=[frames], ...)``: one control image
+    (PIL, array ``[H, W, 3]`` or tensor ``[3, H, W]`` in [0, 1]) per index, each resized to ``height`` x
+    ``width``; an RGB model reads them through the VAE, a scribble model as they are. FreeNoise is not available
+    here (diffusers' SparseCtrl pipeline has none)."""
+
+    _optional_components = [*AnimateDiffSparseControlNetPipeline._optional_components, "scheduler"]
+    free_noise_enabled = False  # diffusers' SparseCtrl pipeline has no FreeNoise
+
+    def enable_free_noise(self, *args, **kwargs):
+        """Refused: diffusers' SparseCtrl pipeline has no FreeNoise."""
+        raise ValueError("the SparseCtrl pipeline has no FreeNoise (diffusers' has none); generate at most "
+                         f"{self.max_frames()} frames with it")
+
+    def __call__(self, prompt=None, num_frames: int = DEFAULT_FRAMES, height=None, width=None,
+                 num_inference_steps: int = DEFAULT_STEPS, guidance_scale: float = DEFAULT_GUIDANCE,
+                 output_type: str = "pil", decode_chunk_size: int = 16, num_videos_per_prompt: int = 1,
+                 conditioning_frames=None, controlnet_frame_indices=(0,), **kwargs):
+        """Generate videos whose frames ``controlnet_frame_indices`` (distinct, in ``[0, num_frames)``) follow
+        ``conditioning_frames`` (one control image each, in that order; required); the other arguments as
+        :meth:`AnimateLCMPipeline.__call__`."""
+        self._check_call_arguments(num_frames, num_inference_steps, guidance_scale, decode_chunk_size, output_type,
+                                   num_videos_per_prompt)
+        if conditioning_frames is None:
+            raise ValueError("conditioning_frames is required: one control image per index of "
+                             "controlnet_frame_indices")
+        if not isinstance(conditioning_frames, (list, tuple)) and getattr(conditioning_frames, "ndim", 3) == 3:
+            conditioning_frames = [conditioning_frames]  # one image (PIL, [H, W, 3] or [3, H, W])
+        conditioning_frames = _frame_list(conditioning_frames, "conditioning_frames")
+        indices = list(controlnet_frame_indices)
+        if not indices or any(not isinstance(i, numbers.Integral) or not 0 <= i < num_frames for i in indices) or (
+                len(set(indices)) != len(indices)):
+            raise ValueError(f"controlnet_frame_indices must be distinct frame numbers in [0, {num_frames}), got "
+                             f"{controlnet_frame_indices!r}")
+        if len(conditioning_frames) != len(indices):
+            raise ValueError(f"got {len(conditioning_frames)} conditioning frames for {len(indices)} frame indices "
+                             f"{indices}; give one control image per index")
+        self._check_latents(kwargs.get("latents"), _prompt_count(prompt, kwargs) * num_videos_per_prompt,
+                            num_frames, height, width)
+        prompt, kwargs = self._batched_prompts(prompt, kwargs, num_videos_per_prompt)
+        self._decode_chunk_size = decode_chunk_size
+        return super().__call__(prompt=prompt, num_frames=num_frames, height=height, width=width,
+                                num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                output_type=output_type, conditioning_frames=conditioning_frames,
+                                controlnet_frame_indices=indices, **kwargs)
+
+    def decode_latents(self, latents, decode_chunk_size: int | None = None):
+        """diffusers' decode (latents ``[B, 4, F, h, w]`` -> float32 video ``[B, 3, F, H, W]``), ``decode_chunk_size``
+        frames (default: the call's) at a time."""
+        chunk = decode_chunk_size or getattr(self, "_decode_chunk_size", None) or 16
+        latents = latents / self.vae.config.scaling_factor
+        batch, channels, frames, height, width = latents.shape
+        latents = latents.permute(0, 2, 1, 3, 4).reshape(batch * frames, channels, height, width)
+        image = torch.cat([self.vae.decode(latents[i:i + chunk]).sample for i in range(0, len(latents), chunk)])
+        return image[None, :].reshape((batch, frames, -1) + image.shape[2:]).permute(0, 2, 1, 3, 4).float()
 
 
 def _video_call(pipe, video, prompt, kwargs: dict, height, width, num_inference_steps, guidance_scale, strength,

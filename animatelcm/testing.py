@@ -158,6 +158,35 @@ def tiny_components(directory: str | Path, config: TinyConfig = TinyConfig(), se
     return components
 
 
+def tiny_sparse_controlnet(unet, motion_adapter, latent_condition: bool = True, seed: int = 0):
+    """A SparseCtrl model (``diffusers.SparseControlNetModel``, with the mask of conditioned frames) for the tiny
+    ``unet`` (a UNet2DConditionModel or UNetMotionModel, VAE downsampling 8x) and ``motion_adapter``'s motion
+    modules: on VAE latents through one convolution (as AnimateDiff v3's RGB model) or on images through a small
+    encoder (as its scribble one). Its zero-initialised convolutions (the conditioning embedding's, the outputs, the
+    motion modules' proj_out) get small random weights, so the control reaches the UNet."""
+    from diffusers import SparseControlNetModel
+
+    config = unet.config
+    torch.manual_seed(seed)
+    controlnet = SparseControlNetModel(
+        in_channels=config.in_channels, conditioning_channels=4 if latent_condition else 3,
+        block_out_channels=config.block_out_channels,
+        down_block_types=tuple("CrossAttnDownBlockMotion" if "CrossAttn" in kind else "DownBlockMotion"
+                               for kind in config.down_block_types),
+        layers_per_block=config.layers_per_block, norm_num_groups=config.norm_num_groups,
+        cross_attention_dim=config.cross_attention_dim,
+        attention_head_dim=config.get("attention_head_dim") or config.get("num_attention_heads"),  # UNetMotionModel's name
+        motion_num_attention_heads=motion_adapter.config.motion_num_attention_heads,
+        motion_max_seq_length=motion_adapter.config.motion_max_seq_length,
+        conditioning_embedding_out_channels=(16, 32, 32, 32), use_simplified_condition_embedding=latent_condition)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, parameter in controlnet.named_parameters():
+            if not parameter.any():  # zero-initialised
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.05)
+    return controlnet.eval()
+
+
 def _randomize_zero_init(motion_adapter, seed: int) -> None:
     """Motion modules' proj_out is zero-initialised (an identity at step 0); give it small random weights so tests
     exercise the temporal path for real."""

@@ -551,6 +551,49 @@ def test_prompt_travel(tiny_model_args, tmp_path, capsys, monkeypatch):
     assert code == 2 and "prompt attention" in stderr and "Traceback" not in stderr  # the default model's modules
 
 
+def test_generate_with_sparse_control(components, tiny_model_args, tmp_path, capsys, monkeypatch):
+    """--sparsectrl with --sparse-frame FRAME:IMAGE steers the named frames: the SparseCtrl pipeline gets the
+    images (centre at the clip's aspect ratio) and their frames; the clip is reproducible (the RGB model's encode
+    draws from torch's global generator, seeded per clip), follows the control (scale 0 is the text-only clip) and
+    loads the model in AnimateDiff's file layout too; bad combinations are one-line errors before loading."""
+    from animatelcm import AnimateLCMPipeline
+    from animatelcm.pipelines import AnimateLCMSparseControlNetPipeline
+    from animatelcm.testing import tiny_sparse_controlnet
+
+    pipe = AnimateLCMPipeline(**components)
+    tiny_sparse_controlnet(pipe.unet, pipe.motion_adapter).save_pretrained(tmp_path / "sparse")
+    for index in range(2):
+        Image.fromarray(np.random.default_rng(index).integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
+            tmp_path / f"p{index}.png")
+    calls, call = [], AnimateLCMSparseControlNetPipeline.__call__
+    monkeypatch.setattr(AnimateLCMSparseControlNetPipeline, "__call__",
+                        lambda p, *a, **k: calls.append(k) or call(p, *a, **k))
+    base = ["generate", "--prompt", "a cat", *tiny_model_args, "--frames", "6"]
+    sparse = ["--sparsectrl", str(tmp_path / "sparse"), "--sparse-frame", f"0:{tmp_path / 'p0.png'}",
+              "--sparse-frame", f"5:{tmp_path / 'p1.png'}"]
+    for name, extra in {"a": sparse, "b": sparse, "zero": [*sparse, "--control-scale", "0"], "text": []}.items():
+        assert main([*base, *extra, "--out", str(tmp_path / f"{name}.gif")]) == 0, name
+    assert calls[0]["controlnet_frame_indices"] == [0, 5] and calls[0]["controlnet_conditioning_scale"] == 1.0
+    assert [picture.size for picture in calls[0]["conditioning_frames"]] == [(32, 32)] * 2
+    clips = {name: iio.imread(tmp_path / f"{name}.gif") for name in ("a", "b", "zero", "text")}
+    assert clips["a"].shape[:3] == (6, 32, 32) and (clips["a"] == clips["b"]).all()
+    assert (clips["a"] != clips["text"]).any() and (clips["zero"] == clips["text"]).all()
+    capsys.readouterr()
+    for argv, needle in [(sparse[:2], "--sparsectrl and --sparse-frame go together"),
+                         (sparse[2:], "--sparsectrl and --sparse-frame go together"),
+                         ([*sparse, "--video", str(tmp_path / "p0.png")], "--sparsectrl with --video"),
+                         ([*sparse, "--sparse-frame", f"6:{tmp_path / 'p0.png'}"], "the clip has 6 frames"),
+                         ([*sparse, "--sparse-frame", f"5:{tmp_path / 'p0.png'}"], "names frame 5 twice"),
+                         ([*sparse, "--sparse-frame", "3:missing.png"], "--sparse-frame 3:missing.png: no such"),
+                         ([*sparse, "--control-scale", "1", "--control-scale", "2"], "one scale"),
+                         ([*sparse, "--prompt-at", "3:a dog"], "no FreeNoise")]:
+        assert main([*base, *argv, "--out", str(tmp_path / "x.gif")]) == 2, argv
+        assert needle in capsys.readouterr().err, argv
+    with pytest.raises(SystemExit):
+        main([*base, "--sparsectrl", str(tmp_path / "sparse"), "--sparse-frame", "x.png"])
+    assert "expected FRAME:IMAGE" in capsys.readouterr().err
+
+
 def test_generate_longer_than_the_positional_table_with_free_noise(tiny_model_args, tmp_path):
     """--free-noise makes clips longer than the motion module's table (32 frames here) in overlapping windows; the
     embedded default model's prompted motion modules refuse it with the reason."""

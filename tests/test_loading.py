@@ -1,4 +1,5 @@
 import copy
+import re
 import os
 import shutil
 import warnings
@@ -825,3 +826,53 @@ def test_controlnet_single_files(components, tmp_path, suffix, prefix):
     save_file({"input_blocks.0.0.weight": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="not a ControlNet for this model"):
         load_controlnet(tmp_path / "other.safetensors", unet=unet)
+
+
+def sparsectrl_original_layout(controlnet, with_pos_encoder: bool) -> dict:
+    """A SparseCtrl model's tensors named as AnimateDiff v3's files name them: its motion modules in the original
+    motion-module layout (``temporal_transformer``, ``attention_blocks``, ``norms``, ``ff_norm``, with or without
+    ``pos_encoder.pe``), the rest as diffusers names it."""
+    state = controlnet.state_dict()
+    motion = {key: value for key, value in state.items() if "motion_modules." in key}
+    converted = {key: value for key, value in state.items() if "motion_modules." not in key}
+    converted.update(diffusers_to_original_motion_keys(motion))
+    if with_pos_encoder:
+        for key, value in motion.items():
+            if key.endswith("pos_embed.pe"):
+                converted[re.sub(r"motion_modules\.(\d+)\.", r"motion_modules.\1.temporal_transformer.", key)
+                          .replace(".attn1.pos_embed.", ".attention_blocks.0.pos_encoder.")
+                          .replace(".attn2.pos_embed.", ".attention_blocks.1.pos_encoder.")] = value
+    return {key: value.contiguous() for key, value in converted.items()}
+
+
+@pytest.mark.parametrize("latent_condition", [True, False])
+def test_sparsectrl_models_load_in_the_layouts_people_download(components, tmp_path, latent_condition):
+    """AnimateDiff v3's SparseCtrl files (its layout, with or without the positional tables; pickled or
+    safetensors) and diffusers folders load as the same SparseControlNetModel; the conditioning embedding's kind
+    and mask are read from the tensors, the rest from the pipeline's UNet; wrong files say what is wrong."""
+    from animatelcm.loading import load_sparse_controlnet
+    from animatelcm.testing import tiny_sparse_controlnet
+
+    pipe = AnimateLCMPipeline(**components)
+    controlnet = tiny_sparse_controlnet(pipe.unet, pipe.motion_adapter, latent_condition=latent_condition)
+    controlnet.save_pretrained(tmp_path / "folder")
+    assert_same_weights(load_sparse_controlnet(tmp_path / "folder"), controlnet)
+    save_file(sparsectrl_original_layout(controlnet, True), str(tmp_path / "original.safetensors"))
+    torch.save({"state_dict": sparsectrl_original_layout(controlnet, False)}, tmp_path / "original.ckpt")
+    save_file({k: v.contiguous() for k, v in controlnet.state_dict().items()}, str(tmp_path / "diffusers.safetensors"))
+    for name in ("original.safetensors", "original.ckpt", "diffusers.safetensors"):
+        loaded = load_sparse_controlnet(tmp_path / name, unet=pipe.unet, allow_pickle=True)
+        assert_same_weights(loaded, controlnet)
+        assert loaded.config.use_simplified_condition_embedding == latent_condition
+        assert loaded.config.concat_conditioning_mask and loaded.config.conditioning_channels == (
+            4 if latent_condition else 3)
+    with pytest.raises(CheckpointError, match="pass the UNet it controls"):
+        load_sparse_controlnet(tmp_path / "original.safetensors")
+    with pytest.raises(CheckpointError, match="not a SparseCtrl model"):
+        save_motion_adapter(pipe.motion_adapter, tmp_path / "mm.safetensors")
+        load_sparse_controlnet(tmp_path / "mm.safetensors", unet=pipe.unet)
+    state = load_file(str(tmp_path / "original.safetensors"))
+    state["conv_in.weight"] = state["conv_in.weight"][:, :3].contiguous()
+    save_file(state, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match=r"conv_in.weight: file \(16, 3, 3, 3\)"):
+        load_sparse_controlnet(tmp_path / "other.safetensors", unet=pipe.unet)

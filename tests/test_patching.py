@@ -11,6 +11,7 @@ from animatelcm import patching
 from animatelcm import (AnimateLCMControlNetPipeline, AnimateLCMPipeline, ImageToVideoAdapter, LCMScheduler, ops,
                         patch_pipeline, unpatch_pipeline)
 from animatelcm.ops.group_norm import is_channels_last
+from animatelcm.testing import tiny_sparse_controlnet
 from animatelcm.patching import SpatialSelfAttentionProcessor, TemporalAttentionProcessor, is_patched
 
 FRAMES, SIZE = 8, 64
@@ -68,15 +69,7 @@ def build(kind, components):
         pipe = diffusers.AnimateDiffVideoToVideoControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
         args.update(video=video(0), conditioning_frames=video(1), strength=0.8, num_inference_steps=4)
     elif kind == "sparsectrl":  # its controlnet carries motion modules of its own, patched like the UNet's
-        config = components["unet"].config  # (SparseControlNetModel.from_unet fails on tuple configs)
-        controlnet = diffusers.SparseControlNetModel(
-            in_channels=config.in_channels, conditioning_channels=3, block_out_channels=config.block_out_channels,
-            down_block_types=tuple("CrossAttnDownBlockMotion" if "CrossAttn" in block else "DownBlockMotion"
-                                   for block in config.down_block_types),
-            layers_per_block=config.layers_per_block, norm_num_groups=config.norm_num_groups,
-            cross_attention_dim=config.cross_attention_dim, attention_head_dim=config.attention_head_dim,
-            motion_num_attention_heads=components["motion_adapter"].config.motion_num_attention_heads,
-            conditioning_embedding_out_channels=(16, 32, 32, 32), use_simplified_condition_embedding=False).eval()
+        controlnet = tiny_sparse_controlnet(components["unet"], components["motion_adapter"], latent_condition=False)
         pipe = diffusers.AnimateDiffSparseControlNetPipeline(**common, controlnet=controlnet, scheduler=lcm())
         args.update(num_frames=FRAMES, height=SIZE, width=SIZE, conditioning_frames=video(1)[:2],
                     controlnet_frame_indices=[0, FRAMES - 1], latents=torch.randn(1, 4, FRAMES, 8, 8))

@@ -559,3 +559,61 @@ def test_free_noise_makes_clips_longer_than_the_table_as_diffusers(components):
         reference("a red circle", **{**common, "num_frames": 12})
     with pytest.raises(ValueError, match=r"FreeNoise's window \(16 frames\) is longer than the clip \(12 frames\)"):
         pipe("a red circle", **{**common, "num_frames": 12})
+
+
+@pytest.mark.parametrize("latent_condition", [True, False])
+@pytest.mark.parametrize("guidance", [1.0, 2.0])
+def test_sparse_controlnet_pipeline_matches_diffusers(components, latent_condition, guidance):
+    """SparseCtrl (control images at a few frames; through the VAE for the RGB kind, as they are for the scribble
+    kind): the same frames as diffusers' AnimateDiffSparseControlNetPipeline with diffusers' LCMScheduler; several
+    videos each equal to the one made alone; the decode in chunks; bad indices and counts refused."""
+    from animatelcm import AnimateLCMSparseControlNetPipeline
+    from animatelcm.testing import tiny_sparse_controlnet
+
+    pipe = AnimateLCMPipeline(**components)
+    controlnet = tiny_sparse_controlnet(pipe.unet, pipe.motion_adapter, latent_condition=latent_condition)
+    ours = AnimateLCMSparseControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
+    assert type(ours.scheduler) is LCMScheduler
+    reference = diffusers.AnimateDiffSparseControlNetPipeline(
+        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+        motion_adapter=pipe.motion_adapter, controlnet=controlnet,
+        scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
+    for p in (ours, reference):
+        p.set_progress_bar_config(disable=True)
+    control = pictures(2, 48, seed=3)
+    common = dict(prompt="a red circle", negative_prompt="blurry", num_frames=6, height=48, width=48,
+                  num_inference_steps=3, guidance_scale=guidance, output_type="np", conditioning_frames=control,
+                  controlnet_frame_indices=[0, 5], latents=torch.randn(1, 4, 6, 6, 6))
+
+    def seeded(p, **arguments):  # the RGB kind's VAE encode samples from torch's global generator, as diffusers'
+        torch.manual_seed(7)
+        return p(generator=torch.Generator().manual_seed(1), **{**common, **arguments}).frames
+
+    got, expected = seeded(ours), seeded(reference)
+    assert got.shape == (1, 6, 48, 48, 3)
+    assert np.abs(got - expected).max() <= 1e-4
+    assert np.abs(got - seeded(ours, controlnet_conditioning_scale=0.0)).max() > 1e-3  # the control reaches the clip
+    assert np.abs(seeded(ours, decode_chunk_size=4) - got).max() <= 1e-5
+    from animatelcm import patch_pipeline, unpatch_pipeline
+
+    patch_pipeline(ours)  # the fused kernels, the SparseCtrl model's motion modules included
+    assert np.abs(seeded(ours) - got).max() <= 1e-3
+    unpatch_pipeline(ours)
+    del common["latents"], common["prompt"]
+    two = torch.randn(2, 4, 6, 6, 6)
+    one_step = {**common, "num_inference_steps": 1}
+    torch.manual_seed(7)
+    batch = ours("a cat", num_videos_per_prompt=2, **one_step, latents=two).frames
+    torch.manual_seed(7)
+    alone = ours("a cat", **one_step, latents=two[1:]).frames
+    assert batch.shape[0] == 2 and np.abs(batch[1] - alone[0]).max() <= 1e-4
+    for bad, match in [(dict(controlnet_frame_indices=[0, 6]), r"distinct frame numbers in \[0, 6\)"),
+                       (dict(controlnet_frame_indices=[2, 2]), "distinct"),
+                       (dict(controlnet_frame_indices=[0]), "2 conditioning frames for 1 frame indices"),
+                       (dict(conditioning_frames=None), "conditioning_frames is required")]:
+        with pytest.raises(ValueError, match=match):
+            ours("x", **{**one_step, **bad})
+    single = ours("x", **{**one_step, "conditioning_frames": control[0], "controlnet_frame_indices": [3]}).frames
+    assert single.shape == (1, 6, 48, 48, 3)  # one image alone is one control frame
+    with pytest.raises(ValueError, match="no FreeNoise"):
+        ours.enable_free_noise()

@@ -440,30 +440,45 @@ def load_controlnet(path, torch_dtype: torch.dtype | None = None, unet=None, all
     conversions) or in diffusers' (a hub folder's weights file on its own), whose architecture is ``unet``'s encoder
     (:func:`controlnet_config_for`; the pipeline's UNet)."""
     from diffusers import ControlNetModel
-
-    path = _require_path(path, "ControlNet")
-    if path.is_dir():
-        return _load_model_folder(ControlNetModel, path, "ControlNet", torch_dtype)
-    if unet is None:
-        raise CheckpointError(f"ControlNet {path}: a single file holds no architecture; pass the UNet it controls "
-                              "(load_controlnet(path, unet=pipe.unet)), or give a diffusers folder")
     from diffusers.loaders.single_file_utils import convert_controlnet_checkpoint
+
+    model, path = _folder_model_or_file(ControlNetModel, path, "ControlNet", "load_controlnet", unet, torch_dtype)
+    if model is not None:
+        return model
 
     state = read_state_dict(path, allow_pickle=allow_pickle)
     config = {**controlnet_config_for(unet), **_conditioning_embedding_channels(state)}
     # diffusers' conversion maps the tensors a file lacks to None
     converted = {key: value for key, value in convert_controlnet_checkpoint(state, config).items() if value is not None}
-    model = ControlNetModel.from_config(config)
+    return _model_with_weights(ControlNetModel.from_config(config), converted, torch_dtype,
+                               f"ControlNet {path}: not a ControlNet for this model's UNet",
+                               "an SD1.5 ControlNet in the original layout, or a diffusers folder, is expected")
+
+
+def _folder_model_or_file(cls, path, what: str, loader: str, unet, torch_dtype):
+    """``(model, path)`` for a diffusers folder of ``cls``; ``(None, path)`` for a single file, whose architecture
+    comes from the ``unet`` it controls (an error naming ``loader``'s ``unet=`` when it is not given)."""
+    path = _require_path(path, what)
+    if path.is_dir():
+        return _load_model_folder(cls, path, what, torch_dtype), path
+    if unet is None:
+        raise CheckpointError(f"{what} {path}: a single file holds no architecture; pass the UNet it controls "
+                              f"({loader}(path, unet=pipe.unet)), or give a diffusers folder")
+    return None, path
+
+
+def _model_with_weights(model, state: dict, torch_dtype, mismatch: str, expected_kind: str):
+    """``model`` (just built from a config) holding ``state`` exactly (every tensor present, of its shape), cast to
+    ``torch_dtype``, in eval mode; a :class:`CheckpointError` saying ``mismatch``, how many tensors disagree and
+    one of them, and ``expected_kind`` otherwise."""
     expected = model.state_dict()
-    problems = ([f"missing {key}" for key in expected if key not in converted]
-                + [f"unexpected {key}" for key in converted if key not in expected]
+    problems = ([f"missing {key}" for key in expected if key not in state]
+                + [f"unexpected {key}" for key in state if key not in expected]
                 + [f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-                   for key, value in converted.items() if key in expected and value.shape != expected[key].shape])
+                   for key, value in state.items() if key in expected and value.shape != expected[key].shape])
     if problems:
-        raise CheckpointError(f"ControlNet {path}: not a ControlNet for this model's UNet ({len(problems)} "
-                              f"mismatches, e.g. {problems[0]}): an SD1.5 ControlNet in the original layout, or a "
-                              "diffusers folder, is expected")
-    model.load_state_dict(converted, assign=True)
+        raise CheckpointError(f"{mismatch} ({len(problems)} mismatches, e.g. {problems[0]}): {expected_kind}")
+    model.load_state_dict(state, assign=True)
     if torch_dtype is not None:
         model.to(torch_dtype)
     return model.eval()
@@ -531,12 +546,10 @@ def load_sparse_controlnet(path, torch_dtype: torch.dtype | None = None, unet=No
     diffusers', whose encoder architecture is ``unet``'s (:func:`sparse_controlnet_config_for`)."""
     from diffusers import SparseControlNetModel
 
-    path = _require_path(path, "SparseCtrl model")
-    if path.is_dir():
-        return _load_model_folder(SparseControlNetModel, path, "SparseCtrl model", torch_dtype)
-    if unet is None:
-        raise CheckpointError(f"SparseCtrl model {path}: a single file holds no architecture; pass the UNet it "
-                              "controls (load_sparse_controlnet(path, unet=pipe.unet)), or give a diffusers folder")
+    model, path = _folder_model_or_file(SparseControlNetModel, path, "SparseCtrl model", "load_sparse_controlnet",
+                                        unet, torch_dtype)
+    if model is not None:
+        return model
     state = read_state_dict(path, allow_pickle=allow_pickle)
     if "state_dict" in state and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
@@ -546,20 +559,10 @@ def load_sparse_controlnet(path, torch_dtype: torch.dtype | None = None, unet=No
     except CheckpointError as error:
         raise CheckpointError(f"SparseCtrl model {path}: {error}") from None
     model = SparseControlNetModel.from_config(config)
-    expected = model.state_dict()
-    state = {**{key: value for key, value in expected.items() if key.endswith("pos_embed.pe")}, **state}
-    problems = ([f"missing {key}" for key in expected if key not in state]
-                + [f"unexpected {key}" for key in state if key not in expected]
-                + [f"{key}: file {tuple(value.shape)} vs model {tuple(expected[key].shape)}"
-                   for key, value in state.items() if key in expected and value.shape != expected[key].shape])
-    if problems:
-        raise CheckpointError(f"SparseCtrl model {path}: not a SparseCtrl model for this model's UNet "
-                              f"({len(problems)} mismatches, e.g. {problems[0]}): AnimateDiff v3's SparseCtrl for "
-                              "SD1.5, in its own layout or diffusers', is expected")
-    model.load_state_dict(state, assign=True)
-    if torch_dtype is not None:
-        model.to(torch_dtype)
-    return model.eval()
+    tables = {key: value for key, value in model.state_dict().items() if key.endswith("pos_embed.pe")}
+    return _model_with_weights(model, {**tables, **state}, torch_dtype,  # a file without tables keeps the model's
+                               f"SparseCtrl model {path}: not a SparseCtrl model for this model's UNet",
+                               "AnimateDiff v3's SparseCtrl for SD1.5, in its own layout or diffusers', is expected")
 
 
 def first_folder(*paths) -> Path | None:

@@ -9,16 +9,22 @@ from animatelcm import AnimateLCMControlNetPipeline, AnimateLCMPipeline, ImageTo
 from animatelcm.adapters import AnimateLCMImageEncoder, ImageToVideoModel, features_before_motion_modules
 
 
+def diffusers_twin(cls, pipe, **parts):
+    """diffusers' pipeline ``cls`` on ``pipe``'s components (and ``parts``), with diffusers' LCMScheduler of the same
+    config: the reference our pipeline classes are compared with."""
+    reference = cls(vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
+                    motion_adapter=pipe.motion_adapter,
+                    scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config), **parts)
+    reference.set_progress_bar_config(disable=True)
+    return reference
+
+
 def make_pair(components, scheduler_config=None):
     pipe = AnimateLCMPipeline(**components)
     if scheduler_config:
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, **scheduler_config)
-    reference = diffusers.AnimateDiffPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        motion_adapter=pipe.motion_adapter, scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
-    for p in (pipe, reference):
-        p.set_progress_bar_config(disable=True)
-    return pipe, reference
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, diffusers_twin(diffusers.AnimateDiffPipeline, pipe)
 
 
 @pytest.mark.parametrize("guidance, frames, size, steps", [(1.0, 16, 64, 4), (2.0, 7, 48, 3), (1.5, 12, 40, 1)])
@@ -483,12 +489,8 @@ def test_controlnet_pipeline_matches_diffusers(components, guidance):
     pipe = AnimateLCMPipeline(**components)
     ours = AnimateLCMControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
     assert type(ours.scheduler) is LCMScheduler
-    reference = diffusers.AnimateDiffControlNetPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        motion_adapter=pipe.motion_adapter, controlnet=controlnet,
-        scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
-    for p in (ours, reference):
-        p.set_progress_bar_config(disable=True)
+    reference = diffusers_twin(diffusers.AnimateDiffControlNetPipeline, pipe, controlnet=controlnet)
+    ours.set_progress_bar_config(disable=True)
     control = pictures(6, 48, seed=2)
     common = dict(prompt="a red circle", negative_prompt="blurry", num_frames=6, height=48, width=48,
                   num_inference_steps=3, guidance_scale=guidance, output_type="np", conditioning_frames=control,
@@ -538,12 +540,8 @@ def test_controlnet_whose_downsampling_differs_from_the_vae(components):
 def test_free_noise_makes_clips_longer_than_the_table_as_diffusers(components):
     """FreeNoise (overlapping windows) beyond the motion module's 32-frame table: a string or {frame: prompt} prompt
     gives diffusers' AnimateDiffPipeline's clip with the same LCM scheduler; several videos a call are refused."""
-    pipe = AnimateLCMPipeline(**components)
-    reference = diffusers.AnimateDiffPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        motion_adapter=pipe.motion_adapter, scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
+    pipe, reference = make_pair(components)
     for p in (pipe, reference):
-        p.set_progress_bar_config(disable=True)
         p.enable_free_noise(context_length=16, context_stride=8)
     common = dict(num_frames=36, height=32, width=32, num_inference_steps=2, guidance_scale=1.0, output_type="latent")
     for prompt in ("a red circle", {0: "a red circle", 20: "a blue square"}):
@@ -574,12 +572,8 @@ def test_sparse_controlnet_pipeline_matches_diffusers(components, latent_conditi
     controlnet = tiny_sparse_controlnet(pipe.unet, pipe.motion_adapter, latent_condition=latent_condition)
     ours = AnimateLCMSparseControlNetPipeline.from_pipe(pipe, controlnet=controlnet)
     assert type(ours.scheduler) is LCMScheduler
-    reference = diffusers.AnimateDiffSparseControlNetPipeline(
-        vae=pipe.vae, text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer, unet=pipe.unet,
-        motion_adapter=pipe.motion_adapter, controlnet=controlnet,
-        scheduler=diffusers.LCMScheduler.from_config(pipe.scheduler.config))
-    for p in (ours, reference):
-        p.set_progress_bar_config(disable=True)
+    reference = diffusers_twin(diffusers.AnimateDiffSparseControlNetPipeline, pipe, controlnet=controlnet)
+    ours.set_progress_bar_config(disable=True)
     control = pictures(2, 48, seed=3)
     common = dict(prompt="a red circle", negative_prompt="blurry", num_frames=6, height=48, width=48,
                   num_inference_steps=3, guidance_scale=guidance, output_type="np", conditioning_frames=control,

@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="frames (default 16, or the length of --video or --control)")
     gen.add_argument("--free-noise", action="store_true",
                      help="for clips longer than the motion module's positional table: denoise overlapping 16-frame "
-                          "windows, 4 frames apart (diffusers' FreeNoise; not with --image)")
+                          "windows, 4 frames apart (diffusers' FreeNoise; one window for a shorter clip; not with "
+                          "--image)")
     gen.add_argument("--height", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
     gen.add_argument("--width", type=_positive_int, default=None, help="pixels, multiple of 8 (default: the model's)")
     gen.add_argument("--guidance", type=_non_negative_float, default=1.0,

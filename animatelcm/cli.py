@@ -553,8 +553,8 @@ def generate(args) -> list[Path]:
             seed = random.SystemRandom().randrange(2 ** 63)
             print(f"seed {seed} (drawn for --seed -1; --seed {seed} makes this clip again)", file=sys.stderr)
         torch.manual_seed(seed)  # what draws from torch's global generator (SparseCtrl's RGB encode) repeats too
-        result = pipe(prompt={0: prompt, **travel} if travel else prompt, negative_prompt=negative_prompt, height=height, width=width,
-                      num_inference_steps=args.steps, guidance_scale=args.guidance,
+        result = pipe(prompt={0: prompt, **travel} if travel else prompt, negative_prompt=negative_prompt,
+                      height=height, width=width, num_inference_steps=args.steps, guidance_scale=args.guidance,
                       generator=torch.Generator("cpu").manual_seed(seed), decode_chunk_size=args.decode_chunk_size,
                       clip_skip=args.clip_skip, output_type="np", **call_arguments)
         clip = result.frames[0]

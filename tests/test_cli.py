@@ -518,7 +518,7 @@ def test_generate_from_control_frames(components, tiny_model_args, tmp_path, cap
 def test_prompt_travel(tiny_model_args, tmp_path, capsys, monkeypatch):
     """--prompt-at FRAME:TEXT hands the pipeline diffusers' FreeNoise prompt dict ({0: --prompt, FRAME: TEXT}) for
     every clip; FreeNoise's window is the clip when the clip is shorter, so a travel that names the same prompt
-    again is the plain clip exactly (guidance 1) and another prompt changes it; clips shorter than 16 frames work
+    again is the plain clip up to rounding (guidance 1) and another prompt changes it; clips shorter than 16 frames work
     under --free-noise too (diffusers' FreeNoise has no window for them); bad frames are one-line errors before
     the model loads."""
     from animatelcm.pipelines import AnimateLCMPipeline
@@ -532,8 +532,12 @@ def test_prompt_travel(tiny_model_args, tmp_path, capsys, monkeypatch):
         assert main([*base, *extra, "--out", str(tmp_path / f"{name}.gif")]) == 0, name
     assert prompts == ["a cat", {0: "a cat", 3: "a cat"}, "a cat", {0: "a cat", 2: "a cow", 4: "a dog"}]
     clips = {name: iio.imread(tmp_path / f"{name}.gif") for name in ("plain", "same", "free", "dog")}
-    assert (clips["same"] == clips["plain"]).all() and (clips["free"] == clips["plain"]).all()
-    assert (clips["dog"] != clips["plain"]).any()
+    change = {name: np.abs(clips[name].astype(int) - clips["plain"].astype(int)) for name in ("same", "free", "dog")}
+    # The same prompt again reaches the UNet as per-frame embeddings (other matrix shapes, so other summation
+    # orders, which depend on the thread count): the clip may differ by rounding, a level here and there.
+    assert change["same"].max() <= 2 and change["same"].mean() < 1e-2, "same"
+    assert (change["free"] == 0).all(), "free"  # one FreeNoise window, the whole clip: the same computation
+    assert change["dog"].mean() > 0.5, "dog"
     assert main([*base, "--prompt", "a cow", "--prompt-at", "3:a dog", "--out", str(tmp_path / "two.gif")]) == 0
     assert prompts[-2:] == [{0: "a cat", 3: "a dog"}, {0: "a cow", 3: "a dog"}]
     capsys.readouterr()

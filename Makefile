@@ -13,6 +13,7 @@ STAMP := $(VENV)/.animatelcm-installed
 BUILD_INPUTS := pyproject.toml setup.py CMakeLists.txt $(shell find csrc -type f 2>/dev/null)
 DEMO_OUT ?= outputs/demo.gif
 TEST_WORKERS ?= 2
+INDUCTOR_AUTOTUNE := benchmarks/results/inductor_autotune_h100.tar.gz
 
 .PHONY: setup demo test test-slow bench bench-e2e gpu-carry mini-world wheel clean
 
@@ -49,11 +50,14 @@ bench-e2e: setup
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(PY) benchmarks/end_to_end.py
 
 # What benchmarks/gpu_check.sh needs carried to a GPU machine without network or diffusers: diffusers' Python
-# sources (about 30 MB) into .gpu_carry/site. See README "GPU checks".
+# sources (about 30 MB) into .gpu_carry/site, and the max-autotune compile's results from earlier leases (committed
+# from the compile step's inductor_autotune.tar.gz) into .inductor_cache. See README "GPU checks".
 gpu-carry: setup
 	rm -rf .gpu_carry && mkdir -p .gpu_carry/site
 	cd $$($(PY) -c "import diffusers, os; print(os.path.dirname(os.path.dirname(diffusers.__file__)))") && \
 		find diffusers -name '*.py' -exec cp --parents {} $(CURDIR)/.gpu_carry/site/ \;
+	@if [ -f $(INDUCTOR_AUTOTUNE) ]; then mkdir -p .inductor_cache && tar -xzf $(INDUCTOR_AUTOTUNE) -C .inductor_cache && \
+		echo "unpacked $(INDUCTOR_AUTOTUNE) into .inductor_cache (carry it to the compile step)"; fi
 	du -sh .gpu_carry
 
 # The miniature reproduction (issue 6): train every stage, evaluate the table, ship the default model. About 2.5 h

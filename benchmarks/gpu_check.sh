@@ -26,8 +26,9 @@
 #   kernels: the kernel benchmark (SD1.5 shapes, fp16): kernels_gpu.{md,csv} (GPU_CHECK_KERNELS_K selects);
 #   compile: (not in the default steps; best alone in a call) diffusers, the patch and the patch + CUDA graph
 #            against torch.compile(unet, max-autotune) at guidance 1: end_to_end_compile_cuda.md. The compile takes
-#            more than one call: its autotuning results come back as $OUT/inductor_autotune.tar.gz, to unpack into
-#            .inductor_cache (git-ignored) and carry in the next call (carry: [".gpu_carry", ".inductor_cache"]);
+#            more than one call: its autotuning results come back as $OUT/inductor_autotune.tar.gz; commit it as
+#            benchmarks/results/inductor_autotune_h100.tar.gz, which `make gpu-carry` unpacks into .inductor_cache
+#            (git-ignored), and carry that in the next call (carry: [".gpu_carry", ".inductor_cache"]);
 #   tune:    (not in the default steps) benchmarks/tune_group_norm.py: the Triton GroupNorm launch choices and the
 #            CUDA C++ kernel's two paths (its log has each shape's row as soon as it is timed);
 #   ncu:     (not in the default steps) Nsight Compute's counters for the GroupNorm kernels at the roofline shape and a
@@ -118,7 +119,8 @@ step_compile() {
   # Inductor's autotuning timings (written as each matrix product's choices are timed) and its pointwise kernels'
   # best configs accumulate in .inductor_cache across calls and leases: the full UNet's max-autotune compile takes
   # longer than one call (run 9: 22 products timed in 400 s, unfinished). They come back as
-  # $OUT/inductor_autotune.tar.gz; unpack it into .inductor_cache here and carry that folder in the next call.
+  # $OUT/inductor_autotune.tar.gz; commit it as benchmarks/results/inductor_autotune_h100.tar.gz (`make gpu-carry`
+  # unpacks it into .inductor_cache) and carry that folder in the next call, in this lease or a later one.
   mkdir -p .inductor_cache
   TORCHINDUCTOR_CACHE_DIR="$PWD/.inductor_cache" timeout -s INT -k 10 "$(step_limit 540)" "$PYTHON" \
     benchmarks/end_to_end.py --device cuda --runs 3 --guidance 1 --compile-mode max-autotune --compile-baseline-only \

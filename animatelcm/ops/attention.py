@@ -105,8 +105,11 @@ def _reject_native(device_types, max_frames):
     return reject
 
 
+_REJECT_TRITON = {devices: _reject_native(devices, MAX_FRAMES) for devices in (("cuda",), ("cuda", "cpu"))}
+
+
 def _reject_triton(q, k, v, scale):
-    return _reject_native(triton_device_types(), MAX_FRAMES)(q, k, v, scale)
+    return _REJECT_TRITON[triton_device_types()](q, k, v, scale)
 
 
 # cpp first: it takes only CPU tensors, so on a GPU the order gives triton, and on a CPU the C++ kernel wins over

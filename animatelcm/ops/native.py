@@ -43,8 +43,10 @@ def build_info() -> dict:
     return {"native": True, **module.build_info()}
 
 
+@functools.lru_cache(maxsize=None)
 def has_cuda_kernels() -> bool:
-    """Whether _C was compiled with its CUDA part."""
+    """Whether _C was compiled with its CUDA part (asked once: every GPU dispatch asks, and _C's answer, a dict
+    built per call, does not change)."""
     module = native_module()
     return module is not None and bool(module.build_info()["cuda"])
 

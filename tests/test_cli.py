@@ -46,6 +46,24 @@ def test_generate_runs_on_the_fused_kernels_unless_told_not_to(tmp_path, monkeyp
     assert not patched or patching.is_patched(patched[0])
 
 
+def test_cuda_graph_flag(tmp_path, monkeypatch, capsys):
+    """--cuda-graph patches with cuda_graph=True (the UNet's forward replays graphs on a GPU); on the CPU it says it
+    has no effect and the clip is the one without it; with --no-fused it is a one-line error before loading."""
+    import animatelcm.patching as patching
+
+    options = []
+    real_patch = patching.patch_pipeline
+    monkeypatch.setattr(patching, "patch_pipeline", lambda pipe, **k: options.append(k) or real_patch(pipe, **k))
+    base = ["generate", "--prompt", "a blue square moving up", "--steps", "2", "--frames", "4"]
+    for name, extra in (("plain", []), ("graph", ["--cuda-graph"])):
+        assert main([*base, *extra, "--out", str(tmp_path / f"{name}.gif")]) == 0
+    assert options == [{"cuda_graph": False}, {"cuda_graph": True}]
+    assert "--cuda-graph has no effect on the CPU" in capsys.readouterr().err
+    assert (iio.imread(tmp_path / "graph.gif") == iio.imread(tmp_path / "plain.gif")).all()
+    assert main([*base, "--cuda-graph", "--no-fused", "--out", str(tmp_path / "x.gif")]) == 2
+    assert "drop --no-fused" in capsys.readouterr().err and len(options) == 2
+
+
 def test_clip_skip_reaches_the_pipeline(tmp_path, monkeypatch):
     from animatelcm import AnimateLCMPipeline
 

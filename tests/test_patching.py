@@ -1040,6 +1040,39 @@ def test_graphed_forward_replays_with_each_calls_inputs(components, monkeypatch)
     assert not graphed.entries
 
 
+def test_graphed_forward_runs_the_model_as_is_while_forward_hooks_are_registered(components, monkeypatch):
+    """A forward hook's inputs are not the forward's arguments (the image adapter's features reach the motion modules
+    through pre-hooks registered for one pipeline call), so a replay would read the captured call's tensors: while a
+    module of the model, or a global hook, has one, the forward runs as it is; once removed, it is captured."""
+    from animatelcm.adapters import features_before_motion_modules
+    from animatelcm.cuda_graphs import GraphedForward
+
+    unet = build("animatediff", components)[0].unet.eval()
+    graphed = GraphedForward(unet, unet.forward, graph_factory=RerunGraph)
+    monkeypatch.setattr(graphed, "_eligible", lambda sample: not torch.is_grad_enabled())
+    RerunGraph.captures = 0
+    sample = torch.randn(1, 4, FRAMES, 8, 8)
+    text = torch.randn(FRAMES, 7, unet.config.cross_attention_dim)
+    features = [torch.randn(FRAMES, block.resnets[0].out_channels, 8 >> level, 8 >> level)
+                for level, block in enumerate(unet.down_blocks)]
+    with torch.no_grad():
+        plain = unet.forward(sample, 999, encoder_hidden_states=text, return_dict=False)[0]
+        with features_before_motion_modules(unet, features):
+            want = unet.forward(sample, 999, encoder_hidden_states=text, return_dict=False)[0]
+            got = graphed(sample, 999, encoder_hidden_states=text, return_dict=False)[0]
+        assert RerunGraph.captures == 0 and not graphed.entries
+        torch.testing.assert_close(got, want)
+        assert not torch.allclose(want, plain)  # the features count
+        handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
+        try:
+            graphed(sample, 999, encoder_hidden_states=text, return_dict=False)
+        finally:
+            handle.remove()
+        assert RerunGraph.captures == 0
+        torch.testing.assert_close(graphed(sample, 999, encoder_hidden_states=text, return_dict=False)[0], plain)
+    assert RerunGraph.captures == 1
+
+
 def test_graphed_forward_captures_autocast_calls_apart_without_its_cache(components, monkeypatch):
     """A call under autocast has its own capture (its kernels and dtypes differ), recorded with autocast's cache of
     cast weights off (cached casts would be read from memory the cache frees when the caller's autocast ends), and

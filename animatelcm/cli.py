@@ -241,7 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="on a GPU, also replay the UNet from CUDA graphs, one captured per input shape "
                           "(patch_pipeline(cuda_graph=True)). The first step pays two warm-up calls and the capture, "
                           "so it pays off over several clips of one run: on an H100 at 16x512x512 a replayed step "
-                          "took 0.062 s against 0.092 s (guidance 1). No effect on the CPU or with --image")
+                          "took 0.062 s against 0.092 s (guidance 1). No effect on the CPU, with --image or on a UNet "
+                          "that runs forward hooks (prompted motion modules)")
 
     tr = sub.add_parser("train", help="run one training stage from a YAML config",
                         description="Run one stage of decoupled consistency learning (see configs/ and README).")
@@ -550,9 +551,14 @@ def generate(args) -> list[Path]:
             patching.patch_pipeline(pipe, cuda_graph=args.cuda_graph)
         except (TypeError, ValueError) as error:  # a pipeline the patch does not cover: run it as it is
             print(f"NOTE: running without the fused kernels: {error}", file=sys.stderr)
-    if args.cuda_graph and (device.type != "cuda" or args.image):
-        print(f"NOTE: --cuda-graph has no effect {'with --image' if args.image else 'on the ' + device.type.upper()} "
-              "(the UNet runs as it is)", file=sys.stderr)
+    if args.cuda_graph:
+        from .cuda_graphs import runs_forward_hooks
+
+        unserved = (f"on the {device.type.upper()}" if device.type != "cuda" else "with --image" if args.image
+                    else "on this model, whose UNet runs forward hooks (prompted motion modules, say)"
+                    if runs_forward_hooks(pipe.unet) else None)
+        if unserved:
+            print(f"NOTE: --cuda-graph has no effect {unserved}: the UNet runs as it is", file=sys.stderr)
     if args.negative_prompt and args.guidance <= 1:
         print(f"NOTE: --negative-prompt has no effect at --guidance {args.guidance:g} (it steers only with "
               "classifier-free guidance, --guidance > 1)", file=sys.stderr)

@@ -1042,8 +1042,9 @@ def test_graphed_forward_replays_with_each_calls_inputs(components, monkeypatch)
 
 def test_graphed_forward_runs_the_model_as_is_while_forward_hooks_are_registered(components, monkeypatch):
     """A forward hook's inputs are not the forward's arguments (the image adapter's features reach the motion modules
-    through pre-hooks registered for one pipeline call), so a replay would read the captured call's tensors: while a
-    module of the model, or a global hook, has one, the forward runs as it is; once removed, it is captured."""
+    through pre-hooks registered for one pipeline call), so a replay would read the captured call's tensors: while the
+    model or a module in it has one, or a global hook is registered, the forward runs as it is; once removed, it is
+    captured."""
     from animatelcm.adapters import features_before_motion_modules
     from animatelcm.cuda_graphs import GraphedForward
 
@@ -1063,11 +1064,13 @@ def test_graphed_forward_runs_the_model_as_is_while_forward_hooks_are_registered
         assert RerunGraph.captures == 0 and not graphed.entries
         torch.testing.assert_close(got, want)
         assert not torch.allclose(want, plain)  # the features count
-        handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: None)
-        try:
-            graphed(sample, 999, encoder_hidden_states=text, return_dict=False)
-        finally:
-            handle.remove()
+        for register in (torch.nn.modules.module.register_module_forward_pre_hook,  # global
+                         unet.register_forward_hook):  # the model's own (prompted motion modules' kind)
+            handle = register(lambda module, *args: None)
+            try:
+                graphed(sample, 999, encoder_hidden_states=text, return_dict=False)
+            finally:
+                handle.remove()
         assert RerunGraph.captures == 0
         torch.testing.assert_close(graphed(sample, 999, encoder_hidden_states=text, return_dict=False)[0], plain)
     assert RerunGraph.captures == 1

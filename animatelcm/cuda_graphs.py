@@ -21,6 +21,8 @@ coefficients) runs once at capture and would be frozen into a graph.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils import _pytree as pytree
 
@@ -44,6 +46,12 @@ def runs_forward_hooks(model: torch.nn.Module) -> bool:
             return True
         stack.extend(child for child in module._modules.values() if child is not None)
     return False
+
+
+def _current_device(device: torch.device):
+    """A context making CUDA ``device`` the current device (``torch.cuda.device``), or doing nothing for another
+    device type (the tests' stand-in graphs run on the CPU)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 class _CudaGraph:
@@ -103,14 +111,15 @@ class GraphedForward:
         if key is None:
             return self.original(sample, timestep, *args, **kwargs)
         key = (key, autocast_dtype(sample))  # autocast changes the kernels and dtypes a capture records
-        entry = self.entries.get(key)
-        if entry is None:
-            entry = self.entries[key] = self._capture(leaves, spec)
-        else:
-            for static, value in zip(entry.static_inputs, leaves):
-                if torch.is_tensor(value):
-                    static.copy_(value)
-            entry.graph.replay()
+        with _current_device(sample.device):  # the side stream, capture and replay on the model's GPU
+            entry = self.entries.get(key)
+            if entry is None:
+                entry = self.entries[key] = self._capture(leaves, spec)
+            else:
+                for static, value in zip(entry.static_inputs, leaves):
+                    if torch.is_tensor(value):
+                        static.copy_(value)
+                entry.graph.replay()
         return pytree.tree_map(lambda t: t.clone() if torch.is_tensor(t) else t, entry.outputs)
 
     def _eligible(self, sample) -> bool:

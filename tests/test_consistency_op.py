@@ -145,6 +145,34 @@ def test_environment_forces_where_implemented_and_argument_is_strict(monkeypatch
         ops.consistency_step(model_output, sample, coefficients, backend="triton")
 
 
+def test_gpu_implementations_run_on_their_inputs_device(monkeypatch):
+    """Triton and _C's CUDA launchers launch on the current CUDA device: every cuda and triton implementation's run
+    makes its first input's device current where it is not (inputs on cuda:1 while cuda:0 is current) for the call,
+    and changes nothing otherwise."""
+    import contextlib
+    import types
+
+    from animatelcm.ops import _implementations
+    from animatelcm.ops.dispatch import Implementation
+
+    made_current = []
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext(made_current.append(device)))
+    calls = []
+    run = lambda x, *rest: calls.append(rest) or "ran"  # noqa: E731
+    for backend in ("cuda", "triton"):
+        implementation = Implementation(backend, run, lambda: None, lambda *a: None)
+        for device, current in (("cuda:1", ["cuda:1"]), ("cuda:0", []), ("cpu", [])):
+            made_current.clear()
+            assert implementation.run(types.SimpleNamespace(device=torch.device(device)), 7) == "ran"
+            assert made_current == [torch.device(d) for d in current] and calls[-1] == (7,)
+    assert Implementation("cpp", run, lambda: None, lambda *a: None).run is run
+    for implementations in _implementations().values():
+        for implementation in implementations:
+            wrapped = getattr(implementation.run, "__wrapped__", None) is not None
+            assert wrapped == (implementation.backend in ("cuda", "triton")), implementation
+
+
 def test_native_build_info():
     info = ops.build_info()
     if not info["native"]:

@@ -44,6 +44,28 @@ class Implementation:
     reject: Callable[..., str | None]
     pass_over: Callable[..., str | None] = lambda *args: None
 
+    def __post_init__(self):
+        if self.backend in GPU_BACKENDS:
+            object.__setattr__(self, "run", on_the_inputs_device(self.run))
+
+
+GPU_BACKENDS = ("cuda", "triton")
+
+
+def on_the_inputs_device(run: Callable) -> Callable:
+    """``run(x, *rest)`` with ``x``'s CUDA device made the current one for the call where it is not: Triton launches
+    on the current device, and _C's CUDA launchers do too, so inputs on ``cuda:1`` while ``cuda:0`` is current (a
+    pipeline moved there, ``--device cuda:1``) would reach kernels on the wrong GPU. Every GPU implementation's
+    ``run`` is wrapped (the ops' checks have put all tensors of a call on one device)."""
+    def guarded(x, *rest):
+        device = getattr(x, "device", None)
+        if device is not None and device.type == "cuda" and device.index != torch.cuda.current_device():
+            with torch.cuda.device(device):
+                return run(x, *rest)
+        return run(x, *rest)
+    guarded.__wrapped__ = run
+    return guarded
+
 
 def forced_backend() -> str | None:
     """The backend named by ``ANIMATELCM_BACKEND`` (None for unset or ``auto``); raises on an unknown name. Read on

@@ -470,7 +470,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     without it, and all of them under ``"auto"``, let the dispatcher pick.
     ``attention`` (temporal attention, and every attention module's direct processor call), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
     in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
-    GEGLU) and ``scheduler`` switch the three parts; ``linear`` the ``nn.Linear`` layers' CPU GEMM library (see the
+    GEGLU) and ``scheduler`` (diffusers' ``LCMScheduler`` swapped for :class:`animatelcm.LCMScheduler`; that one, or
+    the pipeline's own, draws each next step's noise on a background thread) switch the three parts; ``linear`` the ``nn.Linear`` layers' CPU GEMM library (see the
     module docstring; nothing is installed where :func:`animatelcm.ops.cpu_gemm_library` keeps PyTorch's or the
     UNet is not on the CPU). ``cuda_graph`` replays the UNet's forward from a CUDA graph
     captured per input signature (GPU inputs without gradients only; see :mod:`animatelcm.cuda_graphs`). Patching
@@ -561,6 +562,8 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         record.schedulers = (original, pipe.scheduler)
         if entry is not None:  # save_pretrained still records diffusers' class, so the folder loads without animatelcm
             pipe.register_to_config(scheduler=entry)
+    if scheduler and isinstance(pipe.scheduler, LCMScheduler):  # the swapped-in one, or the pipeline's own
+        _install(pipe.scheduler, "draw_noise_ahead", True, record)
     setattr(pipe, PATCH_ATTRIBUTE, record)
     return pipe
 

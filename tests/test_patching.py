@@ -129,7 +129,7 @@ def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, componen
     pipe, args = build(kind, components)
     reference = latents(pipe, args, guidance)
     patch_pipeline(pipe)
-    assert is_patched(pipe) and isinstance(pipe.scheduler, LCMScheduler)
+    assert is_patched(pipe) and isinstance(pipe.scheduler, LCMScheduler) and pipe.scheduler.draw_noise_ahead
     if "controlnet" in kind or kind == "sparsectrl":  # the ControlNet's blocks are patched too
         resnets = [m for m in pipe.controlnet.modules() if type(m).__name__ == "ResnetBlock2D"]
         assert resnets and all("forward" in vars(m) for m in resnets)
@@ -137,6 +137,7 @@ def test_patched_matches_unpatched_and_unpatch_restores(kind, guidance, componen
     assert relative_difference(patched, reference) <= 1e-3
     unpatch_pipeline(pipe)
     assert not is_patched(pipe) and type(pipe.scheduler) is type(build(kind, components)[0].scheduler)
+    assert not getattr(pipe.scheduler, "draw_noise_ahead", False)
     assert torch.equal(latents(pipe, args, guidance), reference)
 
 

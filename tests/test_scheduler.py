@@ -16,11 +16,12 @@ CONFIGS = [
 ]
 
 
-def run_both(config, steps, shape, set_kwargs=None, seed=0, dtype=torch.float32):
+def run_both(config, steps, shape, set_kwargs=None, seed=0, dtype=torch.float32, draw_ahead=False):
     """Run diffusers' and our scheduler side by side on the same model outputs and generators."""
     set_kwargs = set_kwargs or {}
     reference = diffusers.LCMScheduler(**config)
     ours = LCMScheduler.from_config(reference.config)
+    ours.draw_noise_ahead = draw_ahead
     reference.set_timesteps(steps, **set_kwargs)
     ours.set_timesteps(steps, **set_kwargs)
     assert torch.equal(reference.timesteps, ours.timesteps)
@@ -47,16 +48,92 @@ def test_matches_diffusers(config, original_steps):
     assert worst <= 1e-6
 
 
+@pytest.mark.parametrize("draw_ahead", [False, True])
 @pytest.mark.parametrize("steps", [1, 2, 3, 6, 8])
-def test_step_counts_and_odd_shapes(steps):
-    assert run_both(dict(beta_schedule="linear", original_inference_steps=100), steps, (1, 4, 13, 9, 11)) <= 1e-6
+def test_step_counts_and_odd_shapes(steps, draw_ahead):
+    # run_both also checks that the generator ends where diffusers' does: no draw ahead past the last noisy step
+    assert run_both(dict(beta_schedule="linear", original_inference_steps=100), steps, (1, 4, 13, 9, 11),
+                    draw_ahead=draw_ahead) <= 1e-6
 
 
+@pytest.mark.parametrize("draw_ahead", [False, True])
 @pytest.mark.parametrize("strength", [0.3, 0.75])
-def test_strength(strength):
-    assert run_both(dict(beta_schedule="linear"), 4, (1, 4, 2, 8, 8), {"strength": strength}) <= 1e-6
+def test_strength(strength, draw_ahead):
+    assert run_both(dict(beta_schedule="linear"), 4, (1, 4, 2, 8, 8), {"strength": strength},
+                    draw_ahead=draw_ahead) <= 1e-6
 
 
+def noise_steps(draw_ahead, requests, between=None):
+    """Run a 5-step ``prediction_type="sample"`` scheduler on zero model outputs and samples, so each prev_sample is
+    the step's noise times a fixed scale; ``requests`` gives each step's (shape, generator); ``between(step)`` runs
+    after each step. Returns the prev_samples."""
+    scheduler = animatelcm_scheduler(prediction_type="sample")
+    scheduler.draw_noise_ahead = draw_ahead
+    scheduler.set_timesteps(5)
+    outputs = []
+    for index, (shape, generator) in enumerate(requests):
+        zero = torch.zeros(shape)
+        outputs.append(scheduler.step(zero, scheduler.timesteps[index], zero, generator=generator).prev_sample)
+        if between is not None:
+            between(scheduler, index)
+    return outputs
+
+
+def generators(batch):
+    """Fresh seeded CPU generator(s): one for batch 1, one per sample (a list) otherwise."""
+    made = [torch.Generator().manual_seed(3 + i) for i in range(batch)]
+    return made if batch > 1 else made[0]
+
+
+def states(generator):
+    return [g.get_state() for g in (generator if isinstance(generator, list) else [generator])]
+
+
+def same_states(a, b):
+    return all(torch.equal(x, y) for x, y in zip(states(a), states(b)))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_draw_ahead_puts_the_generators_back_when_the_next_step_asks_for_something_else(batch):
+    shape, other_shape = (batch, 4, 3, 5, 7), (batch, 4, 3, 5, 8)
+    results = {}
+    for draw_ahead in (False, True):
+        g, other = generators(batch), generators(batch)
+        # another generator at step 1, another shape at step 2, back to the first at step 3
+        outputs = noise_steps(draw_ahead, [(shape, g), (shape, other), (other_shape, other), (shape, g)])
+        results[draw_ahead] = (outputs, g, other)
+    (want, g_want, other_want), (got, g_got, other_got) = results[False], results[True]
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert same_states(g_got, g_want) and same_states(other_got, other_want)
+
+
+def test_draw_ahead_is_put_back_by_set_timesteps_and_leaves_a_generator_moved_since_alone():
+    shape = (1, 4, 3, 5, 7)
+    # a loop left after one step: the next call's set_timesteps puts the generator back
+    g, g_want = generators(1), generators(1)
+    noise_steps(False, [(shape, g_want)])
+    noise_steps(True, [(shape, g)], between=lambda scheduler, _: scheduler.set_timesteps(5))
+    assert same_states(g, g_want)
+
+    # something draws from the generator between two steps once the draw ahead is done: the next step draws
+    # afresh from where that left it, and nothing is put back over it. Without the draw ahead, the same draws in
+    # the same order: step 0's, the one drawn ahead (unused), the one between, step 1's, ...
+    def draw_between(scheduler, index):
+        if index == 0:
+            ahead = scheduler._draw_ahead
+            if ahead is None:
+                torch.randn(shape, generator=g_want)
+            else:
+                ahead.future.result()
+            torch.randn(shape, generator=g if ahead is not None else g_want)
+
+    g, g_want = generators(1), generators(1)
+    want = noise_steps(False, [(shape, g_want)] * 5, between=draw_between)
+    got = noise_steps(True, [(shape, g)] * 5, between=draw_between)
+    for a, b in zip(want, got):
+        assert torch.equal(a, b)
+    assert same_states(g, g_want)
 def test_custom_timesteps_and_original_steps_argument():
     assert run_both(dict(), None, (1, 4, 2, 4, 4), {"timesteps": [999, 759, 499, 259]}) <= 1e-6
     assert run_both(dict(), 4, (1, 4, 2, 4, 4), {"original_inference_steps": 200}) <= 1e-6
@@ -133,12 +210,15 @@ def test_errors():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("draw_ahead", [False, True])
 @pytest.mark.parametrize("generators", [1, 2])
-def test_cuda_steps_with_cpu_generators_match_diffusers_without_a_sync(generators):
+def test_cuda_steps_with_cpu_generators_match_diffusers_without_a_sync(generators, draw_ahead):
     """diffusers' usual CPU generator(s) on CUDA samples: the same noise and results as diffusers' step, and no host
-    synchronisation (diffusers' pageable copy of the noise waits for every queued kernel)."""
+    synchronisation (diffusers' pageable copy of the noise waits for every queued kernel), with the next step's
+    noise drawn ahead or not."""
     reference = diffusers.LCMScheduler(beta_schedule="linear", original_inference_steps=100)
     ours = LCMScheduler.from_config(reference.config)
+    ours.draw_noise_ahead = draw_ahead
     for scheduler in (reference, ours):
         scheduler.set_timesteps(4, device="cuda")
 

@@ -208,9 +208,19 @@ def test_fused_paths_really_run(components, monkeypatch):
     import animatelcm.schedulers as schedulers
 
     monkeypatch.setattr(schedulers, "consistency_step", counting("consistency_step", schedulers.consistency_step))
+    taken = []
+    take = schedulers._DrawAhead.take
+
+    def counting_take(self, *args):
+        host = take(self, *args)
+        taken.append(host is not None)
+        return host
+
+    monkeypatch.setattr(schedulers._DrawAhead, "take", counting_take)
     pipe, args = build("animatediff", components)
     patch_pipeline(pipe)
     latents(pipe, args, 1.0)
+    assert taken == [True]  # of 3 steps, the second's noise was drawn ahead (the third adds none)
     motion_modules = sum(type(m).__name__ == "AnimateDiffTransformer3D" for m in pipe.unet.modules())
     spatial_transformers = [m for m in pipe.unet.modules() if type(m).__name__ == "Transformer2DModel"]
     assert spatial_transformers

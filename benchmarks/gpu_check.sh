@@ -30,7 +30,8 @@
 #            benchmarks/results/inductor_autotune_h100.tar.gz, which `make gpu-carry` unpacks into .inductor_cache
 #            (git-ignored), and carry that in the next call (carry: [".gpu_carry", ".inductor_cache"]);
 #   tune:    (not in the default steps) benchmarks/tune_group_norm.py: the Triton GroupNorm launch choices and the
-#            CUDA C++ kernel's two paths (its log has each shape's row as soon as it is timed);
+#            CUDA C++ kernel's two paths (its log has each shape's row as soon as it is timed;
+#            GPU_CHECK_TUNE_PROVIDERS, ';'-separated column names, selects);
 #   ncu:     (not in the default steps) Nsight Compute's counters for the GroupNorm kernels at the roofline shape and a
 #            VAE one (tune_group_norm.py --ncu; GPU_CHECK_NCU_SHAPES, space-separated, and GPU_CHECK_NCU_PROVIDERS,
 #            ';'-separated column names, select): ncu_group_norm.txt.
@@ -135,8 +136,13 @@ step_compile() {
 
 step_tune() {
   log "GroupNorm tuning"
+  local selection=()
+  if [ -n "${GPU_CHECK_TUNE_PROVIDERS:-}" ]; then
+    IFS=';' read -ra TUNE_PROVIDERS <<< "$GPU_CHECK_TUNE_PROVIDERS"
+    selection=(--providers "${TUNE_PROVIDERS[@]}")
+  fi
   timeout -s INT -k 10 "$(step_limit 200)" "$PYTHON" benchmarks/tune_group_norm.py --out "$RESULTS/tune_group_norm_cuda.md" \
-    > "$RESULTS/tune.log" 2>&1
+    "${selection[@]}" > "$RESULTS/tune.log" 2>&1
   pack
   log "tune: $(tail -1 "$RESULTS/tune.log")"
 }

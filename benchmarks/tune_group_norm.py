@@ -1,7 +1,7 @@
 """Tune the GroupNorm(+SiLU) kernels on a GPU: for the GroupNorm shapes of SD1.5's UNet and VAE at 512x512 (16
 frames, guidance 1 and 2), the GPU time of the Triton one-launch kernel at several (block, warps), with the group
 kept in registers, on a persistent grid (one or two programs per SM looping over the groups), without its default
-backward second pass and cache eviction hints; the Triton three-launch path; the CUDA C++ kernel as dispatched (a
+backward second pass and cache eviction hints, with its loads software-pipelined; the Triton three-launch path; the CUDA C++ kernel as dispatched (a
 group held by a cluster of blocks on sm_90, or in one block's shared memory, read once), with other cluster sizes,
 without clusters and as three launches; PyTorch's ops; against a same-size copy. It sets
 ``FUSED_MIN_GROUPS`` and the one-launch defaults in animatelcm/ops/triton_backend.py.
@@ -43,6 +43,7 @@ GROUPS = 32
 ONE_LAUNCH_CONFIGS = [(block, warps) for block in (1024, 2048, 4096) for warps in (4, 8, 16)
                       if block // (32 * warps) >= 4]
 PERSISTENT_PROGRAMS_PER_SM = (1, 2)
+PIPELINE_STAGES = [(2, None), (3, None), (4, None), (3, 2)]  # (first pass, second pass) steps in flight
 MAX_TILE = 65536  # the largest group kept in registers (a power of two: 64 fp32 values a thread at 32 warps)
 
 
@@ -82,6 +83,12 @@ def providers(x, weight, bias, out):
                                     ("forward, no L2 hints", False, False)):
         calls[name] = (lambda r=reverse, h=l2_hints: triton_backend.group_norm_one_launch(
             x, out, GROUPS, weight, bias, 1e-5, True, reverse=r, l2_hints=h))
+    # the default step and warps with the loads software-pipelined through shared memory (asynchronous copies
+    # several steps deep: more bytes in flight per program than the default's one step): the first pass, both
+    for stats, apply in PIPELINE_STAGES:
+        calls[f"pipelined {stats}" + (f"+{apply}" if apply else "") + " stages"] = (
+            lambda s=stats, a=apply: triton_backend.group_norm_one_launch(x, out, GROUPS, weight, bias, 1e-5, True,
+                                                                         stats_stages=s, apply_stages=a))
     calls["triton (as dispatched)"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="triton")
     if cuda_kernels_unavailable_reason() is None:
         # the CUDA C++ kernel as dispatched (a group that fits in shared memory is read once), on sm_90 with thread

@@ -171,6 +171,7 @@ def group_norm_fused_kernel(
     x_ptr, y_ptr, w_ptr, b_ptr, groups, total_groups, per_group, spatial, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
     ONE_TILE: tl.constexpr, PERSISTENT: tl.constexpr, REVERSE: tl.constexpr, L2_HINTS: tl.constexpr,
+    STATS_STAGES: tl.constexpr = None, APPLY_STAGES: tl.constexpr = None,
 ):
     """x, y [N, C, S] contiguous, total_groups = N * groups; group bg (group bg % groups of batch entry
     bg // groups) is the per_group * spatial contiguous elements from bg * per_group * spatial. One program per
@@ -179,21 +180,25 @@ def group_norm_fused_kernel(
     for both the statistics (two-pass, about its mean) and the output. Two more tuning candidates for the second
     read of a group to find it in L2: REVERSE runs the second pass from the group's end (the most recently read
     steps first); L2_HINTS marks the first pass's loads evict_last, the second's evict_first and the stores
-    streaming (.cs), so the output does not push the groups still to be reread out of L2."""
+    streaming (.cs), so the output does not push the groups still to be reread out of L2. STATS_STAGES and
+    APPLY_STAGES (None: Triton's default, no pipelining without a matrix product) software-pipeline the first and
+    the second pass's loads through shared memory (asynchronous copies, that many steps in flight), for more bytes
+    in flight per program (tuning candidates)."""
     if PERSISTENT:
         for bg in range(tl.program_id(0).to(tl.int64), total_groups, tl.num_programs(0)):
             _normalise_group(bg, x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
-                             HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE, REVERSE, L2_HINTS)
+                             HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE, REVERSE, L2_HINTS, STATS_STAGES, APPLY_STAGES)
     else:
         _normalise_group(tl.program_id(0).to(tl.int64), x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
-                         HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE, REVERSE, L2_HINTS)
+                         HAS_WEIGHT, HAS_BIAS, SILU, BLOCK, ONE_TILE, REVERSE, L2_HINTS, STATS_STAGES, APPLY_STAGES)
 
 
 @triton.jit
 def _normalise_group(
     bg, x_ptr, y_ptr, w_ptr, b_ptr, groups, per_group, spatial, eps,
     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK: tl.constexpr,
-    ONE_TILE: tl.constexpr, REVERSE: tl.constexpr, L2_HINTS: tl.constexpr,
+    ONE_TILE: tl.constexpr, REVERSE: tl.constexpr, L2_HINTS: tl.constexpr, STATS_STAGES: tl.constexpr,
+    APPLY_STAGES: tl.constexpr,
 ):
     """group_norm_fused_kernel's work for group bg (int64)."""
     group_numel = per_group * spatial
@@ -220,7 +225,7 @@ def _normalise_group(
         shift = tl.load(x_ptr + base).to(tl.float32)
         sums = tl.zeros([BLOCK], dtype=tl.float32)
         squares = tl.zeros([BLOCK], dtype=tl.float32)
-        for first in range(0, group_numel, BLOCK):
+        for first in tl.range(0, group_numel, BLOCK, num_stages=STATS_STAGES):
             i = first + lanes
             mask = i < group_numel
             v = tl.load(x_ptr + base + i, mask=mask, other=0.0, eviction_policy="evict_last" if L2_HINTS else "")
@@ -232,7 +237,7 @@ def _normalise_group(
         rstd = 1.0 / tl.sqrt(variance + eps)
         mean = mean_shifted + shift
         steps = tl.cdiv(group_numel, BLOCK)
-        for step in range(0, steps):
+        for step in tl.range(0, steps, num_stages=APPLY_STAGES):
             i = ((steps - 1 - step) if REVERSE else step) * BLOCK + lanes
             mask = i < group_numel
             channel = first_channel + i // spatial

@@ -80,14 +80,15 @@ def test_triton_one_launch_configurations_match_reference(block, num_warps, pois
                                   torch.float16)
 
 
-@pytest.mark.parametrize("programs, reverse, l2_hints", [(1, False, False), (3, False, False), (7, False, False),
-                                                         (None, False, False), (None, True, False),
-                                                         (None, False, True), (3, True, True)])
-def test_triton_one_launch_tuning_candidates_match_reference(programs, reverse, l2_hints, poisoned_outputs):
+@pytest.mark.parametrize("programs, reverse, l2_hints, stages", [
+    (1, False, False, None), (3, False, False, None), (7, False, False, None), (None, False, False, None),
+    (None, True, False, None), (None, False, True, None), (3, True, True, None), (None, True, True, (3, None)),
+    (3, True, True, (2, 2))])
+def test_triton_one_launch_tuning_candidates_match_reference(programs, reverse, l2_hints, stages, poisoned_outputs):
     """The tuning candidates: a persistent grid (fewer programs than groups, each looping over groups; as many
     programs as groups or more is the plain grid), the second pass run forwards or backwards (the default), with or
-    without the cache hints (on by default). Every group written once and right, with groups kept in registers and
-    groups read twice (a partial last step included)."""
+    without the cache hints (on by default), the passes' loads software-pipelined. Every group written once and
+    right, with groups kept in registers and groups read twice (a partial last step included)."""
     if "triton" not in backends_usable_here(GROUP_NORM_SILU):
         pytest.skip("the triton backend is not usable here")
     from animatelcm.ops import triton_backend
@@ -97,8 +98,10 @@ def test_triton_one_launch_tuning_candidates_match_reference(programs, reverse, 
         x = (torch.randn(shape, generator=generator) * 2 + 5).to(backend_device("triton"), torch.float32)
         weight, bias = affine(shape[1], generator, torch.float32, device=x.device)
         out = torch.full_like(x, float("nan"))
+        stats_stages, apply_stages = stages or (None, None)
         triton_backend.group_norm_one_launch(x, out, groups, weight, bias, 1e-5, True, block=block, programs=programs,
-                                             reverse=reverse, l2_hints=l2_hints)
+                                             reverse=reverse, l2_hints=l2_hints, stats_stages=stats_stages,
+                                             apply_stages=apply_stages)
         assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, weight, bias, 1e-5),
                                   torch.float32)
 

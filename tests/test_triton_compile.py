@@ -36,6 +36,9 @@ CONSTEXPRS = [
                                               PERSISTENT=True, REVERSE=False, L2_HINTS=False)),
     (group_norm.group_norm_fused_kernel, dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, BLOCK=4096, ONE_TILE=False,
                                               PERSISTENT=False, REVERSE=False, L2_HINTS=False)),
+    (group_norm.group_norm_fused_kernel, dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, BLOCK=4096, ONE_TILE=False,
+                                              PERSISTENT=False, REVERSE=True, L2_HINTS=True, STATS_STAGES=3,
+                                              APPLY_STAGES=2)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=16, BLOCK_D=64, FP32_DOT=False)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=32, BLOCK_D=256, FP32_DOT=True)),
     (linear_geglu.linear_geglu_kernel, dict(HAS_BIAS=True, FP32_DOT=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,
@@ -65,6 +68,8 @@ def signature(fn, dtype, constexprs):
 for arch, dtypes in ((90, ("fp16", "bf16", "fp32")), (80, ("bf16",))):
     for dtype in dtypes:
         for fn, constexprs in CONSTEXPRS:
+            # constexpr parameters left at their defaults, as a launch leaves them
+            constexprs = {**{p.name: p.default for p in fn.params if p.is_constexpr and p.has_default}, **constexprs}
             if constexprs.get("FP32_DOT") is False and dtype == "fp32":
                 continue  # fp32 inputs always take the FP32_DOT path
             divisible = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)

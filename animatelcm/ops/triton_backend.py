@@ -206,7 +206,7 @@ def one_launch_config(group_numel: int) -> tuple[int, int]:
 
 
 def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=None, num_warps=None, programs=None,
-                          reverse=True, l2_hints=True):
+                          reverse=True, l2_hints=True, stats_stages=None, apply_stages=None):
     """``out = act(group_norm(x))`` for contiguous ``x, out [N, C, *]`` in one launch, one program per (batch,
     group) (``group_norm_fused_kernel``). ``block`` (elements per step, a power of two) and ``num_warps`` default to
     the tuned choice; benchmarks/tune_group_norm.py times the others. A block as large as the group keeps it in
@@ -215,7 +215,10 @@ def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=Non
     from the group's end) and ``l2_hints`` (cache eviction hints) steer a group's second read toward L2: on by
     default, since together they were the faster choice on 15 of the tuning script's 18 SD1.5 shapes on an H100
     (benchmarks/results/tune_group_norm_cuda.md, run 9: 67 % of the copy's bandwidth against 60 % at
-    ``[32, 320, 64, 64]``, 63 % against 52-54 % on the VAE's large groups); the script times every combination."""
+    ``[32, 320, 64, 64]``, 63 % against 52-54 % on the VAE's large groups); the script times every combination.
+    ``stats_stages`` / ``apply_stages`` software-pipeline the first / second pass's loads that many steps deep
+    (asynchronous copies through shared memory; None, the default, does not): tuning candidates for more bytes in
+    flight per program, not yet timed on a GPU."""
     batch, channels = x.shape[:2]
     spatial = x[0, 0].numel()
     per_group = channels // num_groups
@@ -228,7 +231,7 @@ def group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu, block=Non
         x, out, x if weight is None else weight, x if bias is None else bias, num_groups, total_groups, per_group,
         spatial, float(eps), HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu, BLOCK=block,
         ONE_TILE=block >= per_group * spatial, PERSISTENT=persistent, REVERSE=reverse, L2_HINTS=l2_hints,
-        num_warps=num_warps)
+        STATS_STAGES=stats_stages, APPLY_STAGES=apply_stages, num_warps=num_warps)
 
 
 def group_norm_three_launches(x, out, num_groups, weight, bias, eps, silu):

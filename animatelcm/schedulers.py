@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import numbers
+import os
 import threading
 
 import torch
@@ -73,7 +74,7 @@ def draw_step_noise(shape, generator, device: torch.device, dtype: torch.dtype) 
     return _on_device(randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype), device)
 
 
-_draw_thread = None
+_draw_thread = None  # (process id, executor): a forked child makes its own (the parent's thread is not in it)
 
 
 class _DrawAhead:
@@ -84,12 +85,12 @@ class _DrawAhead:
 
     def __init__(self, shape, generator, dtype: torch.dtype):
         global _draw_thread
-        if _draw_thread is None:
-            _draw_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="animatelcm-noise")
+        if _draw_thread is None or _draw_thread[0] != os.getpid():
+            _draw_thread = os.getpid(), concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="animatelcm-noise")
         self.request = (tuple(shape), dtype)
         self.generators = _cpu_generators(generator)
         self.states = [g.get_state() for g in self.generators]
-        self.future = _draw_thread.submit(self._draw, shape, generator, dtype)
+        self.future = _draw_thread[1].submit(self._draw, shape, generator, dtype)
 
     def _draw(self, shape, generator, dtype):
         host = randn_tensor(shape, generator=generator, device=torch.device("cpu"), dtype=dtype)

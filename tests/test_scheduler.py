@@ -1,3 +1,6 @@
+import os
+import time
+
 import diffusers
 import pytest
 import torch
@@ -306,3 +309,28 @@ def test_lcm_scheduler_like_keeps_an_lcm_config_and_overrides_entries():
     assert type(plain) is LCMScheduler and plain.config.timestep_spacing == "trailing"
     ddim = lcm_scheduler_like(diffusers.DDIMScheduler(beta_schedule="linear"), beta_end=0.014)
     assert ddim.config.beta_end == 0.014 and ddim.config.original_inference_steps == 100
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_draw_ahead_works_in_a_forked_child_after_the_parent_drew_ahead():
+    """A child forked after the parent drew ahead has no copy of the parent's drawing thread: it starts its own
+    instead of waiting forever on one that does not exist there."""
+    shape = (1, 4, 3, 5, 7)
+    want = noise_steps(False, [(shape, generators(1))] * 3)
+    noise_steps(True, [(shape, generators(1))] * 3)  # the parent's drawing thread exists now
+    pid = os.fork()
+    if pid == 0:  # the child: exit status 0 when its steps match, without running pytest's teardown
+        code = 1
+        try:
+            got = noise_steps(True, [(shape, generators(1))] * 3)
+            code = 0 if all(torch.equal(a, b) for a, b in zip(want, got)) else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 60
+    while not (finished := os.waitpid(pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("the forked child hung waiting for its noise")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(finished[1]) == 0

@@ -312,6 +312,7 @@ def test_lcm_scheduler_like_keeps_an_lcm_config_and_overrides_entries():
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded:DeprecationWarning")  # Python 3.12+: the point
 def test_draw_ahead_works_in_a_forked_child_after_the_parent_drew_ahead():
     """A child forked after the parent drew ahead has no copy of the parent's drawing thread: it starts its own
     instead of waiting forever on one that does not exist there."""

@@ -468,10 +468,11 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
     ``backend`` forces one kernel backend for every patched op that implements it (refused here when this process
     cannot run it at all, and at the call when it cannot run an op's inputs, each error saying why); the ops
     without it, and all of them under ``"auto"``, let the dispatcher pick.
-    ``attention`` (temporal attention, and every attention module's direct processor call), ``norms`` (the fused normalisation and activation kernels: GroupNorm+SiLU
-    in the ResNet blocks of the UNet and the VAE, the motion-module and spatial-transformer norms and permutes,
-    GEGLU) and ``scheduler`` (diffusers' ``LCMScheduler`` swapped for :class:`animatelcm.LCMScheduler`; that one, or
-    the pipeline's own, draws each next step's noise on a background thread) switch the three parts; ``linear`` the ``nn.Linear`` layers' CPU GEMM library (see the
+    ``attention`` (temporal attention, and every attention module's direct processor call), ``norms`` (the fused
+    normalisation and activation kernels: GroupNorm+SiLU in the ResNet blocks of the UNet and the VAE, the
+    motion-module and spatial-transformer norms and permutes, GEGLU) and ``scheduler`` (diffusers' ``LCMScheduler``
+    swapped for :class:`animatelcm.LCMScheduler`; that one, or the pipeline's own, draws each next step's noise on a
+    background thread) switch the three parts; ``linear`` the ``nn.Linear`` layers' CPU GEMM library (see the
     module docstring; nothing is installed where :func:`animatelcm.ops.cpu_gemm_library` keeps PyTorch's or the
     UNet is not on the CPU). ``cuda_graph`` replays the UNet's forward from a CUDA graph
     captured per input signature (GPU inputs without gradients only; see :mod:`animatelcm.cuda_graphs`). Patching

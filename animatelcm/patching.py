@@ -21,8 +21,9 @@ every step), all through diffusers' public hooks (attention processors and modul
   convolutions around them run as the equal matrix products on the tokens (module methods);
 - their transformer blocks (``BasicTransformerBlock``, pre-LayerNorm: the spatial transformers' and the motion
   modules'): the same operations without diffusers' per-call branches and the module calls around single ops
-  (LayerNorms, positional embeddings, the feed-forward's container, evaluation-mode dropouts): host time (module
-  forward);
+  (LayerNorms, positional embeddings, the feed-forward's container, evaluation-mode dropouts): host time; on a
+  GPU each residual add with the LayerNorm after it (and the positional embedding) as one fused op
+  (:func:`animatelcm.ops.residual_layer_norm`) (module forward);
 - every GEGLU feed-forward (motion modules and spatial transformers): its projection and ``h * gelu(gate)``
   together (:func:`animatelcm.ops.linear_geglu`; on the CPU in cache-sized row blocks) (module forward);
 - where :func:`animatelcm.ops.cpu_gemm_library` picks oneDNN (AMD CPUs with AVX-512, or
@@ -204,10 +205,39 @@ def _block_is_fusable(block) -> bool:
             and type(block.ff) is FeedForward and not hasattr(block, "fuser"))
 
 
-def _pre_norm(norm, pos_embed, x):
-    """``pos_embed(norm(x))`` as the block computes it, without the two module calls."""
-    x = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-    return x if pos_embed is None else x + pos_embed.pe[:, :x.shape[1]]
+def _fused_norm_backend(block, x) -> str | None:
+    """The backend a block's LayerNorms pass to the fused :func:`animatelcm.ops.residual_layer_norm` for
+    ``x [B, N, C]``, or None for PyTorch's ops as diffusers runs them: on the CPU (no kernel there but Triton's
+    interpreter, unless the patch's backend or ``ANIMATELCM_BACKEND`` names triton: the ops' own path for the tests),
+    under autocast (which runs LayerNorm in float32) and for norms whose weights only PyTorch's ops understand."""
+    backend = getattr(block, PATCH_ATTRIBUTE)["layer_norm"]
+    if x.device.type == "cpu" and "triton" not in (backend, forced_backend()):
+        return None
+    if autocast_dtype(x) is not None or _opaque(block.norm1, block.norm2, block.norm3):
+        return None
+    return backend
+
+
+def _positional_addend(pos_embed, x):
+    """The positional embedding ``[1, N, C]`` the block adds to its normed ``x [B, N, C]`` (None without one)."""
+    return None if pos_embed is None else pos_embed.pe[:, :x.shape[1]]
+
+
+def _pre_norm(norm, pos_embed, x, residual=None, backend=None):
+    """``pos_embed(norm(x + residual))`` as the block computes it, without the module calls, and ``x + residual``
+    (x itself without a residual): ``(total, normed)``, each ``[B, N, C]``. With a ``backend``
+    (:func:`_fused_norm_backend`) the add, the norm and the positional embedding run as one fused op where their
+    dtypes agree (the op's rounding is the op sequence's); otherwise, and for anything else, as PyTorch's ops."""
+    addend = _positional_addend(pos_embed, x)
+    if (backend is not None and norm.normalized_shape == (x.shape[-1],)
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
+            and (addend is None or (addend.dtype == x.dtype and addend.shape[1] == x.shape[1]))):
+        if residual is None:
+            return x, ops.layer_norm(x, norm.weight, norm.bias, norm.eps, addend, backend=backend)
+        return ops.residual_layer_norm(x, residual, norm.weight, norm.bias, norm.eps, addend, backend=backend)
+    total = x if residual is None else x + residual
+    normed = F.layer_norm(total, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+    return total, normed if addend is None else normed + addend
 
 
 def lean_transformer_block_forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None,
@@ -216,21 +246,24 @@ def lean_transformer_block_forward(self, hidden_states, attention_mask=None, enc
     """``BasicTransformerBlock.forward`` for the blocks of :func:`_block_is_fusable`: ``hidden_states [B, N, C]``
     -> same shape. The same operations in the same order, without diffusers' per-call branches and the module
     calls that do nothing or only one op (the LayerNorms, the positional embeddings, the feed-forward's container and
-    its evaluation-mode dropouts): host time that a GPU waits for when the call is host-bound. Calls with
-    ``cross_attention_kwargs``, chunked feed-forward, another input rank or hooked norms run diffusers' forward."""
+    its evaluation-mode dropouts): host time that a GPU waits for when the call is host-bound. On a GPU each
+    residual add, the LayerNorm after it and the positional embedding run as one fused op (:func:`_pre_norm`).
+    Calls with ``cross_attention_kwargs``, chunked feed-forward, another input rank or hooked norms run diffusers'
+    forward."""
     if (cross_attention_kwargs or self._chunk_size is not None or hidden_states.dim() != 3
             or _hooked(self.norm1, self.norm2, self.norm3, self.pos_embed, self.ff)):
         return type(self).forward(self, hidden_states, attention_mask, encoder_hidden_states,
                                   encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
                                   added_cond_kwargs)
-    normed = _pre_norm(self.norm1, self.pos_embed, hidden_states)
-    hidden_states = self.attn1(normed, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention
-                               else None, attention_mask=attention_mask) + hidden_states
+    backend = _fused_norm_backend(self, hidden_states)
+    _, normed = _pre_norm(self.norm1, self.pos_embed, hidden_states, backend=backend)
+    attn_output = self.attn1(normed, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention
+                             else None, attention_mask=attention_mask)
     if self.attn2 is not None:
-        normed = _pre_norm(self.norm2, self.pos_embed, hidden_states)
-        hidden_states = self.attn2(normed, encoder_hidden_states=encoder_hidden_states,
-                                   attention_mask=encoder_attention_mask) + hidden_states
-    out = _pre_norm(self.norm3, None, hidden_states)
+        hidden_states, normed = _pre_norm(self.norm2, self.pos_embed, attn_output, hidden_states, backend)
+        attn_output = self.attn2(normed, encoder_hidden_states=encoder_hidden_states,
+                                 attention_mask=encoder_attention_mask)
+    hidden_states, out = _pre_norm(self.norm3, None, attn_output, hidden_states, backend)
     for layer in self.ff.net:
         if not _identity_dropout(layer):
             out = layer(out)
@@ -526,7 +559,7 @@ def patch_pipeline(pipe, backend: str = "auto", attention: bool = True, norms: b
         elif norms and isinstance(module, ResnetBlock2D) and _resnet_is_fusable(module):
             _override(module, "forward", fused_resnet_forward, resolved, record)
         elif norms and type(module) is BasicTransformerBlock and _block_is_fusable(module):
-            _install(module, "forward", _bound(lean_transformer_block_forward, module), record)
+            _override(module, "forward", lean_transformer_block_forward, resolved, record)
         elif norms and type(module) is GEGLU:
             _override(module, "forward", fused_geglu_forward, resolved, record)
         elif isinstance(module, Transformer2DModel):

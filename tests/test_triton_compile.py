@@ -16,7 +16,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from animatelcm.kernels import group_norm, linear_geglu, temporal_attention
+from animatelcm.kernels import group_norm, layer_norm, linear_geglu, temporal_attention
 
 FP32_POINTERS = {"partials_ptr", "w_ptr", "b_ptr", "scale_ptr", "shift_ptr"}
 FLOAT_SCALARS = {"eps", "scale"}
@@ -41,6 +41,10 @@ CONSTEXPRS = [
                                               APPLY_STAGES=2)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=16, BLOCK_D=64, FP32_DOT=False)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=32, BLOCK_D=256, FP32_DOT=True)),
+    (layer_norm.layer_norm_kernel, dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_ADDEND=True,
+                                        BLOCK_M=8, BLOCK_C=512)),
+    (layer_norm.layer_norm_kernel, dict(HAS_RESIDUAL=False, HAS_WEIGHT=False, HAS_BIAS=False, HAS_ADDEND=False,
+                                        BLOCK_M=1, BLOCK_C=8192)),
     (linear_geglu.linear_geglu_kernel, dict(HAS_BIAS=True, FP32_DOT=False, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,
                                             GROUP_M=8)),
     (linear_geglu.linear_geglu_kernel, dict(HAS_BIAS=False, FP32_DOT=True, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64,

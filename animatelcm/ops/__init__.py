@@ -13,6 +13,13 @@ from .consistency import (
 )
 from .dispatch import BACKENDS, BackendUnavailableError
 from .geglu import geglu, geglu_reference, linear_geglu, linear_geglu_reference
+from .layer_norm import (
+    explain_layer_norm,
+    layer_norm,
+    layer_norm_reference,
+    residual_layer_norm,
+    residual_layer_norm_reference,
+)
 from .linear import cpu_gemm_library, linear
 from .group_norm import (
     explain_group_norm_silu,
@@ -30,6 +37,7 @@ def _implementations():
     from . import attention, consistency, group_norm
     from .geglu import IMPLEMENTATIONS as GEGLU_IMPLEMENTATIONS  # `geglu` here is the function
     from .geglu import LINEAR_GEGLU_IMPLEMENTATIONS
+    from .layer_norm import IMPLEMENTATIONS as LAYER_NORM_IMPLEMENTATIONS  # `layer_norm` here is the function
 
     return {
         "temporal_attention": attention.IMPLEMENTATIONS,
@@ -39,6 +47,7 @@ def _implementations():
         "consistency_step": consistency.IMPLEMENTATIONS,
         "geglu": GEGLU_IMPLEMENTATIONS,
         "linear_geglu": LINEAR_GEGLU_IMPLEMENTATIONS,
+        "layer_norm": LAYER_NORM_IMPLEMENTATIONS,  # residual_layer_norm's too
     }
 
 
@@ -81,15 +90,20 @@ __all__ = [
     "consistency_step_reference",
     "explain_consistency_step",
     "explain_group_norm_silu",
+    "explain_layer_norm",
     "explain_temporal_attention",
     "geglu",
     "geglu_reference",
     "group_norm_silu",
     "group_norm_silu_reference",
+    "layer_norm",
+    "layer_norm_reference",
     "linear",
     "linear_geglu",
     "linear_geglu_reference",
     "ops_by_backend",
+    "residual_layer_norm",
+    "residual_layer_norm_reference",
     "temporal_attention",
     "temporal_attention_reference",
     "temporal_group_norm",

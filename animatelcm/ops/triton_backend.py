@@ -277,3 +277,49 @@ def triton_unpermute_residual(y, residual, num_frames):
     _group_norm_kernels().unpermute_residual_kernel[(batch_frames * c_tiles * s_tiles,)](
         y, residual, out, num_frames, channels, spatial, c_tiles, s_tiles, BLOCK_C=TILE, BLOCK_S=TILE)
     return out
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_norm_kernel():
+    from ..kernels.layer_norm import layer_norm_kernel
+
+    return layer_norm_kernel
+
+
+LAYER_NORM_TILE = 4096  # elements of a LayerNorm program's tile: whole rows, BLOCK_M of them
+
+
+def layer_norm_config(cols: int) -> tuple[int, int, int]:
+    """(rows a program, the row's power-of-two block, warps) of the Triton LayerNorm for rows of ``cols``: about
+    LAYER_NORM_TILE elements a program (SD1.5's widths: 8 rows of 320 in 512 columns, 4 of 640, 2 of 1280), one
+    row where a row is longer. A first choice, not yet tuned on a GPU."""
+    block_c = _block(cols)
+    block_m = max(1, LAYER_NORM_TILE // block_c)
+    return block_m, block_c, 4 if block_m * block_c <= LAYER_NORM_TILE else 8
+
+
+def triton_layer_norm(x, residual, weight, bias, eps, addend, block_m=None, num_warps=None):
+    """LayerNorm over the last dimension of ``x [..., C]`` (+ ``residual``, x's shape, added first) in one launch:
+    ``(x + residual or None, layer_norm * weight + bias + addend)``, contiguous in x's shape and dtype.
+    ``addend [L, C]`` is added to row r of the flattened rows as its row ``r % L`` (L = 1, or x's second-to-last
+    size: the broadcast of ``[..., L, C]``). ``block_m`` / ``num_warps`` override :func:`layer_norm_config`."""
+    cols = x.shape[-1]
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    total = None if residual is None else torch.empty_like(x)
+    rows = x.numel() // cols if cols else 0
+    if rows == 0 or cols == 0:
+        if total is not None:
+            torch.add(x, residual, out=total)
+        return total, out
+    default_m, block_c, default_warps = layer_norm_config(cols)
+    block_m = block_m or default_m
+    addend = None if addend is None else addend.reshape(-1, cols).contiguous()
+    weight, bias = _contiguous_affine(weight, bias)
+    _layer_norm_kernel()[(_cdiv(rows, block_m),)](
+        x, x if residual is None else residual.contiguous(), out if total is None else total, out,
+        x if weight is None else weight, x if bias is None else bias, x if addend is None else addend,
+        rows, cols, 1 if addend is None else addend.shape[0], float(eps),
+        HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        HAS_ADDEND=addend is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps or default_warps)
+    return total, out

@@ -277,15 +277,24 @@ def diffusers_residual_norm(attn_output, hidden, weight, bias, pe):
     return hidden, F.layer_norm(hidden, (hidden.shape[-1],), weight, bias, 1e-5) + pe
 
 
-@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "triton", "copy (floor)"])
+# the Triton LayerNorm's tile choices beside the dispatched one (rows a program, warps): candidates for its default
+LAYER_NORM_TILES = {"triton, 4 rows, 4 warps": (4, 4), "triton, 16 rows, 8 warps": (16, 8),
+                    "triton, 8 rows, 8 warps": (8, 8)}
+
+
+@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "triton", *LAYER_NORM_TILES, "copy (floor)"])
 def test_residual_layer_norm(benchmark, record, provider):
     """GPU only (on the CPU the op runs PyTorch's own): SD1.5's motion-module tokens at 64x64 latents, 16 frames,
     with CFG, ``[B*H*W, F, C] = [8192, 16, 320]``."""
     if "cuda" not in DEVICES:
         pytest.skip("the LayerNorm kernel runs on a GPU")
+    from animatelcm.ops.triton_backend import triton_layer_norm
+
     providers = {"diffusers ops": diffusers_residual_norm, "torch.compile": compiled(diffusers_residual_norm),
                  "copy (floor)": lambda a, h, w, b, pe: a.clone(),
-                 "triton": lambda a, h, w, b, pe: ops.residual_layer_norm(a, h, w, b, 1e-5, pe, backend="triton")}
+                 "triton": lambda a, h, w, b, pe: ops.residual_layer_norm(a, h, w, b, 1e-5, pe, backend="triton"),
+                 **{name: lambda a, h, w, b, pe, tile=tile: triton_layer_norm(a, h, w, b, 1e-5, pe, *tile)
+                    for name, tile in LAYER_NORM_TILES.items()}}
     shape, dtype = (8192, 16, 320), configs("cuda")["dtype"]
     sets = [(torch.randn(shape, device="cuda", dtype=dtype), torch.randn(shape, device="cuda", dtype=dtype),
              torch.randn(shape[-1], device="cuda", dtype=dtype), torch.randn(shape[-1], device="cuda", dtype=dtype),

@@ -10,10 +10,15 @@ value, ``torch.compile`` tracing, or a PyTorch forward hook (or pre-hook) on the
 global one: a hook's inputs are not the forward's arguments (the image adapter's features, added by pre-hooks on
 the motion modules during a pipeline call), so a replay would read the tensors of the call that was captured.
 
-What a graph bakes in, it keeps: the weights are read from the memory they had at capture, so in-place changes
-(fusing a LoRA into the weights) show up in replays, but modules swapped or added afterwards (loading an unfused
-LoRA, ``set_adapters``) do not: call :meth:`GraphedForward.reset` (or patch again) after such changes. Timesteps
-given as Python numbers or CPU tensors are moved into a device buffer first, so each replay sees its own step's.
+A graph bakes in more than its inputs: the memory its weights had, the modules and attention processors that
+ran, and the Python numbers they used (a LoRA's scale, FreeU's factors). Each call compares a fingerprint of those
+(:func:`capture_state`) with the one of the captures and, where it changed, drops every graph and captures anew:
+loading or unloading a LoRA, ``set_adapters`` and its scales, ``fuse_lora`` / ``unfuse_lora``, an IP-Adapter's or
+any other processor, ``enable_freeu``, a module swapped, a parameter given new memory (``p.data = ...``, the model
+moved). Changes the fingerprint does not see (an attribute of one's own that a forward reads) need
+:meth:`GraphedForward.reset`. Values written into the weights in place are read by every replay as they are.
+Timesteps given as Python numbers or CPU tensors are moved into a device buffer first, so each replay sees its own
+step's.
 
 Only the UNet is captured, not the scheduler step: the step's Python bookkeeping (the step index picking the
 coefficients) runs once at capture and would be frozen into a graph.
@@ -31,21 +36,61 @@ from .ops.dispatch import autocast_dtype
 WARMUP_CALLS = 2
 
 
-def runs_forward_hooks(model: torch.nn.Module) -> bool:
-    """Whether a forward of ``model`` runs PyTorch forward hooks or pre-hooks: its own or any submodule's, or
-    global ones (``register_module_forward_hook``). One walk over the modules: 0.65 ms for SD1.5's UNet with motion
-    modules on a 2-core Intel Xeon, host time a replayed step, which waits on the GPU, hides."""
+# Python numbers diffusers' modules read in their forwards that a capture would freeze: FreeU's factors (set on
+# the up blocks by ``enable_freeu``).
+FROZEN_NUMBERS = ("s1", "s2", "b1", "b2")
+
+
+def _peft_state(module):
+    """The state of a peft tuner layer (a LoRA-wrapped linear or convolution) its forward depends on, or None for
+    another module: the scales, the active adapters, the merged ones and whether adapters are disabled."""
+    scaling = module.__dict__.get("scaling")
+    if not isinstance(scaling, dict):
+        return None
+    return (tuple(scaling.items()), tuple(getattr(module, "active_adapters", ())),
+            tuple(getattr(module, "merged_adapters", ())), getattr(module, "disable_adapters", None))
+
+
+def capture_state(model: torch.nn.Module):
+    """None where a forward of ``model`` runs PyTorch forward hooks or pre-hooks (its own, any submodule's, or
+    global ones: ``register_module_forward_hook``), which a replay cannot run; else a fingerprint of what a captured
+    forward bakes in besides its inputs. Per module, in one walk: its identity and training mode, its attention
+    processor's identity, its parameters' and buffers' memory, a peft layer's adapter state and FreeU's factors
+    (``FROZEN_NUMBERS``). Equal fingerprints: a replay computes the forward. About 2 ms for the 1,347 modules of
+    SD1.5's UNet with motion modules on one Intel Xeon core (0.7 ms of it the walk that looks for hooks), host time
+    that a replayed step, which waits on the GPU, hides."""
     from torch.nn.modules import module as module_state
 
     if module_state._global_forward_hooks or module_state._global_forward_pre_hooks:
-        return True
+        return None
+    parts = []
+    append = parts.append
     stack = [model]
     while stack:
         module = stack.pop()
-        if module._forward_hooks or module._forward_pre_hooks:
-            return True
-        stack.extend(child for child in module._modules.values() if child is not None)
-    return False
+        attributes = module.__dict__
+        if attributes["_forward_hooks"] or attributes["_forward_pre_hooks"]:
+            return None
+        append(id(module))
+        append(attributes["training"])
+        for tensors in (attributes["_parameters"], attributes["_buffers"]):
+            for tensor in tensors.values():
+                if tensor is not None:
+                    append(tensor.data_ptr())
+        if "processor" in attributes:
+            append(("processor", id(attributes["processor"])))
+        if "scaling" in attributes:
+            append(("peft", _peft_state(module)))
+        for name in FROZEN_NUMBERS:
+            if name in attributes:
+                append((name, attributes[name]))
+        stack.extend(child for child in attributes["_modules"].values() if child is not None)
+    return tuple(parts)
+
+
+def runs_forward_hooks(model: torch.nn.Module) -> bool:
+    """Whether a forward of ``model`` runs PyTorch forward hooks or pre-hooks (see :func:`capture_state`)."""
+    return capture_state(model) is None
 
 
 def _current_device(device: torch.device):
@@ -95,15 +140,21 @@ class GraphedForward:
         self.graph_factory = graph_factory or _CudaGraph
         self.entries: dict = {}
         self._pool = None
+        self._state = None  # capture_state of the model when the entries were captured
 
     def reset(self):
         """Forget every captured graph (the next call per signature captures again)."""
         self.entries.clear()
         self._pool = None
+        self._state = None
 
     def __call__(self, sample, timestep, *args, **kwargs):
-        if not self._eligible(sample) or runs_forward_hooks(self.module):
+        state = capture_state(self.module) if self._eligible(sample) else None
+        if state is None:
             return self.original(sample, timestep, *args, **kwargs)
+        if state != self._state:  # the model changed since the captures (see the module docstring)
+            self.reset()
+            self._state = state
         if not torch.is_tensor(timestep) or timestep.device != sample.device:
             timestep = torch.as_tensor(timestep, device=sample.device)
         leaves, spec = pytree.tree_flatten(((sample, timestep, *args), kwargs))

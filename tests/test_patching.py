@@ -1088,6 +1088,49 @@ def test_graphed_forward_replays_with_each_calls_inputs(components, monkeypatch)
     assert not graphed.entries
 
 
+def test_graphed_forward_captures_again_when_the_model_changes(components, monkeypatch, tmp_path):
+    """A graph bakes in modules, processors, the weights' memory and Python numbers (a LoRA's scale): after each
+    change a capture could not see, the next call drops the graphs and captures again; with nothing changed it
+    replays."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    from animatelcm.cuda_graphs import GraphedForward
+    from test_loading import lora_deltas, write_kohya
+
+    pipe, _ = build("animatediff", components)
+    unet = pipe.unet.eval()
+    write_kohya(tmp_path / "lora.safetensors", lora_deltas(unet, 4, torch.Generator().manual_seed(0)), 4.0)
+    graphed = GraphedForward(unet, unet.forward, graph_factory=RerunGraph)
+    monkeypatch.setattr(graphed, "_eligible", lambda sample: not torch.is_grad_enabled())
+    RerunGraph.captures = 0
+    sample = torch.randn(1, 4, FRAMES, 8, 8)
+    text = torch.randn(FRAMES, 7, unet.config.cross_attention_dim)
+
+    def call_and_count():
+        with torch.no_grad():
+            got = graphed(sample, 999, encoder_hidden_states=text, return_dict=False)[0]
+            torch.testing.assert_close(got, unet.forward(sample, 999, encoder_hidden_states=text,
+                                                         return_dict=False)[0])
+        return RerunGraph.captures
+
+    assert call_and_count() == 1 and call_and_count() == 1
+    changes = [
+        lambda: pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors", adapter_name="style"),
+        lambda: pipe.set_adapters(["style"], [0.5]),
+        lambda: pipe.fuse_lora(),
+        lambda: pipe.unfuse_lora(),
+        lambda: pipe.unload_lora_weights(),
+        lambda: pipe.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4),
+        lambda: unet.set_attn_processor(AttnProcessor()),
+        lambda: setattr(unet.conv_in.weight, "data", unet.conv_in.weight.data.clone()),
+    ]
+    for count, change in enumerate(changes, start=2):
+        change()
+        assert call_and_count() == count, count
+        assert call_and_count() == count  # then replays
+    assert len(graphed.entries) == 1
+
+
 def test_graphed_forward_runs_the_model_as_is_while_forward_hooks_are_registered(components, monkeypatch):
     """A forward hook's inputs are not the forward's arguments (the image adapter's features reach the motion modules
     through pre-hooks registered for one pipeline call), so a replay would read the captured call's tensors: while the

@@ -1223,6 +1223,30 @@ def test_cuda_graph_replay_matches_eager_on_the_gpu(components):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_replay_follows_lora_changes_on_the_gpu(components, tmp_path):
+    """Real CUDA graphs after a LoRA is loaded into the patched, graphed pipeline and its scale changed: each call
+    gives the eager patched pipeline's latents with the LoRA as it is then."""
+    from test_loading import lora_deltas, write_kohya
+
+    pipe, args = build("animatediff", components)
+    write_kohya(tmp_path / "lora.safetensors", lora_deltas(pipe.unet, 4, torch.Generator().manual_seed(0)), 4.0)
+    pipe.to("cuda")
+    args["latents"] = args["latents"].cuda()
+    scales = (1.0, 0.3)
+    patch_pipeline(pipe)
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors", adapter_name="style")
+    want = {scale: pipe.set_adapters(["style"], [scale]) or latents(pipe, args, 1.0) for scale in scales}
+    assert not torch.allclose(want[scales[0]], want[scales[1]])
+    pipe.unload_lora_weights()
+    patch_pipeline(pipe, cuda_graph=True)
+    latents(pipe, args, 1.0)  # captured without the LoRA
+    pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors", adapter_name="style")
+    for scale in scales:
+        pipe.set_adapters(["style"], [scale])
+        torch.testing.assert_close(latents(pipe, args, 1.0), want[scale], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("cuda_graph", [False, True])
 def test_float32_pipeline_under_float16_autocast_on_the_gpu(cuda_graph, components):
     """A float32 pipeline under ``torch.autocast("cuda", torch.float16)``, patched (and replayed from CUDA graphs,

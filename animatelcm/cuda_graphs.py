@@ -41,14 +41,24 @@ WARMUP_CALLS = 2
 FROZEN_NUMBERS = ("s1", "s2", "b1", "b2")
 
 
+def _scale_key(value):
+    """A LoRA scale as the fingerprint compares it: a float to 9 significant digits (a call with
+    ``cross_attention_kwargs={"scale": s}`` multiplies every scale by s and divides it back, which can leave it an
+    ulp off: not a change worth a new capture), any other value by identity."""
+    if isinstance(value, float):
+        return float(f"{value:.9g}")
+    return value if isinstance(value, (int, str)) else id(value)
+
+
 def _peft_state(module):
     """The state of a peft tuner layer (a LoRA-wrapped linear or convolution) its forward depends on, or None for
     another module: the scales, the active adapters, the merged ones and whether adapters are disabled."""
     scaling = module.__dict__.get("scaling")
     if not isinstance(scaling, dict):
         return None
-    return (tuple(scaling.items()), tuple(getattr(module, "active_adapters", ())),
-            tuple(getattr(module, "merged_adapters", ())), getattr(module, "disable_adapters", None))
+    return (tuple((name, _scale_key(value)) for name, value in scaling.items()),
+            tuple(getattr(module, "active_adapters", ())), tuple(getattr(module, "merged_adapters", ())),
+            getattr(module, "disable_adapters", None))
 
 
 def capture_state(model: torch.nn.Module):

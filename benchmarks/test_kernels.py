@@ -246,8 +246,17 @@ def diffusers_geglu(x, weight, bias):
     return hidden * F.gelu(gate)
 
 
+# the Triton GEGLU projection's launch choices beside the dispatched one ((BLOCK_M, BLOCK_N per half, BLOCK_K,
+# GROUP_M), warps, stages): larger tiles and deeper pipelines, candidates for its default (run 9: 0.355 ms at the GPU
+# shape below, about 30 % of the H100's fp16 peak)
+LINEAR_GEGLU_CANDIDATES = {"triton, 128x2x128 tile, 3 stages": ((128, 128, 64, 8), 8, 3),
+                           "triton, 128x2x64 tile, 4 stages": ((128, 64, 64, 8), 8, 4),
+                           "triton, 64x2x128 tile, 4 warps": ((64, 128, 64, 8), 4, 4)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("provider", ["diffusers GEGLU", "torch.compile", "cpp", "cuda", "triton", "copy (floor)"])
+@pytest.mark.parametrize("provider", ["diffusers GEGLU", "torch.compile", "cpp", "cuda", "triton",
+                                      *LINEAR_GEGLU_CANDIDATES, "copy (floor)"])
 def test_linear_geglu(benchmark, record, device, provider):
     """CPU: the first feed-forward projection of a width-80 transformer block at 32x32 latents, 16 frames (the
     end-to-end benchmark's largest activation); GPU: SD1.5's width 320 at 64x64, 16 frames, with CFG (cuda:
@@ -256,6 +265,11 @@ def test_linear_geglu(benchmark, record, device, provider):
     providers = {"diffusers GEGLU": diffusers_geglu, "torch.compile": compiled(diffusers_geglu),
                  "copy (floor)": lambda x, w, b: x.clone(),
                  **{backend: forced(backend, ops.linear_geglu) for backend in backends}}
+    if device == "cuda":
+        from animatelcm.ops.triton_backend import triton_linear_geglu
+
+        providers.update({name: lambda x, w, b, launch=launch: triton_linear_geglu(x, w, b, *launch)
+                          for name, launch in LINEAR_GEGLU_CANDIDATES.items()})
     if provider not in providers:
         pytest.skip(f"{provider} does not run on {device}")
     cfg = configs(device)

@@ -73,20 +73,23 @@ def _linear_geglu_kernel():
 LINEAR_GEGLU_TILES = (128, 64, 64, 8)
 
 
-def triton_linear_geglu(x, weight, bias):
+def triton_linear_geglu(x, weight, bias, tiles=LINEAR_GEGLU_TILES, num_warps=8, num_stages=None):
     """``geglu(x @ weight.T + bias)`` in one Triton kernel: ``x [..., K]``, ``weight [2I, K]`` (x's dtype),
-    ``bias [2I]`` or None -> ``[..., I]``; the ``[..., 2I]`` projection is never materialised."""
+    ``bias [2I]`` or None -> ``[..., I]``; the ``[..., 2I]`` projection is never materialised. ``tiles``
+    ((BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)), ``num_warps`` and ``num_stages`` (default 3, 2 in float32) are the
+    launch's; the kernel benchmark times other choices beside these."""
     depth, inner = x.shape[-1], weight.shape[0] // 2
     flat = x.reshape(-1, depth).contiguous()
     out = torch.empty((*x.shape[:-1], inner), dtype=x.dtype, device=x.device)
     if flat.shape[0] == 0 or inner == 0:
         return out
-    block_m, block_n, block_k, group_m = LINEAR_GEGLU_TILES
-    tiles = _cdiv(flat.shape[0], block_m) * _cdiv(inner, block_n)
-    _linear_geglu_kernel()[(tiles,)](
+    block_m, block_n, block_k, group_m = tiles
+    programs = _cdiv(flat.shape[0], block_m) * _cdiv(inner, block_n)
+    _linear_geglu_kernel()[(programs,)](
         flat, weight.contiguous(), flat if bias is None else bias.contiguous(), out, flat.shape[0], inner, depth,
         HAS_BIAS=bias is not None, FP32_DOT=_fp32_dot(x.dtype), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP_M=group_m, num_warps=8, num_stages=2 if x.dtype == torch.float32 else 3)
+        GROUP_M=group_m, num_warps=num_warps,
+        num_stages=num_stages or (2 if x.dtype == torch.float32 else 3))
     return out
 
 

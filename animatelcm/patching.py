@@ -226,17 +226,12 @@ def _fused_norm_backend(block, x) -> str | None:
     return backend
 
 
-def _positional_addend(pos_embed, x):
-    """The positional embedding ``[1, N, C]`` the block adds to its normed ``x [B, N, C]`` (None without one)."""
-    return None if pos_embed is None else pos_embed.pe[:, :x.shape[1]]
-
-
-def _pre_norm(norm, pos_embed, x, residual=None, backend=None):
-    """``pos_embed(norm(x + residual))`` as the block computes it, without the module calls, and ``x + residual``
-    (x itself without a residual): ``(total, normed)``, each ``[B, N, C]``. With a ``backend``
-    (:func:`_fused_norm_backend`) the add, the norm and the positional embedding run as one fused op where their
-    dtypes agree (the op's rounding is the op sequence's); otherwise, and for anything else, as PyTorch's ops."""
-    addend = _positional_addend(pos_embed, x)
+def _pre_norm(norm, x, residual=None, addend=None, backend=None):
+    """``norm(x + residual) + addend`` as the block computes it (the addend: its positional embedding ``[1, N, C]``,
+    if any), without the module calls, and ``x + residual`` (x itself without a residual): ``(total, normed)``, each
+    ``[B, N, C]``. With a ``backend`` (:func:`_fused_norm_backend`) the add, the norm and the positional embedding
+    run as one fused op where their dtypes agree (the op's rounding is the op sequence's); otherwise, and for
+    anything else, as PyTorch's ops."""
     if (backend is not None and norm.normalized_shape == (x.shape[-1],)
             and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape))
             and (addend is None or (addend.dtype == x.dtype and addend.shape[1] == x.shape[1]))):
@@ -264,14 +259,15 @@ def lean_transformer_block_forward(self, hidden_states, attention_mask=None, enc
                                   encoder_attention_mask, timestep, cross_attention_kwargs, class_labels,
                                   added_cond_kwargs)
     backend = _fused_norm_backend(self, hidden_states)
-    _, normed = _pre_norm(self.norm1, self.pos_embed, hidden_states, backend=backend)
+    positions = None if self.pos_embed is None else self.pos_embed.pe[:, :hidden_states.shape[1]]  # [1, N, C]
+    _, normed = _pre_norm(self.norm1, hidden_states, addend=positions, backend=backend)
     attn_output = self.attn1(normed, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention
                              else None, attention_mask=attention_mask)
     if self.attn2 is not None:
-        hidden_states, normed = _pre_norm(self.norm2, self.pos_embed, attn_output, hidden_states, backend)
+        hidden_states, normed = _pre_norm(self.norm2, attn_output, hidden_states, positions, backend)
         attn_output = self.attn2(normed, encoder_hidden_states=encoder_hidden_states,
                                  attention_mask=encoder_attention_mask)
-    hidden_states, out = _pre_norm(self.norm3, None, attn_output, hidden_states, backend)
+    hidden_states, out = _pre_norm(self.norm3, attn_output, hidden_states, backend=backend)
     for layer in self.ff.net:
         if not _identity_dropout(layer):
             out = layer(out)

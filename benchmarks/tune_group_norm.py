@@ -89,6 +89,10 @@ def providers(x, weight, bias, out):
         calls[f"pipelined {stats}" + (f"+{apply}" if apply else "") + " stages"] = (
             lambda s=stats, a=apply: triton_backend.group_norm_one_launch(x, out, GROUPS, weight, bias, 1e-5, True,
                                                                          stats_stages=s, apply_stages=a))
+    # run 10's fastest choice (two persistent programs an SM) with the first pass's loads pipelined too
+    calls["persistent, 2/SM, pipelined 3 stages"] = (
+        lambda p=2 * sms: triton_backend.group_norm_one_launch(x, out, GROUPS, weight, bias, 1e-5, True, programs=p,
+                                                               stats_stages=3))
     calls["triton (as dispatched)"] = lambda: ops.group_norm_silu(x, GROUPS, weight, bias, 1e-5, backend="triton")
     if cuda_kernels_unavailable_reason() is None:
         # the CUDA C++ kernel as dispatched (a group that fits in shared memory is read once), on sm_90 with thread

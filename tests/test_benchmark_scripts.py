@@ -134,7 +134,7 @@ def test_tune_group_norm_candidates_compute_the_group_norm():
     calls = tune_group_norm.providers(x, weight, bias, out)
     assert any(name.startswith("group in registers") for name in calls) and "three launches" in calls
     assert any(name.startswith("persistent") for name in calls) and "forward, no L2 hints" in calls
-    assert any(name.startswith("pipelined") for name in calls)
+    assert any(name.startswith("pipelined") for name in calls) and "persistent, 2/SM, pipelined 3 stages" in calls
     for name, call in calls.items():
         if name == "copy (floor)":
             continue

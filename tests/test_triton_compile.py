@@ -39,6 +39,8 @@ CONSTEXPRS = [
     (group_norm.group_norm_fused_kernel, dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, BLOCK=4096, ONE_TILE=False,
                                               PERSISTENT=False, REVERSE=True, L2_HINTS=True, STATS_STAGES=3,
                                               APPLY_STAGES=2)),
+    (group_norm.group_norm_fused_kernel, dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, BLOCK=4096, ONE_TILE=False,
+                                              PERSISTENT=True, REVERSE=True, L2_HINTS=True, STATS_STAGES=3)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=16, BLOCK_D=64, FP32_DOT=False)),
     (temporal_attention.temporal_attention_kernel, dict(BLOCK_F=32, BLOCK_D=256, FP32_DOT=True)),
     (layer_norm.layer_norm_kernel, dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, HAS_ADDEND=True,

@@ -296,25 +296,30 @@ LAYER_NORM_TILES = {"triton, 4 rows, 4 warps": (4, 4), "triton, 16 rows, 8 warps
                     "triton, 8 rows, 8 warps": (8, 8)}
 
 
-@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "triton", *LAYER_NORM_TILES, "copy (floor)"])
-def test_residual_layer_norm(benchmark, record, provider):
-    """GPU only (on the CPU the op runs PyTorch's own): SD1.5's motion-module tokens at 64x64 latents, 16 frames,
-    with CFG, ``[B*H*W, F, C] = [8192, 16, 320]``."""
-    if "cuda" not in DEVICES:
-        pytest.skip("the LayerNorm kernel runs on a GPU")
-    from animatelcm.ops.triton_backend import triton_layer_norm
-
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("provider", ["diffusers ops", "torch.compile", "cpp", "triton", *LAYER_NORM_TILES,
+                                      "copy (floor)"])
+def test_residual_layer_norm(benchmark, record, device, provider):
+    """A motion-module block's tokens ``[B*H*W, F, C]`` between its attentions: CPU: width 80 at 32x32 latents, 16
+    frames (the end-to-end benchmark's largest); GPU: SD1.5's width 320 at 64x64, 16 frames, with CFG."""
     providers = {"diffusers ops": diffusers_residual_norm, "torch.compile": compiled(diffusers_residual_norm),
                  "copy (floor)": lambda a, h, w, b, pe: a.clone(),
-                 "triton": lambda a, h, w, b, pe: ops.residual_layer_norm(a, h, w, b, 1e-5, pe, backend="triton"),
-                 **{name: lambda a, h, w, b, pe, tile=tile: triton_layer_norm(a, h, w, b, 1e-5, pe, *tile)
-                    for name, tile in LAYER_NORM_TILES.items()}}
-    shape, dtype = (8192, 16, 320), configs("cuda")["dtype"]
-    sets = [(torch.randn(shape, device="cuda", dtype=dtype), torch.randn(shape, device="cuda", dtype=dtype),
-             torch.randn(shape[-1], device="cuda", dtype=dtype), torch.randn(shape[-1], device="cuda", dtype=dtype),
-             torch.randn(1, *shape[1:], device="cuda", dtype=dtype)) for _ in range(SETS)]
+                 **{backend: lambda a, h, w, b, pe, backend=backend: ops.residual_layer_norm(a, h, w, b, 1e-5, pe,
+                                                                                              backend=backend)
+                    for backend in kernel_backends(device)}}
+    if device == "cuda":
+        from animatelcm.ops.triton_backend import triton_layer_norm
+
+        providers.update({name: lambda a, h, w, b, pe, tile=tile: triton_layer_norm(a, h, w, b, 1e-5, pe, *tile)
+                          for name, tile in LAYER_NORM_TILES.items()})
+    if provider not in providers:
+        pytest.skip(f"{provider} does not run on {device}")
+    shape, dtype = ((1024, 16, 80) if device == "cpu" else (8192, 16, 320)), configs(device)["dtype"]
+    sets = [(torch.randn(shape, device=device, dtype=dtype), torch.randn(shape, device=device, dtype=dtype),
+             torch.randn(shape[-1], device=device, dtype=dtype), torch.randn(shape[-1], device=device, dtype=dtype),
+             torch.randn(1, *shape[1:], device=device, dtype=dtype)) for _ in range(SETS)]
     numel = sets[0][0].numel() * sets[0][0].element_size()
-    run(benchmark, record, "residual_layer_norm (+positional embedding)", provider, "diffusers ops", shape, "cuda",
+    run(benchmark, record, "residual_layer_norm (+positional embedding)", provider, "diffusers ops", shape, device,
         sets, providers[provider], 2 * numel if provider == "copy (floor)" else 4 * numel)
 
 

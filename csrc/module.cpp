@@ -86,6 +86,15 @@ GegluArgs make_geglu_args(std::uintptr_t x, std::uintptr_t bias, std::uintptr_t 
                    rows, inner, scalar_type};
 }
 
+LayerNormArgs make_layer_norm_args(std::uintptr_t x, std::uintptr_t residual, std::uintptr_t sum, std::uintptr_t out,
+                                   std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t addend, int64_t rows,
+                                   int64_t cols, int64_t addend_rows, float eps, int scalar_type) {
+  return LayerNormArgs{reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(residual),
+                       reinterpret_cast<void*>(sum), reinterpret_cast<void*>(out),
+                       reinterpret_cast<const float*>(weight), reinterpret_cast<const float*>(bias),
+                       reinterpret_cast<const void*>(addend), rows, cols, addend_rows, eps, scalar_type};
+}
+
 // Binds `kernel(make_args(args...))` with the GIL released while it runs.
 template <typename Args, typename... Params>
 auto released(void (*kernel)(const Args&), Args (*make)(Params...)) {
@@ -138,6 +147,9 @@ PYBIND11_MODULE(_C, m) {
         "out [B*F, C, S] = permute(y [B*S, F, C]) + residual over host buffers.");
   m.def("geglu_cpu", released(&geglu_cpu, &make_geglu_args),
         "out [rows, inner] = h * gelu(g), [h, g] = x (+ fp32 bias [2*inner] or 0) over contiguous host buffers.");
+  m.def("layer_norm_cpu", released(&layer_norm_cpu, &make_layer_norm_args),
+        "LayerNorm over host rows x [rows, cols] (+ residual, the sum written; fp32 weight, bias; + addend rows "
+        "r % addend_rows): pointers (0 for none), rows, cols, addend_rows, eps, scalar type.");
 #if ANIMATELCM_WITH_CUDA
   m.def(
       "geglu_cuda",

@@ -131,12 +131,12 @@ def test_bad_inputs():
         torch.testing.assert_close(ops.layer_norm(x, addend=torch.ones(shape)), F.layer_norm(x, (8,)) + 1)
 
 
-def test_automatic_choice_keeps_small_and_cpu_inputs_on_pytorch():
-    """Under auto the Triton kernel takes GPU inputs of TRITON_MIN_ELEMENTS or more, rows of at most
-    MAX_TRITON_COLUMNS; smaller inputs and CPU tensors (Triton's interpreter) stay on PyTorch; forcing triton still
-    runs what it can."""
-    triton = layer_norm_module.IMPLEMENTATIONS[0]
-    assert [i.backend for i in layer_norm_module.IMPLEMENTATIONS] == ["triton", "eager"]
+def test_automatic_choice_of_kernel():
+    """Under auto CPU tensors take the C++ kernel; the Triton kernel takes GPU inputs of TRITON_MIN_ELEMENTS or more,
+    rows of at most MAX_TRITON_COLUMNS, smaller ones stay on PyTorch, and CPU tensors are Triton's (the interpreter)
+    only when forced."""
+    triton = layer_norm_module.IMPLEMENTATIONS[1]
+    assert [i.backend for i in layer_norm_module.IMPLEMENTATIONS] == ["cpp", "triton", "eager"]
 
     def fake(device, numel, cols=320):
         return SimpleNamespace(device=torch.device(device), numel=lambda: numel, shape=(numel // cols, cols),
@@ -145,9 +145,11 @@ def test_automatic_choice_keeps_small_and_cpu_inputs_on_pytorch():
     minimum = layer_norm_module.TRITON_MIN_ELEMENTS
     assert triton.pass_over(fake("cuda", minimum)) is None
     assert "fewer than" in triton.pass_over(fake("cuda", minimum - 320))
-    assert "CPU tensors run PyTorch's own" in triton.pass_over(fake("cpu", 2**30))
+    assert "CPU tensors run the C++ kernel or PyTorch's own" in triton.pass_over(fake("cpu", 2**30))
     assert "rows of at most" in layer_norm_module._reject_triton(fake("cuda", 2**20, cols=32768))
+    report = dict(ops.explain_layer_norm(torch.randn(2, 3, 16)))
+    assert report["eager"] is None
+    if "cpp" in BACKENDS:
+        assert report["cpp"] is None
     if "triton" in BACKENDS:  # the interpreter: CPU tensors are Triton's only when forced
-        x = torch.randn(2, 3, 16)
-        assert dict(ops.explain_layer_norm(x))["eager"] is None
-        assert "CPU tensors" in dict(ops.explain_layer_norm(x))["triton"]
+        assert "CPU tensors" in report["triton"]

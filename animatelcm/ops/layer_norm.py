@@ -6,8 +6,9 @@
   (+ addend))``: the block's residual add (attention output + the residual stream) and the next norm in one pass,
   both results written.
 
-The eager implementation is PyTorch's op sequence as diffusers runs it (each op rounding to x's dtype); the Triton
-kernel (``kernels/layer_norm.py``) reads and writes every element once, rounding where that sequence rounds. On a
+The eager implementation is PyTorch's op sequence as diffusers runs it (each op rounding to x's dtype); the C++
+kernel (``csrc/cpu/layer_norm.cpp``, CPU tensors) and the Triton one (``kernels/layer_norm.py``, GPU tensors) read
+and write every element once, rounding where that sequence rounds. On a
 GPU PyTorch's LayerNorm runs one row a thread block, slow on SD1.5's 320-1280-wide rows (run 11's profile:
 469 LayerNorm calls, 18.4 ms of a 238 ms call's GPU time, about a third of the copy's bandwidth for the bytes they
 move, benchmarks/results/end_to_end_profile_cuda.md), and the adds around it are passes of their own. NaN propagates
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from .dispatch import Implementation, eager_fast_path, explain, select
-from .group_norm import _check_affine, _check_tensor
+from .group_norm import _affine_fp32, _check_affine, _check_tensor
+from .native import SCALAR_TYPE_CODES, native_module, native_unavailable_reason, pointer, reject_unless_native
 from .triton_backend import reject_unless_triton, triton_layer_norm, triton_unavailable_reason
 
 # Rows longer than this stay on PyTorch (the Triton kernel holds a row in registers).
@@ -85,6 +87,26 @@ def _eager(x, residual, weight, bias, eps, addend):
     return (None if residual is None else total.contiguous()), normed.contiguous()
 
 
+def _native(x, residual, weight, bias, eps, addend):
+    """The C++ kernel on CPU tensors: rows of x (made contiguous) one at a time per thread, fp32 weight and bias."""
+    cols = x.shape[-1]
+    x = x.contiguous()
+    residual = None if residual is None else residual.contiguous()
+    out = torch.empty_like(x)
+    total = None if residual is None else torch.empty_like(x)
+    rows = x.numel() // cols if cols else 0
+    if rows == 0 or cols == 0:
+        if total is not None:
+            torch.add(x, residual, out=total)
+        return total, out
+    addend = None if addend is None else addend.reshape(-1, cols).contiguous()
+    weight, bias = _affine_fp32(weight), _affine_fp32(bias)  # held here: the kernel reads them by address
+    native_module().layer_norm_cpu(pointer(x), pointer(residual), pointer(total), pointer(out), pointer(weight),
+                                   pointer(bias), pointer(addend), rows, cols,
+                                   1 if addend is None else addend.shape[0], float(eps), SCALAR_TYPE_CODES[x.dtype])
+    return total, out
+
+
 def _reject_triton(x, *rest):
     reason = reject_unless_triton(x)
     if reason is None and x.shape[-1] > MAX_TRITON_COLUMNS:
@@ -96,7 +118,8 @@ def _reject_triton(x, *rest):
 
 def _pass_over_triton(x, *rest):
     if x.device.type == "cpu":
-        return "CPU tensors run PyTorch's own (the Triton interpreter is for tests; backend='triton' still runs it)"
+        return ("CPU tensors run the C++ kernel or PyTorch's own (the Triton interpreter is for tests; "
+                "backend='triton' still runs it)")
     if x.numel() < TRITON_MIN_ELEMENTS:
         return (f"{x.numel()} elements, fewer than {TRITON_MIN_ELEMENTS}: PyTorch's LayerNorm, whose launch costs the "
                 "host less (backend='triton' still runs it)")
@@ -105,6 +128,7 @@ def _pass_over_triton(x, *rest):
 
 # Both ops dispatch ``(x, residual or None, weight, bias, eps, addend)`` -> ``(total or None, normed)``.
 IMPLEMENTATIONS = [
+    Implementation("cpp", _native, native_unavailable_reason, reject_unless_native("cpu")),
     Implementation("triton", triton_layer_norm, triton_unavailable_reason, _reject_triton, _pass_over_triton),
     Implementation("eager", _eager, lambda: None, lambda *a: None),
 ]

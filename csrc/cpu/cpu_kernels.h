@@ -81,6 +81,22 @@ struct GegluArgs {
   int scalar_type;
 };
 
+// LayerNorm over the rows of x [rows, cols] (contiguous): sum = x + residual when residual is given (then written to
+// sum; both null otherwise), out = layer_norm(sum or x) * weight + bias (fp32 [cols] or null) + addend[row %
+// addend_rows] (rows of cols elements of scalar_type, or null).
+struct LayerNormArgs {
+  const void* x;
+  const void* residual;
+  void* sum;
+  void* out;
+  const float* weight;
+  const float* bias;
+  const void* addend;
+  int64_t rows, cols, addend_rows;
+  float eps;
+  int scalar_type;
+};
+
 // Each CPU kernel source is compiled once per instruction set (CMakeLists.txt) into its own namespace; the
 // functions directly in `animatelcm` dispatch to the best one this CPU supports (csrc/cpu/dispatch.cpp).
 #define ALCM_CPU_KERNEL_DECLARATIONS                          \
@@ -88,7 +104,8 @@ struct GegluArgs {
   void temporal_attention_cpu(const AttentionArgs& args);     \
   void group_norm_cpu(const GroupNormArgs& args);             \
   void unpermute_residual_cpu(const UnpermuteResidualArgs& args); \
-  void geglu_cpu(const GegluArgs& args);
+  void geglu_cpu(const GegluArgs& args);                      \
+  void layer_norm_cpu(const LayerNormArgs& args);
 
 ALCM_CPU_KERNEL_DECLARATIONS
 namespace baseline { ALCM_CPU_KERNEL_DECLARATIONS }

@@ -62,5 +62,6 @@ ALCM_DISPATCH(temporal_attention_cpu, AttentionArgs)
 ALCM_DISPATCH(group_norm_cpu, GroupNormArgs)
 ALCM_DISPATCH(unpermute_residual_cpu, UnpermuteResidualArgs)
 ALCM_DISPATCH(geglu_cpu, GegluArgs)
+ALCM_DISPATCH(layer_norm_cpu, LayerNormArgs)
 
 }  // namespace animatelcm

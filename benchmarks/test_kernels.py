@@ -308,9 +308,11 @@ def test_residual_layer_norm(benchmark, record, device, provider):
                                                                                               backend=backend)
                     for backend in kernel_backends(device)}}
     if device == "cuda":
-        from animatelcm.ops.triton_backend import triton_layer_norm
+        from animatelcm.ops.layer_norm import run_kernel
+        from animatelcm.ops.triton_backend import launch_layer_norm
 
-        providers.update({name: lambda a, h, w, b, pe, tile=tile: triton_layer_norm(a, h, w, b, 1e-5, pe, *tile)
+        providers.update({name: lambda a, h, w, b, pe, tile=tile: run_kernel(launch_layer_norm, a, h, w, b, 1e-5, pe,
+                                                                             block_m=tile[0], num_warps=tile[1])
                           for name, tile in LAYER_NORM_TILES.items()})
     if provider not in providers:
         pytest.skip(f"{provider} does not run on {device}")

@@ -17,6 +17,7 @@ through its row. Autograd works (backward through the eager implementation, reco
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -25,7 +26,7 @@ import torch.nn.functional as F
 from .dispatch import Implementation, eager_fast_path, explain, select
 from .group_norm import _affine_fp32, _check_affine, _check_tensor
 from .native import SCALAR_TYPE_CODES, native_module, native_unavailable_reason, pointer, reject_unless_native
-from .triton_backend import reject_unless_triton, triton_layer_norm, triton_unavailable_reason
+from .triton_backend import launch_layer_norm, reject_unless_triton, triton_unavailable_reason
 
 # Rows longer than this stay on PyTorch (the Triton kernel holds a row in registers).
 MAX_TRITON_COLUMNS = 16384
@@ -87,8 +88,11 @@ def _eager(x, residual, weight, bias, eps, addend):
     return (None if residual is None else total.contiguous()), normed.contiguous()
 
 
-def _native(x, residual, weight, bias, eps, addend):
-    """The C++ kernel on CPU tensors: rows of x (made contiguous) one at a time per thread, fp32 weight and bias."""
+def run_kernel(launch, x, residual, weight, bias, eps, addend, **options):
+    """A kernel's run for ``(x [..., C], residual or None, weight, bias, eps, addend or None)`` ->
+    ``(total or None, normed)``: x and residual made contiguous, the outputs allocated in x's shape, the addend as
+    ``[L, C]`` rows; ``launch(x, residual, total, out, weight, bias, addend, rows, cols, eps, **options)`` writes
+    them (:func:`launch_layer_norm`, the Triton one, takes its tile as ``options``)."""
     cols = x.shape[-1]
     x = x.contiguous()
     residual = None if residual is None else residual.contiguous()
@@ -100,11 +104,16 @@ def _native(x, residual, weight, bias, eps, addend):
             torch.add(x, residual, out=total)
         return total, out
     addend = None if addend is None else addend.reshape(-1, cols).contiguous()
+    launch(x, residual, total, out, weight, bias, addend, rows, cols, eps, **options)
+    return total, out
+
+
+def _launch_native(x, residual, total, out, weight, bias, addend, rows, cols, eps):
+    """The C++ kernel on CPU rows: one at a time per thread, fp32 weight and bias."""
     weight, bias = _affine_fp32(weight), _affine_fp32(bias)  # held here: the kernel reads them by address
     native_module().layer_norm_cpu(pointer(x), pointer(residual), pointer(total), pointer(out), pointer(weight),
                                    pointer(bias), pointer(addend), rows, cols,
                                    1 if addend is None else addend.shape[0], float(eps), SCALAR_TYPE_CODES[x.dtype])
-    return total, out
 
 
 def _reject_triton(x, *rest):
@@ -128,8 +137,10 @@ def _pass_over_triton(x, *rest):
 
 # Both ops dispatch ``(x, residual or None, weight, bias, eps, addend)`` -> ``(total or None, normed)``.
 IMPLEMENTATIONS = [
-    Implementation("cpp", _native, native_unavailable_reason, reject_unless_native("cpu")),
-    Implementation("triton", triton_layer_norm, triton_unavailable_reason, _reject_triton, _pass_over_triton),
+    Implementation("cpp", functools.partial(run_kernel, _launch_native), native_unavailable_reason,
+                   reject_unless_native("cpu")),
+    Implementation("triton", functools.partial(run_kernel, launch_layer_norm), triton_unavailable_reason,
+                   _reject_triton, _pass_over_triton),
     Implementation("eager", _eager, lambda: None, lambda *a: None),
 ]
 

@@ -301,28 +301,17 @@ def layer_norm_config(cols: int) -> tuple[int, int, int]:
     return block_m, block_c, 4 if block_m * block_c <= LAYER_NORM_TILE else 8
 
 
-def triton_layer_norm(x, residual, weight, bias, eps, addend, block_m=None, num_warps=None):
-    """LayerNorm over the last dimension of ``x [..., C]`` (+ ``residual``, x's shape, added first) in one launch:
-    ``(x + residual or None, layer_norm * weight + bias + addend)``, contiguous in x's shape and dtype.
-    ``addend [L, C]`` is added to row r of the flattened rows as its row ``r % L`` (L = 1, or x's second-to-last
-    size: the broadcast of ``[..., L, C]``). ``block_m`` / ``num_warps`` override :func:`layer_norm_config`."""
-    cols = x.shape[-1]
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    total = None if residual is None else torch.empty_like(x)
-    rows = x.numel() // cols if cols else 0
-    if rows == 0 or cols == 0:
-        if total is not None:
-            torch.add(x, residual, out=total)
-        return total, out
+def launch_layer_norm(x, residual, total, out, weight, bias, addend, rows, cols, eps, block_m=None, num_warps=None):
+    """The Triton LayerNorm on contiguous rows ``x [rows, cols]`` (+ ``residual``, the sum written to ``total``):
+    ``out = layer_norm * weight + bias + addend[row % L]`` for ``addend [L, cols]`` (L = 1, or x's second-to-last
+    size: the broadcast of ``[..., L, C]``), in one launch (``ops.layer_norm``'s ``run_kernel`` prepares the
+    buffers). ``block_m`` / ``num_warps`` override :func:`layer_norm_config`."""
     default_m, block_c, default_warps = layer_norm_config(cols)
     block_m = block_m or default_m
-    addend = None if addend is None else addend.reshape(-1, cols).contiguous()
     weight, bias = _contiguous_affine(weight, bias)
     _layer_norm_kernel()[(_cdiv(rows, block_m),)](
-        x, x if residual is None else residual.contiguous(), out if total is None else total, out,
+        x, x if residual is None else residual, out if total is None else total, out,
         x if weight is None else weight, x if bias is None else bias, x if addend is None else addend,
         rows, cols, 1 if addend is None else addend.shape[0], float(eps),
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
         HAS_ADDEND=addend is not None, BLOCK_M=block_m, BLOCK_C=block_c, num_warps=num_warps or default_warps)
-    return total, out

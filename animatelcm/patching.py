@@ -21,9 +21,9 @@ every step), all through diffusers' public hooks (attention processors and modul
   convolutions around them run as the equal matrix products on the tokens (module methods);
 - their transformer blocks (``BasicTransformerBlock``, pre-LayerNorm: the spatial transformers' and the motion
   modules'): the same operations without diffusers' per-call branches and the module calls around single ops
-  (LayerNorms, positional embeddings, the feed-forward's container, evaluation-mode dropouts): host time; each
-  residual add with the LayerNorm after it (and the positional embedding) as one fused op
-  (:func:`animatelcm.ops.residual_layer_norm`: C++ on the CPU, Triton on a GPU) (module forward);
+  (LayerNorms, positional embeddings, the feed-forward's container, evaluation-mode dropouts): host time; on a
+  GPU each residual add with the LayerNorm after it (and the positional embedding) as one fused op
+  (:func:`animatelcm.ops.residual_layer_norm`) (module forward);
 - every GEGLU feed-forward (motion modules and spatial transformers): its projection and ``h * gelu(gate)``
   together (:func:`animatelcm.ops.linear_geglu`; on the CPU in cache-sized row blocks) (module forward);
 - where :func:`animatelcm.ops.cpu_gemm_library` picks oneDNN (AMD CPUs with AVX-512, or
@@ -215,11 +215,15 @@ def _block_is_fusable(block) -> bool:
 
 def _fused_norm_backend(block, x) -> str | None:
     """The backend a block's LayerNorms pass to the fused :func:`animatelcm.ops.residual_layer_norm` for
-    ``x [B, N, C]``, or None for PyTorch's ops as diffusers runs them: under autocast (which runs LayerNorm in
-    float32) and for norms whose weights only PyTorch's ops understand."""
+    ``x [B, N, C]``, or None for PyTorch's ops as diffusers runs them: on the CPU (unless the patch's backend or
+    ``ANIMATELCM_BACKEND`` names triton: the interpreter, for the tests; see the README on the C++ kernel there),
+    under autocast (which runs LayerNorm in float32) and for norms whose weights only PyTorch's ops understand."""
+    backend = getattr(block, PATCH_ATTRIBUTE)["layer_norm"]
+    if x.device.type == "cpu" and "triton" not in (backend, forced_backend()):
+        return None
     if autocast_dtype(x) is not None or _opaque(block.norm1, block.norm2, block.norm3):
         return None
-    return getattr(block, PATCH_ATTRIBUTE)["layer_norm"]
+    return backend
 
 
 def _pre_norm(norm, x, residual=None, addend=None, backend=None):
@@ -245,8 +249,8 @@ def lean_transformer_block_forward(self, hidden_states, attention_mask=None, enc
     """``BasicTransformerBlock.forward`` for the blocks of :func:`_block_is_fusable`: ``hidden_states [B, N, C]``
     -> same shape. The same operations in the same order, without diffusers' per-call branches and the module
     calls that do nothing or only one op (the LayerNorms, the positional embeddings, the feed-forward's container and
-    its evaluation-mode dropouts): host time that a GPU waits for when the call is host-bound. Each residual add,
-    the LayerNorm after it and the positional embedding run as one fused op (:func:`_pre_norm`).
+    its evaluation-mode dropouts): host time that a GPU waits for when the call is host-bound. On a GPU each
+    residual add, the LayerNorm after it and the positional embedding run as one fused op (:func:`_pre_norm`).
     Calls with ``cross_attention_kwargs``, chunked feed-forward, another input rank or hooked norms run diffusers'
     forward."""
     if (cross_attention_kwargs or self._chunk_size is not None or hidden_states.dim() != 3

@@ -134,13 +134,26 @@ def test_group_norm_silu(benchmark, record, device, provider):
         providers[provider], 2 * sets[0][0].numel() * sets[0][0].element_size())
 
 
+# The Triton channels-last GroupNorm with its statistics read along whole rows of channels (channel_partials_kernel)
+# instead of as runs of C/G channels (the default, "triton"): its tiles (positions x channels, warps); {}: the
+# default tile (triton_backend.CHANNEL_ROWS_TILE).
+CHANNELS_LAST_ROW_TILES = {"triton, row statistics": {},
+                           "triton, row statistics 64x64": dict(block_positions=64, block_channels=64),
+                           "triton, row statistics 64x128, 8 warps": dict(block_positions=64, block_channels=128,
+                                                                          num_warps=8)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(16, 64, 128, 128), (16, 256, 256, 256)], ids=["quarter-vae", "sd15-vae"])
 @pytest.mark.parametrize("provider", ["F.group_norm + F.silu", "torch.compile", "cpp", "cuda", "triton",
-                                      "copy (floor)"])
-def test_group_norm_silu_channels_last(benchmark, record, device, provider):
+                                      *CHANNELS_LAST_ROW_TILES, "copy (floor)"])
+def test_group_norm_silu_channels_last(benchmark, record, device, shape, provider):
     """The VAE decoder's ResNet blocks: channels-last activations from its convolutions ([16, 64, 128, 128] is a
-    quarter-width decoder at 256x256 pixels, 16 frames). The CUDA kernel copies to and from the contiguous layout;
-    the C++ and Triton kernels read and write channels-last."""
+    quarter-width decoder at 256x256 pixels, 16 frames; on a GPU also SD1.5's decoder at 256x256 of its 512x512,
+    [16, 256, 256, 256]). The CUDA kernel copies to and from the contiguous layout; the C++ and Triton kernels read
+    and write channels-last."""
+    if device == "cpu" and shape[1] > 64:
+        pytest.skip("SD1.5's decoder width is measured on a GPU only")
     providers = {
         "F.group_norm + F.silu": diffusers_group_norm_silu,
         "torch.compile": compiled(diffusers_group_norm_silu),
@@ -148,10 +161,14 @@ def test_group_norm_silu_channels_last(benchmark, record, device, provider):
         **{backend: forced(backend, lambda x, w, b: ops.group_norm_silu(x, 32, w, b))
            for backend in kernel_backends(device)},
     }
+    if device == "cuda":
+        from animatelcm.ops import triton_backend
+
+        providers.update({name: lambda x, w, b, tiles=tiles: triton_backend.triton_group_norm_silu(
+            x, 32, w, b, 1e-5, True, True, "rows", **tiles) for name, tiles in CHANNELS_LAST_ROW_TILES.items()})
     if provider not in providers:
         pytest.skip(f"{provider} does not run on {device}")
     cfg = configs(device)
-    shape = (16, 64, 128, 128)
     sets = [(torch.randn(shape, device=device, dtype=cfg["dtype"]).contiguous(memory_format=torch.channels_last),
              torch.randn(shape[1], device=device, dtype=cfg["dtype"]),
              torch.randn(shape[1], device=device, dtype=cfg["dtype"])) for _ in range(SETS)]

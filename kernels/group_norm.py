@@ -9,7 +9,9 @@ kernel serves every layout: element i of group (b, g) sits at
 - ``[N, S, C]`` (a channels-last ``[N, C, H, W]``): S runs of ``C/G`` channels, ``C`` apart.
 
 1. ``group_partials_kernel``: grid (batch * groups, split); each program sums ``x - shift`` and its square over one
-   chunk of its group (shift: the group's first element, so the variance does not cancel), fp32 per lane.
+   chunk of its group (shift: the group's first element, so the variance does not cancel), fp32 per lane. For
+   channels-last input, ``channel_partials_kernel`` instead reads whole rows of channels, per-channel sums that
+   the next kernel adds up as pieces of the groups (a tuning candidate).
 2. ``group_affine_kernel``: per (batch, channel), the group's partials added in fp64, then the per-channel
    ``scale = rstd * weight`` and ``shift = bias - mean * scale`` (fp32) the apply kernels read. Weight and bias are
    read in their own dtype (no conversion launches on the host).
@@ -61,6 +63,43 @@ def group_partials_kernel(
     out = partials_ptr + (bg * split + piece) * 2
     tl.store(out, tl.sum(sums, axis=0))
     tl.store(out + 1, tl.sum(squares, axis=0))
+
+
+@triton.jit
+def channel_partials_kernel(
+    x_ptr, partials_ptr, positions, channels, per_group, chunk, split,
+    BLOCK_POSITIONS: tl.constexpr, BLOCK_CHANNELS: tl.constexpr,
+):
+    """The statistics of a channels-last x ([N, S, C] in memory) read along whole rows of channels: grid (N, split,
+    channel tiles). Program (b, piece, tile) sums ``x - shift`` and its square, per channel c of its tile, over the
+    positions ``[piece * chunk, piece * chunk + chunk)`` (shift: the first element of c's group,
+    ``x[b, 0, (c // per_group) * per_group]``, as group_partials_kernel's), and writes channel c's pair as piece
+    ``piece * per_group + c % per_group`` of group ``(b, c // per_group)``: group_affine_kernel then adds a group's
+    ``split * per_group`` pieces. group_partials_kernel reads the same x as runs of C/G channels, C apart (4 bytes
+    of every 128 in fp16 at 64 channels and 32 groups)."""
+    b = tl.program_id(0).to(tl.int64)
+    piece = tl.program_id(1)
+    c = tl.program_id(2) * BLOCK_CHANNELS + tl.arange(0, BLOCK_CHANNELS)
+    c_valid = c < channels
+    group = c // per_group
+    x_ptr += b * positions * channels
+    shift = tl.load(x_ptr + group * per_group, mask=c_valid, other=0.0).to(tl.float32)
+    start = piece * chunk
+    end = tl.minimum(start + chunk, positions)
+    rows = tl.arange(0, BLOCK_POSITIONS)
+    sums = tl.zeros([BLOCK_POSITIONS, BLOCK_CHANNELS], dtype=tl.float32)
+    squares = tl.zeros([BLOCK_POSITIONS, BLOCK_CHANNELS], dtype=tl.float32)
+    for first in range(start, end, BLOCK_POSITIONS):
+        s = first + rows
+        mask = (s < end)[:, None] & c_valid[None, :]
+        v = tl.load(x_ptr + s.to(tl.int64)[:, None] * channels + c[None, :], mask=mask, other=0.0).to(tl.float32)
+        centred = tl.where(mask, v - shift[None, :], 0.0)
+        sums += centred
+        squares += centred * centred
+    out = partials_ptr + ((b * (channels // per_group) + group) * (split * per_group) + piece * per_group
+                          + c % per_group) * 2
+    tl.store(out, tl.sum(sums, axis=0), mask=c_valid)
+    tl.store(out + 1, tl.sum(squares, axis=0), mask=c_valid)
 
 
 @triton.jit

@@ -141,6 +141,52 @@ def test_channels_last_input_keeps_its_layout(backend, dtype, isa, monkeypatch, 
     assert eager.is_contiguous(memory_format=torch.channels_last)
 
 
+def _check_row_statistics(shapes, dtype, call):
+    for index, (shape, groups) in enumerate(shapes):
+        generator = torch.Generator().manual_seed(index)
+        x = (torch.randn(shape, generator=generator) * 3 + 50 * (index % 2)).to(backend_device("triton"), dtype)
+        x = x.contiguous(memory_format=torch.channels_last)
+        weight, bias = affine(shape[1], generator, device=x.device)
+        for w, b, silu in ((weight, bias, True), (weight.to(dtype), bias.to(dtype), False), (None, None, True)):
+            out = call(x, groups, w, b, silu)
+            assert shape[1] == 1 or shape[2] * shape[3] == 1 or out.is_contiguous(memory_format=torch.channels_last)
+            assert_close_to_reference(out, ops.group_norm_silu_reference(x.double(), groups, w, b, 1e-5, silu),
+                                      dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_channels_last_row_statistics_match_reference(dtype, monkeypatch, poisoned_outputs):
+    """The channels-last statistics read along whole rows of channels (channel_partials_kernel), as the dispatcher
+    runs them once CHANNELS_LAST_STATISTICS says "rows": channel tiles across groups with a partial last one, far
+    from zero (the shifted sums), weight and bias in x's dtype, in float32 and absent; a bad choice is an error."""
+    if "triton" not in backends_usable_here(GROUP_NORM_SILU):
+        pytest.skip("the triton backend is not usable here")
+    from animatelcm.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "CHANNELS_LAST_STATISTICS", "rows")
+    _check_row_statistics([*CHANNELS_LAST_SHAPES, ((1, 300, 5, 7), 3)], dtype,
+                          lambda x, groups, w, b, silu: ops.group_norm_silu(x, groups, w, b, 1e-5, silu,
+                                                                            backend="triton"))
+    with pytest.raises(ValueError, match="'runs' or 'rows'"):
+        triton_backend.triton_group_norm_silu(torch.ones(1, 2, 1, 1, device=backend_device("triton")), 1, None,
+                                              None, 1e-5, True, True, "columns")
+
+
+@pytest.mark.parametrize("tiles", [{"block_positions": 4, "block_channels": 8}, {"block_positions": 1}],
+                         ids=["small-tiles", "one-row"])
+def test_triton_channels_last_row_statistics_tiles(tiles, monkeypatch, poisoned_outputs):
+    """The row statistics with the tiles the kernel benchmark times and a few programs, so each group's positions
+    split over several programs with partial last steps (one group of all channels too)."""
+    if "triton" not in backends_usable_here(GROUP_NORM_SILU):
+        pytest.skip("the triton backend is not usable here")
+    from animatelcm.ops import triton_backend
+
+    monkeypatch.setattr(triton_backend, "PARTIALS_PROGRAMS", 40)
+    _check_row_statistics([((3, 40, 13, 11), 8), ((2, 12, 9, 5), 1)], torch.float16,
+                          lambda x, groups, w, b, silu: triton_backend.triton_group_norm_silu(
+                              x, groups, w, b, 1e-5, silu, True, "rows", **tiles))
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_calls_larger_than_the_cache_stream_their_output(isa, monkeypatch, poisoned_outputs):
     """With x and y over the last-level cache (made 64 bytes here) the CPU kernel writes each channel's run with

@@ -23,6 +23,8 @@ FLOAT_SCALARS = {"eps", "scale"}
 CONSTEXPRS = [
     (group_norm.group_partials_kernel, dict(SEGMENTED=True, BLOCK=1024)),
     (group_norm.group_partials_kernel, dict(SEGMENTED=False, BLOCK=1024)),
+    (group_norm.channel_partials_kernel, dict(BLOCK_POSITIONS=32, BLOCK_CHANNELS=128)),
+    (group_norm.channel_partials_kernel, dict(BLOCK_POSITIONS=1, BLOCK_CHANNELS=64)),
     (group_norm.group_affine_kernel, dict(HAS_WEIGHT=True, HAS_BIAS=False, BLOCK_CHANNELS=64, BLOCK_SPLIT=16)),
     (group_norm.group_apply_rows_kernel, dict(CHANNEL_IS_COL=False, SILU=True, BLOCK_ROWS=2, BLOCK_COLS=1024)),
     (group_norm.group_apply_rows_kernel, dict(CHANNEL_IS_COL=True, SILU=False, BLOCK_ROWS=4, BLOCK_COLS=512)),

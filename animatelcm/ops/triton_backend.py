@@ -140,21 +140,61 @@ def _channel_affine(x, batch, channels, groups, group_numel, inner_len, outer_st
                     weight, bias, eps):
     """Per (batch, channel) fp32 ``scale, shift [batch * C]`` with ``norm(x) * weight + bias = x * scale + shift``,
     from the groups of ``x`` addressed as the kernels' module docstring describes."""
-    kernels = _group_norm_kernels()
     groups_total = batch * groups
     split = max(1, min(_cdiv(group_numel, PARTIALS_BLOCK), _cdiv(PARTIALS_PROGRAMS, groups_total), MAX_SPLIT))
     chunk = _cdiv(_cdiv(group_numel, split), PARTIALS_BLOCK) * PARTIALS_BLOCK
     split = _cdiv(group_numel, chunk)
     partials = torch.empty(groups_total * split * 2, dtype=torch.float32, device=x.device)
-    kernels.group_partials_kernel[(groups_total, split)](
+    _group_norm_kernels().group_partials_kernel[(groups_total, split)](
         x, partials, groups, group_numel, inner_len, outer_stride, group_offset, batch_stride, chunk, split,
         SEGMENTED=inner_len != group_numel, BLOCK=PARTIALS_BLOCK, num_warps=4)
+    return _affine_from_partials(x, partials, split, batch, channels, groups, group_numel, group_offset,
+                                 batch_stride, weight, bias, eps)
+
+
+# The statistics of channels-last input read along whole rows of channels (channel_partials_kernel): a tile of
+# CHANNEL_ROWS_TILE elements, at most CHANNEL_ROWS_TILE_CHANNELS channels wide (512 contiguous bytes a row in fp32).
+CHANNEL_ROWS_TILE = 4096
+CHANNEL_ROWS_TILE_CHANNELS = 128
+# Which statistics kernel a channels-last GroupNorm takes: "runs" (group_partials_kernel, C/G channels at a time,
+# what runs 10 and 11 measured: 29 % of the copy's bandwidth on an H100 at [16, 64, 128, 128]) or "rows"
+# (channel_partials_kernel, whole rows: written since, to be timed against it on a GPU; the kernel benchmark's
+# "triton, row statistics" candidates).
+CHANNELS_LAST_STATISTICS = "runs"
+
+
+def _channel_affine_by_rows(x, batch, channels, groups, positions, weight, bias, eps, block_positions=None,
+                            block_channels=None, num_warps=4):
+    """:func:`_channel_affine` for a channels-last ``x`` (``[N, S, C]`` in memory), its statistics from
+    ``channel_partials_kernel``: each program reads a ``[block_positions, block_channels]`` tile of whole rows a step
+    (defaults: CHANNEL_ROWS_TILE elements, CHANNEL_ROWS_TILE_CHANNELS channels at most)."""
+    per_group = channels // groups
+    block_channels = block_channels or min(_block(channels), CHANNEL_ROWS_TILE_CHANNELS)
+    block_positions = block_positions or max(1, CHANNEL_ROWS_TILE // block_channels)
+    channel_tiles = _cdiv(channels, block_channels)
+    split = max(1, min(_cdiv(positions, block_positions), _cdiv(PARTIALS_PROGRAMS, batch * channel_tiles),
+                       MAX_SPLIT // per_group))
+    chunk = _cdiv(_cdiv(positions, split), block_positions) * block_positions
+    split = _cdiv(positions, chunk)
+    partials = torch.empty(batch * channels * split * 2, dtype=torch.float32, device=x.device)
+    _group_norm_kernels().channel_partials_kernel[(batch, split, channel_tiles)](
+        x, partials, positions, channels, per_group, chunk, split, BLOCK_POSITIONS=block_positions,
+        BLOCK_CHANNELS=block_channels, num_warps=num_warps)
+    return _affine_from_partials(x, partials, split * per_group, batch, channels, groups, per_group * positions,
+                                 per_group, positions * channels, weight, bias, eps)
+
+
+def _affine_from_partials(x, partials, split, batch, channels, groups, group_numel, group_offset, batch_stride,
+                          weight, bias, eps):
+    """``scale, shift [batch * C]`` from ``split`` partial (sum, sum of squares) pairs a group (``partials
+    [batch * groups, split, 2]``, shifted by the group's first element, addressed by ``group_offset`` and
+    ``batch_stride``): ``group_affine_kernel``."""
     scale = torch.empty(batch * channels, dtype=torch.float32, device=x.device)
     shift = torch.empty_like(scale)
     weight, bias = _contiguous_affine(weight, bias)
     block_split = _block(split)
     block_channels = max(1, 1024 // block_split)
-    kernels.group_affine_kernel[(_cdiv(batch * channels, block_channels),)](
+    _group_norm_kernels().group_affine_kernel[(_cdiv(batch * channels, block_channels),)](
         x, partials, scale if weight is None else weight, scale if bias is None else bias, scale, shift,
         batch * channels, channels, groups, group_numel, group_offset, batch_stride, split, float(eps),
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, BLOCK_CHANNELS=block_channels,
@@ -171,10 +211,14 @@ def _apply_rows(x, out, scale, shift, rows, cols, positions, channel_is_col, sil
         BLOCK_ROWS=block_rows, BLOCK_COLS=block_cols)
 
 
-def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last: bool):
+def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last: bool,
+                           channels_last_statistics: str | None = None, **statistics_tiles):
     """GroupNorm(+SiLU) of ``x [N, C, *]``: contiguous (``x`` is made so) or, with ``channels_last``, a
     channels-last 4-D ``x`` read and written in that layout. Returns the output in that layout. A contiguous x with
-    at least FUSED_MIN_GROUPS groups in all runs as one fused launch, else as three."""
+    at least FUSED_MIN_GROUPS groups in all runs as one fused launch, else as three. Channels-last input takes three
+    launches, its statistics read as ``channels_last_statistics`` says (default CHANNELS_LAST_STATISTICS; "rows"
+    takes ``statistics_tiles``: :func:`_channel_affine_by_rows`'s ``block_positions``, ``block_channels``,
+    ``num_warps``)."""
     if not channels_last:
         x = x.contiguous()
     out = torch.empty_like(x, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -184,9 +228,16 @@ def triton_group_norm_silu(x, num_groups, weight, bias, eps, silu, channels_last
     spatial = x[0, 0].numel()
     per_group = channels // num_groups
     group_numel = per_group * spatial
-    if channels_last:  # [N, S, C] in memory: S runs of C/G channels, C apart
-        scale, shift = _channel_affine(x, batch, channels, num_groups, group_numel, per_group, channels, per_group,
-                                       spatial * channels, weight, bias, eps)
+    if channels_last:  # [N, S, C] in memory
+        statistics = channels_last_statistics or CHANNELS_LAST_STATISTICS
+        if statistics == "rows":
+            scale, shift = _channel_affine_by_rows(x, batch, channels, num_groups, spatial, weight, bias, eps,
+                                                   **statistics_tiles)
+        elif statistics == "runs":  # S runs of C/G channels, C apart
+            scale, shift = _channel_affine(x, batch, channels, num_groups, group_numel, per_group, channels,
+                                           per_group, spatial * channels, weight, bias, eps)
+        else:
+            raise ValueError(f"channels_last_statistics must be 'runs' or 'rows', got {statistics!r}")
         _apply_rows(x, out, scale, shift, batch * spatial, channels, spatial, True, silu)
     elif batch * num_groups >= FUSED_MIN_GROUPS:
         group_norm_one_launch(x, out, num_groups, weight, bias, eps, silu)

@@ -586,16 +586,27 @@ def test_shipped_configs_parse():
         assert json.dumps(values)  # plain data
 
 
-def test_gradient_checkpointing_gives_the_same_update(world, tmp_path):
+@pytest.mark.parametrize("stage, adapter", [("diffusion_video", None), ("teacher_free", "i2v"),
+                                            ("teacher_free", "controlnet_lora")])
+def test_gradient_checkpointing_gives_the_same_update(world, tmp_path, stage, adapter):
+    """The student's UNet (and ControlNet) checkpointed, the image-to-video adapter, which diffusers cannot
+    checkpoint, left as it is."""
     from safetensors.torch import load_file
 
+    model = {"base": world["base"]}
+    if stage == "teacher_free":
+        model.update(motion_adapter=world["motion"], lora=world["lora"])
     states = []
     for checkpointing in (False, True):
         out = tmp_path / f"gc{checkpointing}"
-        trainer = Trainer(load_config(config("diffusion_video", out, {"base": world["base"]},
-                                             train=dict(max_steps=1, gradient_checkpointing=checkpointing))))
+        cfg = config(stage, out, model, train=dict(max_steps=1, gradient_checkpointing=checkpointing),
+                     **({"adapter": {"kind": adapter}} if adapter else {}))
+        trainer = Trainer(load_config(cfg))
         trainer.train()
-        assert trainer.stage.student.unet.is_gradient_checkpointing == checkpointing
+        checkpointed = {type(m).__name__ for m in trainer.stage.student.modules()
+                        if getattr(m, "is_gradient_checkpointing", False)}
+        wanted = {"UNetMotionModel"} | ({"ControlNetModel"} if adapter == "controlnet_lora" else set())
+        assert wanted <= checkpointed if checkpointing else not checkpointed, checkpointed
         states.append(load_file(str(out / "checkpoints" / "checkpoint-1" / "trainable.safetensors")))
     assert states[0].keys() == states[1].keys()
     for key in states[0]:

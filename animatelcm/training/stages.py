@@ -82,8 +82,11 @@ class Stage:
         raise NotImplementedError
 
     def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint the student's diffusers models that support it (the UNet, a ControlNet); others, as the small
+        image-to-video adapter, keep their activations (diffusers' ``ModelMixin`` declares the attribute False)."""
         for module in self.student.modules():
-            if hasattr(module, "enable_gradient_checkpointing") and hasattr(module, "_supports_gradient_checkpointing"):
+            if hasattr(module, "enable_gradient_checkpointing") and getattr(module, "_supports_gradient_checkpointing",
+                                                                            False):
                 module.enable_gradient_checkpointing()
 
     def _save_base(self, directory: Path, unet) -> Path:

@@ -411,6 +411,13 @@ def test_resuming_names_the_settings_changed_since_the_checkpoint():
     assert _changed_settings(saved, current) == [f"data.stride: {saved['data']['stride']!r} -> 2",
                                                  f"train.learning_rate: {saved['train']['learning_rate']!r} -> 0.0005"]
     assert _changed_settings(saved, saved) == []
+    # a decaying schedule spans max_steps: a longer run changes the rates from the checkpoint on
+    for schedule in ("cosine", "linear"):
+        decaying = {**saved, "train": {**saved["train"], "lr_scheduler": schedule}}
+        longer = {**decaying, "train": {**decaying["train"], "max_steps": 300}}
+        assert _changed_settings(decaying, longer) == [
+            f"train.max_steps: {saved['train']['max_steps']!r} -> 300 (the {schedule} learning-rate schedule now "
+            "spans the new length)"]
 
 
 def test_two_processes_with_torchrun(world, tmp_path):

@@ -625,16 +625,25 @@ def onednn_bf16_weight_gradients_are_wrong() -> bool:
     return False
 
 
+# Learning-rate schedules whose rates do not depend on train.max_steps (diffusers' get_scheduler names).
+STEP_COUNT_FREE_SCHEDULES = ("constant", "constant_with_warmup", "piecewise_constant")
+
+
 def _changed_settings(saved: dict, current: dict, prefix: str = "") -> list[str]:
-    """``key: old -> new`` for each setting (dotted key) that differs between two run configs' dicts; a longer
-    ``train.max_steps``, what resuming is mostly for, is not listed."""
+    """``key: old -> new`` for each setting (dotted key) that differs between two run configs' dicts. Another
+    ``train.max_steps``, what resuming is mostly for, is listed only where the learning-rate schedule spans it (a
+    decaying one: the rates from the checkpoint on follow the new length, so neither run length's would match)."""
     changes = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
         name = f"{prefix}{key}"
         if isinstance(old, dict) and isinstance(new, dict):
             changes += _changed_settings(old, new, f"{name}.")
-        elif old != new and name not in ("train.max_steps", "output_dir"):
+        elif old != new and name == "train.max_steps":
+            if current.get("lr_scheduler") not in STEP_COUNT_FREE_SCHEDULES:
+                changes.append(f"{name}: {old!r} -> {new!r} (the {current.get('lr_scheduler')} learning-rate "
+                               "schedule now spans the new length)")
+        elif old != new and name != "output_dir":
             changes.append(f"{name}: {old!r} -> {new!r}")
     return changes
 

@@ -789,8 +789,10 @@ def main(argv=None) -> int:
         return 0
     from .loading import CheckpointError
     from .ops import BackendUnavailableError
+    from .ops.dispatch import forced_backend
 
     try:
+        forced_backend()  # a misspelt ANIMATELCM_BACKEND is an error now, not after the models have loaded
         if args.command == "train":
             from .training.trainer import TrainingDiverged, TrainingInterrupted
 

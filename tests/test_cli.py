@@ -24,6 +24,23 @@ def run_cli(*args):
     return result.returncode, result.stdout, result.stderr
 
 
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["eval", "--clips", "1"],
+                                     ["train", "missing.yaml"]])
+def test_a_misspelt_backend_override_is_refused_before_anything_loads(command, tmp_path, monkeypatch, capsys):
+    """ANIMATELCM_BACKEND is checked first: one line naming the valid backends, exit status 2, before the command
+    itself starts (its models would load first)."""
+    import animatelcm.cli
+
+    def started(args):
+        raise AssertionError(f"{args.command} started")
+
+    for command_function in ("generate", "evaluate", "train"):
+        monkeypatch.setattr(animatelcm.cli, command_function, started)
+    monkeypatch.setenv("ANIMATELCM_BACKEND", "tritn")
+    assert main([*command, "--out" if command[0] != "train" else "--output-dir", str(tmp_path / "out.gif")]) == 2
+    assert "ANIMATELCM_BACKEND='tritn' is not a backend; use one of auto" in capsys.readouterr().err
+
+
 def test_generate_default_model_gif(tmp_path):
     out = tmp_path / "clip.gif"
     code, stdout, stderr = run_cli("generate", "--prompt", "a red circle moving right", "--out", str(out),
